@@ -1,0 +1,128 @@
+"""The CLI as a user meets it: help, config errors and data errors give one line and a
+non-zero exit, and a failing command leaves its MLflow run marked FAILED."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tsssm.cli import main
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "skab"
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["train", "score", "compare", "run"])
+def test_help_lists_groups(capsys, command):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0
+    assert "data" in out and "skab_sample*" in out and "kalman*" in out
+
+
+def test_unknown_command(capsys):
+    code, _, err = run_cli(capsys, "fly")
+    assert code == 2 and "unknown command 'fly'" in err
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model=lstm", "unknown option 'lstm' for config group 'model'"),
+        ("data.colour=red", "unknown config key 'data.colour'"),
+        ("data.window=many", "bad value in 'data.window=many'"),
+        ("data.window=0", "'data.window' must be a positive integer"),
+        ("data.gaps=sometimes", "expected one of [keep, mask, fill]"),
+        ("task.threshold.q=1.5", "'task.threshold.q' must lie in (0, 1)"),
+        ("model.optimizer.name=sgd", "'model.optimizer.name' is 'sgd'"),
+    ],
+)
+def test_config_errors_are_one_line(capsys, tracking_overrides, override, expected):
+    code, _, err = run_cli(capsys, "train", *tracking_overrides, override)
+    assert code == 2
+    assert expected in error_line(err)
+
+
+def test_cfg_prints_the_composed_config(capsys):
+    code, out, _ = run_cli(capsys, "train", "--cfg", "model=mamba", "data.window=128")
+    assert code == 0 and "window: 128" in out and "MambaForecaster" in out
+
+
+def _runs(mlflow_db, experiment):
+    client = MlflowClient(mlflow_db)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id])
+
+
+def _csv_overrides(path: Path) -> list[str]:
+    return ["data=csv", f"data.path={path}", "data.time_column=ts", "data.window=8",
+            "data.horizon=2"]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("ts;a;b\n1;2;3\n2;3;4\n", "set data.separator=';'"),
+        ("time,a,b\n1,2,3\n2,3,4\n", "column 'ts' not found"),
+        ("ts,a,b\n1,2,x\n2,3,4\n", "column 'b' is not numeric"),
+        ("ts,a,b\n1,2,3\n1,3,4\n", "duplicate timestamp"),
+        ("ts,a,b\n2,2,3\n1,3,4\n", "not sorted"),
+        ("", "is empty"),
+        ("ts,a,b\n" + "".join(f"{i},{i},{i}\n" for i in range(10)), "fewer than data.window=8"),
+    ],
+)
+def test_data_errors_fail_the_run(capsys, tmp_path, tracking_overrides, mlflow_db, experiment,
+                                  content, expected):
+    path = tmp_path / "stream.csv"
+    path.write_text(content)
+    code, _, err = run_cli(capsys, "train", *tracking_overrides, *_csv_overrides(path))
+    assert code == 2
+    line = error_line(err)
+    assert expected in line and str(path) in line
+    runs = _runs(mlflow_db, experiment)
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert expected in runs[0].data.tags["tsssm.error"]
+    # nothing half-written is left where results are expected
+    out = tmp_path / "out"
+    assert not (out / "models").exists() or not any((out / "models").iterdir())
+
+
+def test_missing_path_and_missing_root(capsys, tmp_path, tracking_overrides):
+    code, _, err = run_cli(capsys, "train", *tracking_overrides, "data=csv",
+                           f"data.path={tmp_path}/nope.csv")
+    assert code == 2 and "not found" in error_line(err)
+    code, _, err = run_cli(capsys, "train", *tracking_overrides, "data=skab")
+    assert code == 2 and "'data.root' must be set" in error_line(err)
+
+
+def test_score_without_a_trained_model(capsys, tracking_overrides):
+    code, _, err = run_cli(capsys, "score", *tracking_overrides)
+    assert code == 2 and "run `tsssm train` first" in error_line(err)
+
+
+def test_score_with_a_bad_checkpoint(capsys, tmp_path, tracking_overrides):
+    code, _, err = run_cli(capsys, "score", *tracking_overrides,
+                           f"model.checkpoint={tmp_path}")
+    assert code == 2 and "not a tsssm model bundle" in error_line(err)
+
+
+def test_wrong_separator_on_copied_sample(capsys, tmp_path, tracking_overrides):
+    root = tmp_path / "skab"
+    shutil.copytree(SAMPLE, root)
+    code, _, err = run_cli(capsys, "train", *tracking_overrides, f"data.root={root}",
+                           "data.separator=','")
+    assert code == 2 and "set data.separator=';'" in error_line(err)

@@ -1,0 +1,228 @@
+"""`tsssm <command> [overrides...]`: compose the Hydra config, validate it, run the command.
+
+No logic lives here beyond turning the config and errors into what a user reads: one line
+naming the key, file or column and what to do, and a non-zero exit (a traceback only with
+--verbose).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+COMMANDS: dict[str, str] = {
+    "train": "Fit a forecaster on the training split, evaluate it on val/test, fit the anomaly "
+             "threshold, and log metrics, forecasts, scores, figures and the model to MLflow.",
+    "score": "Score a stream for anomalies with a trained model (model.run_id=..., "
+             "model.checkpoint=<bundle folder>, or the newest trained model): per-timestep "
+             "scores and flags to Parquet. data.path=<file.csv|.parquet> scores that file whole; "
+             "otherwise the test split of the configured dataset.",
+    "compare": "Compare trained models with classical comparators (last value, seasonal naive, "
+               "EWMA, IsolationForest) on the same test split: forecast and anomaly metrics in "
+               "one table.",
+    "run": "The main job: train each model in run.models, score the held-out data with each, "
+           "and compare them with the classical comparators (one MLflow run per step).",
+}
+
+EXAMPLES = """examples:
+  tsssm run                                          # the bundled SKAB sample, end to end
+  tsssm train data=skab data.root=../shared/datasets/skab model=mamba trainer=gpu
+  tsssm train data=ett_m1 data.root=../shared/datasets/ett task=forecast
+  tsssm score data.path=/my/stream.parquet model.checkpoint=tsssm_runs/models/<run id>
+  tsssm compare compare.runs=[<run id>,<run id>]
+  tsssm train --cfg model=mamba                      # print the composed config and exit
+view the runs: mlflow ui --backend-store-uri sqlite:///tsssm_runs/mlflow.db"""
+
+log = logging.getLogger("tsssm")
+
+
+def config_dir() -> Path:
+    return Path(__file__).resolve().parent / "conf"
+
+
+def group_options() -> dict[str, list[str]]:
+    root = config_dir()
+    return {
+        g.name: sorted(p.stem for p in g.glob("*.yaml"))
+        for g in sorted(root.iterdir()) if g.is_dir()
+    }
+
+
+def default_options() -> dict[str, str]:
+    """{group: default option} from conf/config.yaml's defaults list."""
+    import yaml
+
+    entries = yaml.safe_load((config_dir() / "config.yaml").read_text())["defaults"]
+    return {k: v for e in entries if isinstance(e, dict) for k, v in e.items()}
+
+
+def usage(command: str | None = None) -> str:
+    lines = []
+    if command is None:
+        lines.append("usage: tsssm <command> [--help] [--verbose] [--cfg] [key=value ...]\n")
+        lines.append("commands:")
+        lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    else:
+        lines.append(f"usage: tsssm {command} [--verbose] [--cfg] [key=value ...]\n")
+        lines.append(COMMANDS[command])
+    lines.append("\nconfig groups (choose with group=option; defaults in conf/config.yaml):")
+    defaults = default_options()
+    for group, options in group_options().items():
+        shown = ", ".join(f"{o}*" if defaults.get(group) == o else o for o in options)
+        lines.append(f"  {group:<9} {shown}")
+    lines.append("  (* = default) any key can be set: data.window=128 model.epochs=20 "
+                 "trainer.max_epochs=3 tracking.uri=sqlite:///runs.db")
+    lines.append("\noptions:\n  -h, --help     this help\n  -v, --verbose  full tracebacks "
+                 "and library logs\n  --cfg          print the composed config and exit\n")
+    lines.append(EXAMPLES)
+    return "\n".join(lines)
+
+
+def compose(overrides: list[str]):
+    """The validated config for these overrides; ConfigError with one clear line otherwise."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from tsssm.config import register_schemas, validate
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=overrides)
+    except Exception as err:
+        raise _config_error(err, overrides) from err
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        from tsssm.errors import ConfigError
+
+        raise ConfigError(
+            f"config key '{missing[0]}' must be set for this config (e.g. {missing[0]}=...)"
+        )
+    validate(cfg)
+    return cfg
+
+
+def _config_error(err: Exception, overrides: list[str]):
+    """Hydra's multi-line composition errors as one line naming the key or group."""
+    from tsssm.errors import ConfigError
+
+    text = str(err)
+    cause = err.__cause__
+    first = text.splitlines()[0] if text else type(err).__name__
+    if "Could not find" in text and "/" in first:
+        # "In 'config': Could not find 'model/foo'"
+        path = first.split("Could not find")[-1].strip(" '")
+        group, _, option = path.partition("/")
+        options = group_options().get(group)
+        if options is not None:
+            return ConfigError(f"unknown option '{option}' for config group '{group}'; "
+                               f"choose one of: {', '.join(options)}")
+    if first.startswith("Could not override"):
+        key = first.split("'")[1]
+        return ConfigError(f"unknown config key '{key}'; see `tsssm <command> --cfg` for the "
+                           "keys (add new keys with +key=value only where a config allows it)")
+    if "Error merging override" in first:
+        override = first.split("Error merging override")[-1].strip()
+        detail = str(cause).splitlines()[0] if cause else ""
+        return ConfigError(f"bad value in '{override}': {detail}")
+    if "Could not load" in first or "Could not find" in first:
+        return ConfigError(first)
+    if "mismatched input" in text or "extraneous input" in text or "no viable" in text:
+        return ConfigError(f"cannot parse the overrides {overrides}: {first}; write key=value")
+    detail = str(cause).splitlines()[0] if cause else first
+    return ConfigError(f"invalid config: {detail}")
+
+
+def _setup_logging(verbose: bool) -> None:
+    import lightning  # noqa: F401 - it sets its loggers' levels on import; ours must come after
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    quiet = logging.INFO if verbose else logging.WARNING
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
+                 "alembic", "mlflow", "urllib3", "numexpr"):
+        logging.getLogger(name).setLevel(quiet)
+    if not verbose:
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+def _runner(command: str) -> Callable:
+    if command == "train":
+        from tsssm.commands.train import train
+
+        return train
+    if command == "score":
+        from tsssm.commands.score import score
+
+        return score
+    if command == "compare":
+        from tsssm.commands.compare import compare
+
+        return compare
+    from tsssm.commands.run import run
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = {a for a in argv if a.startswith("-")}
+    args = [a for a in argv if not a.startswith("-")]
+    verbose = bool(flags & {"-v", "--verbose"}) or "verbose=true" in args
+    if not args or args[0] not in COMMANDS:
+        if args:
+            print(f"error: unknown command '{args[0]}'; choose one of: {', '.join(COMMANDS)}",
+                  file=sys.stderr)
+            return 2
+        print(usage(), file=sys.stdout if flags & {"-h", "--help"} else sys.stderr)
+        return 0 if flags & {"-h", "--help"} else 2
+    command, overrides = args[0], args[1:]
+    if flags & {"-h", "--help"}:
+        print(usage(command))
+        return 0
+    unknown = flags - {"-h", "--help", "-v", "--verbose", "--cfg"}
+    if unknown:
+        print(f"error: unknown option {sorted(unknown)[0]}; see `tsssm {command} --help`",
+              file=sys.stderr)
+        return 2
+    _setup_logging(verbose)
+    from tsssm.errors import TsssmError
+
+    try:
+        cfg = compose(overrides)
+        if "--cfg" in flags:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg, resolve=True))
+            return 0
+        if command == "run":
+            _runner(command)(cfg, overrides, compose)
+        else:
+            _runner(command)(cfg)
+        return 0
+    except TsssmError as err:
+        if verbose:
+            log.exception("tsssm %s failed", command)
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; resume the training with trainer.resume=last", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug in tsssm or a library: say so, keep the details for -v
+        if verbose:
+            log.exception("tsssm %s failed", command)
+        print(f"error: internal error in tsssm {command}: {type(err).__name__}: "
+              f"{str(err).splitlines()[0] if str(err) else ''} (run again with --verbose for "
+              "the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

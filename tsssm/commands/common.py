@@ -1,0 +1,166 @@
+"""Pieces every command shares: seeding, the tracker, artifacts written whole, summaries."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from tsssm.anomaly.thresholds import Threshold, build_threshold
+from tsssm.data.datasets import Part, PreparedData
+from tsssm.errors import ModelError
+from tsssm.tasks.evaluate import StreamPrediction
+
+log = logging.getLogger("tsssm")
+
+#: streams drawn as figures per run (each HTML file inlines plotly.js, ~4 MB)
+MAX_FIGURES = 3
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def staging(output_dir: str, run_id: str) -> Iterator[Path]:
+    """A private folder for a run's artifacts; removed after they are logged, so nothing
+    half-written is ever left where a result is expected."""
+    root = Path(output_dir) / "staging"
+    root.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{run_id}-", dir=root))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_parquet(frame: pl.DataFrame, path: Path) -> Path:
+    """Write via a temporary name and rename, so a crash leaves no partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.write_parquet(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def fit_threshold(cfg_task, train_scores: np.ndarray) -> Threshold:
+    t = cfg_task.threshold
+    kwargs = {"quantile": {"q": t.q}, "max": {"factor": t.factor},
+              "pot": {"q": 1.0 - t.q, "level": t.level}}[t.name]
+    return build_threshold(t.name, **kwargs).fit(train_scores)
+
+
+def stream_frame(part: Part, pred: StreamPrediction, flags: np.ndarray | None,
+                 rows: tuple[int, int]) -> pl.DataFrame:
+    """Per-timestep scores (and flags/labels) of one stream's rows."""
+    start, stop = rows
+    s = part.stream
+    cols = {
+        "stream": [s.name] * (stop - start),
+        "time": s.time[start:stop],
+        "score": pred.score[start:stop],
+    }
+    if flags is not None:
+        cols["flag"] = flags[start:stop].astype(bool)
+    if s.labels is not None:
+        cols["label"] = s.labels[start:stop].astype(np.int8)
+    return pl.DataFrame(cols)
+
+
+def forecast_frame(part: Part, pred: StreamPrediction, rows: tuple[int, int]) -> pl.DataFrame:
+    """One-step forecasts in long form (stream, time, channel, actual, mean, std), in the
+    stream's original units."""
+    start, stop = rows
+    s = part.stream
+    scaler = part.scaler
+    actual = scaler.inverse_mean(s.values[start:stop])
+    mean = scaler.inverse_mean(pred.mean[start:stop])
+    std = scaler.inverse_std(np.sqrt(pred.var[start:stop]))
+    n, c = actual.shape
+    return pl.DataFrame({
+        "stream": [s.name] * (n * c),
+        "time": np.repeat(s.time[start:stop], c),
+        "channel": np.tile(np.asarray(s.channels), n),
+        "actual": actual.reshape(-1),
+        "mean": mean.reshape(-1),
+        "std": std.reshape(-1),
+    })
+
+
+def figures_for_stream(folder: Path, part: Part, pred: StreamPrediction,
+                       threshold: Threshold | None, flags: np.ndarray | None,
+                       rows: tuple[int, int], title: str) -> None:
+    from tsssm import plots
+
+    start, stop = rows
+    s = part.stream
+    safe = s.name.replace("/", "_").replace(":", "_")
+    scaler = part.scaler
+    fig = plots.forecast_figure(
+        s.time[start:stop],
+        scaler.inverse_mean(s.values[start:stop]),
+        scaler.inverse_mean(pred.mean[start:stop]),
+        scaler.inverse_std(np.sqrt(pred.var[start:stop])),
+        s.channels,
+        title=f"{title}: one-step forecast, {s.name}",
+    )
+    plots.save_html(fig, folder / f"forecast_{safe}.html")
+    fig = plots.anomaly_figure(
+        s.time[start:stop],
+        pred.score[start:stop],
+        threshold.value if threshold is not None else float("nan"),
+        None if s.labels is None else s.labels[start:stop],
+        None if flags is None else flags[start:stop],
+        title=f"{title}: anomaly score, {s.name}",
+    )
+    plots.save_html(fig, folder / f"anomaly_{safe}.html")
+
+
+def scored_parts(data: PreparedData) -> list[Part]:
+    """Parts that have a test split (extra training files have none)."""
+    return [p for p in data.parts if p.split is not None]
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain-text table: the first column left-aligned, numbers to 4 decimals."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "-" if v != v else f"{v:.4f}"
+        return str(v)
+
+    body = [[cell(r.get(c, float("nan"))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
+    line = lambda cells: "  ".join(  # noqa: E731
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def resolve_bundle(model_cfg, tracker, model_name: str | None = None):
+    """The trained model a command should use: ``model.checkpoint`` (a bundle folder),
+    ``model.run_id`` (an MLflow train run), or else the newest finished train run.
+    Returns (Bundle, run id or None, description)."""
+    from tsssm.bundle import load_bundle
+
+    if model_cfg.checkpoint:
+        path = Path(model_cfg.checkpoint).expanduser()
+        if not path.exists():
+            raise ModelError(f"model.checkpoint={model_cfg.checkpoint}: no such file or folder")
+        return load_bundle(path), None, str(path)
+    run_id = model_cfg.run_id or tracker.latest_run("train", model_name)
+    folder = tracker.download(run_id, "model")
+    try:
+        return load_bundle(folder), run_id, f"run {run_id}"
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)

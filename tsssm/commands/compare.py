@@ -1,0 +1,124 @@
+"""`tsssm compare`: trained models side by side with classical comparators on the same split,
+in one table (printed, logged as Parquet/Markdown and as a figure) and as metrics."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import polars as pl
+import torch
+from omegaconf import DictConfig
+
+from tsssm.baselines import build_baseline
+from tsssm.bundle import load_bundle
+from tsssm.commands.common import fit_threshold, format_table, staging, write_parquet
+from tsssm.config import flatten, option_value, to_plain
+from tsssm.data.datasets import PreparedData, build_dataset
+from tsssm.errors import ConfigError, ModelError
+from tsssm.tasks.evaluate import evaluate
+from tsssm.tracking import Tracker
+
+log = logging.getLogger("tsssm")
+
+COLUMNS = ["method", "kind", "test/mae", "test/mse", "h_mae", "h_mse", "test/precision",
+           "test/recall", "test/f1", "test/far", "test/mar", "test/auc_pr"]
+
+
+def _trained(cfg: DictConfig, tracker: Tracker) -> list[tuple[str, object]]:
+    """(label, Bundle) for every trained model to compare."""
+    sources = list(cfg.compare.runs)
+    if not sources:
+        latest = tracker.latest_runs_per_model("train", cfg.data.name)
+        sources = [latest[m] for m in sorted(latest)]
+    out = []
+    for source in sources:
+        if Path(source).exists():
+            bundle = load_bundle(source)
+            label = f"{bundle.model_name} ({Path(source).name})"
+        else:
+            folder = tracker.download(source, "model")
+            try:
+                bundle = load_bundle(folder)
+            finally:
+                shutil.rmtree(folder.parent, ignore_errors=True)
+            label = bundle.model_name
+        out.append((label, bundle))
+    return out
+
+
+def _padded_train(data: PreparedData) -> torch.Tensor:
+    train = data.split_arrays("train")
+    longest = max(len(a) for a in train)
+    y = torch.full((len(train), longest, len(data.channels)), float("nan"))
+    for i, a in enumerate(train):
+        y[i, : len(a)] = torch.from_numpy(a)
+    return y  # (B, T, C)
+
+
+def _baselines(cfg: DictConfig, data: PreparedData) -> list[tuple[str, object]]:
+    out = []
+    y_train = _padded_train(data)
+    for name in cfg.task.baselines:
+        kwargs = {}
+        if name == "seasonal_naive":
+            if not cfg.data.seasonal_period:
+                log.info("compare: seasonal_naive skipped (data.seasonal_period is not set)")
+                continue
+            kwargs["period"] = cfg.data.seasonal_period
+        baseline = build_baseline(name, **kwargs)
+        baseline.fit(y_train)
+        out.append((name, baseline))
+    return out
+
+
+def compare(cfg: DictConfig) -> str:
+    """Run `tsssm compare`; returns the MLflow run id."""
+    tracker = Tracker.from_config(cfg.tracking)
+    params = flatten(to_plain(cfg))
+    name = cfg.run_name or f"compare-{cfg.data.name}"
+    with tracker.start(name, "compare", params, {"tsssm.data": cfg.data.name}) as run:
+        trained = _trained(cfg, tracker)
+        if not trained and not cfg.task.baselines:
+            raise ConfigError("nothing to compare: no trained model and task.baselines is empty")
+        pooled = [b for _, b in trained if not b.per_stream_scaling]
+        data = build_dataset(cfg.data).load(scaler=pooled[0].scaler if pooled else None)
+        horizon = cfg.data.horizon
+        common = dict(score_kind=option_value(cfg.task.score),
+                      context=cfg.data.window - horizon, horizon=horizon,
+                      eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size)
+        rows = []
+        methods = [(label, b.model, "model", b) for label, b in trained]
+        methods += [(label, m, "baseline", None) for label, m in _baselines(cfg, data)]
+        for label, model, kind, bundle in methods:
+            if bundle is not None and bundle.channels != data.channels:
+                raise ModelError(f"{label} was trained on channels {bundle.channels}, "
+                                 f"data={cfg.data.name} has {data.channels}")
+            print(f"compare: evaluating {label} ...", flush=True)
+            ev = evaluate(model, data, make_threshold=lambda s: fit_threshold(cfg.task, s),
+                          **common)
+            row = {"method": label, "kind": kind, **ev.metrics}
+            row["h_mae"] = ev.metrics.get(f"test/h{horizon}_mae", float("nan"))
+            row["h_mse"] = ev.metrics.get(f"test/h{horizon}_mse", float("nan"))
+            rows.append(row)
+            tracker.log_metrics({f"{k}.{label.split(' ')[0]}": v for k, v in ev.metrics.items()
+                                 if k.startswith("test/")})
+        columns = [c for c in COLUMNS if any(c in r for r in rows)]
+        table = format_table(rows, columns)
+        with staging(cfg.tracking.output_dir, run.run_id) as folder:
+            frame = pl.DataFrame([{c: r.get(c) for c in columns} for r in rows])
+            write_parquet(frame, folder / "tables" / "compare.parquet")
+            (folder / "tables" / "compare.md").write_text(
+                f"# {cfg.data.name}: test split (h = {horizon})\n\n```\n{table}\n```\n")
+            from tsssm import plots
+
+            (folder / "figures").mkdir()
+            plots.save_html(plots.comparison_figure(rows), folder / "figures" / "compare.html")
+            tracker.log_dir(folder / "tables", "tables")
+            tracker.log_dir(folder / "figures", "figures")
+        print(f"\n{cfg.data.name}, test split; forecast errors on the normalised scale, "
+              f"h_* over horizon {horizon}:")
+        print(table)
+        print(f"\n  MLflow run {run.run_id} in {tracker.uri}")
+        return run.run_id

@@ -1,0 +1,175 @@
+"""`tsssm train`: fit a forecaster on a dataset's training split, evaluate it, fit the anomaly
+threshold, and record everything (and the model bundle) in one MLflow run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import polars as pl
+import torch
+from omegaconf import DictConfig
+
+from tsssm.bundle import Bundle, build_net, save_bundle
+from tsssm.commands.common import (
+    MAX_FIGURES,
+    figures_for_stream,
+    fit_threshold,
+    forecast_frame,
+    seed_everything,
+    staging,
+    stream_frame,
+    write_parquet,
+)
+from tsssm.config import flatten, option_value, to_plain
+from tsssm.data.datamodule import SeriesDataModule
+from tsssm.data.datasets import PreparedData, build_dataset
+from tsssm.errors import ConfigError
+from tsssm.tasks.callbacks import TrackerCallback
+from tsssm.tasks.evaluate import Evaluation, evaluate
+from tsssm.tasks.forecast import ForecastTask
+from tsssm.tracking import Tracker
+
+log = logging.getLogger("tsssm")
+
+
+def _accelerator(name: str) -> str:
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer=gpu, but no CUDA device is visible; use trainer=cpu")
+    return "gpu" if name == "cuda" else name
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.tracking.output_dir) / "checkpoints" / f"{cfg.model.name}-{cfg.data.name}"
+
+
+def _resume_path(cfg: DictConfig) -> str | None:
+    resume = cfg.trainer.resume
+    if resume is None:
+        return None
+    path = checkpoint_dir(cfg) / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.exists():
+        raise ConfigError(f"trainer.resume={resume}: no checkpoint at {path}")
+    return str(path)
+
+
+def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker) -> torch.nn.Module:
+    """Train the configured net through Lightning; returns it in eval mode on the CPU."""
+    net = build_net(to_plain(cfg.model.net), len(data.channels))
+    if hasattr(net, "initialize"):
+        train = [torch.from_numpy(a) for a in data.split_arrays("train")]
+        longest = max(len(a) for a in train)
+        padded = torch.full((len(train), longest, len(data.channels)), float("nan"))
+        for i, a in enumerate(train):
+            padded[i, : len(a)] = a
+        net.initialize(padded)
+    dm = SeriesDataModule(data, net.training_input, cfg.data.window, cfg.data.stride,
+                          cfg.data.batch_size, cfg.data.num_workers)
+    optimizer = to_plain(cfg.model.optimizer)
+    task = ForecastTask(net, optimizer, horizon=cfg.data.horizon,
+                        one_step_weight=cfg.task.one_step_weight,
+                        horizon_weight=cfg.task.horizon_weight)
+    ckpt_dir = checkpoint_dir(cfg)
+    callbacks: list = [
+        L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0),
+        TrackerCallback(tracker),
+    ]
+    has_val = dm.has_val()
+    if cfg.trainer.early_stopping_patience and has_val:
+        callbacks.append(L.pytorch.callbacks.EarlyStopping(
+            "val/loss", patience=cfg.trainer.early_stopping_patience))
+    trainer = L.Trainer(
+        max_epochs=cfg.trainer.max_epochs or cfg.model.epochs,
+        accelerator=_accelerator(cfg.trainer.accelerator),
+        devices=cfg.trainer.devices,
+        precision=cfg.trainer.precision,
+        gradient_clip_val=None if optimizer["name"] == "lbfgs" else cfg.trainer.gradient_clip_val,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        enable_model_summary=False,
+        logger=False,
+        callbacks=callbacks,
+        default_root_dir=str(Path(cfg.tracking.output_dir)),
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        limit_val_batches=1.0 if has_val else 0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(task, datamodule=dm, ckpt_path=_resume_path(cfg))
+    net = task.model.cpu().eval()
+    return net
+
+
+def log_evaluation(cfg: DictConfig, net, data: PreparedData, tracker: Tracker, folder: Path,
+                   title: str) -> Evaluation:
+    """Evaluate on every split, log the metrics, and stage scores, forecasts and figures."""
+    ev = evaluate(net, data, score_kind=option_value(cfg.task.score),
+                  context=cfg.data.window - cfg.data.horizon, horizon=cfg.data.horizon,
+                  eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size,
+                  make_threshold=lambda s: fit_threshold(cfg.task, s))
+    tracker.log_metrics(ev.metrics)
+    frames, fc_frames = [], []
+    scored = [(p, pr) for p, pr in zip(data.parts, ev.preds) if p.split is not None]
+    for i, (p, pr) in enumerate(scored):
+        rows = (p.rows("train")[0], p.rows("test")[1])
+        flags = ev.threshold.flags(pr.score)
+        frames.append(stream_frame(p, pr, flags, rows).with_columns(
+            pl.Series("split", _split_names(p, rows))))
+        fc_frames.append(forecast_frame(p, pr, p.rows("test")))
+        if i < MAX_FIGURES:
+            figures_for_stream(folder / "figures", p, pr, ev.threshold, flags, p.rows("test"),
+                               title)
+    if frames:
+        write_parquet(pl.concat(frames), folder / "scores" / "scores.parquet")
+        write_parquet(pl.concat(fc_frames), folder / "forecasts" / "test_one_step.parquet")
+    return ev
+
+
+def _split_names(part, rows) -> list[str]:
+    names = np.empty(rows[1] - rows[0], dtype=object)
+    for split in ("train", "val", "test"):
+        a, b = part.rows(split)
+        names[a - rows[0] : b - rows[0]] = split
+    return names.tolist()
+
+
+def train(cfg: DictConfig) -> str:
+    """Run `tsssm train`; returns the MLflow run id."""
+    seed_everything(cfg.seed)
+    tracker = Tracker.from_config(cfg.tracking)
+    params = flatten(to_plain(cfg))
+    name = cfg.run_name or f"train-{cfg.model.name}-{cfg.data.name}"
+    tags = {"tsssm.model": cfg.model.name, "tsssm.data": cfg.data.name}
+    with tracker.start(name, "train", params, tags) as run:
+        log.info("tsssm train: MLflow run %s (%s)", run.run_id, tracker.uri)
+        data = build_dataset(cfg.data).load()
+        for note in data.gap_notes:
+            log.info(note)
+        net = fit_model(cfg, data, tracker)
+        with staging(cfg.tracking.output_dir, run.run_id) as folder:
+            ev = log_evaluation(cfg, net, data, tracker, folder,
+                                f"{cfg.model.name} on {cfg.data.name}")
+            bundle = Bundle(
+                model=net, net_config=to_plain(cfg.model.net), model_name=cfg.model.name,
+                channels=data.channels, scaler=data.scaler,
+                per_stream_scaling=cfg.data.scaler == "per_stream", threshold=ev.threshold,
+                score_kind=option_value(cfg.task.score),
+                data_config=to_plain(cfg.data),
+            )
+            model_dir = save_bundle(bundle, Path(cfg.tracking.output_dir) / "models" / run.run_id)
+            for sub in ("scores", "forecasts", "figures"):
+                if (folder / sub).exists():
+                    tracker.log_dir(folder / sub, sub)
+            tracker.log_dir(model_dir, "model")
+        print_summary(cfg, run.run_id, ev.metrics, model_dir, tracker)
+        return run.run_id
+
+
+def print_summary(cfg, run_id, metrics, model_dir, tracker) -> None:
+    keys = [k for k in ("val/mae", "test/mae", "test/mse", f"test/h{cfg.data.horizon}_mse",
+                        "test/f1", "test/far", "test/mar", "test/auc_pr") if k in metrics]
+    shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in keys)
+    print(f"trained {cfg.model.name} on {cfg.data.name}: {shown}")
+    print(f"  model bundle: {model_dir}")
+    print(f"  MLflow run {run_id} in {tracker.uri} (experiment '{tracker.experiment}')")

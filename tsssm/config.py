@@ -1,0 +1,309 @@
+"""Typed schemas for every config group, registered with Hydra's ConfigStore.
+
+Each YAML file in ``conf/`` names its schema in its defaults list, so Hydra rejects unknown keys
+and wrongly typed values while composing; ``validate`` then checks ranges and cross-field rules
+and raises :class:`tsssm.errors.ConfigError` naming the key and what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from tsssm.errors import ConfigError
+
+
+class Gaps(str, Enum):
+    keep = "keep"  # report gaps, leave the rows as they are
+    mask = "mask"  # insert the missing timestamps as NaN rows (models skip them)
+    fill = "fill"  # insert the missing timestamps and forward-fill them
+
+
+class Fill(str, Enum):
+    none = "none"  # missing values stay NaN (Kalman skips them, neural models mask them)
+    forward = "forward"
+    zero = "zero"
+
+
+class Scaling(str, Enum):
+    pooled = "pooled"  # one scaler fitted on the pooled training rows of every stream
+    per_stream = "per_stream"  # each stream by its own training rows (SKAB's protocol)
+
+
+class Protocol(str, Enum):
+    skab = "skab"  # per file: first `train_rows` rows train, rest test
+    ett = "ett"  # Informer's 12/4/4-month split
+    fractions = "fractions"  # chronological train/val/test fractions
+
+
+@dataclass
+class DataConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+    #: directory holding the dataset's files (relative paths resolve against the working dir)
+    root: str | None = None
+    #: one file: the whole dataset for `data=csv`; for `tsssm score`, the stream to score
+    path: str | None = None
+    #: files under `root` (glob patterns allowed); empty means the dataset's default set
+    files: list[str] = field(default_factory=list)
+    #: files under `root` used only as extra (normal) training data
+    extra_train_files: list[str] = field(default_factory=list)
+    separator: str = ","
+    time_column: str = "datetime"
+    time_format: str | None = None
+    #: channel columns; empty means every column except time and labels
+    channels: list[str] = field(default_factory=list)
+    label_column: str | None = None
+    #: columns present in the files that are neither channels nor the label
+    ignore_columns: list[str] = field(default_factory=list)
+    protocol: Protocol = Protocol.fractions
+    train_rows: int = 400
+    train_fraction: float = 0.7
+    val_fraction: float = 0.1
+    #: ETT: rows per hour (1 for ETTh, 4 for ETTm)
+    rows_per_hour: int = 1
+    scaler: Scaling = Scaling.pooled
+    gaps: Gaps = Gaps.keep
+    #: a step longer than this many median steps counts as a gap
+    gap_factor: float = 3.0
+    fill: Fill = Fill.none
+    #: the data's seasonal period in rows (e.g. a day), for seasonal models and baselines
+    seasonal_period: int | None = None
+    window: int = 96
+    horizon: int = 24
+    stride: int = 1
+    batch_size: int = 32
+    #: stride of forecast-evaluation origins over val/test
+    eval_stride: int = 24
+    num_workers: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | adam | lbfgs
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    #: L-BFGS iterations per optimizer step (one step per epoch on full streams)
+    max_iter: int = 20
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    #: the nn.Module to build; n_channels is added from the data
+    net: Any = MISSING
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    epochs: int = 10
+    #: load a trained model instead of training: a checkpoint/bundle path or an MLflow run id
+    checkpoint: str | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class KalmanNet:
+    _target_: str = "tsssm.models.kalman.KalmanForecaster"
+    components: list[str] = field(default_factory=lambda: ["level", "trend"])
+    seasonal_period: int | None = None
+    seasonal_kind: str = "trig"
+    seasonal_harmonics: int | None = None
+    ar_order: int = 1
+    method: str = "sequential"
+    dtype: str = "float64"
+
+
+@dataclass
+class KalmanModelConfig(ModelConfig):
+    net: KalmanNet = field(default_factory=KalmanNet)
+
+
+@dataclass
+class MambaNet:
+    _target_: str = "tsssm.models.mamba_forecaster.MambaForecaster"
+    d_model: int = 64
+    n_layers: int = 2
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    horizon: int = 24
+    channel_mode: str = "mixing"
+    patch_len: int = 1
+    revin: bool = True
+    dropout: float = 0.0
+    scan_backend: str = "auto"
+
+
+@dataclass
+class MambaModelConfig(ModelConfig):
+    net: MambaNet = field(default_factory=MambaNet)
+
+
+class ScoreKind(str, Enum):
+    nis = "nis"
+    nll = "nll"
+
+
+@dataclass
+class ThresholdConfig:
+    name: str = "quantile"  # quantile | max | pot
+    q: float = 0.99
+    factor: float = 1.0
+    level: float = 0.98
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING  # forecast | anomaly
+    score: ScoreKind = ScoreKind.nis
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    #: weight of the one-step NLL over every position (the rest is the horizon NLL)
+    one_step_weight: float = 1.0
+    horizon_weight: float = 1.0
+    #: classical comparators for `tsssm compare`
+    baselines: list[str] = field(
+        default_factory=lambda: ["last_value", "seasonal_naive", "ewma", "isolation_forest"]
+    )
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: int = 1
+    precision: str = "32-true"
+    #: overrides the model's `epochs` when set
+    max_epochs: int | None = None
+    gradient_clip_val: float | None = 1.0
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    #: resume an interrupted training: a checkpoint path, or "last" for this run dir's last.ckpt
+    resume: str | None = None
+    early_stopping_patience: int | None = None
+    limit_train_batches: float | None = None
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///tsssm_runs/mlflow.db"
+    artifact_root: str = "tsssm_runs/artifacts"
+    experiment: str = "tsssm"
+    #: where scores, checkpoints and the model bundle are written before they are logged
+    output_dir: str = "tsssm_runs"
+
+
+@dataclass
+class ScoreConfig:
+    #: rows per chunk when scoring (state carried between chunks)
+    chunk_size: int = 100_000
+    #: where the scores Parquet goes; default tsssm_runs/scores/<run id>.parquet
+    output: str | None = None
+
+
+@dataclass
+class CompareConfig:
+    #: trained models to compare: MLflow run ids or bundle folders; empty means the newest
+    #: finished train run of each model on this dataset
+    runs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    #: models trained by `tsssm run` (names of conf/model options)
+    models: list[str] = field(default_factory=lambda: ["kalman", "mamba"])
+
+
+@dataclass
+class Config:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    task: TaskConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+    run_name: str | None = None
+    verbose: bool = False
+
+
+def register_schemas() -> None:
+    """Register the schemas the YAML files in conf/ extend."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="model", name="kalman_schema", node=KalmanModelConfig)
+    cs.store(group="model", name="mamba_schema", node=MambaModelConfig)
+    cs.store(group="task", name="task_schema", node=TaskConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
+
+
+def _check(cond: bool, key: str, problem: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}' {problem}")
+
+
+_CHOICES = {
+    "model.optimizer.name": ("adamw", "adam", "lbfgs"),
+    "task.name": ("forecast", "anomaly"),
+    "task.threshold.name": ("quantile", "max", "pot"),
+    "trainer.accelerator": ("cpu", "gpu", "cuda", "auto"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check ranges and cross-field rules the type system cannot express."""
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        _check(value in allowed, key, f"is {value!r}; use one of {', '.join(allowed)}")
+    d = cfg.data
+    for key in ("window", "horizon", "stride", "batch_size", "eval_stride", "train_rows"):
+        _check(d[key] >= 1, f"data.{key}", f"must be a positive integer, got {d[key]}")
+    _check(d.horizon < d.window, "data.horizon", f"({d.horizon}) must be below data.window "
+           f"({d.window}): a window holds the context and the horizon")
+    _check(0 < d.train_fraction < 1, "data.train_fraction", "must lie in (0, 1)")
+    _check(0 <= d.val_fraction < 1 - d.train_fraction + 1e-12 or d.protocol != "fractions",
+           "data.val_fraction", "must be >= 0 and leave room for a test part")
+    _check(d.gap_factor > 1, "data.gap_factor", "must exceed 1")
+    _check(len(d.separator) == 1, "data.separator", f"must be one character, got {d.separator!r}")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    m = cfg.model
+    _check(m.epochs >= 1, "model.epochs", "must be >= 1")
+    _check(m.optimizer.lr > 0, "model.optimizer.lr", "must be > 0")
+    t = cfg.task
+    _check(0 < t.threshold.q < 1, "task.threshold.q", "must lie in (0, 1)")
+    _check(t.threshold.factor > 0, "task.threshold.factor", "must be > 0")
+    _check(0 < t.threshold.level < 1, "task.threshold.level", "must lie in (0, 1)")
+    _check(t.one_step_weight >= 0 and t.horizon_weight >= 0, "task.one_step_weight",
+           "and task.horizon_weight must be >= 0")
+    tr = cfg.trainer
+    _check(tr.max_epochs is None or tr.max_epochs >= 1, "trainer.max_epochs", "must be >= 1")
+    _check(tr.devices >= 1, "trainer.devices", "must be >= 1")
+    _check(cfg.score.chunk_size >= 1, "score.chunk_size", "must be >= 1")
+
+
+def option_value(option: Any) -> str:
+    """An enum-typed config value (or a plain string) as its string."""
+    return str(getattr(option, "value", option))
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python containers (enums as their values)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become their string form."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif is_dataclass(value):
+            out.update(flatten({f.name: getattr(value, f.name) for f in fields(value)}, name + "."))
+        else:
+            out[name] = value
+    return out

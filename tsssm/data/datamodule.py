@@ -1,0 +1,63 @@
+"""The LightningDataModule over prepared data: windows for neural models, whole streams for
+models fitted on full sequences (the Kalman filter)."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from tsssm.data.datasets import PreparedData
+from tsssm.data.windows import StreamDataset, WindowDataset, pad_collate
+
+
+class SeriesDataModule(L.LightningDataModule):
+    def __init__(self, data: PreparedData, training_input: str, window: int, stride: int,
+                 batch_size: int, num_workers: int = 0) -> None:
+        super().__init__()
+        self.data = data
+        self.training_input = training_input
+        self.window = window
+        self.stride = stride
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def _streams(self, split: str) -> StreamDataset:
+        arrays, ranges = [], []
+        for part in self.data.parts:
+            start, stop = part.rows(split)
+            if stop > start:
+                # Validation keeps the history before its rows so the filter state is warm.
+                begin = 0 if split == "val" else start
+                arrays.append(part.stream.values[begin:stop])
+                ranges.append((start - begin, stop - begin))
+        return StreamDataset(arrays, ranges)
+
+    def _windows(self, split: str) -> WindowDataset:
+        arrays = []
+        for part in self.data.parts:
+            start, stop = part.rows(split)
+            if stop > start:
+                # Validation windows may start before the border (the lookback), as in ETT.
+                begin = max(0, start - self.window // 2) if split == "val" else start
+                if stop - begin >= self.window:
+                    arrays.append(part.stream.values[begin:stop])
+        stride = self.stride if split == "train" else max(self.stride, self.window // 4)
+        return WindowDataset(arrays, self.window, stride)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.training_input == "streams":
+            ds = self._streams("train")
+            return DataLoader(ds, batch_size=len(ds), collate_fn=pad_collate)
+        return DataLoader(self._windows("train"), batch_size=self.batch_size, shuffle=True,
+                          num_workers=self.num_workers, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.training_input == "streams":
+            ds = self._streams("val")
+            return DataLoader(ds, batch_size=max(len(ds), 1), collate_fn=pad_collate)
+        return DataLoader(self._windows("val"), batch_size=self.batch_size,
+                          num_workers=self.num_workers)
+
+    def has_val(self) -> bool:
+        ds = self._streams("val") if self.training_input == "streams" else self._windows("val")
+        return len(ds) > 0

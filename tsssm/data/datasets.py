@@ -1,0 +1,221 @@
+"""Datasets named by ``data._target_``: read streams, regularise gaps, split, fit the scaler.
+
+``load()`` returns :class:`PreparedData`: every stream normalised with a scaler fitted on the
+training rows only, and each stream's split ranges.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tsssm.config import option_value
+from tsssm.data.io import ReadSpec, Stream, forward_fill, read_stream, regularise
+from tsssm.data.scaling import StandardScaler
+from tsssm.data.splits import Split, ett_split, fraction_split, skab_split
+from tsssm.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+#: the repository root (where the bundled data/ lives in a source checkout)
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_path(path: str | None, key: str) -> Path:
+    """A relative path resolves against the working directory, then the tsssm checkout."""
+    if not path:
+        raise ConfigError(f"config key '{key}' must be set (e.g. {key}=/path/to/data)")
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    bundled = _PROJECT_ROOT / p
+    if bundled.exists():
+        return bundled
+    raise DataError(f"{key}={path}: no such file or directory (from {Path.cwd()})")
+
+
+@dataclass
+class Part:
+    """One stream and its split ranges; ``values`` are normalised."""
+
+    stream: Stream
+    split: Split | None  # None: extra training data, all of it trains
+    scaler: StandardScaler | None = None  # the scaler applied to this stream
+
+    def rows(self, name: str) -> tuple[int, int]:
+        if self.split is None:
+            return (0, len(self.stream)) if name == "train" else (0, 0)
+        return getattr(self.split, name)
+
+
+@dataclass
+class PreparedData:
+    name: str
+    channels: list[str]
+    parts: list[Part]
+    scaler: StandardScaler
+    has_labels: bool
+    gap_notes: list[str] = field(default_factory=list)
+
+    def split_arrays(self, name: str) -> list[np.ndarray]:
+        """The rows of every stream in one split.  -> [(T_i, C)]"""
+        out = []
+        for part in self.parts:
+            start, stop = part.rows(name)
+            if stop > start:
+                out.append(part.stream.values[start:stop])
+        return out
+
+
+def read_spec(cfg) -> ReadSpec:
+    return ReadSpec(
+        time_column=cfg.time_column,
+        channels=tuple(cfg.channels),
+        label_column=cfg.label_column,
+        ignore_columns=tuple(cfg.ignore_columns),
+        separator=cfg.separator,
+        time_format=cfg.time_format,
+    )
+
+
+def prepare_stream(path: Path, cfg, name: str | None = None,
+                   channels: list[str] | None = None) -> tuple[Stream, str | None]:
+    """Read, check channels and regularise one file as the config says."""
+    spec = read_spec(cfg)
+    if channels is not None:
+        spec = ReadSpec(**{**spec.__dict__, "channels": tuple(channels)})
+    stream = read_stream(path, spec, name=name)
+    stream, gaps = regularise(stream, option_value(cfg.gaps), cfg.gap_factor)
+    note = None
+    if gaps.n_gaps:
+        note = (f"{path.name}: {gaps.n_gaps} gaps longer than {cfg.gap_factor:g}x the median step"
+                f" (longest {gaps.longest / max(gaps.median_step, 1):.0f} steps); data.gaps="
+                f"{option_value(cfg.gaps)}, {gaps.rows_inserted} rows inserted")
+        log.info(note)
+    fill = option_value(cfg.fill)
+    if fill == "forward":
+        stream.values = forward_fill(stream.values)
+    elif fill == "zero":
+        stream.values = np.nan_to_num(stream.values, nan=0.0)
+    return stream, note
+
+
+class BaseDataset:
+    """Reads the files a config names and splits them by the dataset's protocol."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def files(self) -> list[tuple[Path, str]]:
+        raise NotImplementedError
+
+    def extra_train_files(self) -> list[tuple[Path, str]]:
+        return []
+
+    def split(self, stream: Stream) -> Split:
+        raise NotImplementedError
+
+    def load(self, scaler: StandardScaler | None = None) -> PreparedData:
+        """Read, split and normalise. ``scaler``: a pooled scaler fitted earlier (a trained
+        model's), used instead of fitting one here."""
+        cfg = self.cfg
+        parts: list[Part] = []
+        notes: list[str] = []
+        channels: list[str] | None = list(cfg.channels) or None
+        for extra, listing in ((False, self.files()), (True, self.extra_train_files())):
+            for path, name in listing:
+                stream, note = prepare_stream(path, cfg, name, channels)
+                if channels is None:
+                    channels = stream.channels
+                if note:
+                    notes.append(note)
+                parts.append(Part(stream, None if extra else self.split(stream)))
+        if not parts:
+            raise DataError(f"data={cfg.name}: no files to read (check data.root and data.files)")
+        self._check_lengths(parts)
+        train = [p.stream.values[slice(*p.rows("train"))] for p in parts]
+        scaler = scaler or StandardScaler.fit(train, channels)
+        per_stream = option_value(cfg.scaler) == "per_stream"
+        for p, rows in zip(parts, train):
+            # per_stream (SKAB's protocol): each file is scaled by its own training rows.
+            p.scaler = StandardScaler.fit([rows], channels) if per_stream else scaler
+            p.stream.values = p.scaler.transform(p.stream.values)
+        has_labels = any(p.stream.labels is not None for p in parts if p.split is not None)
+        return PreparedData(cfg.name, channels, parts, scaler, has_labels, notes)
+
+    def _check_lengths(self, parts: list[Part]) -> None:
+        window = self.cfg.window
+        for p in parts:
+            start, stop = p.rows("train")
+            if stop - start < window:
+                raise DataError(
+                    f"{p.stream.path}: the training part has {stop - start} rows, fewer than "
+                    f"data.window={window}; lower data.window or give a longer series"
+                )
+
+
+class SKABDataset(BaseDataset):
+    """SKAB: one fault experiment per file; first ``train_rows`` rows train, rest test."""
+
+    def _glob(self, patterns: list[str]) -> list[tuple[Path, str]]:
+        root = resolve_path(self.cfg.root, "data.root")
+        out = []
+        for pattern in patterns:
+            matches = sorted(glob.glob(str(root / pattern)), key=_natural_key)
+            if not matches:
+                raise DataError(f"data.files: '{pattern}' matches no file under {root}")
+            for m in matches:
+                rel = Path(m).relative_to(root)
+                out.append((Path(m), str(rel.with_suffix(""))))
+        return out
+
+    def files(self) -> list[tuple[Path, str]]:
+        return self._glob(list(self.cfg.files))
+
+    def extra_train_files(self) -> list[tuple[Path, str]]:
+        return self._glob(list(self.cfg.extra_train_files))
+
+    def split(self, stream: Stream) -> Split:
+        return skab_split(len(stream), self.cfg.train_rows, self.cfg.val_fraction, stream.path)
+
+
+class ETTDataset(SKABDataset):
+    """ETT: one file, Informer's 12/4/4-month split."""
+
+    def split(self, stream: Stream) -> Split:
+        return ett_split(len(stream), self.cfg.rows_per_hour, stream.path)
+
+
+class TableDataset(BaseDataset):
+    """Any CSV/Parquet file named by ``data.path``, split by fractions in time order."""
+
+    def files(self) -> list[tuple[Path, str]]:
+        path = resolve_path(self.cfg.path, "data.path")
+        return [(path, path.stem)]
+
+    def split(self, stream: Stream) -> Split:
+        if self.cfg.protocol == "skab":
+            return skab_split(len(stream), self.cfg.train_rows, self.cfg.val_fraction, stream.path)
+        return fraction_split(len(stream), self.cfg.train_fraction, self.cfg.val_fraction,
+                              stream.path)
+
+
+def _natural_key(s: str) -> list:
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def build_dataset(cfg) -> BaseDataset:
+    """Instantiate the dataset class named by ``cfg._target_``."""
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(cfg._target_)
+    except Exception as err:
+        raise DataError(f"data._target_={cfg._target_} is not a tsssm dataset class") from err
+    return cls(cfg)

@@ -1,0 +1,279 @@
+"""Read one sensor stream from CSV or Parquet with polars, and validate it.
+
+Every problem a user can cause raises :class:`tsssm.errors.DataError` with one message that names
+the file, the column (and row, where it helps) and what to do about it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from tsssm.errors import DataError
+
+log = logging.getLogger(__name__)
+
+_SEPARATORS = (",", ";", "\t", "|")
+
+
+@dataclass
+class Stream:
+    """One validated stream: a regular or irregular time axis and its channels."""
+
+    name: str
+    path: str
+    time: np.ndarray  # (T,) datetime64[ns] or int64 row numbers
+    values: np.ndarray  # (T, C) float32, NaN = missing
+    channels: list[str]
+    labels: np.ndarray | None = None  # (T,) int8 in {0, 1}
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+    def slice(self, start: int, stop: int, suffix: str) -> Stream:
+        return Stream(
+            name=f"{self.name}:{suffix}",
+            path=self.path,
+            time=self.time[start:stop],
+            values=self.values[start:stop],
+            channels=self.channels,
+            labels=None if self.labels is None else self.labels[start:stop],
+        )
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """How to read a table: which columns play which role."""
+
+    time_column: str
+    channels: tuple[str, ...] = ()  # empty: every other numeric column
+    label_column: str | None = None
+    ignore_columns: tuple[str, ...] = ()
+    separator: str = ","
+    time_format: str | None = None
+    label_required: bool = False
+
+
+def _scan(path: Path, separator: str) -> pl.LazyFrame:
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return pl.scan_parquet(path)
+    if suffix in (".csv", ".txt", ".tsv"):
+        # Read everything as text first: types are checked column by column below, so a bad
+        # cell is reported by column and row instead of a parser exception.
+        return pl.scan_csv(path, separator=separator, infer_schema=False, try_parse_dates=False)
+    raise DataError(f"{path}: unsupported file type '{suffix}'; use .csv or .parquet")
+
+
+def _guess_separator(header: str) -> str | None:
+    counts = {s: header.count(s) for s in _SEPARATORS}
+    best = max(counts, key=counts.get)  # type: ignore[arg-type]
+    return best if counts[best] > 0 else None
+
+
+def read_stream(path: str | Path, spec: ReadSpec, name: str | None = None) -> Stream:
+    """Read and validate one stream. Rows must be sorted by time with no duplicate timestamps."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path} (check data.root / data.path)")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; data.path must name a .csv or .parquet file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty")
+    try:
+        frame = _scan(path, spec.separator).collect()
+    except DataError:
+        raise
+    except Exception as err:  # polars' own parse errors: keep their first line
+        raise DataError(f"{path}: cannot be read ({str(err).splitlines()[0]})") from err
+
+    columns = frame.columns
+    if path.suffix.lower() not in (".parquet", ".pq") and len(columns) == 1:
+        guess = _guess_separator(columns[0])
+        if guess is not None and guess != spec.separator:
+            raise DataError(
+                f"{path}: the header has one column with {guess!r} in it; the file looks "
+                f"{guess!r}-separated, set data.separator='{guess}'"
+            )
+    if frame.height == 0:
+        raise DataError(f"{path} has a header but no rows")
+
+    def need(column: str, key: str) -> None:
+        if column not in columns:
+            raise DataError(
+                f"{path}: column '{column}' not found (set {key}); "
+                f"columns are: {', '.join(columns)}"
+            )
+
+    need(spec.time_column, "data.time_column")
+    # A label column may be absent (SKAB's anomaly-free file has none), unless required.
+    if spec.label_column is not None and spec.label_required:
+        need(spec.label_column, "data.label_column")
+    for column in spec.channels:
+        need(column, "data.channels")
+    skip = {spec.time_column, spec.label_column, *spec.ignore_columns}
+    channels = list(spec.channels) or [c for c in columns if c not in skip]
+    if not channels:
+        raise DataError(
+            f"{path}: no channel columns left after the time and label columns (set data.channels)"
+        )
+
+    time = _parse_time(frame, path, spec)
+    values = np.empty((frame.height, len(channels)), dtype=np.float32)
+    for j, column in enumerate(channels):
+        values[:, j] = _numeric(frame, column, path)
+    labels = None
+    if spec.label_column is not None and spec.label_column in columns:
+        raw = _numeric(frame, spec.label_column, path)
+        if np.isnan(raw).any():
+            row = int(np.flatnonzero(np.isnan(raw))[0])
+            raise DataError(f"{path}: label column '{spec.label_column}' is empty at row {row + 1}")
+        if not np.isin(raw, (0.0, 1.0)).all():
+            raise DataError(f"{path}: label column '{spec.label_column}' must hold 0/1 values")
+        labels = raw.astype(np.int8)
+    return Stream(name or path.stem, str(path), time, values, channels, labels)
+
+
+def _numeric(frame: pl.DataFrame, column: str, path: Path) -> np.ndarray:
+    series = frame.get_column(column)
+    if series.dtype == pl.String:
+        stripped = series.str.strip_chars()
+        empty = stripped.is_null() | (stripped == "") | stripped.str.to_lowercase().is_in(
+            ["nan", "na", "null"]
+        )
+        parsed = stripped.cast(pl.Float64, strict=False)
+        bad = parsed.is_null() & ~empty
+        if bad.any():
+            row = int(bad.arg_max())  # type: ignore[arg-type]
+            raise DataError(
+                f"{path}: column '{column}' is not numeric (row {row + 1} holds "
+                f"{series[row]!r}); fix the file or leave the column out of data.channels"
+            )
+        out = parsed.fill_null(float("nan")).to_numpy()
+    elif series.dtype.is_numeric() or series.dtype == pl.Boolean:
+        out = series.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    else:
+        raise DataError(
+            f"{path}: column '{column}' has type {series.dtype}, not numeric; "
+            "leave it out of data.channels"
+        )
+    out = np.asarray(out, dtype=np.float64)
+    if np.isinf(out).any():
+        row = int(np.flatnonzero(np.isinf(out))[0])
+        raise DataError(
+            f"{path}: column '{column}' holds an infinite value at row {row + 1}; "
+            "replace it by an empty cell (missing) or a real reading"
+        )
+    return out
+
+
+def _parse_time(frame: pl.DataFrame, path: Path, spec: ReadSpec) -> np.ndarray:
+    series = frame.get_column(spec.time_column)
+    column = spec.time_column
+    if series.dtype == pl.String and spec.time_format is None:
+        # Integer time stamps (sample numbers, epoch seconds) read as text from CSV.
+        as_int = series.str.strip_chars().cast(pl.Int64, strict=False)
+        if as_int.null_count() == series.null_count():
+            series = as_int
+    if series.dtype == pl.String:
+        try:
+            parsed = series.str.strip_chars().str.to_datetime(
+                format=spec.time_format, strict=True, time_unit="ns"
+            )
+        except Exception as err:
+            raise DataError(
+                f"{path}: time column '{column}' does not parse as timestamps "
+                f"(first value {series[0]!r}); set data.time_format, e.g. '%Y-%m-%d %H:%M:%S'"
+            ) from err
+        series = parsed
+    if series.null_count():
+        row = int(series.is_null().arg_max())  # type: ignore[arg-type]
+        raise DataError(f"{path}: time column '{column}' is empty at row {row + 1}")
+    if series.dtype.is_temporal():
+        time = series.cast(pl.Datetime("ns")).to_numpy()
+        ordinal = time.astype("int64")
+    elif series.dtype.is_integer():
+        time = series.to_numpy().astype(np.int64)
+        ordinal = time
+    else:
+        raise DataError(
+            f"{path}: time column '{column}' has type {series.dtype}; use timestamps or integers"
+        )
+    step = np.diff(ordinal)
+    if (step == 0).any():
+        row = int(np.flatnonzero(step == 0)[0]) + 1
+        raise DataError(
+            f"{path}: duplicate timestamp {time[row]} at rows {row} and {row + 1} "
+            f"in column '{column}'; remove or aggregate the duplicates"
+        )
+    if (step < 0).any():
+        row = int(np.flatnonzero(step < 0)[0]) + 1
+        raise DataError(
+            f"{path}: timestamps in column '{column}' are not sorted (row {row + 1}, {time[row]}, "
+            f"comes before row {row}); sort the file by time"
+        )
+    return time
+
+
+@dataclass
+class GapReport:
+    median_step: float
+    n_gaps: int
+    longest: float
+    rows_inserted: int
+
+
+def regularise(stream: Stream, mode: str, gap_factor: float) -> tuple[Stream, GapReport]:
+    """Detect gaps longer than ``gap_factor`` median steps; keep, mask (NaN rows) or fill them."""
+    ordinal = stream.time.astype("int64")
+    if len(ordinal) < 3:
+        return stream, GapReport(0.0, 0, 0.0, 0)
+    step = np.diff(ordinal)
+    median = float(np.median(step))
+    is_gap = step > gap_factor * median
+    report = GapReport(median, int(is_gap.sum()), float(step.max()), 0)
+    if report.n_gaps == 0 or mode == "keep":
+        return stream, report
+    # Insert the missing grid points of each gap as NaN rows (labels 0: nothing was observed).
+    pieces_t, pieces_v, pieces_l = [], [], []
+    start = 0
+    for i in np.flatnonzero(is_gap):
+        pieces_t.append(ordinal[start : i + 1])
+        pieces_v.append(stream.values[start : i + 1])
+        if stream.labels is not None:
+            pieces_l.append(stream.labels[start : i + 1])
+        missing = np.arange(ordinal[i] + median, ordinal[i + 1] - median / 2, median)
+        missing = missing.astype(np.int64)
+        pieces_t.append(missing)
+        pieces_v.append(np.full((len(missing), stream.values.shape[1]), np.nan, np.float32))
+        if stream.labels is not None:
+            pieces_l.append(np.zeros(len(missing), np.int8))
+        report.rows_inserted += len(missing)
+        start = i + 1
+    pieces_t.append(ordinal[start:])
+    pieces_v.append(stream.values[start:])
+    if stream.labels is not None:
+        pieces_l.append(stream.labels[start:])
+    values = np.concatenate(pieces_v)
+    if mode == "fill":
+        values = forward_fill(values)
+    time = np.concatenate(pieces_t).astype(stream.time.dtype)
+    labels = np.concatenate(pieces_l) if stream.labels is not None else None
+    return Stream(stream.name, stream.path, time, values, stream.channels, labels), report
+
+
+def forward_fill(values: np.ndarray) -> np.ndarray:
+    """Carry the last observation forward per channel; leading NaNs stay NaN.  # (T, C)"""
+    out = values.copy()
+    for j in range(out.shape[1]):
+        col = out[:, j]
+        idx = np.where(np.isnan(col), 0, np.arange(len(col)))
+        np.maximum.accumulate(idx, out=idx)
+        filled = col[idx]
+        filled[np.isnan(col) & (idx == 0) & np.isnan(col[0])] = np.nan
+        out[:, j] = filled
+    return out

@@ -1,0 +1,78 @@
+"""The training task for every probabilistic forecaster: loss, optimizer, logged metrics.
+
+The loss is the Gaussian negative log predictive density of the one-step predictions over all
+positions that count (for a Kalman model with independent channels this *is* its exact negative
+log-likelihood per observation), plus, for window-trained models, the same density of the
+horizon forecast made from the window's context.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from tsssm.anomaly.scores import gaussian_nll
+from tsssm.errors import NumericalError
+
+
+def hide_unscored(y: Tensor, mask: Tensor) -> Tensor:
+    """NaN out the positions whose predictions do not count.  y (B, T, C), mask (B, T)."""
+    return y.masked_fill(~mask.unsqueeze(-1), float("nan"))
+
+
+class ForecastTask(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, optimizer: dict, horizon: int,
+                 one_step_weight: float = 1.0, horizon_weight: float = 1.0) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_cfg = dict(optimizer)
+        self.horizon = horizon
+        self.one_step_weight = one_step_weight
+        self.horizon_weight = horizon_weight if model.training_input == "windows" else 0.0
+        self.save_hyperparameters(ignore=["model"])
+
+    def losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        y, mask = batch["y"], batch["mask"]  # (B, T, C), (B, T)
+        out: dict[str, Tensor] = {}
+        pred, _ = self.model.one_step(y)
+        out["nll_one_step"] = gaussian_nll(hide_unscored(y, mask), pred)
+        loss = self.one_step_weight * out["nll_one_step"]
+        if self.horizon_weight > 0:
+            context, target = y[:, : -self.horizon], y[:, -self.horizon :]
+            fpred = self.model.forecast(context, self.horizon)
+            out["nll_horizon"] = gaussian_nll(target, fpred)
+            out["mse_horizon"] = torch.nanmean((fpred.mean - target).square())
+            loss = loss + self.horizon_weight * out["nll_horizon"]
+        out["loss"] = loss
+        return out
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.losses(batch)
+        if not torch.isfinite(out["loss"]):
+            raise NumericalError(
+                f"the training loss became {out['loss'].item()} at epoch {self.current_epoch}; "
+                "lower model.optimizer.lr, or check the data for extreme values"
+            )
+        bs = batch["y"].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False,
+                      on_step=False, on_epoch=True, batch_size=bs)
+        self.log("loss", out["loss"].detach(), prog_bar=True, on_step=True, batch_size=bs,
+                 logger=False)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self.losses(batch)
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=True, on_epoch=True,
+                      batch_size=batch["y"].shape[0])
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        name = cfg["name"]
+        if name == "lbfgs":
+            return torch.optim.LBFGS(params, lr=cfg["lr"], max_iter=cfg["max_iter"],
+                                     line_search_fn="strong_wolfe")
+        if name == "adam":
+            return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])

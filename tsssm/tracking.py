@@ -1,0 +1,177 @@
+"""Experiment tracking with MLflow: the only module of tsssm that imports mlflow.
+
+One MLflow run per command. Parameters are the resolved config, flattened; metrics are named
+``split/metric``; artifacts go under ``forecasts/``, ``scores/``, ``figures/``, ``tables/`` and
+``model/``. A run whose command fails is marked FAILED, an interrupted one KILLED.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from tsssm.errors import ModelError, TsssmError
+
+log = logging.getLogger(__name__)
+
+# MLflow's own chatter (database migrations, progress bars) is not the user's business; it
+# configures its loggers on import, so quieten them after it.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+for _name in ("mlflow", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+_MAX_PARAM_LEN = 500
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """Make ``sqlite:///relative.db`` absolute and create its folder."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = Path(uri[len(prefix):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    return uri
+
+
+class Tracker:
+    """Where runs go: a tracking URI and an experiment."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None) -> None:
+        self.uri = _absolute_sqlite(uri)
+        self.experiment = experiment
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mlflow.set_tracking_uri(self.uri)
+            self.client = MlflowClient(self.uri)
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                location = None
+                if artifact_root:
+                    root = Path(artifact_root).resolve()
+                    root.mkdir(parents=True, exist_ok=True)
+                    location = root.as_uri()
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=location
+                )
+            else:
+                self.experiment_id = found.experiment_id
+        self.run_id: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg) -> Tracker:
+        return cls(cfg.uri, cfg.experiment, cfg.artifact_root or None)
+
+    @contextmanager
+    def start(self, name: str, command: str, params: dict[str, Any],
+              tags: dict[str, str] | None = None) -> Iterator[Tracker]:
+        """One run for one command; FAILED on a raised error, KILLED on Ctrl-C."""
+        run = self.client.create_run(
+            self.experiment_id, run_name=name,
+            tags={"tsssm.command": command, **(tags or {})},
+        )
+        self.run_id = run.info.run_id
+        try:
+            self.log_params(params)
+            yield self
+        except KeyboardInterrupt:
+            self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.KILLED))
+            raise
+        except BaseException as err:
+            self.client.set_tag(self.run_id, "tsssm.error", str(err)[:5000])
+            self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FAILED))
+            raise
+        else:
+            self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    # -- logging ------------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_file(self, path: str | Path, folder: str) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
+
+    def log_dir(self, path: str | Path, folder: str) -> None:
+        self.client.log_artifacts(self.run_id, str(path), artifact_path=folder)
+
+    def artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
+
+    # -- finding runs -------------------------------------------------------------------------
+    def latest_run(self, command: str, model: str | None = None) -> str:
+        """The newest FINISHED run of ``command`` (and model) in this experiment."""
+        query = f"tags.`tsssm.command` = '{command}' and attributes.status = 'FINISHED'"
+        if model:
+            query += f" and tags.`tsssm.model` = '{model}'"
+        runs = self.client.search_runs(
+            [self.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+        )
+        if not runs:
+            what = f"'{command}'" + (f" of model '{model}'" if model else "")
+            raise ModelError(
+                f"no finished {what} run in experiment '{self.experiment}' at {self.uri}; "
+                "run `tsssm train` first or name one with model.run_id=... / model.checkpoint=..."
+            )
+        return runs[0].info.run_id
+
+    def latest_runs_per_model(self, command: str, data: str) -> dict[str, str]:
+        """{model name: newest FINISHED run id} of ``command`` on dataset ``data``."""
+        query = (f"tags.`tsssm.command` = '{command}' and attributes.status = 'FINISHED' "
+                 f"and tags.`tsssm.data` = '{data}'")
+        runs = self.client.search_runs([self.experiment_id], query,
+                                       order_by=["attributes.start_time DESC"], max_results=500)
+        found: dict[str, str] = {}
+        for run in runs:
+            found.setdefault(run.data.tags.get("tsssm.model", "?"), run.info.run_id)
+        return found
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return dict(self.client.get_run(run_id).data.tags)
+
+    def download(self, run_id: str, folder: str) -> Path:
+        """Fetch a run's artifact folder into a temporary directory."""
+        try:
+            self.client.get_run(run_id)
+        except Exception as err:
+            raise ModelError(
+                f"model.run_id={run_id}: no such run at {self.uri} ({str(err).splitlines()[0]})"
+            ) from err
+        target = Path(tempfile.mkdtemp(prefix="tsssm-"))
+        try:
+            local = self.client.download_artifacts(run_id, folder, str(target))
+        except Exception as err:
+            shutil.rmtree(target, ignore_errors=True)
+            raise ModelError(f"run {run_id} has no '{folder}' artifact: {err}") from err
+        return Path(local)
+
+
+def describe_failure(err: BaseException) -> str:
+    return str(err) if isinstance(err, TsssmError) else f"{type(err).__name__}: {err}"
