@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -153,6 +154,10 @@ def _setup_logging(verbose: bool) -> None:
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _runner(command: str) -> Callable:
     if command == "train":
         from tsssm.commands.train import train
@@ -193,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     _setup_logging(verbose)
+    # A `kill` (SIGTERM) ends the command like Ctrl-C, so its MLflow run is marked KILLED.
+    signal.signal(signal.SIGTERM, _interrupt)
     from tsssm.errors import TsssmError
 
     try:

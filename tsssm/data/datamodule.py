@@ -7,7 +7,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from tsssm.data.datasets import PreparedData
-from tsssm.data.windows import StreamDataset, WindowDataset, pad_collate
+from tsssm.data.windows import StreamDataset, WindowDataset, list_collate
 
 
 class SeriesDataModule(L.LightningDataModule):
@@ -47,14 +47,14 @@ class SeriesDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.training_input == "streams":
             ds = self._streams("train")
-            return DataLoader(ds, batch_size=len(ds), collate_fn=pad_collate)
+            return DataLoader(ds, batch_size=len(ds), collate_fn=list_collate)
         return DataLoader(self._windows("train"), batch_size=self.batch_size, shuffle=True,
                           num_workers=self.num_workers, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
         if self.training_input == "streams":
             ds = self._streams("val")
-            return DataLoader(ds, batch_size=max(len(ds), 1), collate_fn=pad_collate)
+            return DataLoader(ds, batch_size=max(len(ds), 1), collate_fn=list_collate)
         return DataLoader(self._windows("val"), batch_size=self.batch_size,
                           num_workers=self.num_workers)
 

@@ -1,7 +1,8 @@
 """Windows and whole streams as training batches.
 
 A batch is a dict: ``y`` (B, T, C) float32 with NaN for missing, and ``mask`` (B, T) bool, the
-positions whose predictions count in the loss.
+positions whose predictions count in the loss; for whole streams of different lengths, lists of
+(1, T_i, C) and (1, T_i) tensors.
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ class StreamDataset(Dataset):
         return {"y": y, "mask": mask}
 
 
-def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack streams of different lengths, padding ``y`` with NaN (missing) and mask with False."""
-    length = max(len(it["y"]) for it in items)
-    channels = items[0]["y"].shape[-1]
-    y = torch.full((len(items), length, channels), float("nan"))
-    mask = torch.zeros(len(items), length, dtype=torch.bool)
-    for b, it in enumerate(items):
-        n = len(it["y"])
-        y[b, :n] = it["y"]
-        mask[b, :n] = it["mask"]
-    return {"y": y, "mask": mask}
+def list_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """Streams of different lengths as lists of (B_k, T_k, C) / (B_k, T_k), one entry per
+    distinct length: no padding, since a NaN-padded tail would read as missing data (and take
+    the filter's slow path); streams of equal length share one batched call."""
+    by_length: dict[int, list[dict[str, torch.Tensor]]] = {}
+    for it in items:
+        by_length.setdefault(len(it["y"]), []).append(it)
+    groups = list(by_length.values())
+    return {
+        "y": [torch.stack([it["y"] for it in g]) for g in groups],
+        "mask": [torch.stack([it["mask"] for it in g]) for g in groups],
+    }

@@ -32,13 +32,23 @@ class ForecastTask(L.LightningModule):
         self.horizon_weight = horizon_weight if model.training_input == "windows" else 0.0
         self.save_hyperparameters(ignore=["model"])
 
-    def losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        y, mask = batch["y"], batch["mask"]  # (B, T, C), (B, T)
+    def one_step_nll(self, ys: list[Tensor], masks: list[Tensor]) -> Tensor:
+        """Mean NLL over every scored entry of several (1, T_i, C) streams or one (B, T, C)."""
+        total, count = 0.0, 0
+        for y, mask in zip(ys, masks):
+            pred, _ = self.model.one_step(y)
+            target = hide_unscored(y, mask)
+            total = total + gaussian_nll(target, pred, reduction="sum")
+            count += int((~torch.isnan(target)).sum())
+        return total / max(count, 1)
+
+    def losses(self, batch: dict) -> dict[str, Tensor]:
+        y, mask = batch["y"], batch["mask"]  # (B, T, C), (B, T) or lists of (1, T_i, ...)
         out: dict[str, Tensor] = {}
-        pred, _ = self.model.one_step(y)
-        out["nll_one_step"] = gaussian_nll(hide_unscored(y, mask), pred)
+        streams = isinstance(y, list)
+        out["nll_one_step"] = self.one_step_nll(y if streams else [y], mask if streams else [mask])
         loss = self.one_step_weight * out["nll_one_step"]
-        if self.horizon_weight > 0:
+        if self.horizon_weight > 0 and not streams:
             context, target = y[:, : -self.horizon], y[:, -self.horizon :]
             fpred = self.model.forecast(context, self.horizon)
             out["nll_horizon"] = gaussian_nll(target, fpred)
@@ -54,7 +64,7 @@ class ForecastTask(L.LightningModule):
                 f"the training loss became {out['loss'].item()} at epoch {self.current_epoch}; "
                 "lower model.optimizer.lr, or check the data for extreme values"
             )
-        bs = batch["y"].shape[0]
+        bs = len(batch["y"])
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False,
                       on_step=False, on_epoch=True, batch_size=bs)
         self.log("loss", out["loss"].detach(), prog_bar=True, on_step=True, batch_size=bs,
@@ -64,7 +74,7 @@ class ForecastTask(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self.losses(batch)
         self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=True, on_epoch=True,
-                      batch_size=batch["y"].shape[0])
+                      batch_size=len(batch["y"]))
 
     def configure_optimizers(self):
         cfg = self.optimizer_cfg

@@ -1,0 +1,57 @@
+"""Classical comparators for ``tsssm compare``.
+
+Forecasters (follow tsssm.models.base.Forecaster; ``fit(y_train)`` then ``one_step``/``forecast``):
+``LastValueForecaster``, ``SeasonalNaiveForecaster(period)``, ``EWMAForecaster(alpha=None)``.
+Their anomaly score comes from their one-step Gaussian via tsssm.anomaly.scores.anomaly_scores.
+
+Detectors (``fit(y_train)`` then ``score(y) -> ndarray (B, T)``): ``IsolationForestDetector``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tsssm.baselines.ewma import EWMAForecaster, EWMAState
+from tsssm.baselines.isolation_forest import IsolationForestDetector
+from tsssm.baselines.naive import LastValueForecaster, SeasonalNaiveForecaster, SeasonalState
+from tsssm.errors import ConfigError
+
+BASELINES: dict[str, type] = {
+    "last_value": LastValueForecaster,
+    "seasonal_naive": SeasonalNaiveForecaster,
+    "ewma": EWMAForecaster,
+    "isolation_forest": IsolationForestDetector,
+}
+
+#: Baselines ``tsssm compare`` runs when none are configured (seasonal_naive needs a period).
+DEFAULT_BASELINES: list[str] = ["last_value", "ewma", "isolation_forest"]
+
+
+def build_baseline(name: str, **kwargs: Any) -> Any:
+    """Build an unfitted baseline by registry name (see ``BASELINES``)."""
+    cls = BASELINES.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown baseline {name!r}; choose one of {sorted(BASELINES)}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"bad arguments for baseline {name!r} {kwargs}: {err}") from None
+
+
+def is_detector(baseline: Any) -> bool:
+    """True for score-only detectors (``score(y)``), False for forecasters (``one_step``)."""
+    return not hasattr(baseline, "one_step") and hasattr(baseline, "score")
+
+
+__all__ = [
+    "BASELINES",
+    "DEFAULT_BASELINES",
+    "EWMAForecaster",
+    "EWMAState",
+    "IsolationForestDetector",
+    "LastValueForecaster",
+    "SeasonalNaiveForecaster",
+    "SeasonalState",
+    "build_baseline",
+    "is_detector",
+]

@@ -1,0 +1,286 @@
+"""Mamba encoder: selective state space blocks in a pre-norm residual stack, with carried state.
+
+A block (``MambaBlock``) maps ``(B, L, d_model) -> (B, L, d_model)``:
+
+1. ``in_proj`` to ``2 * d_inner``: the SSM branch ``x`` and the gate ``z``;
+2. a causal depthwise conv1d (kernel ``d_conv``) on ``x``, then SiLU;
+3. ``x_proj`` to the input-dependent ``dt`` (rank ``dt_rank``), ``B`` and ``C`` (``d_state`` each);
+4. ``dt_proj`` lifts ``dt`` to ``d_inner`` channels; its bias is passed to the scan as
+   ``delta_bias`` and softplus is applied inside the scan (so the fused kernel does it);
+5. the selective scan with ``A = -exp(A_log)`` and skip ``D``, gated by ``silu(z)``;
+6. ``out_proj`` back to ``d_model``.
+
+Recurrent inference: every block carries ``MambaBlockState`` = the last ``d_conv - 1`` inputs of
+the conv (``conv``) and the SSM state (``ssm``, float32). ``forward(x, state)`` returns the new
+state, and running a sequence in chunks with the state carried equals one pass over it (up to
+float rounding): the conv sees the carried inputs as its left context instead of zero padding,
+and the scan starts from the carried SSM state. A call with ``L == 1`` takes the single-step path
+(``selective_state_update``) when autograd is off, which is what a streaming loop hits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.functional import silu
+
+from tsssm.errors import ConfigError, ModelError
+from tsssm.ssm import selective_scan, selective_state_update
+
+_BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class MambaConfig:
+    """Hyper-parameters of a Mamba stack. Defaults follow the Mamba paper's block."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    #: rank of the Δ projection; "auto" = ceil(d_model / 16).
+    dt_rank: int | str = "auto"
+    #: Δ at init is log-uniform in [dt_min, dt_max], floored at dt_init_floor.
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    proj_bias: bool = False
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    scan_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for key in ("d_model", "n_layers", "d_state", "d_conv", "expand"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
+        if self.dt_rank != "auto" and (
+            not isinstance(self.dt_rank, int) or isinstance(self.dt_rank, bool) or self.dt_rank < 1
+        ):
+            raise ConfigError(
+                f"model.dt_rank must be a positive integer or 'auto', got {self.dt_rank!r}"
+            )
+        if not 0.0 < self.dt_min <= self.dt_max:
+            raise ConfigError(
+                f"model.dt_min/dt_max must satisfy 0 < dt_min <= dt_max, "
+                f"got {self.dt_min!r}, {self.dt_max!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.scan_backend not in _BACKENDS:
+            raise ConfigError(
+                f"model.scan_backend must be one of {_BACKENDS}, got {self.scan_backend!r}"
+            )
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def resolved_dt_rank(self) -> int:
+        return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
+
+
+class MambaBlockState(NamedTuple):
+    """What one block carries between calls."""
+
+    conv: Tensor  # (B, d_inner, d_conv - 1): the last d_conv - 1 conv inputs, oldest first
+    ssm: Tensor  # (B, d_inner, d_state), float32
+
+
+#: One ``MambaBlockState`` per layer, bottom first.
+MambaStackState = tuple[MambaBlockState, ...]
+
+
+def _inverse_softplus(x: Tensor) -> Tensor:
+    """y such that softplus(y) = x, for x > 0 (stable for small x)."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+class MambaBlock(nn.Module):
+    """One selective SSM mixer: (B, L, d_model) -> (B, L, d_model), with carried state."""
+
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__()
+        self.config = config
+        d_model, d_inner, n = config.d_model, config.d_inner, config.d_state
+        dt_rank = config.resolved_dt_rank
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_inner, n, config.d_conv, dt_rank
+
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=config.proj_bias)
+        # No padding here: the causal left context is the carried conv state (zeros at the start).
+        self.conv1d = nn.Conv1d(
+            d_inner, d_inner, kernel_size=config.d_conv, groups=d_inner, bias=config.conv_bias
+        )
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=config.proj_bias)
+
+        # S4D-real: A[:, n] = -(n + 1) for every channel; stored as log so A stays negative.
+        a = torch.arange(1, n + 1, dtype=torch.float32).repeat(d_inner, 1)  # (d_inner, N)
+        self.A_log = nn.Parameter(torch.log(a))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.reset_dt_parameters()
+
+    @torch.no_grad()
+    def reset_dt_parameters(self) -> None:
+        """Δ init: unit-variance weights; bias = softplus⁻¹(Δ) with Δ ~ logU[dt_min, dt_max]."""
+        cfg = self.config
+        std = self.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        log_lo, log_hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
+        dt = torch.exp(torch.rand(self.d_inner) * (log_hi - log_lo) + log_lo)
+        dt = dt.clamp(min=cfg.dt_init_floor)
+        self.dt_proj.bias.copy_(_inverse_softplus(dt))
+
+    @property
+    def A(self) -> Tensor:
+        return -torch.exp(self.A_log.float())  # (d_inner, N)
+
+    def zero_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MambaBlockState:
+        conv = torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=dtype)
+        ssm = torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32)
+        return MambaBlockState(conv, ssm)
+
+    def forward(
+        self, x: Tensor, state: MambaBlockState | None = None
+    ) -> tuple[Tensor, MambaBlockState]:
+        """x: (B, L, d_model) -> (y (B, L, d_model), state after the last step)."""
+        batch, length, _ = x.shape
+        if state is None:
+            state = self.zero_state(batch, x.device, x.dtype)
+        xz = self.in_proj(x).transpose(1, 2)  # (B, 2*d_inner, L)
+        u, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
+
+        # Causal depthwise conv: the carried inputs are the left context.
+        u_ext = torch.cat([state.conv.to(u.dtype), u], dim=2)  # (B, d_inner, d_conv-1+L)
+        new_conv = u_ext[:, :, u_ext.shape[2] - (self.d_conv - 1) :]
+        u = silu(self.conv1d(u_ext))  # (B, d_inner, L)
+
+        x_dbl = self.x_proj(u.transpose(1, 2))  # (B, L, dt_rank + 2N)
+        dt, b, c = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L)
+        b = b.transpose(1, 2)  # (B, N, L)
+        c = c.transpose(1, 2)  # (B, N, L)
+
+        # Streaming steps take the single-step update; under autograd a step is a scan of length 1
+        # (differentiable, and free of the update's in-place state write).
+        if length == 1 and not torch.is_grad_enabled():
+            y, new_ssm = self._step(u, delta, b, c, z, state.ssm)
+        else:
+            y, new_ssm = selective_scan(
+                u,
+                delta,
+                self.A,
+                b,
+                c,
+                D=self.D.float(),
+                z=z,
+                delta_bias=self.dt_proj.bias.float(),
+                delta_softplus=True,
+                initial_state=state.ssm,
+                return_final_state=True,
+                backend=self.config.scan_backend,
+            )
+        out = self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+        return out, MambaBlockState(new_conv, new_ssm)
+
+    def _step(
+        self, u: Tensor, delta: Tensor, b: Tensor, c: Tensor, z: Tensor, ssm: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One timestep through selective_state_update; tensors carry a trailing L = 1 axis."""
+        # The update writes the state in place; the caller's state must stay valid.
+        new_ssm = ssm.clone()
+        y = selective_state_update(
+            new_ssm,
+            u[..., 0],
+            delta[..., 0],
+            self.A,
+            b[..., 0],
+            c[..., 0],
+            D=self.D.float(),
+            z_t=z[..., 0],
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            backend=self.config.scan_backend,
+        )
+        return y.unsqueeze(-1), new_ssm  # (B, d_inner, 1), (B, d_inner, N)
+
+
+class MambaLayer(nn.Module):
+    """Pre-norm residual layer: x + dropout(block(rmsnorm(x)))."""
+
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.block = MambaBlock(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: Tensor, state: MambaBlockState | None = None
+    ) -> tuple[Tensor, MambaBlockState]:
+        y, new_state = self.block(self.norm(x), state)
+        return x + self.dropout(y), new_state
+
+
+class MambaStack(nn.Module):
+    """``n_layers`` pre-norm Mamba layers and a final RMSNorm: (B, L, d_model) -> same."""
+
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(MambaLayer(config) for _ in range(config.n_layers))
+        self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self._rescale_residual_projections()
+
+    @torch.no_grad()
+    def _rescale_residual_projections(self) -> None:
+        # Each layer adds to the residual stream; shrinking out_proj by 1/sqrt(n_layers) keeps the
+        # stream's variance at init independent of depth (the GPT-2 / Mamba recipe).
+        for layer in self.layers:
+            layer.block.out_proj.weight /= math.sqrt(self.config.n_layers)
+
+    def zero_state(
+        self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> MambaStackState:
+        return tuple(layer.block.zero_state(batch, device, dtype) for layer in self.layers)
+
+    def forward(
+        self, x: Tensor, state: MambaStackState | None = None
+    ) -> tuple[Tensor, MambaStackState]:
+        """x: (B, L, d_model) -> (y (B, L, d_model), per-layer state after the last step)."""
+        if x.ndim != 3 or x.shape[-1] != self.config.d_model:
+            raise ModelError(
+                f"Mamba stack expects input (batch, length, {self.config.d_model}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if state is not None and len(state) != len(self.layers):
+            raise ModelError(
+                f"Mamba state has {len(state)} layers but the model has {len(self.layers)}; "
+                "pass the state returned by this model (or None to start fresh)"
+            )
+        if state is not None and state[0].ssm.shape[0] != x.shape[0]:
+            raise ModelError(
+                f"Mamba state was built for batch {state[0].ssm.shape[0]} but the input has "
+                f"batch {x.shape[0]}; carry one state per stream"
+            )
+        if x.shape[1] == 0:
+            return self.norm_f(x), (
+                state if state is not None else self.zero_state(x.shape[0], x.device, x.dtype)
+            )
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            x, layer_state = layer(x, None if state is None else state[i])
+            new_states.append(layer_state)
+        return self.norm_f(x), tuple(new_states)
+
+
+def detach_state(state: MambaStackState) -> MambaStackState:
+    """The same state cut from the autograd graph (truncated backpropagation through time)."""
+    return tuple(MambaBlockState(s.conv.detach(), s.ssm.detach()) for s in state)

@@ -1,0 +1,307 @@
+"""Mamba forecaster: a Mamba stack over (optionally patched) sensor series, Gaussian heads.
+
+Input tokens. Missing entries (NaN) enter as 0 together with a missing-mask feature (1 where
+missing), so the model can tell "zero" from "unknown". With ``patch_len = P`` one token covers P
+consecutive steps (non-overlapping, aligned to the start of the stream); its features are the P
+values and P mask bits of every channel it sees.
+
+Channel modes.
+- ``"mixing"``: one sequence per stream, a token holds all C channels; heads predict all C.
+- ``"independent"``: every channel is its own sequence of 1-channel tokens through the same
+  encoder and heads (PatchTST's channel independence): (B, T, C) runs as (B*C, T, 1). The state
+  then holds B*C sequences.
+
+``one_step`` (the anomaly score and the main training signal). The prediction for the steps of
+token k comes from the encoder output of token k-1, so it depends on y[:, :kP] only: causal. The
+first token's prediction comes from a learned start vector (or the carried state). With P > 1 a
+step inside a patch is predicted from the patch boundary before it, not from the steps of its own
+patch seen so far. The state carries the encoder state, the last encoder output and the steps of
+an incomplete patch, so chunked calls equal one call for any chunk boundaries.
+No instance normalisation here: causal running statistics would slowly absorb exactly the level
+shifts and drifts the anomaly score should flag, and the pipeline already scales every channel
+with statistics fitted on training data.
+
+``forecast`` (direct multi-step). From the last encoder output after the context, one linear head
+emits the next ``horizon + P - 1`` steps after the last complete patch; the steps of an incomplete
+trailing patch are skipped, so the returned ``horizon`` steps always start right after the
+context. With ``revin=True`` (state=None only) the context is normalised per stream and channel
+by the mean and standard deviation of its observed entries, and the forecast is mapped back
+(RevIN without the affine part: the embedding and the head are linear and learn it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from tsssm.errors import ConfigError, DataError, ModelError
+from tsssm.models.base import Gaussian
+from tsssm.models.heads import GaussianHead
+from tsssm.models.mamba import MambaConfig, MambaStack, MambaStackState, detach_state
+
+ChannelMode = Literal["mixing", "independent"]
+
+#: Variance floor in scaled data units (the pipeline scales channels to unit variance).
+MIN_VAR = 1e-4
+#: Added to the context variance before the square root in RevIN.
+REVIN_EPS = 1e-5
+
+
+@dataclass
+class MambaForecasterState:
+    """What ``one_step`` carries between calls. Batch ``B`` streams; ``B' = B`` (mixing) or
+    ``B*C`` (independent)."""
+
+    encoder: MambaStackState | None  # per-layer conv/SSM states over B' sequences; None = zeros
+    last_hidden: Tensor  # (B', d_model): encoder output of the last complete token (or the start)
+    pending: Tensor  # (B, r, C), r < patch_len: raw steps of the incomplete trailing patch
+
+    @property
+    def batch_size(self) -> int:
+        return self.pending.shape[0]
+
+    def detach(self) -> MambaForecasterState:
+        """The same state cut from the autograd graph (for truncated backprop through time)."""
+        return MambaForecasterState(
+            None if self.encoder is None else detach_state(self.encoder),
+            self.last_hidden.detach(),
+            self.pending.detach(),
+        )
+
+
+class MambaForecaster(nn.Module):
+    """Probabilistic forecaster (tsssm.models.base.Forecaster) on a Mamba encoder."""
+
+    training_input = "windows"
+
+    def __init__(
+        self,
+        n_channels: int,
+        d_model: int = 64,
+        n_layers: int = 2,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        horizon: int = 24,
+        channel_mode: ChannelMode = "mixing",
+        patch_len: int = 1,
+        revin: bool = True,
+        dropout: float = 0.0,
+        scan_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for key, value in (("n_channels", n_channels), ("horizon", horizon)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
+        if not isinstance(patch_len, int) or isinstance(patch_len, bool) or patch_len < 1:
+            raise ConfigError(f"model.patch_len must be a positive integer, got {patch_len!r}")
+        if channel_mode not in ("mixing", "independent"):
+            raise ConfigError(
+                f"model.channel_mode must be 'mixing' or 'independent', got {channel_mode!r}"
+            )
+        self.n_channels = n_channels
+        self.horizon = horizon
+        self.channel_mode = channel_mode
+        self.patch_len = patch_len
+        self.revin = bool(revin)
+        self.config = MambaConfig(
+            d_model=d_model,
+            n_layers=n_layers,
+            d_state=d_state,
+            d_conv=d_conv,
+            expand=expand,
+            dropout=dropout,
+            scan_backend=scan_backend,
+        )
+
+        # Channels one token sees and one head predicts.
+        c_tok = n_channels if channel_mode == "mixing" else 1
+        self._c_tok = c_tok
+        self.embed = nn.Linear(2 * patch_len * c_tok, d_model)  # values and missing-mask bits
+        self.embed_dropout = nn.Dropout(dropout)
+        self.encoder = MambaStack(self.config)
+        #: Encoder output that predicts the very first token of a stream.
+        self.start = nn.Parameter(torch.zeros(d_model))
+        self.step_head = GaussianHead(d_model, patch_len * c_tok, min_var=MIN_VAR)
+        # Steps from the last complete patch: up to patch_len - 1 context steps, then the horizon.
+        self._forecast_span = horizon + patch_len - 1
+        self.forecast_head = GaussianHead(d_model, self._forecast_span * c_tok, min_var=MIN_VAR)
+
+    # ------------------------------------------------------------------ public API
+
+    def initial_state(self, batch: int, device: torch.device | None = None) -> MambaForecasterState:
+        """The prior state: zero encoder state, the learned start, no pending steps."""
+        device = self.start.device if device is None else device
+        n_seq = batch * (1 if self.channel_mode == "mixing" else self.n_channels)
+        return MambaForecasterState(
+            encoder=None,
+            last_hidden=self.start.to(device).expand(n_seq, -1),
+            pending=torch.zeros(batch, 0, self.n_channels, device=device),
+        )
+
+    def one_step(
+        self, y: Tensor, state: MambaForecasterState | None = None
+    ) -> tuple[Gaussian, MambaForecasterState]:
+        """Predictive distribution of y[:, t] given y[:, :t] (and ``state``) for every t.
+
+        y: (B, T, C), NaN = missing. Returns (Gaussian (B, T, C), state after the last step).
+        """
+        y = self._check_series(y, "y")
+        state = self._check_state(state, y)
+        length, r, p = y.shape[1], state.pending.shape[1], self.patch_len
+        series = torch.cat([state.pending.to(y.dtype), y], dim=1)  # (B, r+T, C)
+        n_tok = series.shape[1] // p
+
+        hidden, encoder_state, last_hidden = self._encode(series[:, : n_tok * p], state)
+        # Token k is predicted from the output of token k-1; the first from the carried one.
+        origins = torch.cat([state.last_hidden.unsqueeze(1), hidden], dim=1)  # (B', n_tok+1, d)
+        n_pred = -(-series.shape[1] // p)  # tokens touching the series: ceil((r+T)/P)
+        dist = self.step_head(origins[:, :n_pred])  # (B', n_pred, P*c_tok)
+        mean = self._tokens_to_series(dist.mean, y.shape[0])[:, r : r + length]  # (B, T, C)
+        var = self._tokens_to_series(dist.var, y.shape[0])[:, r : r + length]
+        new_state = MambaForecasterState(encoder_state, last_hidden, series[:, n_tok * p :])
+        return Gaussian(mean, var), new_state
+
+    def forecast(
+        self, context: Tensor, horizon: int, state: MambaForecasterState | None = None
+    ) -> Gaussian:
+        """Predictive distribution of the ``horizon`` steps after ``context`` (B, L, C).
+
+        Returns Gaussian (B, horizon, C). With ``state`` (from ``one_step``) the context continues
+        the carried stream and may be empty; RevIN then cannot be used (see module docstring).
+        """
+        if not isinstance(horizon, int) or not 1 <= horizon <= self.horizon:
+            raise ModelError(
+                f"forecast horizon must be an integer in [1, {self.horizon}] (the model's "
+                f"horizon), got {horizon!r}; retrain with a larger model.horizon for longer ones"
+            )
+        context = self._check_series(context, "context")
+        if state is not None and self.revin:
+            raise ModelError(
+                "forecast with a carried state needs revin=False: RevIN normalises by statistics "
+                "of the whole context, which a carried state has already consumed unnormalised; "
+                "pass the full context with state=None or set model.revin=false"
+            )
+        state = self._check_state(state, context)
+        batch, p = context.shape[0], self.patch_len
+        series = torch.cat([state.pending.to(context.dtype), context], dim=1)  # (B, r+L, C)
+        n_tok = series.shape[1] // p
+        skip = series.shape[1] - n_tok * p  # steps of the incomplete trailing patch
+
+        loc = scale = None
+        if self.revin:
+            loc, scale = _observed_mean_std(series)  # (B, 1, C) each
+            series = (series - loc) / scale
+        _, _, last_hidden = self._encode(series[:, : n_tok * p], state)
+        if loc is not None:
+            loc, scale = self._per_sequence(loc), self._per_sequence(scale)  # (B', 1, c_tok)
+        dist = self.forecast_head(
+            last_hidden.unsqueeze(1),
+            loc=None if loc is None else loc.repeat(1, 1, self._forecast_span),
+            scale=None if scale is None else scale.repeat(1, 1, self._forecast_span),
+        )  # (B', 1, span*c_tok), channel fastest
+        mean = self._tokens_to_series(dist.mean, batch, steps=self._forecast_span)
+        var = self._tokens_to_series(dist.var, batch, steps=self._forecast_span)
+        return Gaussian(mean[:, skip : skip + horizon], var[:, skip : skip + horizon])
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that AdamW should not decay: SSM dynamics, norms, biases, start."""
+        names = set()
+        for name, param in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("A_log", "D", "bias", "start") or param.ndim < 2:
+                names.add(name)
+        return names
+
+    # ------------------------------------------------------------------ internals
+
+    def _encode(
+        self, series: Tensor, state: MambaForecasterState
+    ) -> tuple[Tensor, MambaStackState | None, Tensor]:
+        """Complete patches (B, n*P, C) -> hidden (B', n, d), encoder state, last hidden (B', d)."""
+        if series.shape[1] == 0:
+            d = self.config.d_model
+            return (
+                state.last_hidden.new_zeros(state.last_hidden.shape[0], 0, d),
+                (state.encoder),
+                state.last_hidden,
+            )
+        tokens = self.embed_dropout(self.embed(self._series_to_tokens(series)))  # (B', n, d)
+        hidden, encoder_state = self.encoder(tokens, state.encoder)
+        return hidden, encoder_state, hidden[:, -1]
+
+    def _series_to_tokens(self, series: Tensor) -> Tensor:
+        """(B, n*P, C) with NaN -> tokens (B', n, 2*P*c_tok): values (NaN -> 0), then mask."""
+        missing = series.isnan()
+        values = series.masked_fill(missing, 0.0)
+        feats = torch.stack([values, missing.to(values.dtype)], dim=0)  # (2, B, n*P, C)
+        _, batch, steps, channels = feats.shape
+        n, p = steps // self.patch_len, self.patch_len
+        if self.channel_mode == "mixing":
+            feats = feats.reshape(2, batch, n, p * channels)  # step-major, channel fastest
+        else:
+            feats = feats.permute(0, 1, 3, 2).reshape(2, batch * channels, n, p)
+        return torch.cat([feats[0], feats[1]], dim=-1)
+
+    def _tokens_to_series(self, out: Tensor, batch: int, steps: int | None = None) -> Tensor:
+        """Head output (B', k, S*c_tok), step-major and channel fastest -> (B, k*S, C)."""
+        steps = self.patch_len if steps is None else steps
+        n_seq, k, _ = out.shape
+        if self.channel_mode == "mixing":
+            return out.reshape(batch, k * steps, self.n_channels)
+        return out.reshape(batch, self.n_channels, k * steps).transpose(1, 2)
+
+    def _per_sequence(self, stat: Tensor) -> Tensor:
+        """(B, 1, C) per-channel statistics -> (B', 1, c_tok), matching the encoder's sequences."""
+        if self.channel_mode == "mixing":
+            return stat
+        return stat.transpose(1, 2).reshape(-1, 1, 1)
+
+    def _check_series(self, y: Tensor, name: str) -> Tensor:
+        """Validate a (B, T, C) series and cast it to the model's dtype (float64 data is fine)."""
+        if not isinstance(y, Tensor) or y.ndim != 3 or y.shape[-1] != self.n_channels:
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise DataError(
+                f"{name} must be a tensor (batch, time, {self.n_channels} channels), got {shape}"
+            )
+        if not y.is_floating_point():
+            raise DataError(f"{name} must be floating point (NaN marks missing), got {y.dtype}")
+        if torch.isinf(y).any():
+            raise DataError(
+                f"{name} contains ±inf; mark missing observations with NaN and clip or drop "
+                "infinite sensor readings before scaling"
+            )
+        return y.to(self.embed.weight.dtype)
+
+    def _check_state(self, state: MambaForecasterState | None, y: Tensor) -> MambaForecasterState:
+        if state is None:
+            return self.initial_state(y.shape[0], y.device)
+        if not isinstance(state, MambaForecasterState):
+            raise ModelError(
+                f"state must be a MambaForecasterState returned by MambaForecaster.one_step, got "
+                f"{type(state).__name__}"
+            )
+        if state.batch_size != y.shape[0]:
+            raise ModelError(
+                f"state was built for batch {state.batch_size} but the input has batch "
+                f"{y.shape[0]}; carry one state per set of streams"
+            )
+        return state
+
+
+def _observed_mean_std(series: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(stream, channel) mean and std over observed entries: (B, T, C) -> (B, 1, C) each.
+
+    A channel with no observation gets mean 0 and std 1 (the identity), never NaN.
+    """
+    observed = ~series.isnan()
+    values = series.masked_fill(~observed, 0.0)
+    count = observed.sum(dim=1, keepdim=True).to(series.dtype)  # (B, 1, C)
+    mean = values.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    var = ((values - mean) * observed).square().sum(dim=1, keepdim=True) / count.clamp(min=1)
+    std = torch.sqrt(var + REVIN_EPS)
+    has_data = count > 0
+    return mean.masked_fill(~has_data, 0.0), std.masked_fill(~has_data, 1.0)
