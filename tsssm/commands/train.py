@@ -56,7 +56,7 @@ def _resume_path(cfg: DictConfig) -> str | None:
 
 
 def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker) -> torch.nn.Module:
-    """Train the configured net through Lightning; returns it in eval mode on the CPU."""
+    """Train the configured net through Lightning; returns it in eval mode."""
     net = build_net(to_plain(cfg.model.net), len(data.channels))
     if hasattr(net, "initialize"):
         train = [torch.from_numpy(a) for a in data.split_arrays("train")]
@@ -65,6 +65,10 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker) -> torch.nn
         for i, a in enumerate(train):
             padded[i, : len(a)] = a
         net.initialize(padded)
+    if net.training_input == "streams" and cfg.trainer.accelerator == "cpu":
+        # A filter over whole streams is a long sequence of tiny ops: a second thread only adds
+        # synchronisation (10x slower per op where cores are shared).
+        torch.set_num_threads(1)
     dm = SeriesDataModule(data, net.training_input, cfg.data.window, cfg.data.stride,
                           cfg.data.batch_size, cfg.data.num_workers)
     optimizer = to_plain(cfg.model.optimizer)
@@ -97,8 +101,9 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker) -> torch.nn
         num_sanity_val_steps=0,
     )
     trainer.fit(task, datamodule=dm, ckpt_path=_resume_path(cfg))
-    net = task.model.cpu().eval()
-    return net
+    # Lightning hands the model back on the CPU; evaluate on the training device (the bundle
+    # is saved from CPU copies of the weights).
+    return task.model.to(trainer.strategy.root_device).eval()
 
 
 def log_evaluation(cfg: DictConfig, net, data: PreparedData, tracker: Tracker, folder: Path,

@@ -1,0 +1,66 @@
+"""The main job end to end on the bundled sample (kept small): train, score and compare each
+leave a FINISHED MLflow run with their metrics and artifacts, and the outputs load back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+from mlflow.tracking import MlflowClient
+
+from tsssm.cli import main
+
+FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "model.optimizer.max_iter=3",
+        "data.eval_stride=64"]
+
+
+def artifacts(client: MlflowClient, run_id: str, folder: str) -> list[str]:
+    return sorted(Path(f.path).name for f in client.list_artifacts(run_id, folder))
+
+
+def test_run_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db, experiment):
+    code = main(["run", *tracking_overrides, *FAST])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "kalman" in out and "mamba" in out and "isolation_forest" in out
+
+    client = MlflowClient(mlflow_db)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    by_command: dict[str, list] = {}
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        by_command.setdefault(r.data.tags["tsssm.command"], []).append(r)
+    assert {k: len(v) for k, v in by_command.items()} == {"train": 2, "score": 2, "compare": 1}
+
+    for r in by_command["train"]:
+        m = r.data.metrics
+        for key in ("train/loss", "val/mae", "test/mse", "test/h8_mse", "test/f1", "test/auc_pr"):
+            assert key in m and m[key] == m[key], key
+        assert r.data.params["data.name"] == "skab_sample"
+        assert artifacts(client, r.info.run_id, "model") == ["meta.json", "model.pt"]
+        assert "scores.parquet" in artifacts(client, r.info.run_id, "scores")
+        assert any(a.startswith("anomaly_") for a in artifacts(client, r.info.run_id, "figures"))
+
+    for r in by_command["score"]:
+        assert r.data.metrics["test/rows"] == 747 + 745 + 725
+        local = client.download_artifacts(r.info.run_id, "scores/scores.parquet", str(tmp_path))
+        frame = pl.read_parquet(local)
+        assert {"stream", "time", "score", "flag", "label"} <= set(frame.columns)
+        assert frame["score"].is_finite().all()
+
+    (cmp,) = by_command["compare"]
+    assert artifacts(client, cmp.info.run_id, "tables") == ["compare.md", "compare.parquet"]
+    table = (Path(client.download_artifacts(cmp.info.run_id, "tables/compare.md",
+                                            str(tmp_path)))).read_text()
+    for method in ("kalman", "mamba", "last_value", "ewma", "isolation_forest"):
+        assert method in table
+
+    # scoring a new file with a saved bundle, by path
+    bundle = next((tmp_path / "out" / "models").iterdir())
+    sample = Path(__file__).resolve().parents[1] / "data" / "skab" / "valve1" / "1.csv"
+    code = main(["score", *tracking_overrides, f"model.checkpoint={bundle}",
+                 f"data.path={sample}", f"score.output={tmp_path}/s.parquet"])
+    assert code == 0, capsys.readouterr().err
+    scored = pl.read_parquet(tmp_path / "s.parquet")
+    assert scored.height == 1145 and scored["flag"].dtype == pl.Boolean

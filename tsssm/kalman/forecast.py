@@ -1,0 +1,83 @@
+"""k-step-ahead forecasts of the state and the observation, with their covariances."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from tsssm.errors import DataError, ModelError
+from tsssm.kalman.filter import FilterResult
+from tsssm.kalman.ssm import (
+    LinearGaussianSSM,
+    n_steps,
+    per_step,
+    step_loop_threads,
+    symmetrize,
+    validate,
+)
+
+
+class ForecastResult(NamedTuple):
+    """Predictive moments of steps T, T+1, ..., T+horizon-1 given y_0..y_{T-1}."""
+
+    state_mean: Tensor  # (..., h, n)
+    state_cov: Tensor  # (..., h, n, n)
+    obs_mean: Tensor  # (..., h, p)
+    obs_cov: Tensor  # (..., h, p, p)
+
+
+@step_loop_threads()
+def forecast(
+    ssm: LinearGaussianSSM,
+    start: FilterResult | tuple[Tensor, Tensor],
+    horizon: int,
+    u: Tensor | None = None,
+) -> ForecastResult:
+    """Forecast ``horizon`` steps after the last filtered step.
+
+    start: a FilterResult (its last filtered mean and covariance are used) or a pair
+    ``(mean (..., n), cov (..., n, n))`` of the state after the last observation.
+    Time-varying fields of ``ssm`` must have a time axis of length ``horizon`` (entry k describes
+    forecast step k+1, i.e. leads into it); u: controls (..., horizon, k) when the model has B.
+    """
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ModelError(f"forecast horizon must be a positive integer, got {horizon!r}")
+    validate(ssm, None, None)
+    if ssm.B is not None and (u is None or u.shape[-2] != horizon):
+        raise DataError(f"the model has controls: pass u (..., {horizon}, k) for the horizon")
+    steps = n_steps(ssm)
+    if steps is not None and steps != horizon:
+        raise ModelError(
+            f"the model's time-varying matrices have {steps} steps; for a forecast they must "
+            f"describe the {horizon} forecast steps"
+        )
+    if isinstance(start, FilterResult):
+        m, P = start.filtered_mean[..., -1, :], start.filtered_cov[..., -1, :, :]
+    else:
+        m, P = start
+    fields = {name: per_step(ssm, name, horizon) for name in ("F", "Q", "H", "R", "B", "c", "d")}
+    us = u.unbind(-2) if ssm.B is not None else None
+    means, covs, obs_means, obs_covs = [], [], [], []
+    for k in range(horizon):
+        F, Q = fields["F"][k], fields["Q"][k]
+        m = (F @ m.unsqueeze(-1)).squeeze(-1)
+        if ssm.c is not None:
+            m = m + fields["c"][k]
+        if us is not None:
+            m = m + (fields["B"][k] @ us[k].unsqueeze(-1)).squeeze(-1)
+        P = symmetrize(F @ P @ F.mT + Q)
+        H, R = fields["H"][k], fields["R"][k]
+        ym = (H @ m.unsqueeze(-1)).squeeze(-1)
+        if ssm.d is not None:
+            ym = ym + fields["d"][k]
+        means.append(m)
+        covs.append(P)
+        obs_means.append(ym)
+        obs_covs.append(symmetrize(H @ P @ H.mT + R))
+
+    def stack(xs: list[Tensor], core: int) -> Tensor:
+        return torch.stack(torch.broadcast_tensors(*xs), dim=-1 - core)
+
+    return ForecastResult(stack(means, 1), stack(covs, 2), stack(obs_means, 1), stack(obs_covs, 2))
