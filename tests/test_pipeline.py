@@ -64,3 +64,24 @@ def test_run_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db, experim
     assert code == 0, capsys.readouterr().err
     scored = pl.read_parquet(tmp_path / "s.parquet")
     assert scored.height == 1145 and scored["flag"].dtype == pl.Boolean
+
+
+def test_interrupted_training_resumes(capsys, tmp_path, tracking_overrides, mlflow_db,
+                                      experiment):
+    first = ["train", *tracking_overrides, "trainer.max_epochs=1", "model.optimizer.max_iter=2"]
+    assert main(first) == 0, capsys.readouterr().err
+    ckpt = tmp_path / "out" / "checkpoints" / "kalman-skab_sample" / "last.ckpt"
+    assert ckpt.exists()
+    resumed = ["train", *tracking_overrides, "trainer.max_epochs=2", "model.optimizer.max_iter=2",
+               "trainer.resume=last"]
+    assert main(resumed) == 0, capsys.readouterr().err
+    client = MlflowClient(mlflow_db)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    # the resumed run trained only the remaining epoch (epoch index 1)
+    steps = [m.step for m in client.get_metric_history(runs[1].info.run_id, "train/loss")]
+    assert steps == [1]
+    bad = ["train", *tracking_overrides, f"trainer.resume={tmp_path}/missing.ckpt"]
+    assert main(bad) == 2
+    assert "no checkpoint at" in capsys.readouterr().err

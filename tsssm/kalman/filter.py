@@ -31,7 +31,7 @@ Methods (``kalman_filter(..., method=...)``), all exact (same results up to roun
 - ``"parallel"``: Särkkä & García-Fernández (2021) associative elements combined by a parallel
   prefix scan, O(log T) depth (see :mod:`tsssm.kalman.parallel`).
 - ``"fused"``: Triton kernel for many series on CUDA (``tsssm.kalman.fused_triton``), called as
-  ``fused_kalman_filter(ssm, y, u) -> FilterResult``.
+  ``fused_kalman_filter(ssm, y, u, outputs="all") -> FilterResult`` (not differentiable).
 """
 
 from __future__ import annotations
@@ -177,7 +177,9 @@ def _dispatch(ssm: LinearGaussianSSM, y: Tensor, u: Tensor | None, method: str,
             )
         from tsssm.kalman.fused_triton import fused_kalman_filter
 
-        return fused_kalman_filter(ssm, y, u)
+        # Every field, as the other methods give; call fused_kalman_filter directly with its
+        # default outputs for memory-bandwidth speed when only likelihoods and means are needed.
+        return fused_kalman_filter(ssm, y, u, outputs="all")
     raise ModelError(f"unknown filter method {method!r}; choose one of {', '.join(METHODS)}")
 
 
