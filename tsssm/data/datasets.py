@@ -92,7 +92,7 @@ def prepare_stream(path: Path, cfg, name: str | None = None,
     stream, gaps = regularise(stream, option_value(cfg.gaps), cfg.gap_factor)
     note = None
     if gaps.n_gaps:
-        note = (f"{path.name}: {gaps.n_gaps} gaps longer than {cfg.gap_factor:g}x the median step"
+        note = (f"{stream.name}: {gaps.n_gaps} gaps longer than {cfg.gap_factor:g}x the median step"
                 f" (longest {gaps.longest / max(gaps.median_step, 1):.0f} steps); data.gaps="
                 f"{option_value(cfg.gaps)}, {gaps.rows_inserted} rows inserted")
         log.info(note)
