@@ -118,6 +118,10 @@ class KalmanNet:
 @dataclass
 class KalmanModelConfig(ModelConfig):
     net: KalmanNet = field(default_factory=KalmanNet)
+    #: mle: maximum likelihood by L-BFGS through the filter (Lightning); em: expectation-
+    #: maximisation from smoother statistics (variance-only components)
+    fit: str = "mle"
+    em_iters: int = 50
 
 
 @dataclass
@@ -272,6 +276,10 @@ def validate(cfg: DictConfig) -> None:
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     m = cfg.model
     _check(m.epochs >= 1, "model.epochs", "must be >= 1")
+    fit = OmegaConf.select(cfg, "model.fit", default="mle")
+    _check(fit in ("mle", "em"), "model.fit", f"is {fit!r}; use mle or em")
+    _check(OmegaConf.select(cfg, "model.em_iters", default=1) >= 1, "model.em_iters",
+           "must be >= 1")
     _check(m.optimizer.lr > 0, "model.optimizer.lr", "must be > 0")
     t = cfg.task
     _check(0 < t.threshold.q < 1, "task.threshold.q", "must lie in (0, 1)")

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import polars as pl
-import torch
 from omegaconf import DictConfig
 
 from tsssm.baselines import build_baseline
@@ -48,18 +47,9 @@ def _trained(cfg: DictConfig, tracker: Tracker) -> list[tuple[str, object]]:
     return out
 
 
-def _padded_train(data: PreparedData) -> torch.Tensor:
-    train = data.split_arrays("train")
-    longest = max(len(a) for a in train)
-    y = torch.full((len(train), longest, len(data.channels)), float("nan"))
-    for i, a in enumerate(train):
-        y[i, : len(a)] = torch.from_numpy(a)
-    return y  # (B, T, C)
-
-
 def _baselines(cfg: DictConfig, data: PreparedData) -> list[tuple[str, object]]:
     out = []
-    y_train = _padded_train(data)
+    y_train = data.padded("train")  # (B, T, C)
     for name in cfg.task.baselines:
         kwargs = {}
         if name == "seasonal_naive":

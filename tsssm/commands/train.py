@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import polars as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tsssm.bundle import Bundle, build_net, save_bundle
 from tsssm.commands.common import (
@@ -59,18 +59,15 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker) -> torch.nn
     """Train the configured net through Lightning; returns it in eval mode."""
     net = build_net(to_plain(cfg.model.net), len(data.channels))
     if hasattr(net, "initialize"):
-        train = [torch.from_numpy(a) for a in data.split_arrays("train")]
-        longest = max(len(a) for a in train)
-        padded = torch.full((len(train), longest, len(data.channels)), float("nan"))
-        for i, a in enumerate(train):
-            padded[i, : len(a)] = a
-        net.initialize(padded)
+        net.initialize(data.padded("train"))
     if net.training_input == "streams" and cfg.trainer.accelerator == "cpu":
         # A filter over whole streams is a long sequence of tiny ops: a second thread only adds
         # synchronisation (10x slower per op where cores are shared).
         torch.set_num_threads(1)
     dm = SeriesDataModule(data, net.training_input, cfg.data.window, cfg.data.stride,
                           cfg.data.batch_size, cfg.data.num_workers)
+    if OmegaConf.select(cfg, "model.fit", default="mle") == "em":
+        return fit_by_em(cfg, net, dm, tracker)
     optimizer = to_plain(cfg.model.optimizer)
     task = ForecastTask(net, optimizer, horizon=cfg.data.horizon,
                         one_step_weight=cfg.task.one_step_weight,
@@ -104,6 +101,18 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker) -> torch.nn
     # Lightning hands the model back on the CPU; evaluate on the training device (the bundle
     # is saved from CPU copies of the weights).
     return task.model.to(trainer.strategy.root_device).eval()
+
+
+def fit_by_em(cfg: DictConfig, net, dm: SeriesDataModule, tracker: Tracker):
+    """model.fit=em: closed-form EM on the whole training streams (no gradients, no Lightning
+    loop); the log-likelihood of every iteration is logged as train/loglik."""
+    streams = next(iter(dm.train_dataloader()))["y"]  # [(B_k, T_k, C)]
+    history = net.fit_em(streams, n_iter=cfg.model.em_iters)
+    for i, loglik in enumerate(history):
+        tracker.log_metrics({"train/loglik": loglik}, step=i)
+    log.info("EM: %d iterations, log-likelihood %.2f -> %.2f", len(history) - 1, history[0],
+             history[-1])
+    return net.eval()
 
 
 def log_evaluation(cfg: DictConfig, net, data: PreparedData, tracker: Tracker, folder: Path,

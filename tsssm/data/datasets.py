@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tsssm.config import option_value
 from tsssm.data.io import ReadSpec, Stream, forward_fill, read_stream, regularise
@@ -60,6 +61,15 @@ class PreparedData:
     scaler: StandardScaler
     has_labels: bool
     gap_notes: list[str] = field(default_factory=list)
+
+    def padded(self, name: str) -> torch.Tensor:
+        """Every stream's rows of one split, NaN-padded to the longest.  -> (B, T, C)"""
+        arrays = self.split_arrays(name)
+        longest = max(len(a) for a in arrays)
+        y = torch.full((len(arrays), longest, len(self.channels)), float("nan"))
+        for i, a in enumerate(arrays):
+            y[i, : len(a)] = torch.from_numpy(a)
+        return y
 
     def split_arrays(self, name: str) -> list[np.ndarray]:
         """The rows of every stream in one split.  -> [(T_i, C)]"""

@@ -19,14 +19,15 @@ stationary covariance on AR states.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from tsssm.errors import ConfigError, DataError
-from tsssm.kalman.filter import METHODS, kalman_filter
+from tsssm.errors import ConfigError, DataError, NumericalError
+from tsssm.kalman.filter import METHODS, FilterResult, kalman_filter
 from tsssm.kalman.forecast import forecast as kalman_forecast
 from tsssm.kalman.models import StructuralModel
 from tsssm.kalman.smoother import SmootherResult, rts_smoother
@@ -198,8 +199,150 @@ class KalmanForecaster(nn.Module):
         """Smoothed states of every stream and channel: mean (B, C, T, n), cov, lag-one cov."""
         ssm = self.ssm()
         res = kalman_filter(ssm, self._channels_as_batch(y), method=self.method)
+        return self._smooth(ssm, res)
+
+    def _smooth(self, ssm: LinearGaussianSSM, res: FilterResult) -> SmootherResult:
         return rts_smoother(ssm, res, method="parallel" if self.method == "parallel" else
                             "sequential")
+
+    # ------------------------------------------------------------------------------ EM
+    def _em_layout(self) -> tuple[list[int], Tensor, int]:
+        """Which diagonal entries of Q each state-noise parameter drives.
+
+        Returns (indices of the state-noise parameters in theta, a (k, n) 0/1 mask whose row j
+        marks the entries S_j of diag(Q) that parameter j sets, the index of log_var_obs).
+        Found by perturbing each parameter, so it holds for any variance-only component.
+        """
+        names = self.param_names
+        other = [nm for nm in names if not nm.startswith("log_var_")]
+        if other or "log_var_arma" in names:
+            raise ConfigError(
+                f"model.fit=em needs a model whose parameters are all variances (components "
+                f"level, trend, seasonal); {self.structure.components} has "
+                f"{', '.join(other + [nm for nm in names if nm == 'log_var_arma'])}: use "
+                f"model.fit=mle"
+            )
+        obs = names.index("log_var_obs")
+        noise = [j for j in range(len(names)) if j != obs]
+        base = torch.zeros(1, len(names), dtype=torch.float64)
+        _, Q0 = self.structure.transition(base)
+        rows = []
+        for j in noise:
+            bumped = base.clone()
+            bumped[0, j] = 1.0
+            _, Qj = self.structure.transition(bumped)
+            changed = (Qj[0] - Q0[0]).abs() > 0
+            if bool((changed & ~torch.eye(Q0.shape[-1], dtype=torch.bool)).any()):
+                raise ConfigError(  # a correlated state noise has no per-entry M-step here
+                    f"model.fit=em: parameter {names[j]} drives off-diagonal entries of Q; "
+                    f"use model.fit=mle"
+                )
+            rows.append(torch.diagonal(changed).to(torch.float64))
+        mask = torch.stack(rows) if rows else torch.zeros(0, Q0.shape[-1], dtype=torch.float64)
+        if bool((mask.sum(0) > 1).any()) or bool((mask.sum(1) == 0).any()):
+            raise ConfigError("model.fit=em: the state-noise parameters do not map one-to-one "
+                              "onto diagonal entries of Q; use model.fit=mle")
+        return noise, mask, obs
+
+    def fit_em(self, ys: list[Tensor], n_iter: int = 50, tol: float = 1e-8) -> list[float]:
+        """Fit the variances of every channel by EM (Shumway & Stoffer 1982); ``theta`` in place.
+
+        ys: training streams, each (B_k, T_k, C) with NaN for missing entries (lengths may
+        differ between the tensors). E-step: filter + RTS smoother with the current parameters
+        and the model's prior (as in ``one_step(y, state=None)``). M-step, per channel, in closed
+        form: the variance q_j of state-noise parameter j, which drives the diagonal entries S_j
+        of Q, is the mean over transitions t = 1..T-1 and over S_j of
+        E[(x_t - F x_{t-1})_i^2 | y]; the observation variance is the mean over observed steps
+        of E[(y_t - H x_t)^2 | y]. The complete data are (states, observed y): a missing y is
+        simply not in the model's complete-data likelihood, which is exact EM (the likelihood
+        never decreases) and converges faster than also imputing the missing y (whose update
+        mixes in the current R). The prior of the first state does not depend on the variances,
+        so it needs no update. Variances are floored at 1e-12 times the channel's variance.
+
+        Only for models whose parameters are all variances (level, trend, seasonal); raises
+        ConfigError otherwise. Returns the total log-likelihood (summed over streams and
+        channels) before each iteration and after the last; stops early when an iteration
+        gains less than ``tol`` relative to the log-likelihood.
+        """
+        noise, mask, obs_idx = self._em_layout()
+        if isinstance(ys, Tensor):
+            ys = [ys]
+        if not ys:
+            raise DataError("fit_em needs at least one training stream")
+        dt = self.compute_dtype
+        groups = [self._channels_as_batch(y) for y in ys]  # each (B, C, T, 1)
+        dev = groups[0].device
+        mask = mask.to(dt).to(dev)  # (k, n)
+        h = self.structure.natural_observation_row(dt, dev)  # (n,)
+        # data variance per channel, for the floor
+        vals = torch.cat([g.transpose(0, 1).reshape(self.n_channels, -1) for g in groups], 1)
+        ok = ~torch.isnan(vals)
+        n_ok = ok.sum(1)
+        if bool((n_ok == 0).any()):
+            empty = (n_ok == 0).nonzero().flatten().tolist()
+            raise DataError(f"channels {empty} have no observed value in the training streams")
+        v0 = torch.where(ok, vals, 0)
+        mean = v0.sum(1) / n_ok
+        var = (torch.where(ok, vals - mean[:, None], 0) ** 2).sum(1) / n_ok
+        floor = 1e-12 * torch.where(var > 0, var, torch.ones_like(var))  # (C,)
+
+        history: list[float] = []
+        with torch.no_grad():
+            for it in range(n_iter + 1):
+                ssm = self.ssm()
+                results = [kalman_filter(ssm, g, method=self.method) for g in groups]
+                total = sum(float(r.loglik.sum()) for r in results)
+                if not math.isfinite(total):
+                    raise NumericalError(
+                        f"fit_em: the log-likelihood is not finite at iteration {it}; rescale "
+                        f"the data or start from other parameters (initialize())"
+                    )
+                history.append(total)
+                if it == n_iter:
+                    break
+                if it > 0 and total - history[-2] <= tol * abs(total):
+                    break
+                self._em_update(ssm, groups, results, noise, mask, obs_idx, h, floor)
+        return history
+
+    def _em_update(self, ssm: LinearGaussianSSM, groups: list[Tensor],
+                   results: list[FilterResult], noise: list[int], mask: Tensor, obs_idx: int,
+                   h: Tensor, floor: Tensor) -> None:
+        """One M-step from the smoothed statistics of every group (see :meth:`fit_em`)."""
+        C, n = self.n_channels, ssm.F.shape[-1]
+        F = ssm.F  # (C, n, n)
+        w2 = F.new_zeros(C, n)  # sum over transitions of E[w_t w_t'] diagonal, per channel
+        n_trans = 0
+        e2 = F.new_zeros(C)  # sum over observed steps of E[(y_t - H x_t)^2]
+        n_obs = F.new_zeros(C)
+        for g, res in zip(groups, results):
+            sm = self._smooth(ssm, res)
+            m, P = sm.mean, sm.cov  # (B, C, T, n), (B, C, T, n, n)
+            B, _, T, _ = m.shape
+            if T > 1:
+                # w_t = x_t - F x_{t-1}, t = 1..T-1: mean part plus covariance part, summed
+                # over streams and steps before the (small) products with F
+                Fb = F.unsqueeze(1)  # (C, 1, n, n) against (B, C, T-1, n, n)
+                e = m[..., 1:, :] - (Fb @ m[..., :-1, :].unsqueeze(-1)).squeeze(-1)
+                sP1 = P[..., 1:, :, :].sum((0, 2))  # (C, n, n)
+                sP0 = P[..., :-1, :, :].sum((0, 2))
+                sL = sm.lag_one_cov.sum((0, 2))  # sum Cov[x_t, x_{t-1}]
+                w2 += ((e * e).sum((0, 2)) + torch.diagonal(sP1, dim1=-2, dim2=-1)
+                       - 2 * (F * sL).sum(-1) + ((F @ sP0) * F).sum(-1))
+                n_trans += B * (T - 1)
+            o = res.observed[..., 0]  # (B, C, T)
+            y0 = torch.where(o, g[..., 0], 0)
+            resid = y0 - m @ h
+            hPh = ((P @ h) * h).sum(-1)  # (B, C, T)
+            e2 += torch.where(o, resid * resid + hPh, 0).sum((0, 2))
+            n_obs += o.sum((0, 2)).to(e2.dtype)
+        theta = self.theta.detach().to(self.compute_dtype).clone()
+        if n_trans > 0 and noise:
+            q = (w2 @ mask.T) / (mask.sum(1) * n_trans)  # (C, k): tied entries averaged
+            theta[:, noise] = torch.maximum(q, floor[:, None]).log()
+        r = torch.maximum(e2 / n_obs.clamp_min(1), floor).log()
+        theta[:, obs_idx] = torch.where(n_obs > 0, r, theta[:, obs_idx])
+        self.theta.copy_(theta.to(self.theta.dtype))
 
     def smooth(self, y: Tensor) -> Gaussian:
         """Smoothed signal E[H x_t | all y] and its variance, (B, T, C) (offline analysis)."""
