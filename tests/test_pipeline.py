@@ -85,3 +85,14 @@ def test_interrupted_training_resumes(capsys, tmp_path, tracking_overrides, mlfl
     bad = ["train", *tracking_overrides, f"trainer.resume={tmp_path}/missing.ckpt"]
     assert main(bad) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_kalman_fitted_by_em(capsys, tracking_overrides, mlflow_db, experiment):
+    assert main(["train", *tracking_overrides, "model.fit=em", "model.em_iters=5"]) == 0, \
+        capsys.readouterr().err
+    client = MlflowClient(mlflow_db)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    history = [m.value for m in client.get_metric_history(run.info.run_id, "train/loglik")]
+    assert len(history) == 6
+    assert all(b >= a - 1e-9 * abs(a) for a, b in zip(history, history[1:]))
+    assert "test/f1" in run.data.metrics
