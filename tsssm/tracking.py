@@ -21,7 +21,7 @@ import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from tsssm.errors import ModelError, TsssmError
+from tsssm.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,8 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
-    def log_file(self, path: str | Path, folder: str) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
-
     def log_dir(self, path: str | Path, folder: str) -> None:
         self.client.log_artifacts(self.run_id, str(path), artifact_path=folder)
-
-    def artifact_uri(self) -> str:
-        return self.client.get_run(self.run_id).info.artifact_uri
 
     # -- finding runs -------------------------------------------------------------------------
     def latest_run(self, command: str, model: str | None = None) -> str:
@@ -153,9 +147,6 @@ class Tracker:
             found.setdefault(run.data.tags.get("tsssm.model", "?"), run.info.run_id)
         return found
 
-    def run_tags(self, run_id: str) -> dict[str, str]:
-        return dict(self.client.get_run(run_id).data.tags)
-
     def download(self, run_id: str, folder: str) -> Path:
         """Fetch a run's artifact folder into a temporary directory."""
         try:
@@ -171,7 +162,3 @@ class Tracker:
             shutil.rmtree(target, ignore_errors=True)
             raise ModelError(f"run {run_id} has no '{folder}' artifact: {err}") from err
         return Path(local)
-
-
-def describe_failure(err: BaseException) -> str:
-    return str(err) if isinstance(err, TsssmError) else f"{type(err).__name__}: {err}"

@@ -16,6 +16,7 @@ import polars as pl
 import torch
 
 from tsssm.anomaly.thresholds import Threshold, build_threshold
+from tsssm.bundle import Bundle, load_bundle
 from tsssm.data.datasets import Part, PreparedData
 from tsssm.errors import ModelError
 from tsssm.tasks.evaluate import StreamPrediction
@@ -148,20 +149,27 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def load_trained(source: str, tracker) -> tuple[Bundle, str | None]:
+    """A trained model from a bundle folder (or its model.pt) or an MLflow train run id.
+    Returns (Bundle, run id or None)."""
+    if Path(source).expanduser().exists():
+        return load_bundle(Path(source).expanduser()), None
+    folder = tracker.download(source, "model")
+    try:
+        return load_bundle(folder), source
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
 def resolve_bundle(model_cfg, tracker, model_name: str | None = None):
     """The trained model a command should use: ``model.checkpoint`` (a bundle folder),
     ``model.run_id`` (an MLflow train run), or else the newest finished train run.
     Returns (Bundle, run id or None, description)."""
-    from tsssm.bundle import load_bundle
-
     if model_cfg.checkpoint:
-        path = Path(model_cfg.checkpoint).expanduser()
-        if not path.exists():
+        if not Path(model_cfg.checkpoint).expanduser().exists():
             raise ModelError(f"model.checkpoint={model_cfg.checkpoint}: no such file or folder")
-        return load_bundle(path), None, str(path)
+        bundle, _ = load_trained(model_cfg.checkpoint, tracker)
+        return bundle, None, str(model_cfg.checkpoint)
     run_id = model_cfg.run_id or tracker.latest_run("train", model_name)
-    folder = tracker.download(run_id, "model")
-    try:
-        return load_bundle(folder), run_id, f"run {run_id}"
-    finally:
-        shutil.rmtree(folder.parent, ignore_errors=True)
+    bundle, _ = load_trained(run_id, tracker)
+    return bundle, run_id, f"run {run_id}"

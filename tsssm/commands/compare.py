@@ -4,15 +4,19 @@ in one table (printed, logged as Parquet/Markdown and as a figure) and as metric
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import polars as pl
 from omegaconf import DictConfig
 
 from tsssm.baselines import build_baseline
-from tsssm.bundle import load_bundle
-from tsssm.commands.common import fit_threshold, format_table, staging, write_parquet
+from tsssm.commands.common import (
+    fit_threshold,
+    format_table,
+    load_trained,
+    staging,
+    write_parquet,
+)
 from tsssm.config import flatten, option_value, to_plain
 from tsssm.data.datasets import PreparedData, build_dataset
 from tsssm.errors import ConfigError, ModelError
@@ -33,16 +37,8 @@ def _trained(cfg: DictConfig, tracker: Tracker) -> list[tuple[str, object]]:
         sources = [latest[m] for m in sorted(latest)]
     out = []
     for source in sources:
-        if Path(source).exists():
-            bundle = load_bundle(source)
-            label = f"{bundle.model_name} ({Path(source).name})"
-        else:
-            folder = tracker.download(source, "model")
-            try:
-                bundle = load_bundle(folder)
-            finally:
-                shutil.rmtree(folder.parent, ignore_errors=True)
-            label = bundle.model_name
+        bundle, run_id = load_trained(source, tracker)
+        label = bundle.model_name if run_id else f"{bundle.model_name} ({Path(source).name})"
         out.append((label, bundle))
     return out
 

@@ -51,6 +51,7 @@ import functools
 import linecache
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -307,6 +308,22 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         for k in range(0, len(vals), g):
             src(f"tl.store({stream}_rp + (off + {k}), {_join_expr(vals[k:k + g])}, mask={mask})")
 
+    def store_step_outputs(s: str, tj: str, masked: bool, cov: Callable[[int, int], str]
+                           ) -> None:
+        """Store the requested per-step outputs of step ``s``; ``cov(a, b)`` (a <= b) names the
+        filtered covariance entry (the steady path keeps one shared covariance)."""
+        if "log_liks" in widths:
+            store("log_liks", [f"ll{s}"], tj, masked)
+        if "filtered_mean" in widths:
+            store("filtered_mean", [f"mf{i}{s}" for i in range(n)], tj, masked)
+        if "innovation" in widths:
+            store("innovation", [f"v{k}{s}" for k in range(p)], tj, masked)
+        if "nis" in widths:
+            store("nis", [f"nis{s}"], tj, masked)
+        if "filtered_cov" in widths:
+            vals = [cov(min(i, jj), max(i, jj)) for i in range(n) for jj in range(n)]
+            store("filtered_cov", vals, tj, masked)
+
     def emit_step(j: int, ynames: list[str], t0: str, masked: bool, last: bool = False) -> None:
         """One filter step at time t0 + j; y values are in ynames[k]. ``last``: the last step
         of a full chunk, whose covariance quantities are kept for the steady-state path."""
@@ -383,17 +400,7 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
                 else:
                     src(f"Pf{i}_{jj}{s} = {P(i, jj)} - ({' + '.join(ku)})")
         # Step outputs, written as soon as they exist.
-        if "log_liks" in widths:
-            store("log_liks", [f"ll{s}"], tj, masked)
-        if "filtered_mean" in widths:
-            store("filtered_mean", [f"mf{i}{s}" for i in range(n)], tj, masked)
-        if "innovation" in widths:
-            store("innovation", [f"v{k}{s}" for k in range(p)], tj, masked)
-        if "nis" in widths:
-            store("nis", [f"nis{s}"], tj, masked)
-        if "filtered_cov" in widths:
-            vals = [f"Pf{min(i, jj)}_{max(i, jj)}{s}" for i in range(n) for jj in range(n)]
-            store("filtered_cov", vals, tj, masked)
+        store_step_outputs(s, tj, masked, cov=lambda a, b: f"Pf{a}_{b}{s}")
         if last and spec.steady:  # keep this step's gain quantities for the steady path
             for k in range(p):
                 for i in range(n):
@@ -467,17 +474,7 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         for i in range(n):
             kv = " + ".join(f"fK{k}_{i} * v{k}{s}" for k in range(p))
             src(f"mf{i}{s} = m_{i} + ({kv})")
-        if "log_liks" in widths:
-            store("log_liks", [f"ll{s}"], tj, False)
-        if "filtered_mean" in widths:
-            store("filtered_mean", [f"mf{i}{s}" for i in range(n)], tj, False)
-        if "innovation" in widths:
-            store("innovation", [f"v{k}{s}" for k in range(p)], tj, False)
-        if "nis" in widths:
-            store("nis", [f"nis{s}"], tj, False)
-        if "filtered_cov" in widths:
-            vals = [f"fPf{min(i, jj)}_{max(i, jj)}" for i in range(n) for jj in range(n)]
-            store("filtered_cov", vals, tj, False)
+        store_step_outputs(s, tj, False, cov=lambda a, b: f"fPf{a}_{b}")
         for i in range(n):
             terms = _terms(_times(Fc[i][k], f"F_{i}_{k}", f"mf{k}{s}") for k in range(n))
             if spec.has_c:

@@ -133,6 +133,6 @@ def evaluate(model, data, *, score_kind: str, context: int, horizon: int, eval_s
         if split == "test" and labelled:
             labels = np.concatenate([p.stream.labels[slice(*r)] for p, _, r in labelled])
             scores = np.concatenate([pr.score[slice(*r)] for _, pr, r in labelled])
-            m = anomaly_metrics(labels.astype(int), threshold.flags(scores), scores)
+            m = detection_metrics(labels, scores, threshold.flags(scores))
             metrics.update({f"test/{k}": v for k, v in m.items()})
     return Evaluation(preds, threshold, metrics)
