@@ -75,7 +75,7 @@ def usage(command: str | None = None) -> str:
     for group, options in group_options().items():
         shown = ", ".join(f"{o}*" if defaults.get(group) == o else o for o in options)
         lines.append(f"  {group:<9} {shown}")
-    lines.append("  (* = default) any key can be set: data.window=128 model.epochs=20 "
+    lines.append("  (* = default) any key can be set: data.input_len=96 model.epochs=20 "
                  "trainer.max_epochs=3 tracking.uri=sqlite:///runs.db")
     lines.append("\noptions:\n  -h, --help     this help\n  -v, --verbose  full tracebacks "
                  "and library logs\n  --cfg          print the composed config and exit\n")

@@ -73,12 +73,17 @@ class DataConfig:
     fill: Fill = Fill.none
     #: the data's seasonal period in rows (e.g. a day), for seasonal models and baselines
     seasonal_period: int | None = None
-    window: int = 96
+    #: context length: the rows a forecast sees before its origin (a training window is
+    #: input_len + horizon rows)
+    input_len: int = 96
+    #: forecast horizon in rows
     horizon: int = 24
+    #: stride of training windows
     stride: int = 1
     batch_size: int = 32
-    #: stride of forecast-evaluation origins over val/test
-    eval_stride: int = 24
+    #: stride of forecast-evaluation origins over val/test (1 = every window, the benchmarks'
+    #: protocol)
+    eval_stride: int = 1
     num_workers: int = 0
 
 
@@ -264,10 +269,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         _check(value in allowed, key, f"is {value!r}; use one of {', '.join(allowed)}")
     d = cfg.data
-    for key in ("window", "horizon", "stride", "batch_size", "eval_stride", "train_rows"):
+    for key in ("input_len", "horizon", "stride", "batch_size", "eval_stride", "train_rows"):
         _check(d[key] >= 1, f"data.{key}", f"must be a positive integer, got {d[key]}")
-    _check(d.horizon < d.window, "data.horizon", f"({d.horizon}) must be below data.window "
-           f"({d.window}): a window holds the context and the horizon")
     _check(0 < d.train_fraction < 1, "data.train_fraction", "must lie in (0, 1)")
     _check(0 <= d.val_fraction < 1 - d.train_fraction + 1e-12 or d.protocol != "fractions",
            "data.val_fraction", "must be >= 0 and leave room for a test part")

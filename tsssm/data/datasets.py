@@ -158,13 +158,15 @@ class BaseDataset:
         return PreparedData(cfg.name, channels, parts, scaler, has_labels, notes)
 
     def _check_lengths(self, parts: list[Part]) -> None:
-        window = self.cfg.window
+        window = self.cfg.input_len + self.cfg.horizon
         for p in parts:
             start, stop = p.rows("train")
             if stop - start < window:
                 raise DataError(
                     f"{p.stream.path}: the training part has {stop - start} rows, fewer than "
-                    f"data.window={window}; lower data.window or give a longer series"
+                    f"one window of data.input_len + data.horizon = {self.cfg.input_len} + "
+                    f"{self.cfg.horizon}; lower data.input_len or data.horizon, or give a longer "
+                    "series"
                 )
 
 
