@@ -159,6 +159,10 @@ class Tracker:
             found.setdefault(run.data.tags.get("tsssm.model", "?"), run.info.run_id)
         return found
 
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of every metric of a run."""
+        return dict(self.client.get_run(run_id).data.metrics)
+
     def download(self, run_id: str, folder: str) -> Path:
         """Fetch a run's artifact folder into a temporary directory."""
         try:
