@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="extra overrides for every training command")
     ap.add_argument("--out", type=Path, help="results file (default: results/accuracy.json)")
     ap.add_argument("--logs", type=Path, help="folder for each training's output")
+    ap.add_argument("--store", choices=["sqlite", "file"], default="sqlite",
+                    help="each training's tracking store (file: MLflow's file store, for "
+                         "machines without SQLAlchemy; set MLFLOW_ALLOW_FILE_STORE=true)")
     ap.add_argument("--print-table", action="store_true", help="print RESULTS.md's table")
     args = ap.parse_args(argv)
     if args.out is None:

@@ -58,11 +58,19 @@ def _metrics_record(m: dict[str, float], dataset: str, horizon: int) -> dict:
     }
 
 
+def _store_uri(args, job_dir: Path) -> str:
+    """Each training's own tracking store: SQLite, or MLflow's file store where SQLAlchemy is
+    not installed (--store file; MLflow then needs MLFLOW_ALLOW_FILE_STORE=true)."""
+    if getattr(args, "store", "sqlite") == "file":
+        return (job_dir / "mlruns").resolve().as_uri()
+    return f"sqlite:///{job_dir.resolve()}/mlflow.db"
+
+
 def train_command(args, dataset: str, horizon: int, model: str, job_dir: Path) -> list[str]:
     overrides = [
         "experiment=ett", f"data={dataset}", f"data.root={Path(args.root).resolve()}",
         f"data.horizon={horizon}", f"model={model}", f"trainer={args.accelerator}", "seed=0",
-        f"tracking.uri=sqlite:///{job_dir}/mlflow.db",
+        f"tracking.uri={_store_uri(args, job_dir)}",
         f"tracking.artifact_root={job_dir}/artifacts", f"tracking.output_dir={job_dir}",
         "trainer.enable_progress_bar=false",
         *MODEL_OVERRIDES.get(model, []), *(SMALL if args.small else []), *args.set,
@@ -86,7 +94,7 @@ def _run_trained(args, dataset: str, horizon: int, model: str) -> dict:
     tail = (job_dir / "log.txt").read_text().strip().splitlines()[-3:]
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}): {' | '.join(tail)}")
-    tracker = Tracker(f"sqlite:///{job_dir}/mlflow.db", "tsssm")
+    tracker = Tracker(_store_uri(args, job_dir), "tsssm")
     metrics = tracker.run_metrics(tracker.latest_run("train"))
     print(f"  {dataset} h{horizon} {model}: {tail[-3] if len(tail) >= 3 else tail}", flush=True)
     return {**_metrics_record(metrics, dataset, horizon), "model": model,
