@@ -102,12 +102,16 @@ def test_data_errors_fail_the_run(capsys, tmp_path, tracking_overrides, mlflow_d
     assert not (out / "models").exists() or not any((out / "models").iterdir())
 
 
-def test_missing_path_and_missing_root(capsys, tmp_path, tracking_overrides):
+def test_missing_path_and_missing_root(capsys, tmp_path, tracking_overrides, monkeypatch):
     code, _, err = run_cli(capsys, "train", *tracking_overrides, "data=csv",
                            f"data.path={tmp_path}/nope.csv")
     assert code == 2 and "not found" in error_line(err)
+    monkeypatch.setenv("TSSSM_DATA", str(tmp_path / "empty-cache"))
     code, _, err = run_cli(capsys, "train", *tracking_overrides, "data=skab")
-    assert code == 2 and "'data.root' must be set" in error_line(err)
+    assert code == 2 and "`tsssm data fetch skab`" in error_line(err)
+    code, _, err = run_cli(capsys, "train", *tracking_overrides, "data=skab",
+                           f"data.root={tmp_path}/elsewhere")
+    assert code == 2 and "matches no file under" in error_line(err)
 
 
 def test_score_without_a_trained_model(capsys, tracking_overrides):

@@ -239,7 +239,11 @@ class Config:
 
 
 def register_schemas() -> None:
-    """Register the schemas the YAML files in conf/ extend."""
+    """Register the schemas the YAML files in conf/ extend, and the ``${tsssm_data:NAME}``
+    resolver (a fetched dataset's folder in the cache, see tsssm.data.fetch)."""
+    from tsssm.data.fetch import default_root
+
+    OmegaConf.register_new_resolver("tsssm_data", default_root, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="data", name="data_schema", node=DataConfig)

@@ -39,6 +39,19 @@ def resolve_path(path: str | None, key: str) -> Path:
     raise DataError(f"{key}={path}: no such file or directory (from {Path.cwd()})")
 
 
+def fetch_hint(root: Path) -> str:
+    """Advice for a dataset folder that lacks its files: fetch it, or point data.root at it."""
+    from tsssm.data.fetch import SOURCES, data_home
+
+    try:
+        name = root.resolve().relative_to(data_home().resolve()).parts[0]
+    except (ValueError, IndexError):
+        return ""
+    if name not in SOURCES:
+        return ""
+    return f"; fetch the dataset with `tsssm data fetch {name}`, or set data.root=<its folder>"
+
+
 @dataclass
 class Part:
     """One stream and its split ranges; ``values`` are normalised."""
@@ -179,7 +192,8 @@ class SKABDataset(BaseDataset):
         for pattern in patterns:
             matches = sorted(glob.glob(str(root / pattern)), key=_natural_key)
             if not matches:
-                raise DataError(f"data.files: '{pattern}' matches no file under {root}")
+                raise DataError(f"data.files: '{pattern}' matches no file under {root}"
+                                f"{fetch_hint(root)}")
             for m in matches:
                 rel = Path(m).relative_to(root)
                 out.append((Path(m), str(rel.with_suffix(""))))
