@@ -137,6 +137,15 @@ def _config_error(err: Exception, overrides: list[str]):
         return ConfigError(f"bad value in '{override}': {detail}")
     if "Could not load" in first or "Could not find" in first:
         return ConfigError(first)
+    if "LexerNoViableAltException" in text or "token recognition error" in text:
+        bad = next((o for o in overrides if o in text), None)
+        if bad is not None and "=" in bad:
+            from tsssm.data.io import shell_override
+
+            key, _, value = bad.partition("=")
+            quoted = shell_override(key, value)
+            return ConfigError(f"cannot parse the override {bad!r}: Hydra reads its value as "
+                               f"syntax; quote it (for the shell too): {quoted}")
     if "mismatched input" in text or "extraneous input" in text or "no viable" in text:
         return ConfigError(f"cannot parse the overrides {overrides}: {first}; write key=value")
     detail = str(cause).splitlines()[0] if cause else first
@@ -158,6 +167,21 @@ def _setup_logging(verbose: bool) -> None:
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _interrupted_message(command: str, overrides: list[str], err: KeyboardInterrupt) -> str:
+    """What to type to continue: the same command with trainer.resume=last where a training
+    checkpoint exists to continue from."""
+    import shlex
+
+    again = [o for o in overrides if not o.startswith(("trainer.resume=", "+trainer.resume="))]
+    if command == "train" and getattr(err, "tsssm_checkpoint", None) is None:
+        return ("interrupted before the first checkpoint; start again with "
+                + shlex.join(["tsssm", command, *overrides]))
+    if command in ("train", "run"):
+        return "interrupted; resume with " + shlex.join(
+            ["tsssm", command, *again, "trainer.resume=last"])
+    return "interrupted; run it again with " + shlex.join(["tsssm", command, *overrides])
 
 
 def _runner(command: str) -> Callable:
@@ -204,8 +228,28 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     _setup_logging(verbose)
-    # A `kill` (SIGTERM) ends the command like Ctrl-C, so its MLflow run is marked KILLED.
+    handlers = _install_interrupts()
+    try:
+        return _main(command, overrides, flags, verbose)
+    finally:
+        for signum, handler in handlers.items():  # for callers that run main() in-process
+            signal.signal(signum, handler)
+
+
+def _install_interrupts() -> dict:
+    """A `kill` (SIGTERM) ends the command like Ctrl-C, so its MLflow run is marked KILLED.
+    Returns the handlers to restore (Lightning sets SIGINT to ignored after an interrupt)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return {s: h for s, h in previous.items() if h is not None}
+
+
+def _main(command: str, overrides: list[str], flags: set[str], verbose: bool) -> int:
     from tsssm.errors import TsssmError
 
     try:
@@ -230,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("tsssm %s failed", command)
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; resume the training with trainer.resume=last", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(_interrupted_message(command, overrides, err), file=sys.stderr)
         return 130
     except Exception as err:  # a bug in tsssm or a library: say so, keep the details for -v
         if verbose:

@@ -102,15 +102,24 @@ def read_spec(cfg) -> ReadSpec:
         ignore_columns=tuple(cfg.ignore_columns),
         separator=cfg.separator,
         time_format=cfg.time_format,
+        duplicates=option_value(cfg.get("duplicates", "error")),
+        sort=bool(cfg.get("sort", False)),
     )
 
 
 def prepare_stream(path: Path, cfg, name: str | None = None,
-                   channels: list[str] | None = None) -> tuple[Stream, str | None]:
-    """Read, check channels and regularise one file as the config says."""
+                   channels: list[str] | None = None, label_required: bool = False,
+                   channel_advice: str | None = None) -> tuple[Stream, str | None]:
+    """Read, check channels and regularise one file as the config says. ``label_required``:
+    a configured data.label_column must be in the file (training files; SKAB's extra
+    anomaly-free file and files to score may have none)."""
     spec = read_spec(cfg)
+    changes: dict = {"label_required": label_required}
     if channels is not None:
-        spec = ReadSpec(**{**spec.__dict__, "channels": tuple(channels)})
+        changes["channels"] = tuple(channels)
+    if channel_advice is not None:
+        changes["channel_advice"] = channel_advice
+    spec = ReadSpec(**{**spec.__dict__, **changes})
     stream = read_stream(path, spec, name=name)
     stream, gaps = regularise(stream, option_value(cfg.gaps), cfg.gap_factor)
     note = None
@@ -125,6 +134,20 @@ def prepare_stream(path: Path, cfg, name: str | None = None,
     elif fill == "zero":
         stream.values = np.nan_to_num(stream.values, nan=0.0)
     return stream, note
+
+
+def check_scaled(stream: Stream) -> None:
+    """Scaled values must stay finite in float32 (a channel constant on the training rows but
+    far off later can overflow); name the file, row and column where one does not."""
+    inf = np.isinf(stream.values)
+    if inf.any():
+        row, col = (int(i[0]) for i in np.nonzero(inf))
+        raise DataError(
+            f"{stream.path}: column '{stream.channels[col]}' at row {row + 1} is "
+            f"{stream.values[row, col]} after scaling by the training rows' mean and std; the "
+            "column is (nearly) constant in training and far off here: leave it out of "
+            "data.channels or fix the reading"
+        )
 
 
 class BaseDataset:
@@ -151,7 +174,8 @@ class BaseDataset:
         channels: list[str] | None = list(cfg.channels) or None
         for extra, listing in ((False, self.files()), (True, self.extra_train_files())):
             for path, name in listing:
-                stream, note = prepare_stream(path, cfg, name, channels)
+                stream, note = prepare_stream(path, cfg, name, channels,
+                                              label_required=not extra)
                 if channels is None:
                     channels = stream.channels
                 if note:
@@ -167,6 +191,7 @@ class BaseDataset:
             # per_stream (SKAB's protocol): each file is scaled by its own training rows.
             p.scaler = StandardScaler.fit([rows], channels) if per_stream else scaler
             p.stream.values = p.scaler.transform(p.stream.values)
+            check_scaled(p.stream)
         has_labels = any(p.stream.labels is not None for p in parts if p.split is not None)
         return PreparedData(cfg.name, channels, parts, scaler, has_labels, notes)
 
