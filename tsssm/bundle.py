@@ -145,8 +145,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         return blob["state_dict"]
     except Exception as err:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelError(f"{path} is truncated or corrupt ({detail}); copy the bundle again "
-                         "or retrain") from err
+        raise ModelError(f"{path} cannot be read safely ({detail}); it is truncated, corrupt "
+                         "or holds more than tensors: copy the bundle again or retrain") from err
 
 
 def bundle_format(folder: Path, meta: dict[str, Any]) -> int:

@@ -80,7 +80,8 @@ def fingerprint(cfg, files: list[tuple[Path, str]]) -> dict[str, Any]:
     flat = flatten(to_plain(cfg))
     keys = {k: v for k, v in sorted(flat.items())
             if k.startswith(_KEPT) and not k.startswith(_IGNORED)}
-    digests = {name: file_digest(Path(path)) for path, name in files}
+    digests = {name: file_digest(Path(path)) if Path(path).is_file() else "missing"
+               for path, name in files}
     # through JSON, so a fingerprint compares equal to one read back from disk
     return json.loads(json.dumps({"config": keys, "files": digests}, default=str))
 

@@ -7,6 +7,7 @@ naming the key, file or column and what to do, and a non-zero exit (a traceback 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -41,6 +42,9 @@ EXAMPLES = """examples:
 view the runs: mlflow ui --backend-store-uri sqlite:///tsssm_runs/mlflow.db"""
 
 log = logging.getLogger("tsssm")
+
+#: OS errors that mean "the disk is full or not writable", not a bug in tsssm
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def config_dir() -> Path:
@@ -280,6 +284,12 @@ def _main(command: str, overrides: list[str], flags: set[str], verbose: bool) ->
     except Exception as err:  # a bug in tsssm or a library: say so, keep the details for -v
         if verbose:
             log.exception("tsssm %s failed", command)
+        if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
+            # a full or read-only disk mid-command: the run is FAILED and its artifacts removed
+            print(f"error: cannot write {err.filename or 'a file'} ({err.strerror}); free space "
+                  "or choose a writable tracking.output_dir / tracking.artifact_root, then run "
+                  "the command again", file=sys.stderr)
+            return 2
         print(f"error: internal error in tsssm {command}: {type(err).__name__}: "
               f"{str(err).splitlines()[0] if str(err) else ''} (run again with --verbose for "
               "the traceback)", file=sys.stderr)

@@ -25,7 +25,14 @@ from tsssm.commands.common import (
     write_parquet,
 )
 from tsssm.config import flatten, to_plain
-from tsssm.data.datasets import Part, PreparedData, build_dataset, prepare_stream, resolve_path
+from tsssm.data.datasets import (
+    Part,
+    PreparedData,
+    build_dataset,
+    check_scaled,
+    prepare_stream,
+    resolve_path,
+)
 from tsssm.data.scaling import StandardScaler
 from tsssm.data.splits import Split
 from tsssm.errors import ConfigError, DataError
@@ -66,7 +73,10 @@ def load_file(cfg_data, bundle: Bundle, source: str = "the bundle") -> PreparedD
         else:
             log.warning("%s has %d rows, fewer than the %d the model scales each stream by; "
                         "using the training scaler", path, len(stream), train_rows)
-    stream.values = scaler.transform(stream.values)
+    raw = stream.values
+    with np.errstate(over="ignore"):
+        stream.values = scaler.transform(raw)
+    check_scaled(stream, raw, scaler)
     n = len(stream)
     part = Part(stream, Split((0, 0), (0, 0), (0, n)), scaler)
     return PreparedData(stream.name, bundle.channels, [part], bundle.scaler,

@@ -59,9 +59,6 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
                           cfg.data.stride, cfg.data.batch_size, cfg.data.num_workers,
                           eval_stride=cfg.data.eval_stride)
     if OmegaConf.select(cfg, "model.fit", default="mle") == "em":
-        if resume is not None:
-            raise ConfigError("trainer.resume: model.fit=em trains without checkpoints; run it "
-                              "again without trainer.resume")
         return fit_by_em(cfg, net, dm, tracker)
     optimizer = to_plain(cfg.model.optimizer)
     task = ForecastTask(net, optimizer, horizon=cfg.data.horizon,
@@ -174,8 +171,8 @@ def train(cfg: DictConfig) -> str:
     with tracker.start(name, "train", params, tags) as run:
         log.info("tsssm train: MLflow run %s (%s)", run.run_id, tracker.uri)
         dataset = build_dataset(cfg.data)
-        resume = start_checkpoints(cfg, dataset, tracker)
         data = dataset.load()
+        resume = start_checkpoints(cfg, dataset, tracker)
         for note in data.gap_notes:
             log.info(note)
         try:
@@ -220,6 +217,9 @@ def start_checkpoints(cfg: DictConfig, dataset, tracker: Tracker) -> checkpoints
     """Fingerprint this training into its run's checkpoint folder and find the checkpoint
     ``trainer.resume`` asks for; a resumed run is tagged with the run it continues and gets
     that run's per-epoch metrics up to the checkpoint."""
+    if cfg.trainer.resume is not None and OmegaConf.select(cfg, "model.fit") == "em":
+        raise ConfigError("trainer.resume: model.fit=em trains without checkpoints; run it "
+                          "again without trainer.resume")
     files = [*dataset.files(), *dataset.extra_train_files()]
     fp = checkpoints.fingerprint(cfg, files)
     resume = checkpoints.find_resume(cfg.trainer.resume, cfg.tracking.output_dir, fp)

@@ -136,17 +136,17 @@ def prepare_stream(path: Path, cfg, name: str | None = None,
     return stream, note
 
 
-def check_scaled(stream: Stream) -> None:
-    """Scaled values must stay finite in float32 (a channel constant on the training rows but
-    far off later can overflow); name the file, row and column where one does not."""
+def check_scaled(stream: Stream, raw: np.ndarray, scaler: StandardScaler) -> None:
+    """Scaled values must stay finite in float32 (a reading far outside the training rows'
+    range can overflow); name the file, row and column where one does not.  raw (T, C)"""
     inf = np.isinf(stream.values)
     if inf.any():
         row, col = (int(i[0]) for i in np.nonzero(inf))
         raise DataError(
-            f"{stream.path}: column '{stream.channels[col]}' at row {row + 1} is "
-            f"{stream.values[row, col]} after scaling by the training rows' mean and std; the "
-            "column is (nearly) constant in training and far off here: leave it out of "
-            "data.channels or fix the reading"
+            f"{stream.path}: column '{stream.channels[col]}' row {row + 1} holds "
+            f"{raw[row, col]:g}, which overflows float32 once scaled by the training rows "
+            f"(mean {scaler.mean[col]:g}, std {scaler.std[col]:g}); blank or fix the reading, "
+            "or leave the column out of data.channels"
         )
 
 
@@ -190,8 +190,10 @@ class BaseDataset:
         for p, rows in zip(parts, train):
             # per_stream (SKAB's protocol): each file is scaled by its own training rows.
             p.scaler = StandardScaler.fit([rows], channels) if per_stream else scaler
-            p.stream.values = p.scaler.transform(p.stream.values)
-            check_scaled(p.stream)
+            raw = p.stream.values
+            with np.errstate(over="ignore"):
+                p.stream.values = p.scaler.transform(raw)
+            check_scaled(p.stream, raw, p.scaler)
         has_labels = any(p.stream.labels is not None for p in parts if p.split is not None)
         return PreparedData(cfg.name, channels, parts, scaler, has_labels, notes)
 
