@@ -67,10 +67,13 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
     every_steps = cfg.trainer.checkpoint_every_n_steps
     watch = InterruptWatch()
     callbacks: list = [
-        # one resumable checkpoint per run, overwritten (atomically) as training goes on
+        # one resumable checkpoint per run, overwritten (atomically) as training goes on; saved
+        # at the end of the epoch, after validation and after the epoch's metrics are logged
+        # (checkpoint callbacks run last), so a resumed run's copied history has no hole
         L.pytorch.callbacks.ModelCheckpoint(
             dirpath=checkpoints.checkpoint_dir(cfg.tracking.output_dir, tracker.run_id),
             filename=Path(checkpoints.LAST).stem, monitor=None, save_top_k=1,
+            save_on_train_epoch_end=True,
             enable_version_counter=False, every_n_train_steps=every_steps,
             every_n_epochs=None if every_steps else cfg.trainer.checkpoint_every_n_epochs),
         TrackerCallback(tracker),
