@@ -225,7 +225,7 @@ class Case:
 
 
 CSV = ("data=csv", "data.path={d}/s.csv", "data.time_column=ts", "data.label_column=label",
-       "data.window=32", "data.horizon=4", "data.eval_stride=16")
+       "data.input_len=28", "data.horizon=4", "data.eval_stride=16")
 EM = ("model=kalman", "model.fit=em", "model.em_iters=1")
 MAMBA = ("model=mamba", "model.net.d_model=8", "model.net.n_layers=1", "model.net.d_state=4",
          "trainer.max_epochs=2")
@@ -262,10 +262,10 @@ CASES: list[Case] = [
          words=("unknown option 'lstm' for config group 'model'", "kalman, mamba")),
     Case("unknown-key", "train", ("data.colour=red",), status=None,
          words=("unknown config key 'data.colour'",)),
-    Case("bad-type", "train", ("data.window=many",), status=None,
-         words=("bad value in 'data.window=many'",)),
-    Case("bad-range", "train", ("data.window=0",), status=None,
-         words=("'data.window' must be a positive integer",)),
+    Case("bad-type", "train", ("data.input_len=many",), status=None,
+         words=("bad value in 'data.input_len=many'",)),
+    Case("bad-range", "train", ("data.input_len=0",), status=None,
+         words=("'data.input_len' must be a positive integer",)),
     Case("bad-enum", "train", ("data.gaps=sometimes",), status=None,
          words=("expected one of [keep, mask, fill]",)),
     Case("bad-duplicates-option", "train", ("data.duplicates=median",), status=None,
@@ -288,7 +288,8 @@ CASES: list[Case] = [
     Case("file-missing", "train", ("data=csv", "data.path={d}/nope.csv"),
          words=("{d}/nope.csv", "not found")),
     Case("path-is-folder", "train", ("data=csv", "data.path={d}"), words=("is a directory",)),
-    Case("root-unset", "train", ("data=skab",), words=("'data.root' must be set",)),
+    Case("root-without-dataset", "train", ("data=skab", "data.root={d}"),
+         words=("matches no file under {d}",)),
     Case("unsupported-type", "train", (*CSV[:1], "data.path={d}/s.xlsx", *CSV[2:], *EM),
          files=_file("s.xlsx", "PK"), words=("{d}/s.xlsx", "unsupported file type '.xlsx'")),
     Case("empty-file", "train", (*CSV, *EM), files=_file("s.csv", ""),
@@ -326,8 +327,8 @@ CASES: list[Case] = [
          words=("{d}/s.csv", "column 'a' row 271", "3e+38", "overflows float32 once scaled")),
     Case("huge-but-finite-in-training", "train", (*CSV, *EM), code=0, status="FINISHED",
          files=_file("s.csv", csv(edit={20: "20,3e38,1,0"})), check=_scaler_is_finite),
-    Case("too-short", "train", (*CSV, *EM, "data.window=250"), files=GOOD,
-         words=("{d}/s.csv", "fewer than data.window=250")),
+    Case("too-short", "train", (*CSV, *EM, "data.input_len=250"), files=GOOD,
+         words=("{d}/s.csv", "data.input_len + data.horizon = 250 + 4")),
     Case("too-few-rows-for-split", "train", (*CSV, *EM), files=_file("s.csv", csv(n=2)),
          words=("{d}/s.csv", "too few")),
     # time axis

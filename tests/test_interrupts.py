@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from tsssm.cli import main
 
 EPOCHS = 6
-DATA = ["data=csv", "data.time_column=ts", "data.label_column=label", "data.window=32",
+DATA = ["data=csv", "data.time_column=ts", "data.label_column=label", "data.input_len=28",
         "data.horizon=4", "data.eval_stride=16", "data.stride=1"]
 MAMBA = ["model=mamba", "model.net.d_model=8", "model.net.n_layers=1", "model.net.d_state=4",
          f"trainer.max_epochs={EPOCHS}", "trainer.enable_progress_bar=false", "seed=3"]

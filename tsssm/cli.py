@@ -233,11 +233,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(verbose)
     handlers = _install_interrupts()
+    flushed = _flush_denormals()
     try:
         return _main(command, overrides, flags, verbose)
     finally:
-        for signum, handler in handlers.items():  # for callers that run main() in-process
+        # process state back as it was, for callers that run main() in-process
+        for signum, handler in handlers.items():
             signal.signal(signum, handler)
+        import torch
+
+        torch.set_flush_denormal(flushed)
+
+
+def _flush_denormals() -> bool:
+    """Decays exp(ΔA) and filter covariances underflow into subnormal floats, which the CPU
+    handles 10-100x slower; flushing them to zero changes no result that matters. Returns
+    whether they were flushed before, to restore that for callers of main() in-process."""
+    import torch
+
+    before = bool((torch.tensor([1e-310], dtype=torch.float64) * 1.0 == 0).item())
+    torch.set_flush_denormal(True)
+    return before
 
 
 def _install_interrupts() -> dict:
@@ -257,11 +273,6 @@ def _main(command: str, overrides: list[str], flags: set[str], verbose: bool) ->
     from tsssm.errors import TsssmError
 
     try:
-        import torch
-
-        # Decays exp(ΔA) and filter covariances underflow into subnormal floats, which the CPU
-        # handles 10-100x slower; flushing them to zero changes no result that matters.
-        torch.set_flush_denormal(True)
         cfg = compose(overrides)
         if "--cfg" in flags:
             from omegaconf import OmegaConf

@@ -102,7 +102,9 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
         plugins=[AtomicCheckpointIO()],
     )
     try:
-        trainer.fit(task, datamodule=dm, ckpt_path=None if resume is None else str(resume.path))
+        # weights_only: resuming unpickles nothing but tensors and plain containers
+        trainer.fit(task, datamodule=dm, ckpt_path=None if resume is None else str(resume.path),
+                    weights_only=True)
     except SystemExit:
         if watch.interrupted:  # Lightning's sys.exit(1) for Ctrl-C / SIGTERM
             raise KeyboardInterrupt from None
