@@ -145,7 +145,9 @@ def find_resume(resume: str | None, output_dir: str | Path, fp: dict[str, Any]) 
         return None
     if resume == "last":
         root = Path(output_dir) / "checkpoints"
-        found = sorted(root.glob(f"*/{LAST}"), key=lambda p: p.stat().st_mtime, reverse=True)
+        # checkpoints without a fingerprint (an older tsssm's, or foreign) are never candidates
+        found = sorted((p for p in root.glob(f"*/{LAST}") if (p.parent / FINGERPRINT).exists()),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
         for ckpt in found:
             saved = _read_json(ckpt.parent / FINGERPRINT)
             if saved is not None and not differences(saved, fp):
