@@ -4,9 +4,21 @@ The loss is the Gaussian negative log predictive density of the one-step predict
 positions that count (for a Kalman model with independent channels this *is* its exact negative
 log-likelihood per observation), plus, for window-trained models, the same density of the
 horizon forecast made from the window's context.
+
+``variance_loss="detached"`` trains the horizon forecast's mean and variance apart: the mean by
+the squared error (the benchmark's metric; the Gaussian NLL would weight each error by the
+model's own confidence in it), the variance by the NLL around the mean with the mean's
+gradient stopped, so the variance learns the size of the errors the mean makes.
+
+Optimiser: AdamW/Adam (or L-BFGS for full-stream filters); ``lr_decay`` multiplies the learning
+rate after every epoch (TSLib's recipe halves it: 0.5). ``restore_best`` keeps a copy of the
+weights of the epoch with the best ``monitor`` value on validation and puts them back when
+training ends (the model that is evaluated and saved is the best-validated one, as in TSLib).
 """
 
 from __future__ import annotations
+
+import copy
 
 import lightning as L
 import torch
@@ -14,6 +26,8 @@ from torch import Tensor
 
 from tsssm.anomaly.scores import gaussian_nll
 from tsssm.errors import NumericalError
+
+VARIANCE_LOSSES = ("joint", "detached")
 
 
 def hide_unscored(y: Tensor, mask: Tensor) -> Tensor:
@@ -23,13 +37,23 @@ def hide_unscored(y: Tensor, mask: Tensor) -> Tensor:
 
 class ForecastTask(L.LightningModule):
     def __init__(self, model: torch.nn.Module, optimizer: dict, horizon: int,
-                 one_step_weight: float = 1.0, horizon_weight: float = 1.0) -> None:
+                 one_step_weight: float = 1.0, horizon_weight: float = 1.0,
+                 variance_loss: str = "joint", monitor: str = "val/loss",
+                 restore_best: bool = False) -> None:
         super().__init__()
+        if variance_loss not in VARIANCE_LOSSES:
+            raise ValueError(f"variance_loss must be one of {VARIANCE_LOSSES}, got "
+                             f"{variance_loss!r}")
         self.model = model
         self.optimizer_cfg = dict(optimizer)
         self.horizon = horizon
         self.one_step_weight = one_step_weight
         self.horizon_weight = horizon_weight if model.training_input == "windows" else 0.0
+        self.variance_loss = variance_loss
+        self.monitor = monitor
+        self.restore_best = restore_best
+        self.best_score: float | None = None
+        self.best_state: dict[str, Tensor] | None = None
         self.save_hyperparameters(ignore=["model"])
 
     def one_step_nll(self, ys: list[Tensor], masks: list[Tensor]) -> Tensor:
@@ -46,14 +70,31 @@ class ForecastTask(L.LightningModule):
         y, mask = batch["y"], batch["mask"]  # (B, T, C), (B, T) or lists of (1, T_i, ...)
         out: dict[str, Tensor] = {}
         streams = isinstance(y, list)
-        out["nll_one_step"] = self.one_step_nll(y if streams else [y], mask if streams else [mask])
+        shared = (self.horizon_weight > 0 and not streams
+                  and hasattr(self.model, "predict_window"))
+        if shared:
+            # One pass gives the one-step predictions over the context and the forecast after
+            # it (a filter run once, not once per loss term); the one-step loss then covers
+            # the context.
+            context, target = y[:, : -self.horizon], y[:, -self.horizon :]
+            one, fpred = self.model.predict_window(context, self.horizon)
+            scored = hide_unscored(context, mask[:, : -self.horizon])
+            out["nll_one_step"] = gaussian_nll(scored, one)
+        else:
+            out["nll_one_step"] = self.one_step_nll(y if streams else [y],
+                                                    mask if streams else [mask])
         loss = self.one_step_weight * out["nll_one_step"]
         if self.horizon_weight > 0 and not streams:
-            context, target = y[:, : -self.horizon], y[:, -self.horizon :]
-            fpred = self.model.forecast(context, self.horizon)
+            if not shared:
+                context, target = y[:, : -self.horizon], y[:, -self.horizon :]
+                fpred = self.model.forecast(context, self.horizon)
             out["nll_horizon"] = gaussian_nll(target, fpred)
             out["mse_horizon"] = torch.nanmean((fpred.mean - target).square())
-            loss = loss + self.horizon_weight * out["nll_horizon"]
+            if self.variance_loss == "detached":
+                var_nll = gaussian_nll(target, fpred._replace(mean=fpred.mean.detach()))
+                loss = loss + self.horizon_weight * (out["mse_horizon"] + var_nll)
+            else:
+                loss = loss + self.horizon_weight * out["nll_horizon"]
         out["loss"] = loss
         return out
 
@@ -76,6 +117,33 @@ class ForecastTask(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=True, on_epoch=True,
                       batch_size=len(batch["y"]))
 
+    def on_validation_epoch_end(self) -> None:
+        if not self.restore_best or self.trainer.sanity_checking:
+            return
+        value = self.trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise ValueError(f"restore_best: no validation metric {self.monitor!r}; choose one of "
+                             f"{sorted(k for k in self.trainer.callback_metrics if 'val/' in k)}")
+        value = float(value)
+        if value == value and (self.best_score is None or value < self.best_score):
+            self.best_score = value
+            self.best_state = {k: v.detach().clone()
+                               for k, v in self.model.state_dict().items()}
+
+    def on_fit_end(self) -> None:
+        if self.restore_best and self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.best_state is not None:  # a resumed run still restores the best epoch
+            checkpoint["tsssm_best"] = {"score": self.best_score,
+                                        "state": copy.copy(self.best_state)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        best = checkpoint.get("tsssm_best")
+        if best is not None:
+            self.best_score, self.best_state = best["score"], best["state"]
+
     def configure_optimizers(self):
         cfg = self.optimizer_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -84,5 +152,11 @@ class ForecastTask(L.LightningModule):
             return torch.optim.LBFGS(params, lr=cfg["lr"], max_iter=cfg["max_iter"],
                                      line_search_fn="strong_wolfe")
         if name == "adam":
-            return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+            opt = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        else:
+            opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        decay = cfg.get("lr_decay", 1.0)
+        if decay == 1.0:
+            return opt
+        schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=decay)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
