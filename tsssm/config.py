@@ -164,6 +164,8 @@ class MambaNet:
     #: RLinear's linear map from the normalised context to the horizon (needs head=flatten)
     linear_skip: bool = False
     head_dropout: float = 0.0
+    #: steps per patch token of the flatten head's encoder
+    forecast_patch_len: int = 16
 
 
 @dataclass
@@ -198,6 +200,8 @@ class HybridNet:
     expand: int = 2
     #: patch length of the horizon head's tokens
     patch_len: int = 16
+    #: steps per token of the causal one-step encoder (1: terms for every step)
+    step_patch_len: int = 1
     dropout: float = 0.0
     head_dropout: float = 0.0
     linear_skip: bool = True
@@ -214,8 +218,6 @@ class ResidualNet(HybridNet):
 @dataclass
 class DeepSSMNet(HybridNet):
     _target_: str = "tsssm.models.hybrid.MambaKalmanFilter"
-    #: steps per token of the causal encoder that emits the filter's noise levels
-    step_patch_len: int = 1
 
 
 @dataclass

@@ -42,6 +42,9 @@ def run(cfg: DictConfig, overrides: list[str], compose: Callable[[list[str]], Di
         print(f"\n== tsssm score model={name} ==", flush=True)
         score(compose([*base, f"model={name}", f"model.run_id={run_id}"]))
     print("\n== tsssm compare ==", flush=True)
-    compare(compose([*base, f"compare.runs=[{','.join(trained)}]"]))
+    # compare reads the trained runs; keys of one model's config (model.net.d_model=...) would
+    # not compose with the default model
+    shared = [o for o in base if not o.lstrip("+~").startswith("model.")]
+    compare(compose([*shared, f"compare.runs=[{','.join(trained)}]"]))
     print("\nall runs are in MLflow: mlflow ui --backend-store-uri "
           f"{cfg.tracking.uri}")

@@ -86,7 +86,7 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
     has_val = dm.has_val()
     if cfg.trainer.early_stopping_patience and has_val:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(
-            cfg.task.monitor, patience=cfg.trainer.early_stopping_patience))
+            task.monitor, patience=cfg.trainer.early_stopping_patience))
     trainer = L.Trainer(
         max_epochs=cfg.trainer.max_epochs or cfg.model.epochs,
         accelerator=_accelerator(cfg.trainer.accelerator),

@@ -193,15 +193,16 @@ class _HybridBase(nn.Module):
     training_input = "windows"
 
     def __init__(self, n_channels: int, horizon: int, input_len: int, kalman: dict | None,
-                 n_step_terms: int, n_features: int, d_model: int, n_layers: int, d_state: int,
-                 d_conv: int, expand: int, patch_len: int, dropout: float, head_dropout: float,
-                 linear_skip: bool, scan_backend: str, em_iters: int,
-                 causal_encoder: bool = True) -> None:
+                 n_step_features: int, n_horizon_features: int, d_model: int, n_layers: int,
+                 d_state: int, d_conv: int, expand: int, patch_len: int, step_patch_len: int,
+                 dropout: float, head_dropout: float, linear_skip: bool, scan_backend: str,
+                 em_iters: int) -> None:
         super().__init__()
         _positive_int("n_channels", n_channels)
         _positive_int("horizon", horizon)
         _positive_int("input_len", input_len)
         _positive_int("patch_len", patch_len)
+        _positive_int("step_patch_len", step_patch_len)
         if input_len % patch_len:
             raise ConfigError(f"model.input_len={input_len} must be a multiple of "
                               f"model.patch_len={patch_len} (the horizon head reads its patches)")
@@ -210,7 +211,8 @@ class _HybridBase(nn.Module):
         if not isinstance(em_iters, int) or em_iters < 0:
             raise ConfigError(f"model.em_iters must be an integer >= 0, got {em_iters!r}")
         self.n_channels, self.horizon, self.input_len = n_channels, horizon, input_len
-        self.patch_len, self.linear_skip, self.em_iters = patch_len, bool(linear_skip), em_iters
+        self.patch_len, self.step_patch_len = patch_len, step_patch_len
+        self.linear_skip, self.em_iters = bool(linear_skip), em_iters
         kalman = dict(kalman or {})
         kalman.pop("_target_", None)
         comps = list(kalman.get("components", ["level", "seasonal"]))
@@ -224,10 +226,13 @@ class _HybridBase(nn.Module):
         self.config = MambaConfig(d_model=d_model, n_layers=n_layers, d_state=d_state,
                                   d_conv=d_conv, expand=expand, dropout=dropout,
                                   scan_backend=scan_backend)
-        self.encoder = ChannelPatchEncoder(n_features, patch_len, self.config, causal_encoder)
-        if causal_encoder:
-            #: one-step terms of the P steps of the next patch, from the output before it
-            self.step_head = _zero_linear(d_model, patch_len * n_step_terms)
+        # One-step path: a causal encoder over patches of step_patch_len steps (1: terms for
+        # every step from everything before it); its head emits 2 terms per step.
+        self.step_encoder = ChannelPatchEncoder(n_step_features, step_patch_len, self.config)
+        self.step_head = _zero_linear(d_model, step_patch_len * 2)
+        # Horizon path: its own encoder over the patches of the normalised context.
+        self.encoder = ChannelPatchEncoder(n_horizon_features, patch_len, self.config,
+                                           causal=False)
         n_tok = input_len // patch_len
         self.head_dropout = nn.Dropout(head_dropout)
         #: horizon terms (3 per lead time) from every patch of the context, flattened
@@ -343,11 +348,12 @@ class KalmanMambaResidual(_HybridBase):
     def __init__(self, n_channels: int, horizon: int = 96, input_len: int = 96,
                  kalman: dict | None = None, d_model: int = 64, n_layers: int = 2,
                  d_state: int = 16, d_conv: int = 4, expand: int = 2, patch_len: int = 16,
-                 dropout: float = 0.0, head_dropout: float = 0.0, linear_skip: bool = True,
-                 scan_backend: str = "auto", em_iters: int = 0) -> None:
+                 step_patch_len: int = 1, dropout: float = 0.0, head_dropout: float = 0.0,
+                 linear_skip: bool = True, scan_backend: str = "auto", em_iters: int = 0
+                 ) -> None:
         super().__init__(n_channels, horizon, input_len, kalman, 2, 2, d_model, n_layers,
-                         d_state, d_conv, expand, patch_len, dropout, head_dropout, linear_skip,
-                         scan_backend, em_iters)
+                         d_state, d_conv, expand, patch_len, step_patch_len, dropout,
+                         head_dropout, linear_skip, scan_backend, em_iters)
 
     def _features(self, y: Tensor, pred: Gaussian) -> Tensor:
         """(values, standardised innovations) (B, T, C, 2); NaN where y is missing."""
@@ -355,8 +361,8 @@ class KalmanMambaResidual(_HybridBase):
 
     def _corrected_one_step(self, y: Tensor, kpred: Gaussian, enc_state: EncoderState
                             ) -> tuple[Gaussian, EncoderState]:
-        origins, new_enc, r = self.encoder.causal(self._features(y, kpred), enc_state)
-        terms = _per_step(self.step_head(origins), y.shape[0], 2, self.patch_len)
+        origins, new_enc, r = self.step_encoder.causal(self._features(y, kpred), enc_state)
+        terms = _per_step(self.step_head(origins), y.shape[0], 2, self.step_patch_len)
         terms = terms[:, r : r + y.shape[1]].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
         delta, gamma = terms.unbind(-1)  # (B, T, C)
         mean = kpred.mean + delta * kpred.var.sqrt()
@@ -369,7 +375,7 @@ class KalmanMambaResidual(_HybridBase):
         y = self._check_series(y, "y")
         state = self._check_state(state, y)
         kpred, kstate = self.kalman.one_step(y, None if state is None else state.kalman)
-        enc_state = (self.encoder.initial_state(y.shape[0], self.n_channels, y.device)
+        enc_state = (self.step_encoder.initial_state(y.shape[0], self.n_channels, y.device)
                      if state is None else state.encoder)
         dist, new_enc = self._corrected_one_step(y, kpred, enc_state)
         return dist, HybridState(kstate, new_enc)
@@ -377,7 +383,8 @@ class KalmanMambaResidual(_HybridBase):
     def _one_step_and_forecast(self, context: Tensor, horizon: int) -> tuple[Gaussian, Gaussian]:
         context = self._check_series(context, "context")
         kpred, kstate = self.kalman.one_step(context)
-        enc0 = self.encoder.initial_state(context.shape[0], self.n_channels, context.device)
+        enc0 = self.step_encoder.initial_state(context.shape[0], self.n_channels,
+                                               context.device)
         one, _ = self._corrected_one_step(context, kpred, enc0)
         k_mean, k_var = self._kalman_forecast(kstate, horizon)  # (B, h, C) each
         z = _standardised(context, kpred)
@@ -413,15 +420,9 @@ class MambaKalmanFilter(_HybridBase):
                  step_patch_len: int = 1, dropout: float = 0.0, head_dropout: float = 0.0,
                  linear_skip: bool = True, scan_backend: str = "auto", em_iters: int = 0
                  ) -> None:
-        super().__init__(n_channels, horizon, input_len, kalman, 2, 1, d_model, n_layers,
-                         d_state, d_conv, expand, patch_len, dropout, head_dropout, linear_skip,
-                         scan_backend, em_iters, causal_encoder=False)
-        _positive_int("step_patch_len", step_patch_len)
-        # The noise terms of every step come from a causal encoder over patches of
-        # step_patch_len steps (1: a term per step from everything before it).
-        self.step_encoder = ChannelPatchEncoder(1, step_patch_len, self.config)
-        self.step_head = _zero_linear(d_model, step_patch_len * 2)
-        self.step_patch_len = step_patch_len
+        super().__init__(n_channels, horizon, input_len, kalman, 1, 1, d_model, n_layers,
+                         d_state, d_conv, expand, patch_len, step_patch_len, dropout,
+                         head_dropout, linear_skip, scan_backend, em_iters)
 
     # ------------------------------------------------------------------ the filter
 

@@ -28,13 +28,17 @@ context. With ``revin=True`` (state=None only) the context is normalised per str
 by the mean and standard deviation of its observed entries, and the forecast is mapped back
 (RevIN without the affine part: the embedding and the head are linear and learn it).
 
-``head="flatten"`` (PatchTST's head, for fixed-length contexts such as the benchmark protocol's
-96 steps): the forecast reads the last ``input_len`` context steps (shorter contexts are padded
-on the left with missing steps), cut into ``input_len / P`` patches aligned to the END of the
-context, and one linear map from the encoder outputs of ALL those patches (flattened) gives the
-``horizon`` means and variances. ``linear_skip=True`` adds RLinear's path: a linear map from the
-(RevIN-normalised) ``input_len`` context values straight to the horizon means, shared by all
-channels; the encoder then models what the linear map misses. This path needs ``state=None``.
+``head="flatten"`` (PatchTST's design, for fixed-length contexts such as the benchmark
+protocol's 96 steps): the forecast has its own channel-independent encoder (a second Mamba stack
+and embedding; the one-step path keeps ``channel_mode`` and ``patch_len``). It reads the last
+``input_len`` context steps (shorter contexts are padded on the left with missing steps),
+RevIN-normalised per channel, cut into ``input_len / forecast_patch_len`` patches aligned to the
+END of the context; one linear map from the encoder outputs of ALL those patches (flattened)
+gives the ``horizon`` means and variances of the channel. ``linear_skip=True`` adds RLinear's
+path: a linear map from the normalised ``input_len`` context values straight to the horizon
+means, shared by all channels; the encoder then models what the linear map misses. The variance
+is softplus(head) x the context's RevIN variance + a learned floor per lead time (in data
+units). This path needs ``state=None``.
 
 Variance calibration: forecast variances are multiplied by ``var_calibration`` (one factor per
 lead time, 1 until fitted), a component fitted after training on validation windows
@@ -112,6 +116,7 @@ class MambaForecaster(nn.Module):
         input_len: int = 96,
         linear_skip: bool = False,
         head_dropout: float = 0.0,
+        forecast_patch_len: int = 16,
     ) -> None:
         super().__init__()
         for key, value in (("n_channels", n_channels), ("horizon", horizon)):
@@ -131,10 +136,12 @@ class MambaForecaster(nn.Module):
         if head == "flatten":
             if not isinstance(input_len, int) or isinstance(input_len, bool) or input_len < 1:
                 raise ConfigError(f"model.input_len must be a positive integer, got {input_len!r}")
-            if input_len % patch_len:
+            if (not isinstance(forecast_patch_len, int) or isinstance(forecast_patch_len, bool)
+                    or forecast_patch_len < 1 or input_len % forecast_patch_len):
                 raise ConfigError(
                     f"model.head=flatten cuts the last model.input_len={input_len} steps into "
-                    f"patches of model.patch_len={patch_len}: make input_len a multiple of it"
+                    f"patches of model.forecast_patch_len={forecast_patch_len!r}: make input_len "
+                    f"a multiple of it"
                 )
         if not 0.0 <= head_dropout < 1.0:
             raise ConfigError(f"model.head_dropout must be in [0, 1), got {head_dropout!r}")
@@ -170,9 +177,12 @@ class MambaForecaster(nn.Module):
         if head == "last":
             self.forecast_head = GaussianHead(d_model, self._forecast_span * c_tok,
                                               min_var=MIN_VAR)
-        else:  # every patch of the last input_len steps, flattened
-            n_tok = input_len // patch_len
-            self.forecast_head = GaussianHead(n_tok * d_model, horizon * c_tok, min_var=MIN_VAR)
+        else:  # its own channel-independent encoder; every patch of the context, flattened
+            self.forecast_patch_len = forecast_patch_len
+            self.forecast_embed = nn.Linear(2 * forecast_patch_len, d_model)
+            self.forecast_encoder = MambaStack(self.config)
+            n_tok = input_len // forecast_patch_len
+            self.forecast_head = GaussianHead(n_tok * d_model, horizon, min_var=MIN_VAR)
         self.head_dropout = nn.Dropout(head_dropout)
         if head == "flatten":
             # A variance floor per lead time in data units, beside the part proportional to the
@@ -270,14 +280,18 @@ class MambaForecaster(nn.Module):
 
     def _forecast_flatten(self, context: Tensor, horizon: int) -> Gaussian:
         """The flatten head over the patches of the last input_len steps (see module doc)."""
-        batch = context.shape[0]
+        batch, channels = context.shape[0], self.n_channels
         window, loc, scale = self._last_window(context)  # (B, input_len, C), (B, 1, C) x2
-        hidden, _ = self.encoder(self.embed_dropout(self.embed(self._series_to_tokens(window))))
-        flat = self.head_dropout(hidden.flatten(1)).unsqueeze(1)  # (B', 1, n_tok*d)
-        out = self.forecast_head.proj(flat)  # (B', 1, 2*H*c_tok)
-        mean_n, raw_var = out.split(out.shape[-1] // 2, dim=-1)
-        mean_n = self._tokens_to_series(mean_n, batch, steps=self.horizon)  # (B, H, C)
-        raw_var = self._tokens_to_series(raw_var, batch, steps=self.horizon)
+        missing = window.isnan()
+        feats = torch.stack([window.masked_fill(missing, 0.0), missing.to(window.dtype)], -1)
+        n_tok, p = self.input_len // self.forecast_patch_len, self.forecast_patch_len
+        tokens = feats.permute(0, 2, 1, 3).reshape(batch * channels, n_tok, p, 2)
+        tokens = torch.cat([tokens[..., 0], tokens[..., 1]], dim=-1)  # (B*C, n_tok, 2P)
+        hidden, _ = self.forecast_encoder(self.embed_dropout(self.forecast_embed(tokens)))
+        flat = self.head_dropout(hidden.flatten(1))  # (B*C, n_tok*d)
+        mean_n, raw_var = self.forecast_head.proj(flat).split(self.horizon, dim=-1)
+        mean_n = mean_n.reshape(batch, channels, self.horizon).transpose(1, 2)  # (B, H, C)
+        raw_var = raw_var.reshape(batch, channels, self.horizon).transpose(1, 2)
         if self.linear_skip:
             mean_n = mean_n + self._skip_path(window)
         mean = mean_n * scale + loc

@@ -13,7 +13,13 @@ gradient stopped, so the variance learns the size of the errors the mean makes.
 Optimiser: AdamW/Adam (or L-BFGS for full-stream filters); ``lr_decay`` multiplies the learning
 rate after every epoch (TSLib's recipe halves it: 0.5). ``restore_best`` keeps a copy of the
 weights of the epoch with the best ``monitor`` value on validation and puts them back when
-training ends (the model that is evaluated and saved is the best-validated one, as in TSLib).
+training ends (the model that is evaluated and saved is the best-validated one, as in TSLib); a
+horizon metric (``val/mse_horizon``) falls back to ``val/loss`` for models trained on whole
+streams, which have no horizon loss.
+
+Window models may offer ``predict_window(context, horizon) -> (one-step Gaussian over the
+context, horizon Gaussian)``; the task then takes both losses from that one pass (a filter runs
+once per window, not once per loss term) and the one-step loss covers the context.
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ class ForecastTask(L.LightningModule):
         self.one_step_weight = one_step_weight
         self.horizon_weight = horizon_weight if model.training_input == "windows" else 0.0
         self.variance_loss = variance_loss
-        self.monitor = monitor
+        # a model fitted on whole streams has no horizon loss: it is monitored on its own loss
+        self.monitor = monitor if self.horizon_weight > 0 or "horizon" not in monitor \
+            else "val/loss"
         self.restore_best = restore_best
         self.best_score: float | None = None
         self.best_state: dict[str, Tensor] | None = None
