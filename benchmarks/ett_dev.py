@@ -30,11 +30,11 @@ from tsssm.tasks.forecast import ForecastTask
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(name: str, root: str, window: int):
+def load(name: str, root: str, input_len: int, horizon: int):
     raw = OmegaConf.load(ROOT / "conf" / "data" / f"{name}.yaml")
     raw.pop("defaults", None)
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), raw)
-    cfg.root, cfg.window = root, window
+    cfg.root, cfg.input_len, cfg.horizon = root, input_len, horizon
     return build_dataset(cfg).load()
 
 
@@ -80,7 +80,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     L, H = args.input_len, args.horizon
-    data = load(args.data, args.root, L + H)
+    data = load(args.data, args.root, L, H)
     part = data.parts[0]
     values = part.stream.values
     net_cfg = {"_target_": "tsssm.models.mamba_forecaster.MambaForecaster", "horizon": H,

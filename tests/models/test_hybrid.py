@@ -193,6 +193,9 @@ def test_short_and_long_contexts(cls):
         for length in (3, 8, 21):
             fc = model.forecast(_series(length=length), 6)
             assert torch.isfinite(fc.mean).all() and (fc.var > 0).all()
+        odd = _model(cls, input_len=10)  # a partial first patch (10 = 2 x 4 + 2)
+        fc = odd.forecast(_series(length=12), 6)
+        assert torch.isfinite(fc.mean).all() and (fc.var > 0).all()
 
 
 @pytest.mark.parametrize("cls", KINDS)
@@ -209,8 +212,8 @@ def test_bad_input_is_a_clear_error(cls):
         model.forecast(torch.randn(2, 8, 3), 3, state)
     with pytest.raises(ModelError, match="batch 2"):
         model.one_step(torch.randn(1, 5, 3), state)
-    with pytest.raises(ConfigError, match="multiple"):
-        cls(3, input_len=10, patch_len=4)
+    with pytest.raises(ConfigError, match="patch_len"):
+        cls(3, input_len=10, patch_len=0)
     with pytest.raises(ConfigError, match="kalman"):
         cls(3, kalman={"colour": "blue"})
 

@@ -203,9 +203,6 @@ class _HybridBase(nn.Module):
         _positive_int("input_len", input_len)
         _positive_int("patch_len", patch_len)
         _positive_int("step_patch_len", step_patch_len)
-        if input_len % patch_len:
-            raise ConfigError(f"model.input_len={input_len} must be a multiple of "
-                              f"model.patch_len={patch_len} (the horizon head reads its patches)")
         if not 0.0 <= head_dropout < 1.0:
             raise ConfigError(f"model.head_dropout must be in [0, 1), got {head_dropout!r}")
         if not isinstance(em_iters, int) or em_iters < 0:
@@ -233,7 +230,7 @@ class _HybridBase(nn.Module):
         # Horizon path: its own encoder over the patches of the normalised context.
         self.encoder = ChannelPatchEncoder(n_horizon_features, patch_len, self.config,
                                            causal=False)
-        n_tok = input_len // patch_len
+        n_tok = -(-input_len // patch_len)  # a partial first patch is padded with missing steps
         self.head_dropout = nn.Dropout(head_dropout)
         #: horizon terms (3 per lead time) from every patch of the context, flattened
         self.horizon_head = _zero_linear(n_tok * d_model, 3 * horizon)
@@ -297,7 +294,9 @@ class _HybridBase(nn.Module):
         feats = [x.unsqueeze(-1)]
         if extra is not None:
             feats.append(_last_window(extra, self.input_len))
-        hidden, _ = self.encoder(torch.cat(feats, dim=-1))  # (B*C, n_tok, d)
+        n_steps = -(-self.input_len // self.patch_len) * self.patch_len
+        feats = _last_window(torch.cat(feats, dim=-1), n_steps)  # whole patches, NaN-padded
+        hidden, _ = self.encoder(feats)  # (B*C, n_tok, d)
         out = self.horizon_head(self.head_dropout(hidden.flatten(1)))  # (B*C, 3H)
         batch = context.shape[0]
         out = out.reshape(batch, self.n_channels, 3, self.horizon).permute(2, 0, 3, 1)

@@ -32,8 +32,8 @@ by the mean and standard deviation of its observed entries, and the forecast is 
 protocol's 96 steps): the forecast has its own channel-independent encoder (a second Mamba stack
 and embedding; the one-step path keeps ``channel_mode`` and ``patch_len``). It reads the last
 ``input_len`` context steps (shorter contexts are padded on the left with missing steps),
-RevIN-normalised per channel, cut into ``input_len / forecast_patch_len`` patches aligned to the
-END of the context; one linear map from the encoder outputs of ALL those patches (flattened)
+RevIN-normalised per channel, cut into ``ceil(input_len / forecast_patch_len)`` patches aligned to
+the END of the context (a partial first patch is padded with missing steps); one linear map from the encoder outputs of ALL those patches (flattened)
 gives the ``horizon`` means and variances of the channel. ``linear_skip=True`` adds RLinear's
 path: a linear map from the normalised ``input_len`` context values straight to the horizon
 means, shared by all channels; the encoder then models what the linear map misses. The variance
@@ -137,12 +137,9 @@ class MambaForecaster(nn.Module):
             if not isinstance(input_len, int) or isinstance(input_len, bool) or input_len < 1:
                 raise ConfigError(f"model.input_len must be a positive integer, got {input_len!r}")
             if (not isinstance(forecast_patch_len, int) or isinstance(forecast_patch_len, bool)
-                    or forecast_patch_len < 1 or input_len % forecast_patch_len):
-                raise ConfigError(
-                    f"model.head=flatten cuts the last model.input_len={input_len} steps into "
-                    f"patches of model.forecast_patch_len={forecast_patch_len!r}: make input_len "
-                    f"a multiple of it"
-                )
+                    or forecast_patch_len < 1):
+                raise ConfigError(f"model.forecast_patch_len must be a positive integer, got "
+                                  f"{forecast_patch_len!r}")
         if not 0.0 <= head_dropout < 1.0:
             raise ConfigError(f"model.head_dropout must be in [0, 1), got {head_dropout!r}")
         self.n_channels = n_channels
@@ -181,7 +178,7 @@ class MambaForecaster(nn.Module):
             self.forecast_patch_len = forecast_patch_len
             self.forecast_embed = nn.Linear(2 * forecast_patch_len, d_model)
             self.forecast_encoder = MambaStack(self.config)
-            n_tok = input_len // forecast_patch_len
+            n_tok = -(-input_len // forecast_patch_len)  # a partial first patch is padded
             self.forecast_head = GaussianHead(n_tok * d_model, horizon, min_var=MIN_VAR)
         self.head_dropout = nn.Dropout(head_dropout)
         if head == "flatten":
@@ -282,9 +279,14 @@ class MambaForecaster(nn.Module):
         """The flatten head over the patches of the last input_len steps (see module doc)."""
         batch, channels = context.shape[0], self.n_channels
         window, loc, scale = self._last_window(context)  # (B, input_len, C), (B, 1, C) x2
-        missing = window.isnan()
-        feats = torch.stack([window.masked_fill(missing, 0.0), missing.to(window.dtype)], -1)
-        n_tok, p = self.input_len // self.forecast_patch_len, self.forecast_patch_len
+        p = self.forecast_patch_len
+        n_tok = -(-self.input_len // p)
+        padded = window
+        if n_tok * p > self.input_len:  # the first patch starts before the window: missing
+            padded = torch.cat([window.new_full((batch, n_tok * p - self.input_len, channels),
+                                                float("nan")), window], dim=1)
+        missing = padded.isnan()
+        feats = torch.stack([padded.masked_fill(missing, 0.0), missing.to(padded.dtype)], -1)
         tokens = feats.permute(0, 2, 1, 3).reshape(batch * channels, n_tok, p, 2)
         tokens = torch.cat([tokens[..., 0], tokens[..., 1]], dim=-1)  # (B*C, n_tok, 2P)
         hidden, _ = self.forecast_encoder(self.embed_dropout(self.forecast_embed(tokens)))
