@@ -32,13 +32,14 @@ by the mean and standard deviation of its observed entries, and the forecast is 
 protocol's 96 steps): the forecast has its own channel-independent encoder (a second Mamba stack
 and embedding; the one-step path keeps ``channel_mode`` and ``patch_len``). It reads the last
 ``input_len`` context steps (shorter contexts are padded on the left with missing steps),
-RevIN-normalised per channel, cut into ``ceil(input_len / forecast_patch_len)`` patches aligned to
-the END of the context (a partial first patch is padded with missing steps); one linear map from the encoder outputs of ALL those patches (flattened)
-gives the ``horizon`` means and variances of the channel. ``linear_skip=True`` adds RLinear's
-path: a linear map from the normalised ``input_len`` context values straight to the horizon
-means, shared by all channels; the encoder then models what the linear map misses. The variance
-is softplus(head) x the context's RevIN variance + a learned floor per lead time (in data
-units). This path needs ``state=None``.
+RevIN-normalised per channel, cut into ``ceil(input_len / forecast_patch_len)`` patches aligned
+to the END of the context (a partial first patch is padded with missing steps); one linear map
+from the encoder outputs of ALL those patches (flattened) gives the ``horizon`` means and
+variances of the channel. ``linear_skip=True`` adds RLinear's path: a linear map from the
+normalised ``input_len`` context values straight to the horizon means, shared by all channels;
+the encoder then models what the linear map misses. The variance is softplus(head) x the
+context's RevIN variance + a learned floor per lead time (in data units). This path needs
+``state=None``.
 
 Variance calibration: forecast variances are multiplied by ``var_calibration`` (one factor per
 lead time, 1 until fitted), a component fitted after training on validation windows
