@@ -23,7 +23,7 @@ from records import commit, device_name, merge_records
 DATASETS = ["ett_h1", "ett_h2", "ett_m1", "ett_m2"]
 HORIZONS = [96, 192, 336, 720]
 #: trained through `tsssm train` (conf/model/<name>.yaml)
-TRAINED = ["kalman", "mamba"]
+TRAINED = ["kalman", "mamba", "hybrid_residual", "hybrid_dssm"]
 #: evaluated in process: no training beyond their closed-form fit
 BASELINES = ["last_value", "seasonal_naive"]
 KEY = ("dataset", "task", "horizon", "model")

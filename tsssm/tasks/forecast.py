@@ -88,10 +88,13 @@ class ForecastTask(L.LightningModule):
             one, fpred = self.model.predict_window(context, self.horizon)
             scored = hide_unscored(context, mask[:, : -self.horizon])
             out["nll_one_step"] = gaussian_nll(scored, one)
-        else:
+            loss = self.one_step_weight * out["nll_one_step"]
+        elif self.one_step_weight > 0 or self.horizon_weight == 0:
             out["nll_one_step"] = self.one_step_nll(y if streams else [y],
                                                     mask if streams else [mask])
-        loss = self.one_step_weight * out["nll_one_step"]
+            loss = self.one_step_weight * out["nll_one_step"]
+        else:  # one_step_weight=0: the one-step pass would only cost time
+            loss = y.new_zeros(())
         if self.horizon_weight > 0 and not streams:
             if not shared:
                 context, target = y[:, : -self.horizon], y[:, -self.horizon :]
