@@ -27,7 +27,13 @@ COMMANDS: dict[str, str] = {
                "one table.",
     "run": "The main job: train each model in run.models, score the held-out data with each, "
            "and compare them with the classical comparators (one MLflow run per step).",
+    "dashboard": "Look at the runs in a browser: runs table, forecasts, anomaly scores with a "
+                 "threshold slider, comparisons, benchmark tables (tracking.uri=... picks the "
+                 "store; --port N, default 8050; --host H, default 127.0.0.1).",
 }
+
+#: options that take a value, and the commands that have them
+VALUE_OPTIONS = {"--port": "dashboard", "--host": "dashboard"}
 
 EXAMPLES = """examples:
   tsssm run                                          # the bundled SKAB sample, end to end
@@ -36,7 +42,7 @@ EXAMPLES = """examples:
   tsssm score data.path=/my/stream.parquet model.checkpoint=tsssm_runs/models/<run id>
   tsssm compare compare.runs=[<run id>,<run id>]
   tsssm train --cfg model=mamba                      # print the composed config and exit
-view the runs: mlflow ui --backend-store-uri sqlite:///tsssm_runs/mlflow.db"""
+  tsssm dashboard --port 8050                        # look at the runs in a browser"""
 
 log = logging.getLogger("tsssm")
 
@@ -68,7 +74,8 @@ def usage(command: str | None = None) -> str:
         lines.append("commands:")
         lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
     else:
-        lines.append(f"usage: tsssm {command} [--verbose] [--cfg] [key=value ...]\n")
+        extra = "".join(f" [{o} ...]" for o, c in VALUE_OPTIONS.items() if c == command)
+        lines.append(f"usage: tsssm {command} [--verbose] [--cfg]{extra} [key=value ...]\n")
         lines.append(COMMANDS[command])
     lines.append("\nconfig groups (choose with group=option; defaults in conf/config.yaml):")
     defaults = default_options()
@@ -171,13 +178,31 @@ def _runner(command: str) -> Callable:
         from tsssm.commands.compare import compare
 
         return compare
+    if command == "dashboard":
+        from tsssm.commands.dashboard import dashboard
+
+        return dashboard
     from tsssm.commands.run import run
 
     return run
 
 
+def _value_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``--port 8050`` / ``--port=8050`` taken out of argv: (rest, {"--port": "8050"})."""
+    rest, found = [], {}
+    it = iter(argv)
+    for a in it:
+        name, eq, value = a.partition("=")
+        if name in VALUE_OPTIONS:
+            found[name] = value if eq else next(it, "")
+        else:
+            rest.append(a)
+    return rest, found
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, values = _value_options(argv)
     flags = {a for a in argv if a.startswith("-")}
     args = [a for a in argv if not a.startswith("-")]
     verbose = bool(flags & {"-v", "--verbose"}) or "verbose=true" in args
@@ -197,6 +222,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown option {sorted(unknown)[0]}; see `tsssm {command} --help`",
               file=sys.stderr)
         return 2
+    for name, value in values.items():
+        if VALUE_OPTIONS[name] != command:
+            print(f"error: {name} is an option of `tsssm {VALUE_OPTIONS[name]}`, not of "
+                  f"`tsssm {command}`", file=sys.stderr)
+            return 2
+        if not value or (name == "--port" and not value.isdigit()):
+            print(f"error: {name} needs a value, e.g. {name} "
+                  f"{'8050' if name == '--port' else '127.0.0.1'}", file=sys.stderr)
+            return 2
     _setup_logging(verbose)
     # A `kill` (SIGTERM) ends the command like Ctrl-C, so its MLflow run is marked KILLED.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -216,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "run":
             _runner(command)(cfg, overrides, compose)
+        elif command == "dashboard":
+            options = {"host": values.get("--host", "127.0.0.1"), "verbose": verbose}
+            if "--port" in values:
+                options["port"] = int(values["--port"])
+            _runner(command)(cfg, **options)
         else:
             _runner(command)(cfg)
         return 0

@@ -203,6 +203,9 @@ class ScoreConfig:
     chunk_size: int = 100_000
     #: where the scores Parquet goes; default tsssm_runs/scores/<run id>.parquet
     output: str | None = None
+    #: log the scored streams' figures (`tsssm run` turns it off: its train step has logged
+    #: the same test split's figures already)
+    figures: bool = True
 
 
 @dataclass

@@ -99,8 +99,11 @@ def compare(cfg: DictConfig) -> str:
                 f"# {cfg.data.name}: test split (h = {horizon})\n\n```\n{table}\n```\n")
             from tsssm import plots
 
-            (folder / "figures").mkdir()
-            plots.save_html(plots.comparison_figure(rows), folder / "figures" / "compare.html")
+            figure = plots.comparison_figure(
+                rows, metrics=("test/f1", "test/auc_pr", "test/mae", "h_mae"),
+                title=f"{cfg.data.name}: test split (h = {horizon})")
+            plots.save_report([("method comparison", figure)], folder / "figures" / "report.html",
+                              title=f"tsssm compare: {cfg.data.name}")
             tracker.log_dir(folder / "tables", "tables")
             tracker.log_dir(folder / "figures", "figures")
         print(f"\n{cfg.data.name}, test split; forecast errors on the normalised scale, "

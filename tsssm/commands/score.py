@@ -19,6 +19,7 @@ from tsssm.commands.common import (
     MAX_FIGURES,
     figures_for_stream,
     resolve_bundle,
+    save_figures,
     scored_parts,
     staging,
     stream_frame,
@@ -78,7 +79,7 @@ def score(cfg: DictConfig) -> str:
                     f"was trained on {bundle.channels}; set data.channels to match"
                 )
         started = time.perf_counter()
-        frames, labels, scores, flags_all = [], [], [], []
+        frames, labels, scores, flags_all, figures = [], [], [], [], []
         metrics: dict[str, float] = {}
         with staging(cfg.tracking.output_dir, run.run_id) as folder:
             for i, part in enumerate(scored_parts(data)):
@@ -93,9 +94,11 @@ def score(cfg: DictConfig) -> str:
                     labels.append(part.stream.labels[slice(*rows)])
                     scores.append(pred.score[slice(*rows)])
                     flags_all.append(flags[slice(*rows)])
-                if i < MAX_FIGURES:
-                    figures_for_stream(folder / "figures", part, pred, bundle.threshold, flags,
-                                       rows, f"{bundle.model_name} ({source})")
+                if cfg.score.figures and i < MAX_FIGURES:
+                    figures += figures_for_stream(part, pred, bundle.threshold, flags, rows,
+                                                  f"{bundle.model_name} ({source})")
+            save_figures(figures, folder / "figures", f"{bundle.model_name} ({source}): "
+                         f"scores of {target}")
             table = pl.concat(frames)
             elapsed = time.perf_counter() - started
             metrics["test/rows"] = float(table.height)

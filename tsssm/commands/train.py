@@ -18,6 +18,7 @@ from tsssm.commands.common import (
     figures_for_stream,
     fit_threshold,
     forecast_frame,
+    save_figures,
     seed_everything,
     staging,
     stream_frame,
@@ -123,7 +124,7 @@ def log_evaluation(cfg: DictConfig, net, data: PreparedData, tracker: Tracker, f
                   eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size,
                   make_threshold=lambda s: fit_threshold(cfg.task, s))
     tracker.log_metrics(ev.metrics)
-    frames, fc_frames = [], []
+    frames, fc_frames, figures = [], [], []
     scored = [(p, pr) for p, pr in zip(data.parts, ev.preds) if p.split is not None]
     for i, (p, pr) in enumerate(scored):
         rows = (p.rows("train")[0], p.rows("test")[1])
@@ -132,8 +133,8 @@ def log_evaluation(cfg: DictConfig, net, data: PreparedData, tracker: Tracker, f
             pl.Series("split", _split_names(p, rows))))
         fc_frames.append(forecast_frame(p, pr, p.rows("test")))
         if i < MAX_FIGURES:
-            figures_for_stream(folder / "figures", p, pr, ev.threshold, flags, p.rows("test"),
-                               title)
+            figures += figures_for_stream(p, pr, ev.threshold, flags, p.rows("test"), title)
+    save_figures(figures, folder / "figures", f"{title}: test split")
     if frames:
         write_parquet(pl.concat(frames), folder / "scores" / "scores.parquet")
         write_parquet(pl.concat(fc_frames), folder / "forecasts" / "test_one_step.parquet")
