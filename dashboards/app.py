@@ -118,7 +118,9 @@ def create_app(store: RunStore, benchmarks_dir: Path | None = None) -> dash.Dash
             html.Span(f"store: {store.uri}", style={"color": "#6b7280", "fontSize": 12,
                                                     "marginLeft": "auto"}),
         ]),
-        dcc.Loading(html.Div(id="page"), type="circle", delay_show=400),
+        # the spinner while a page is built; each graph fills in on its own afterwards
+        dcc.Loading(html.Div(id="page"), type="circle", delay_show=400,
+                    target_components={"page": "children"}),
     ])
 
     # -- pages -----------------------------------------------------------------------------
@@ -204,7 +206,7 @@ def create_app(store: RunStore, benchmarks_dir: Path | None = None) -> dash.Dash
         evaluated = D.evaluated_rows(scores)
         grid = D.threshold_grid(evaluated["score"].to_numpy(), fitted)
         start = int(np.argmin([abs(g - fitted) for g in grid])) if fitted is not None else 0
-        marks = {i: f"{grid[i]:.3g}" for i in np.linspace(0, len(grid) - 1, 6).astype(int)}
+        marks = {int(i): f"{grid[i]:.3g}" for i in np.linspace(0, len(grid) - 1, 6).astype(int)}
         streams = D.stream_names(scores)
         has_split = "split" in scores.columns
         has_contrib = bool(D.contrib_channels(scores))
@@ -224,7 +226,7 @@ def create_app(store: RunStore, benchmarks_dir: Path | None = None) -> dash.Dash
             html.Div(style={"margin": "12px 0"}, children=[
                 html.Div(id="threshold-value"),
                 dcc.Slider(0, len(grid) - 1, 1, value=start, marks=marks, id="threshold-slider",
-                           updatemode="drag", included=False),
+                           updatemode="drag", included=False, allow_direct_input=False),
             ]),
             html.Div(id="live-metrics"),
             dcc.Graph(id="anomaly-graph", config={"displaylogo": False}),

@@ -15,6 +15,8 @@ DEFAULT_PORT = 8050
 
 def _check_port(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # as the server will: a port closed a moment ago (TIME_WAIT) can be reused
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as err:
