@@ -389,7 +389,8 @@ def create_app(store: RunStore, benchmarks_dir: Path | None = None) -> dash.Dash
         _, scores = _scores(run_id)
         threshold = grid[int(index)]
         m = D.metrics_at(scores, threshold)
-        where = "test split, all streams" if "split" in scores.columns else "all scored rows"
+        where = ("the test split (all streams)" if "split" in scores.columns
+                 else "every scored row")
         if m is None:
             flagged = int((D.evaluated_rows(scores)["score"].to_numpy() > threshold).sum())
             return html.P(f"{flagged} rows flagged ({where}); no labels, so no precision/recall.",
@@ -401,7 +402,7 @@ def create_app(store: RunStore, benchmarks_dir: Path | None = None) -> dash.Dash
                          style={"paddingRight": "28px"}) for k in D.LIVE]
         return html.Div([
             html.Table(html.Tr(cells)),
-            html.P(f"at threshold {threshold:.4g} on the {where}: {int(m['n_flagged'])} of "
+            html.P(f"at threshold {threshold:.4g} on {where}: {int(m['n_flagged'])} of "
                    f"{int(m['n'])} rows flagged, {int(m['n_positive'])} labelled anomalous",
                    style={"color": "#6b7280", "fontSize": 12}),
         ])

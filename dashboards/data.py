@@ -283,9 +283,11 @@ def comparison_rows(runs: Sequence[RunRecord], cache: FrameCache) -> list[dict[s
 
 
 def metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Metric keys present in ``rows``: test/ first, then val/, then the rest."""
+    """Metric keys present in ``rows`` (``split/metric``, and a compare table's ``h_*``
+    horizon errors): test/ first, then val/, then the rest."""
     keys = {k for r in rows for k, v in r.items()
-            if "/" in k and isinstance(v, int | float) and not isinstance(v, bool)}
+            if ("/" in k or k.startswith("h_")) and isinstance(v, int | float)
+            and not isinstance(v, bool)}
     order = {"test": 0, "val": 1, "train": 2}
     return sorted(keys, key=lambda k: (order.get(k.split("/")[0], 3), k))
 

@@ -72,7 +72,8 @@ def usage(command: str | None = None) -> str:
     if command is None:
         lines.append("usage: tsssm <command> [--help] [--verbose] [--cfg] [key=value ...]\n")
         lines.append("commands:")
-        lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+        width = max(map(len, COMMANDS))
+        lines += [f"  {name:<{width}} {text}" for name, text in COMMANDS.items()]
     else:
         extra = "".join(f" [{o} ...]" for o, c in VALUE_OPTIONS.items() if c == command)
         lines.append(f"usage: tsssm {command} [--verbose] [--cfg]{extra} [key=value ...]\n")

@@ -461,8 +461,7 @@ def comparison_figure(
                              textposition="outside", cliponaxis=False, showlegend=False),
                       row=1, col=j + 1)
     fig.update_layout(title=_title(title, ""), template="plotly_white", height=400,
-                      width=max(520, 320 * len(panels)),
-                      margin={"l": 50, "r": 20, "t": 80, "b": 90})
+                      margin={"l": 50, "r": 20, "t": 80, "b": 90})  # width: its container's
     fig.update_xaxes(type="category")
     fig.update_yaxes(type="linear", rangemode="tozero")
     return fig

@@ -210,7 +210,8 @@ def serve():
 @pytest.fixture(scope="session")
 def trained_store(browser, tmp_path_factory) -> dict:
     """A store made by the real commands on the bundled sample: a `tsssm train` (Kalman, EM,
-    a few iterations), a `tsssm score` of it, a train that FAILED (its data file is missing),
+    a few iterations), a `tsssm score` of it, a `tsssm compare` of it with two classical
+    comparators, a train that FAILED (its data file is missing),
     a run still RUNNING, and a score run whose scores carry per-channel attribution columns
     (``contrib:<channel>``, built here from the real scores). {name: run id, "uri": ...}."""
     import numpy as np
@@ -228,6 +229,8 @@ def trained_store(browser, tmp_path_factory) -> dict:
     store = RunStore(uri)
     (train,) = [r.run_id for r in store.runs()]
     assert main(["score", *common, f"model.run_id={train}"]) == 0
+    assert main(["compare", *common, f"compare.runs=[{train}]",
+                 "task.baselines=[last_value,ewma]"]) == 0
     assert main(["train", *common, "data=csv", f"data.path={root}/missing.csv"]) != 0
     runs = {r.command + "-" + r.status: r.run_id for r in store.runs()}
 
@@ -263,5 +266,6 @@ def trained_store(browser, tmp_path_factory) -> dict:
         '"value": 0.4, "source": "SKAB leaderboard"}]')
     store.close()
     return {"uri": uri, "train": train, "score": runs["score-FINISHED"],
+            "compare": runs["compare-FINISHED"],
             "failed": runs["train-FAILED"], "running": running, "attribution": run.run_id,
             "benchmarks": bench, "channels": channels}

@@ -36,8 +36,9 @@ def test_runs_table_lists_every_run_and_shows_failed_as_failed(site, probe):
     url, runs, _ = site
     probe.open(url + "/", "#runs-table td[data-dash-column='status']")
     statuses = _cells(probe.driver, "status")
-    assert sorted(statuses) == ["FAILED", "FINISHED", "FINISHED", "FINISHED", "RUNNING"]
-    assert "Runs (5: 3 finished, 1 failed, 1 running)" in probe.text("h2")
+    assert sorted(statuses) == ["FAILED", "FINISHED", "FINISHED", "FINISHED", "FINISHED",
+                                "RUNNING"]
+    assert "Runs (6: 4 finished, 1 failed, 1 running)" in probe.text("h2")
     failed = next(c for c in probe.driver.find_elements(
         By.CSS_SELECTOR, "#runs-table td[data-dash-column='status']") if c.text == "FAILED")
     assert failed.value_of_css_property("color") == FAILED_RED
@@ -151,6 +152,17 @@ def test_compare_page_overlays_the_runs(site, probe):
     scores = probe.graph("compare-scores", lines=3)
     assert scores["lines"] == 3
     assert probe.graph("compare-forecasts", lines=2)["lines"] == 2  # actual + the train run
+
+
+def test_a_compare_run_shows_its_table_and_bars(site, probe):
+    from selenium.webdriver.common.by import By
+
+    url, runs, _ = site
+    probe.open(f"{url}/run/{runs['compare']}", "#run-compare-table td")
+    methods = [c.text for c in probe.driver.find_elements(
+        By.CSS_SELECTOR, "#run-compare-table td[data-dash-column='method']")]
+    assert [m.split(" ")[0] for m in methods] == ["kalman", "last_value", "ewma"]
+    assert probe.graph("run-compare-bars", bars=9)["bars"] >= 9
 
 
 def test_benchmarks_page_shows_the_result_tables(site, probe):

@@ -132,3 +132,16 @@ def test_the_report_of_a_real_train_run_shows_its_data(trained_store, probe, rea
         assert g["lines"] == 2 and g["markers"] > 0 and g["shapes"] >= 1, g
         assert reads_dates(g["xticks"]), g["xticks"]
     store.close()
+
+
+def test_the_comparison_chart_of_a_real_compare_run_draws_its_bars(trained_store, probe):
+    from tsssm.tracking import RunStore
+
+    store = RunStore(trained_store["uri"])
+    path = store.fetch(trained_store["compare"], "figures/report.html")
+    probe.open(path.as_uri())
+    g = probe.graph("fig-0-plot", bars=1)
+    # f1, auc_pr, mae and h_mae of kalman, last_value and ewma
+    assert g["bars"] == 4 * 3, g
+    assert {"kalman", "last_value", "ewma"} <= set(g["xticks"])
+    store.close()

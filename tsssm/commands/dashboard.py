@@ -35,8 +35,9 @@ def dashboard(cfg: DictConfig, port: int = DEFAULT_PORT, host: str = "127.0.0.1"
     _check_port(host, port)
     store = RunStore(cfg.tracking.uri)
     app = create_app(store, default_benchmarks_dir())
-    if not verbose:
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    if not verbose:  # no line per request, and no second "Dash is running on" line
+        for name in ("werkzeug", "dash", "dash.dash"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     print(f"tsssm dashboard over {store.uri}\n  open http://{shown}:{port}/ in a browser "
           "(Ctrl-C stops it)", flush=True)
