@@ -44,8 +44,8 @@ def test_unknown_command(capsys):
     [
         ("model=lstm", "unknown option 'lstm' for config group 'model'"),
         ("data.colour=red", "unknown config key 'data.colour'"),
-        ("data.window=many", "bad value in 'data.window=many'"),
-        ("data.window=0", "'data.window' must be a positive integer"),
+        ("data.input_len=many", "bad value in 'data.input_len=many'"),
+        ("data.input_len=0", "'data.input_len' must be a positive integer"),
         ("data.gaps=sometimes", "expected one of [keep, mask, fill]"),
         ("task.threshold.q=1.5", "'task.threshold.q' must lie in (0, 1)"),
         ("model.optimizer.name=sgd", "'model.optimizer.name' is 'sgd'"),
@@ -58,8 +58,8 @@ def test_config_errors_are_one_line(capsys, tracking_overrides, override, expect
 
 
 def test_cfg_prints_the_composed_config(capsys):
-    code, out, _ = run_cli(capsys, "train", "--cfg", "model=mamba", "data.window=128")
-    assert code == 0 and "window: 128" in out and "MambaForecaster" in out
+    code, out, _ = run_cli(capsys, "train", "--cfg", "model=mamba", "data.input_len=128")
+    assert code == 0 and "input_len: 128" in out and "MambaForecaster" in out
 
 
 def _runs(mlflow_db, experiment):
@@ -69,7 +69,7 @@ def _runs(mlflow_db, experiment):
 
 
 def _csv_overrides(path: Path) -> list[str]:
-    return ["data=csv", f"data.path={path}", "data.time_column=ts", "data.window=8",
+    return ["data=csv", f"data.path={path}", "data.time_column=ts", "data.input_len=6",
             "data.horizon=2"]
 
 
@@ -82,7 +82,8 @@ def _csv_overrides(path: Path) -> list[str]:
         ("ts,a,b\n1,2,3\n1,3,4\n", "duplicate timestamp"),
         ("ts,a,b\n2,2,3\n1,3,4\n", "not sorted"),
         ("", "is empty"),
-        ("ts,a,b\n" + "".join(f"{i},{i},{i}\n" for i in range(10)), "fewer than data.window=8"),
+        ("ts,a,b\n" + "".join(f"{i},{i},{i}\n" for i in range(10)),
+         "data.input_len + data.horizon = 6 + 2"),
     ],
 )
 def test_data_errors_fail_the_run(capsys, tmp_path, tracking_overrides, mlflow_db, experiment,
@@ -101,12 +102,16 @@ def test_data_errors_fail_the_run(capsys, tmp_path, tracking_overrides, mlflow_d
     assert not (out / "models").exists() or not any((out / "models").iterdir())
 
 
-def test_missing_path_and_missing_root(capsys, tmp_path, tracking_overrides):
+def test_missing_path_and_missing_root(capsys, tmp_path, tracking_overrides, monkeypatch):
     code, _, err = run_cli(capsys, "train", *tracking_overrides, "data=csv",
                            f"data.path={tmp_path}/nope.csv")
     assert code == 2 and "not found" in error_line(err)
+    monkeypatch.setenv("TSSSM_DATA", str(tmp_path / "empty-cache"))
     code, _, err = run_cli(capsys, "train", *tracking_overrides, "data=skab")
-    assert code == 2 and "'data.root' must be set" in error_line(err)
+    assert code == 2 and "`tsssm data fetch skab`" in error_line(err)
+    code, _, err = run_cli(capsys, "train", *tracking_overrides, "data=skab",
+                           f"data.root={tmp_path}/elsewhere")
+    assert code == 2 and "matches no file under" in error_line(err)
 
 
 def test_score_without_a_trained_model(capsys, tracking_overrides):

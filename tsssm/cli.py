@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
                "one table.",
     "run": "The main job: train each model in run.models, score the held-out data with each, "
            "and compare them with the classical comparators (one MLflow run per step).",
+    "data": "Fetch the benchmark datasets (SKAB, ETT) from their upstream repositories into the "
+            "cache folder that data.root defaults to: tsssm data fetch skab|ett [--to DIR].",
     "dashboard": "Look at the runs in a browser: runs table, forecasts, anomaly scores with a "
                  "threshold slider, comparisons, benchmark tables (tracking.uri=... picks the "
                  "store; --port N, default 8050; --host H, default 127.0.0.1).",
@@ -37,8 +39,8 @@ VALUE_OPTIONS = {"--port": "dashboard", "--host": "dashboard"}
 
 EXAMPLES = """examples:
   tsssm run                                          # the bundled SKAB sample, end to end
-  tsssm train data=skab data.root=../shared/datasets/skab model=mamba trainer=gpu
-  tsssm train data=ett_m1 data.root=../shared/datasets/ett task=forecast
+  tsssm data fetch skab && tsssm train data=skab model=mamba trainer=gpu
+  tsssm data fetch ett && tsssm train experiment=ett data=ett_m1 data.horizon=336
   tsssm score data.path=/my/stream.parquet model.checkpoint=tsssm_runs/models/<run id>
   tsssm compare compare.runs=[<run id>,<run id>]
   tsssm train --cfg model=mamba                      # print the composed config and exit
@@ -83,7 +85,7 @@ def usage(command: str | None = None) -> str:
     for group, options in group_options().items():
         shown = ", ".join(f"{o}*" if defaults.get(group) == o else o for o in options)
         lines.append(f"  {group:<9} {shown}")
-    lines.append("  (* = default) any key can be set: data.window=128 model.epochs=20 "
+    lines.append("  (* = default) any key can be set: data.input_len=96 model.epochs=20 "
                  "trainer.max_epochs=3 tracking.uri=sqlite:///runs.db")
     lines.append("\noptions:\n  -h, --help     this help\n  -v, --verbose  full tracebacks "
                  "and library logs\n  --cfg          print the composed config and exit\n")
@@ -215,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), file=sys.stdout if flags & {"-h", "--help"} else sys.stderr)
         return 0 if flags & {"-h", "--help"} else 2
     command, overrides = args[0], args[1:]
+    if command == "data":  # its own arguments (argparse), no Hydra config
+        from tsssm.commands.data import main as data_main
+
+        return data_main(argv[argv.index("data") + 1 :])
     if flags & {"-h", "--help"}:
         print(usage(command))
         return 0

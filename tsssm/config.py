@@ -73,12 +73,17 @@ class DataConfig:
     fill: Fill = Fill.none
     #: the data's seasonal period in rows (e.g. a day), for seasonal models and baselines
     seasonal_period: int | None = None
-    window: int = 96
+    #: context length: the rows a forecast sees before its origin (a training window is
+    #: input_len + horizon rows)
+    input_len: int = 96
+    #: forecast horizon in rows
     horizon: int = 24
+    #: stride of training windows
     stride: int = 1
     batch_size: int = 32
-    #: stride of forecast-evaluation origins over val/test
-    eval_stride: int = 24
+    #: stride of forecast-evaluation origins over val/test (1 = every window, the benchmarks'
+    #: protocol)
+    eval_stride: int = 1
     num_workers: int = 0
 
 
@@ -237,7 +242,11 @@ class Config:
 
 
 def register_schemas() -> None:
-    """Register the schemas the YAML files in conf/ extend."""
+    """Register the schemas the YAML files in conf/ extend, and the ``${tsssm_data:NAME}``
+    resolver (a fetched dataset's folder in the cache, see tsssm.data.fetch)."""
+    from tsssm.data.fetch import default_root
+
+    OmegaConf.register_new_resolver("tsssm_data", default_root, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="data", name="data_schema", node=DataConfig)
@@ -267,10 +276,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         _check(value in allowed, key, f"is {value!r}; use one of {', '.join(allowed)}")
     d = cfg.data
-    for key in ("window", "horizon", "stride", "batch_size", "eval_stride", "train_rows"):
+    for key in ("input_len", "horizon", "stride", "batch_size", "eval_stride", "train_rows"):
         _check(d[key] >= 1, f"data.{key}", f"must be a positive integer, got {d[key]}")
-    _check(d.horizon < d.window, "data.horizon", f"({d.horizon}) must be below data.window "
-           f"({d.window}): a window holds the context and the horizon")
     _check(0 < d.train_fraction < 1, "data.train_fraction", "must lie in (0, 1)")
     _check(0 <= d.val_fraction < 1 - d.train_fraction + 1e-12 or d.protocol != "fractions",
            "data.val_fraction", "must be >= 0 and leave room for a test part")

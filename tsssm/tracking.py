@@ -116,6 +116,18 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
+    def log_series(self, name: str, values, first_step: int = 0) -> None:
+        """One metric as a curve: ``values[i]`` at step ``first_step + i`` (NaN entries skipped)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(name, float(v), now, first_step + i) for i, v in enumerate(values)
+                 if v == v]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
     def log_dir(self, path: str | Path, folder: str) -> None:
         self.client.log_artifacts(self.run_id, str(path), artifact_path=folder)
 
@@ -146,6 +158,10 @@ class Tracker:
         for run in runs:
             found.setdefault(run.data.tags.get("tsssm.model", "?"), run.info.run_id)
         return found
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of every metric of a run."""
+        return dict(self.client.get_run(run_id).data.metrics)
 
     def download(self, run_id: str, folder: str) -> Path:
         """Fetch a run's artifact folder into a temporary directory."""

@@ -51,10 +51,10 @@ def test_pooled_scaler_uses_training_rows_only():
 
 def test_windows_and_streams():
     data = build_dataset(data_config("skab_sample")).load()
-    dm = SeriesDataModule(data, "windows", window=64, stride=4, batch_size=16)
+    dm = SeriesDataModule(data, "windows", input_len=56, horizon=8, stride=4, batch_size=16)
     batch = next(iter(dm.train_dataloader()))
     assert batch["y"].shape == (16, 64, 8) and batch["mask"].all()
-    dm = SeriesDataModule(data, "streams", window=64, stride=4, batch_size=16)
+    dm = SeriesDataModule(data, "streams", input_len=56, horizon=8, stride=4, batch_size=16)
     batch = next(iter(dm.train_dataloader()))
     # whole streams, unpadded: NaN padding would read as missing data
     # (streams of equal length share one batch)
@@ -74,3 +74,42 @@ def test_ett_standard_split():
     train = part.stream.values[:8640].astype(np.float64)
     assert np.allclose(train.mean(axis=0), 0, atol=1e-4)
     assert data.channels == ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+
+
+@pytest.mark.parametrize(("horizon", "rows_per_hour"), [(96, 1), (720, 1), (336, 4)])
+def test_ett_window_counts_equal_time_series_library(tmp_path, horizon, rows_per_hour):
+    """Every split holds exactly Time-Series-Library's windows (its Dataset_ETT_hour/_minute,
+    seq_len 96, stride 1, drop_last=False): len = border2 - border1 - seq_len - pred_len + 1,
+    with val/test border1 moved seq_len rows back into the previous split."""
+    import polars as pl
+
+    from tsssm.tasks.evaluate import forecast_origin_rows
+
+    month = 30 * 24 * rows_per_hour
+    n_rows = 20 * month + 50  # the split ignores the rows after 20 months
+    start = np.datetime64("2016-07-01T00:00:00")
+    step = np.timedelta64(60 // rows_per_hour, "m")
+    dates = (start + step * np.arange(n_rows)).astype("datetime64[s]").astype(str)
+    frame = pl.DataFrame({"date": [d.replace("T", " ") for d in dates],
+                          **{f"c{i}": np.sin(np.arange(n_rows) * (i + 1) / 50.0)
+                             for i in range(7)}})
+    frame.write_csv(tmp_path / "ETT.csv")
+    data = build_dataset(data_config("ett_m1" if rows_per_hour == 4 else "ett_h1",
+                                     root=str(tmp_path), files=["ETT.csv"], horizon=horizon,
+                                     input_len=96)).load()
+    dm = SeriesDataModule(data, "windows", input_len=96, horizon=horizon, stride=1,
+                          batch_size=32)
+    seq_len = 96
+    tslib = {  # border1, border2 as in TSLib's data_loader.py
+        "train": (0, 12 * month),
+        "val": (12 * month - seq_len, 16 * month),
+        "test": (16 * month - seq_len, 20 * month),
+    }
+    expected = {k: b - a - seq_len - horizon + 1 for k, (a, b) in tslib.items()}
+    assert len(dm._windows("train")) == expected["train"]
+    assert len(dm._windows("val")) == expected["val"]
+    (part,) = data.parts
+    for split in ("val", "test"):
+        origins = forecast_origin_rows(part.rows(split), seq_len, horizon, stride=1)
+        assert len(origins) == expected[split]
+        assert origins[0] == tslib[split][0] + seq_len  # the first window's forecast origin

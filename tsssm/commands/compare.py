@@ -72,7 +72,7 @@ def compare(cfg: DictConfig) -> str:
         data = build_dataset(cfg.data).load(scaler=pooled[0].scaler if pooled else None)
         horizon = cfg.data.horizon
         common = dict(score_kind=option_value(cfg.task.score),
-                      context=cfg.data.window - horizon, horizon=horizon,
+                      context=cfg.data.input_len, horizon=horizon,
                       eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size)
         rows = []
         methods = [(label, b.model, "model", b) for label, b in trained]

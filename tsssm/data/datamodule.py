@@ -11,13 +11,18 @@ from tsssm.data.windows import StreamDataset, WindowDataset, list_collate
 
 
 class SeriesDataModule(L.LightningDataModule):
-    def __init__(self, data: PreparedData, training_input: str, window: int, stride: int,
-                 batch_size: int, num_workers: int = 0) -> None:
+    def __init__(self, data: PreparedData, training_input: str, input_len: int, horizon: int,
+                 stride: int, batch_size: int, num_workers: int = 0,
+                 eval_stride: int | None = None) -> None:
         super().__init__()
         self.data = data
         self.training_input = training_input
-        self.window = window
+        self.input_len = input_len
+        #: a training window: the context and the horizon after it
+        self.window = input_len + horizon
         self.stride = stride
+        #: stride of validation windows (default: every window)
+        self.eval_stride = eval_stride or 1
         self.batch_size = batch_size
         self.num_workers = num_workers
 
@@ -37,11 +42,12 @@ class SeriesDataModule(L.LightningDataModule):
         for part in self.data.parts:
             start, stop = part.rows(split)
             if stop > start:
-                # Validation windows may start before the border (the lookback), as in ETT.
-                begin = max(0, start - self.window // 2) if split == "val" else start
+                # A validation window's context may reach back before the border; its horizon
+                # lies inside the split (ETT's protocol: val starts input_len rows early).
+                begin = max(0, start - self.input_len) if split == "val" else start
                 if stop - begin >= self.window:
                     arrays.append(part.stream.values[begin:stop])
-        stride = self.stride if split == "train" else max(self.stride, self.window // 4)
+        stride = self.stride if split == "train" else self.eval_stride
         return WindowDataset(arrays, self.window, stride)
 
     def train_dataloader(self) -> DataLoader:

@@ -39,6 +39,19 @@ def resolve_path(path: str | None, key: str) -> Path:
     raise DataError(f"{key}={path}: no such file or directory (from {Path.cwd()})")
 
 
+def fetch_hint(root: Path) -> str:
+    """Advice for a dataset folder that lacks its files: fetch it, or point data.root at it."""
+    from tsssm.data.fetch import SOURCES, data_home
+
+    try:
+        name = root.resolve().relative_to(data_home().resolve()).parts[0]
+    except (ValueError, IndexError):
+        return ""
+    if name not in SOURCES:
+        return ""
+    return f"; fetch the dataset with `tsssm data fetch {name}`, or set data.root=<its folder>"
+
+
 @dataclass
 class Part:
     """One stream and its split ranges; ``values`` are normalised."""
@@ -158,13 +171,15 @@ class BaseDataset:
         return PreparedData(cfg.name, channels, parts, scaler, has_labels, notes)
 
     def _check_lengths(self, parts: list[Part]) -> None:
-        window = self.cfg.window
+        window = self.cfg.input_len + self.cfg.horizon
         for p in parts:
             start, stop = p.rows("train")
             if stop - start < window:
                 raise DataError(
                     f"{p.stream.path}: the training part has {stop - start} rows, fewer than "
-                    f"data.window={window}; lower data.window or give a longer series"
+                    f"one window of data.input_len + data.horizon = {self.cfg.input_len} + "
+                    f"{self.cfg.horizon}; lower data.input_len or data.horizon, or give a longer "
+                    "series"
                 )
 
 
@@ -177,7 +192,8 @@ class SKABDataset(BaseDataset):
         for pattern in patterns:
             matches = sorted(glob.glob(str(root / pattern)), key=_natural_key)
             if not matches:
-                raise DataError(f"data.files: '{pattern}' matches no file under {root}")
+                raise DataError(f"data.files: '{pattern}' matches no file under {root}"
+                                f"{fetch_hint(root)}")
             for m in matches:
                 rel = Path(m).relative_to(root)
                 out.append((Path(m), str(rel.with_suffix(""))))

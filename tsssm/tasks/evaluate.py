@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from tsssm.anomaly.metrics import anomaly_metrics, forecast_metrics
 from tsssm.anomaly.scores import anomaly_scores
 from tsssm.anomaly.thresholds import Threshold
 from tsssm.models.base import Gaussian
+from tsssm.tasks.forecast_metrics import HorizonAccumulator
 
 
 @dataclass
@@ -52,29 +53,54 @@ def predict_stream(model, values: np.ndarray, score_kind: str, chunk_size: int =
                             np.concatenate(scores))
 
 
-@torch.no_grad()
-def forecast_origins(model, values: np.ndarray, rows: tuple[int, int], context: int,
-                     horizon: int, stride: int, batch_size: int = 256
-                     ) -> tuple[Gaussian, np.ndarray, np.ndarray] | None:
-    """Horizon forecasts from origins inside ``rows``: each uses the ``context`` rows before it
-    (which may reach into the previous split, as in ETT) and predicts the next ``horizon`` rows,
-    all inside ``rows``. Returns (Gaussian (N, H, C), targets (N, H, C), origins (N,))."""
+def forecast_origin_rows(rows: tuple[int, int], context: int, horizon: int,
+                         stride: int) -> np.ndarray:
+    """Origins of the horizon windows inside ``rows``: each uses the ``context`` rows before it
+    (which may reach into the previous split, as in ETT) and predicts the ``horizon`` rows from
+    it, all inside ``rows``. With stride 1 these are exactly Time-Series-Library's windows: a
+    split of n rows (plus its context) holds n - horizon + 1 of them.  -> (N,) row indices"""
     start, stop = rows
-    first = max(start, context)
-    origins = np.arange(first, stop - horizon + 1, stride)
-    if len(origins) == 0:
-        return None
+    return np.arange(max(start, context), stop - horizon + 1, stride)
+
+
+@torch.no_grad()
+def iter_forecasts(model, values: np.ndarray, origins: np.ndarray, context: int, horizon: int,
+                   batch_size: int = 256) -> Iterator[tuple[Gaussian, np.ndarray]]:
+    """Horizon forecasts from ``origins`` in batches: (Gaussian (b, H, C) on the CPU, targets
+    (b, H, C))."""
     device = _device_of(model)
     series = torch.from_numpy(np.ascontiguousarray(values)).float()
-    means, variances = [], []
     for i in range(0, len(origins), batch_size):
         idx = origins[i : i + batch_size]
         ctx = torch.stack([series[o - context : o] for o in idx]).to(device)  # (b, L, C)
         pred = model.forecast(ctx, horizon)
-        means.append(pred.mean.float().cpu())
-        variances.append(pred.var.float().cpu())
-    targets = np.stack([values[o : o + horizon] for o in origins])
-    return (Gaussian(torch.cat(means), torch.cat(variances)), targets, origins)
+        targets = np.stack([values[o : o + horizon] for o in idx])
+        yield Gaussian(pred.mean.float().cpu(), pred.var.float().cpu()), targets
+
+
+def forecast_origins(model, values: np.ndarray, rows: tuple[int, int], context: int,
+                     horizon: int, stride: int, batch_size: int = 256
+                     ) -> tuple[Gaussian, np.ndarray, np.ndarray] | None:
+    """All horizon forecasts of ``rows`` at once (see ``forecast_origin_rows``).
+    Returns (Gaussian (N, H, C), targets (N, H, C), origins (N,)), or None without windows."""
+    origins = forecast_origin_rows(rows, context, horizon, stride)
+    if len(origins) == 0:
+        return None
+    batches = list(iter_forecasts(model, values, origins, context, horizon, batch_size))
+    return (Gaussian(torch.cat([b[0].mean for b in batches]),
+                     torch.cat([b[0].var for b in batches])),
+            np.concatenate([b[1] for b in batches]), origins)
+
+
+def horizon_metrics(model, parts_rows: list[tuple[np.ndarray, tuple[int, int]]], context: int,
+                    horizon: int, stride: int) -> HorizonAccumulator:
+    """Horizon-forecast metrics pooled over the windows of several streams' rows."""
+    acc = HorizonAccumulator(horizon)
+    for values, rows in parts_rows:
+        origins = forecast_origin_rows(rows, context, horizon, stride)
+        for pred, targets in iter_forecasts(model, values, origins, context, horizon):
+            acc.add(targets, pred.mean.numpy(), pred.var.numpy())
+    return acc
 
 
 def detection_metrics(labels: np.ndarray, scores: np.ndarray, flags: np.ndarray) -> dict:
@@ -86,6 +112,8 @@ class Evaluation:
     preds: list[StreamPrediction]  # one per part of the data
     threshold: Threshold
     metrics: dict[str, float]  # "split/metric"
+    #: per-lead-time curves, e.g. "test/h96_mse_by_lead": (H,) for lead times 1..H
+    by_lead: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def predict_detector(detector, values: np.ndarray) -> StreamPrediction:
@@ -111,6 +139,7 @@ def evaluate(model, data, *, score_kind: str, context: int, horizon: int, eval_s
             [pr.score[slice(*p.rows("train"))] for p, pr in zip(data.parts, preds)])
         threshold = make_threshold(train_scores)
     metrics: dict[str, float] = {"train/threshold": threshold.value}
+    by_lead: dict[str, np.ndarray] = {}
     for split in ("train", "val", "test"):
         rows = [(p, pr, p.rows(split)) for p, pr in zip(data.parts, preds)
                 if p.rows(split)[1] > p.rows(split)[0]]
@@ -121,18 +150,16 @@ def evaluate(model, data, *, score_kind: str, context: int, horizon: int, eval_s
             means = np.concatenate([pr.mean[slice(*r)] for _, pr, r in rows])
             metrics.update({f"{split}/{k}": v for k, v in forecast_metrics(values, means).items()})
         if forecaster and split != "train":
-            found = [forecast_origins(model, p.stream.values, r, context, horizon, eval_stride)
-                     for p, _, r in rows]
-            found = [x for x in found if x is not None]
-            if found:
-                pm = np.concatenate([x[0].mean.numpy() for x in found])
-                tg = np.concatenate([x[1] for x in found])
-                metrics.update({f"{split}/h{horizon}_{k}": v
-                                for k, v in forecast_metrics(tg, pm).items()})
+            acc = horizon_metrics(model, [(p.stream.values, r) for p, _, r in rows], context,
+                                  horizon, eval_stride)
+            if acc.windows:
+                prefix = f"{split}/h{horizon}_"
+                metrics.update({prefix + k: v for k, v in acc.result().items()})
+                by_lead.update({f"{prefix}{k}_by_lead": v for k, v in acc.by_lead().items()})
         labelled = [(p, pr, r) for p, pr, r in rows if p.stream.labels is not None]
         if split == "test" and labelled:
             labels = np.concatenate([p.stream.labels[slice(*r)] for p, _, r in labelled])
             scores = np.concatenate([pr.score[slice(*r)] for _, pr, r in labelled])
             m = detection_metrics(labels, scores, threshold.flags(scores))
             metrics.update({f"test/{k}": v for k, v in m.items()})
-    return Evaluation(preds, threshold, metrics)
+    return Evaluation(preds, threshold, metrics, by_lead)
