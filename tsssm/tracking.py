@@ -208,6 +208,7 @@ class RunStore:
     def __init__(self, uri: str) -> None:
         self.uri = _absolute_sqlite_path(uri)
         self._client: MlflowClient | None = None
+        self._names: dict[str, str] = {}
         self._cache = Path(tempfile.mkdtemp(prefix="tsssm-dashboard-"))
 
     @property
@@ -234,8 +235,11 @@ class RunStore:
             metrics=dict(data.metrics), params=dict(data.params),
         )
 
-    def _experiments(self) -> dict[str, str]:
-        return {e.experiment_id: e.name for e in self._mlflow().search_experiments()}
+    def _experiments(self, needed: str | None = None) -> dict[str, str]:
+        """{experiment id: name}, read again when ``needed`` is not among them."""
+        if needed is None or needed not in self._names:
+            self._names = {e.experiment_id: e.name for e in self._mlflow().search_experiments()}
+        return self._names
 
     def runs(self, max_results: int = 5000) -> list[RunRecord]:
         """Every run of every experiment, newest first."""
@@ -265,7 +269,7 @@ class RunStore:
             raise ModelError(f"no run {run_id} in {self.uri} "
                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
                              ) from err
-        return self._record(run, self._experiments())
+        return self._record(run, self._experiments(run.info.experiment_id))
 
     def artifacts(self, run_id: str, folder: str = "") -> list[str]:
         """Paths of the files under ``folder`` of a run's artifacts, recursively."""

@@ -128,11 +128,22 @@ class Probe:
             self.wait_css(wait_for, timeout)
 
     def wait(self, condition, timeout: float = 60, what: str = "condition"):
-        """Poll ``condition(driver)`` until it is truthy; returns its value."""
+        """Poll ``condition(driver)`` until it is truthy; returns its value. An element that
+        Dash re-renders between finding and reading it (stale) or not yet there counts as not
+        yet."""
+        from selenium.common.exceptions import (
+            JavascriptException,
+            NoSuchElementException,
+            StaleElementReferenceException,
+        )
         from selenium.webdriver.support.ui import WebDriverWait
 
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.2).until(
-            condition, message=f"waited {timeout:.0f}s for {what} at {self.driver.current_url}")
+        return WebDriverWait(
+            self.driver, timeout, poll_frequency=0.2,
+            ignored_exceptions=(NoSuchElementException, StaleElementReferenceException,
+                                JavascriptException, KeyError, TypeError),
+        ).until(condition,
+                message=f"waited {timeout:.0f}s for {what} at {self.driver.current_url}")
 
     def wait_css(self, css: str, timeout: float = 60):
         from selenium.webdriver.common.by import By
@@ -158,8 +169,16 @@ class Probe:
         return self.wait(ready, timeout, f"graph #{element_id} drawing {need}")
 
     def text(self, css: str) -> str:
+        """The visible text of the first element matching ``css`` (read again if Dash replaced
+        the element meanwhile)."""
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.common.by import By
 
+        for _ in range(20):
+            try:
+                return self.driver.find_element(By.CSS_SELECTOR, css).text
+            except StaleElementReferenceException:
+                continue
         return self.driver.find_element(By.CSS_SELECTOR, css).text
 
 
