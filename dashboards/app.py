@@ -361,8 +361,7 @@ def create_app(store: RunStore, benchmarks_dir: Path | None = None) -> dash.Dash
     def anomaly_window(relayout, stream, split, run_id):
         if dash.ctx.triggered_id != "anomaly-graph":
             return None
-        _, scores = _scores(run_id)
-        s = D.score_stream(scores, stream, split)
+        s = cache.score_stream(store.run(run_id), stream, split)
         return _parse_window(relayout, np.issubdtype(s.time.dtype, np.datetime64))
 
     @app.callback(Output("anomaly-graph", "figure"), Output("threshold-value", "children"),
@@ -371,8 +370,8 @@ def create_app(store: RunStore, benchmarks_dir: Path | None = None) -> dash.Dash
                   State("run-id", "data"), State("threshold-grid", "data"),
                   State("fitted-threshold", "data"))
     def anomaly(stream, split, index, window, run_id, grid, fitted):
-        run, scores = _scores(run_id)
-        s = D.score_stream(scores, stream, split)
+        run = store.run(run_id)
+        s = cache.score_stream(run, stream, split)
         threshold = grid[int(index)]
         fig = plots.anomaly_figure(
             s.time, s.score, threshold, s.label, s.score > threshold,
@@ -412,8 +411,7 @@ def create_app(store: RunStore, benchmarks_dir: Path | None = None) -> dash.Dash
                   Input("threshold-slider", "value"), State("run-id", "data"),
                   State("threshold-grid", "data"))
     def intervals(stream, split, index, run_id, grid):
-        _, scores = _scores(run_id)
-        s = D.score_stream(scores, stream, split)
+        s = cache.score_stream(store.run(run_id), stream, split)
         found = D.flagged_intervals(s, grid[int(index)])
         options = [{"label": iv.label, "value": f"{iv.first}-{iv.last}"} for iv in found]
         return options, (options[0]["value"] if options else None)
@@ -424,8 +422,7 @@ def create_app(store: RunStore, benchmarks_dir: Path | None = None) -> dash.Dash
     def attribution(value, stream, split, run_id):
         if not value:
             return plots.message_figure("no flagged interval at this threshold")
-        _, scores = _scores(run_id)
-        s = D.score_stream(scores, stream, split)
+        s = cache.score_stream(store.run(run_id), stream, split)
         first, last = (int(v) for v in value.split("-"))
         iv = D.Interval(first, last, s.time[first], s.time[last],
                         float(s.score[first:last + 1].max()))
@@ -496,7 +493,7 @@ def create_app(store: RunStore, benchmarks_dir: Path | None = None) -> dash.Dash
             scores = cache.frame(run, D.SCORES)
             if scores is None or stream not in D.stream_names(scores):
                 continue
-            s = D.score_stream(scores, stream, "test")
+            s = cache.score_stream(run, stream, "test")
             positive &= bool((s.score > 0).all())
             series.append((_label(run), s.time, s.score))
         if not series:

@@ -81,10 +81,10 @@ class FrameCache:
     """Parquet artifacts read once per viewer (a few runs at a time): artifacts of finished
     runs never change; those of RUNNING runs are read again on every request."""
 
-    def __init__(self, store: RunStore, size: int = 8) -> None:
+    def __init__(self, store: RunStore, size: int = 16) -> None:
         self.store = store
         self.size = size
-        self._frames: OrderedDict[tuple[str, str], pl.DataFrame] = OrderedDict()
+        self._frames: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = Lock()
 
     def frame(self, run: RunRecord, path: str) -> pl.DataFrame | None:
@@ -100,11 +100,30 @@ class FrameCache:
             return None
         frame = pl.read_parquet(local)
         if run.status in TERMINAL:
-            with self._lock:
-                self._frames[key] = frame
-                while len(self._frames) > self.size:
-                    self._frames.popitem(last=False)
+            self._keep(key, frame)
         return frame
+
+    def score_stream(self, run: RunRecord, stream: str, split: str) -> Stream | None:
+        """One stream of the run's scores (``score_stream``), kept between callbacks: a
+        slider move or a zoom reuses it instead of filtering and sorting the frame again."""
+        key = (run.run_id, f"{SCORES}#{stream}#{split}")
+        with self._lock:
+            if key in self._frames:
+                self._frames.move_to_end(key)
+                return self._frames[key]
+        scores = self.frame(run, SCORES)
+        if scores is None:
+            return None
+        found = score_stream(scores, stream, split)
+        if run.status in TERMINAL:
+            self._keep(key, found)
+        return found
+
+    def _keep(self, key: tuple[str, str], value: Any) -> None:
+        with self._lock:
+            self._frames[key] = value
+            while len(self._frames) > self.size:
+                self._frames.popitem(last=False)
 
 
 # -- scores and the threshold --------------------------------------------------------------------
@@ -179,7 +198,8 @@ def score_stream(scores: pl.DataFrame, stream: str, split: str = "test") -> Stre
     rows = scores.filter(pl.col("stream") == stream)
     if split != "all" and "split" in rows.columns:
         rows = rows.filter(pl.col("split") == split)
-    rows = rows.sort("time")
+    if not rows["time"].is_sorted():  # the commands write each stream in time order
+        rows = rows.sort("time")
     channels = contrib_channels(rows)
     contrib = (np.column_stack([rows[CONTRIB + c].to_numpy() for c in channels])
                if channels else None)

@@ -147,23 +147,29 @@ def minmax_index(y: Any, max_points: int) -> np.ndarray:
     """Sorted indices of the samples of ``y`` (T,) to draw: per bucket its minimum and maximum
     sample, and its first missing one if it has any (so a gap stays a gap). At most
     ``max_points`` (+ one per bucket with a gap); every index when T fits already."""
-    v = _np(y).astype(np.float64).reshape(-1)
+    v = _np(y).astype(np.float64, copy=False).reshape(-1)
     n = v.size
     size = bucket_size(n, max_points)
     if size == 1:
         return np.arange(n)
-    buckets = math.ceil(n / size)
-    pad = buckets * size - n
-    nan = np.isnan(v)
-    lo = np.concatenate([np.where(nan, np.inf, v), np.full(pad, np.inf)]).reshape(buckets, size)
-    hi = np.concatenate([np.where(nan, -np.inf, v), np.full(pad, -np.inf)]).reshape(buckets, size)
-    base = np.arange(buckets) * size
-    picks = [base + lo.argmin(axis=1), base + hi.argmax(axis=1)]
-    gaps = np.concatenate([nan, np.zeros(pad, bool)]).reshape(buckets, size)
-    has_gap = gaps.any(axis=1)
-    if has_gap.any():
-        picks.append((base + gaps.argmax(axis=1))[has_gap])
-    return np.unique(np.minimum(np.concatenate(picks), n - 1))
+    has_nan = bool(np.isnan(v).any())
+    full = n // size
+    picks = []
+    # the full buckets as a (full, size) view, then the short last one: no padded copy
+    for first, block in ((0, v[: full * size].reshape(full, size)),
+                         (full * size, v[full * size :].reshape(1, -1))):
+        if block.size == 0:
+            continue
+        base = first + np.arange(block.shape[0]) * size
+        if has_nan:  # copies only when there is something to mask
+            gaps = np.isnan(block)
+            picks += [base + np.where(gaps, np.inf, block).argmin(axis=1),
+                      base + np.where(gaps, -np.inf, block).argmax(axis=1)]
+            with_gap = gaps.any(axis=1)
+            picks.append((base + gaps.argmax(axis=1))[with_gap])
+        else:
+            picks += [base + block.argmin(axis=1), base + block.argmax(axis=1)]
+    return np.unique(np.concatenate(picks))
 
 
 def _decimation_note(n: int, max_points: int, where: str) -> str:
@@ -334,9 +340,12 @@ def anomaly_figure(
         fig.add_trace(go.Scatter(x=_x(t[fl]), y=s[fl], mode="markers", name="flagged",
                                  marker={"color": FLAG_COLOR, "size": 6, "symbol": "x"}))
     if lab_all is not None:
-        for first, last in _merge_runs(runs_of(lab_all[rows]), MAX_SHAPES):
-            fig.add_vrect(x0=_x1(t, first), x1=_x1(t, last), fillcolor=LABEL_COLOR,
-                          line_width=0, layer="below")
+        # all at once: add_vrect re-validates the whole layout per shape (quadratic)
+        fig.update_layout(shapes=[
+            {"type": "rect", "xref": "x", "yref": "y domain", "x0": _x1(t, first),
+             "x1": _x1(t, last), "y0": 0, "y1": 1, "fillcolor": LABEL_COLOR,
+             "line": {"width": 0}, "layer": "below"}
+            for first, last in _merge_runs(runs_of(lab_all[rows]), MAX_SHAPES)])
         # A legend entry for the shading (shapes have none); after the data traces, and the
         # axis is typed explicitly, so this empty trace decides nothing about the axis.
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="labelled anomaly",

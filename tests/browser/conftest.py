@@ -243,7 +243,8 @@ def trained_store(browser, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("dashboard-store")
     uri = f"sqlite:///{root}/mlflow.db"
     common = [f"tracking.uri={uri}", f"tracking.artifact_root={root}/artifacts",
-              f"tracking.output_dir={root}/out", "trainer.enable_progress_bar=false"]
+              f"tracking.output_dir={root}/out", "trainer.enable_progress_bar=false",
+              "data.eval_stride=64"]
     assert main(["train", *common, "model.fit=em", "model.em_iters=5"]) == 0
     store = RunStore(uri)
     (train,) = [r.run_id for r in store.runs()]

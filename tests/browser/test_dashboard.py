@@ -86,7 +86,7 @@ def test_run_page_draws_its_figures_and_the_slider_moves_the_metrics(site, probe
     assert moved["precision"] == f"{precision_score(y, flags):.4f}"
     assert moved["recall"] == f"{recall_score(y, flags):.4f}"
     probe.wait(lambda d: f"threshold ({lowest:.4g})" in probe.graphs()["anomaly-graph"]["legend"],
-               20, "the figure's threshold to follow the slider")
+               60, "the figure's threshold to follow the slider")
     # the highest: nothing flagged
     handle.send_keys(Keys.END)
     probe.wait(lambda d: probe.text("#metric-recall") == "0.0000", 60, "recall 0 at the top")
