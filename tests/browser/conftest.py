@@ -145,6 +145,19 @@ class Probe:
         ).until(condition,
                 message=f"waited {timeout:.0f}s for {what} at {self.driver.current_url}")
 
+    def idle(self, timeout: float = 60, quiet: int = 3) -> None:
+        """Wait until no Dash callback is pending (no element marked data-dash-is-loading) for
+        ``quiet`` polls in a row: interact only with a page that has settled."""
+        calm = [0]
+
+        def settled(d):
+            busy = d.execute_script(
+                "return document.querySelectorAll('[data-dash-is-loading=\"true\"]').length")
+            calm[0] = 0 if busy else calm[0] + 1
+            return calm[0] >= quiet
+
+        self.wait(settled, timeout, "the page's callbacks to finish")
+
     def wait_css(self, css: str, timeout: float = 60):
         from selenium.webdriver.common.by import By
 

@@ -78,6 +78,7 @@ def test_run_page_draws_its_figures_and_the_slider_moves_the_metrics(site, probe
     y, s = test["label"].to_numpy(), test["score"].to_numpy()
     lowest = float(np.quantile(s, 0.0))
     flags = s > lowest
+    probe.idle()
     handle = probe.driver.find_element(By.CSS_SELECTOR, "#threshold-slider [role=slider]")
     handle.send_keys(Keys.HOME)
     probe.wait(lambda d: probe.text("#metric-f1") != shown["f1"], 60, "F1 to change")
@@ -97,6 +98,7 @@ def test_zooming_re_queries_the_data(site, probe):
     url, runs, _ = site
     probe.open(f"{url}/run/{runs['train']}", "#metric-f1")
     full = probe.graph("anomaly-graph", lines=2)["points"][0]
+    probe.idle()
     probe.driver.execute_script("""
         const gd = document.querySelector('#anomaly-graph .js-plotly-plot');
         const [a, b] = gd.layout.xaxis.range;
