@@ -76,7 +76,7 @@ def _csv_overrides(path: Path) -> list[str]:
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        ("ts;a;b\n1;2;3\n2;3;4\n", "set data.separator=';'"),
+        ("ts;a;b\n1;2;3\n2;3;4\n", """set 'data.separator=";"'"""),
         ("time,a,b\n1,2,3\n2,3,4\n", "column 'ts' not found"),
         ("ts,a,b\n1,2,x\n2,3,4\n", "column 'b' is not numeric"),
         ("ts,a,b\n1,2,3\n1,3,4\n", "duplicate timestamp"),
@@ -130,4 +130,4 @@ def test_wrong_separator_on_copied_sample(capsys, tmp_path, tracking_overrides):
     shutil.copytree(SAMPLE, root)
     code, _, err = run_cli(capsys, "train", *tracking_overrides, f"data.root={root}",
                            "data.separator=','")
-    assert code == 2 and "set data.separator=';'" in error_line(err)
+    assert code == 2 and """set 'data.separator=";"'""" in error_line(err)

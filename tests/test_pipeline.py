@@ -38,7 +38,7 @@ def test_run_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db, experim
         for key in ("train/loss", "val/mae", "test/mse", "test/h8_mse", "test/f1", "test/auc_pr"):
             assert key in m and m[key] == m[key], key
         assert r.data.params["data.name"] == "skab_sample"
-        assert artifacts(client, r.info.run_id, "model") == ["meta.json", "model.pt"]
+        assert artifacts(client, r.info.run_id, "model") == ["meta.json", "model.safetensors"]
         assert "scores.parquet" in artifacts(client, r.info.run_id, "scores")
         assert artifacts(client, r.info.run_id, "figures") == ["report.html"]  # one plotly.js
 
@@ -78,8 +78,7 @@ def test_interrupted_training_resumes(capsys, tmp_path, tracking_overrides, mlfl
                                       experiment):
     first = ["train", *tracking_overrides, "trainer.max_epochs=1", "model.optimizer.max_iter=2"]
     assert main(first) == 0, capsys.readouterr().err
-    ckpt = tmp_path / "out" / "checkpoints" / "kalman-skab_sample" / "last.ckpt"
-    assert ckpt.exists()
+    (ckpt,) = (tmp_path / "out" / "checkpoints").glob("*/last.ckpt")
     resumed = ["train", *tracking_overrides, "trainer.max_epochs=2", "model.optimizer.max_iter=2",
                "trainer.resume=last"]
     assert main(resumed) == 0, capsys.readouterr().err
@@ -87,9 +86,14 @@ def test_interrupted_training_resumes(capsys, tmp_path, tracking_overrides, mlfl
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
-    # the resumed run trained only the remaining epoch (epoch index 1)
-    steps = [m.step for m in client.get_metric_history(runs[1].info.run_id, "train/loss")]
-    assert steps == [1]
+    # the resumed run trained only the remaining epoch (epoch index 1); epoch 0's metrics are
+    # copied from the run it resumed, which it names
+    assert runs[1].data.tags["tsssm.resumed_from"] == runs[0].info.run_id == ckpt.parent.name
+    assert runs[1].data.tags["tsssm.resumed_after_epoch"] == "0"
+    history = client.get_metric_history(runs[1].info.run_id, "train/loss")
+    first_history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert [m.step for m in history] == [0, 1]
+    assert history[0].value == first_history[0].value
     bad = ["train", *tracking_overrides, f"trainer.resume={tmp_path}/missing.ckpt"]
     assert main(bad) == 2
     assert "no checkpoint at" in capsys.readouterr().err

@@ -7,6 +7,7 @@ naming the key, file or column and what to do, and a non-zero exit (a traceback 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -47,6 +48,9 @@ EXAMPLES = """examples:
   tsssm dashboard --port 8050                        # look at the runs in a browser"""
 
 log = logging.getLogger("tsssm")
+
+#: OS errors that mean "the disk is full or not writable", not a bug in tsssm
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def config_dir() -> Path:
@@ -145,6 +149,15 @@ def _config_error(err: Exception, overrides: list[str]):
         return ConfigError(f"bad value in '{override}': {detail}")
     if "Could not load" in first or "Could not find" in first:
         return ConfigError(first)
+    if "LexerNoViableAltException" in text or "token recognition error" in text:
+        bad = next((o for o in overrides if o in text), None)
+        if bad is not None and "=" in bad:
+            from tsssm.data.io import shell_override
+
+            key, _, value = bad.partition("=")
+            quoted = shell_override(key, value)
+            return ConfigError(f"cannot parse the override {bad!r}: Hydra reads its value as "
+                               f"syntax; quote it (for the shell too): {quoted}")
     if "mismatched input" in text or "extraneous input" in text or "no viable" in text:
         return ConfigError(f"cannot parse the overrides {overrides}: {first}; write key=value")
     detail = str(cause).splitlines()[0] if cause else first
@@ -166,6 +179,21 @@ def _setup_logging(verbose: bool) -> None:
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _interrupted_message(command: str, overrides: list[str], err: KeyboardInterrupt) -> str:
+    """What to type to continue: the same command with trainer.resume=last where a training
+    checkpoint exists to continue from."""
+    import shlex
+
+    again = [o for o in overrides if not o.startswith(("trainer.resume=", "+trainer.resume="))]
+    if command == "train" and getattr(err, "tsssm_checkpoint", None) is None:
+        return ("interrupted before the first checkpoint; start again with "
+                + shlex.join(["tsssm", command, *overrides]))
+    if command in ("train", "run"):
+        return "interrupted; resume with " + shlex.join(
+            ["tsssm", command, *again, "trainer.resume=last"])
+    return "interrupted; run it again with " + shlex.join(["tsssm", command, *overrides])
 
 
 def _runner(command: str) -> Callable:
@@ -239,16 +267,47 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'8050' if name == '--port' else '127.0.0.1'}", file=sys.stderr)
             return 2
     _setup_logging(verbose)
-    # A `kill` (SIGTERM) ends the command like Ctrl-C, so its MLflow run is marked KILLED.
+    handlers = _install_interrupts()
+    flushed = _flush_denormals()
+    try:
+        return _main(command, overrides, flags, verbose)
+    finally:
+        # process state back as it was, for callers that run main() in-process
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        import torch
+
+        torch.set_flush_denormal(flushed)
+
+
+def _flush_denormals() -> bool:
+    """Decays exp(ΔA) and filter covariances underflow into subnormal floats, which the CPU
+    handles 10-100x slower; flushing them to zero changes no result that matters. Returns
+    whether they were flushed before, to restore that for callers of main() in-process."""
+    import torch
+
+    before = bool((torch.tensor([1e-310], dtype=torch.float64) * 1.0 == 0).item())
+    torch.set_flush_denormal(True)
+    return before
+
+
+def _install_interrupts() -> dict:
+    """A `kill` (SIGTERM) ends the command like Ctrl-C, so its MLflow run is marked KILLED.
+    Returns the handlers to restore (Lightning sets SIGINT to ignored after an interrupt)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return {s: h for s, h in previous.items() if h is not None}
+
+
+def _main(command: str, overrides: list[str], flags: set[str], verbose: bool) -> int:
     from tsssm.errors import TsssmError
 
     try:
-        import torch
-
-        # Decays exp(ΔA) and filter covariances underflow into subnormal floats, which the CPU
-        # handles 10-100x slower; flushing them to zero changes no result that matters.
-        torch.set_flush_denormal(True)
         cfg = compose(overrides)
         if "--cfg" in flags:
             from omegaconf import OmegaConf
@@ -270,12 +329,18 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("tsssm %s failed", command)
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; resume the training with trainer.resume=last", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(_interrupted_message(command, overrides, err), file=sys.stderr)
         return 130
     except Exception as err:  # a bug in tsssm or a library: say so, keep the details for -v
         if verbose:
             log.exception("tsssm %s failed", command)
+        if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
+            # a full or read-only disk mid-command: the run is FAILED and its artifacts removed
+            print(f"error: cannot write {err.filename or 'a file'} ({err.strerror}); free space "
+                  "or choose a writable tracking.output_dir / tracking.artifact_root, then run "
+                  "the command again", file=sys.stderr)
+            return 2
         print(f"error: internal error in tsssm {command}: {type(err).__name__}: "
               f"{str(err).splitlines()[0] if str(err) else ''} (run again with --verbose for "
               "the traceback)", file=sys.stderr)

@@ -29,6 +29,13 @@ class Fill(str, Enum):
     zero = "zero"
 
 
+class Duplicates(str, Enum):
+    error = "error"  # refuse a file with repeated timestamps
+    first = "first"  # keep the first row of each timestamp
+    last = "last"  # keep the last row of each timestamp
+    mean = "mean"  # average the rows of each timestamp (a label is 1 if any row's is)
+
+
 class Scaling(str, Enum):
     pooled = "pooled"  # one scaler fitted on the pooled training rows of every stream
     per_stream = "per_stream"  # each stream by its own training rows (SKAB's protocol)
@@ -71,6 +78,10 @@ class DataConfig:
     #: a step longer than this many median steps counts as a gap
     gap_factor: float = 3.0
     fill: Fill = Fill.none
+    #: rows sharing a timestamp (e.g. the repeated hour of a daylight-saving change)
+    duplicates: Duplicates = Duplicates.error
+    #: sort rows by time instead of refusing a file whose rows are out of order
+    sort: bool = False
     #: the data's seasonal period in rows (e.g. a day), for seasonal models and baselines
     seasonal_period: int | None = None
     #: context length: the rows a forecast sees before its origin (a training window is
@@ -187,8 +198,13 @@ class TrainerConfig:
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
-    #: resume an interrupted training: a checkpoint path, or "last" for this run dir's last.ckpt
+    #: resume an interrupted training: "last" (the newest checkpoint of this same config and
+    #: data) or a checkpoint path; a new MLflow run records which run it resumed
     resume: str | None = None
+    #: write the resumable checkpoint every this many epochs
+    checkpoint_every_n_epochs: int = 1
+    #: ... or every this many optimizer steps instead (for long epochs)
+    checkpoint_every_n_steps: int | None = None
     early_stopping_patience: int | None = None
     limit_train_batches: float | None = None
 
@@ -282,7 +298,9 @@ def validate(cfg: DictConfig) -> None:
     _check(0 <= d.val_fraction < 1 - d.train_fraction + 1e-12 or d.protocol != "fractions",
            "data.val_fraction", "must be >= 0 and leave room for a test part")
     _check(d.gap_factor > 1, "data.gap_factor", "must exceed 1")
-    _check(len(d.separator) == 1, "data.separator", f"must be one character, got {d.separator!r}")
+    _check(len(d.separator) == 1, "data.separator", f"must be one character, got {d.separator!r}"
+           + ("; a ';' or '|' must be quoted for the shell and Hydra: 'data.separator=\";\"'"
+              if not d.separator else ""))
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     m = cfg.model
     _check(m.epochs >= 1, "model.epochs", "must be >= 1")
@@ -300,6 +318,9 @@ def validate(cfg: DictConfig) -> None:
     tr = cfg.trainer
     _check(tr.max_epochs is None or tr.max_epochs >= 1, "trainer.max_epochs", "must be >= 1")
     _check(tr.devices >= 1, "trainer.devices", "must be >= 1")
+    _check(tr.checkpoint_every_n_epochs >= 1, "trainer.checkpoint_every_n_epochs", "must be >= 1")
+    _check(tr.checkpoint_every_n_steps is None or tr.checkpoint_every_n_steps >= 1,
+           "trainer.checkpoint_every_n_steps", "must be >= 1 (or null: every n epochs)")
     _check(cfg.score.chunk_size >= 1, "score.chunk_size", "must be >= 1")
 
 

@@ -50,8 +50,12 @@ def write_parquet(frame: pl.DataFrame, path: Path) -> Path:
     """Write via a temporary name and rename, so a crash leaves no partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    frame.write_parquet(tmp)
-    os.replace(tmp, path)
+    try:
+        frame.write_parquet(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -159,12 +163,12 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, body)])
 
 
-def load_trained(source: str, tracker) -> tuple[Bundle, str | None]:
-    """A trained model from a bundle folder (or its model.pt) or an MLflow train run id.
-    Returns (Bundle, run id or None)."""
+def load_trained(source: str, tracker, key: str = "model.run_id") -> tuple[Bundle, str | None]:
+    """A trained model from a bundle folder (or a file in it) or an MLflow train run id;
+    ``key`` is the config key that named it. Returns (Bundle, run id or None)."""
     if Path(source).expanduser().exists():
         return load_bundle(Path(source).expanduser()), None
-    folder = tracker.download(source, "model")
+    folder = tracker.download(source, "model", key=key)
     try:
         return load_bundle(folder), source
     finally:

@@ -37,7 +37,7 @@ def _trained(cfg: DictConfig, tracker: Tracker) -> list[tuple[str, object]]:
         sources = [latest[m] for m in sorted(latest)]
     out = []
     for source in sources:
-        bundle, run_id = load_trained(source, tracker)
+        bundle, run_id = load_trained(source, tracker, key="compare.runs")
         label = bundle.model_name if run_id else f"{bundle.model_name} ({Path(source).name})"
         out.append((label, bundle))
     return out

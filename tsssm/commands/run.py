@@ -8,9 +8,22 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
+from tsssm import checkpoints
 from tsssm.commands.compare import compare
 from tsssm.commands.score import score
 from tsssm.commands.train import train
+from tsssm.data.datasets import build_dataset
+from tsssm.errors import ConfigError
+
+
+def _resumable(cfg: DictConfig) -> bool:
+    """Whether ``trainer.resume=last`` finds a checkpoint of this model's config."""
+    dataset = build_dataset(cfg.data)
+    fp = checkpoints.fingerprint(cfg, [*dataset.files(), *dataset.extra_train_files()])
+    try:
+        return checkpoints.find_resume("last", cfg.tracking.output_dir, fp) is not None
+    except ConfigError:
+        return False
 
 
 def run(cfg: DictConfig, overrides: list[str], compose: Callable[[list[str]], DictConfig]) -> None:
@@ -18,7 +31,14 @@ def run(cfg: DictConfig, overrides: list[str], compose: Callable[[list[str]], Di
     trained: list[str] = []
     for name in cfg.run.models:
         print(f"\n== tsssm train model={name} ==", flush=True)
-        run_id = train(compose([*base, f"model={name}"]))
+        step = compose([*base, f"model={name}"])
+        if step.trainer.resume == "last" and not _resumable(step):
+            # `tsssm run ... trainer.resume=last` after an interrupt: the models it had not
+            # reached yet start from scratch
+            print(f"no checkpoint of model={name} to resume; training it from the start")
+            fresh = [o for o in base if not o.startswith("trainer.resume=")]
+            step = compose([*fresh, f"model={name}"])
+        run_id = train(step)
         trained.append(run_id)
         print(f"\n== tsssm score model={name} ==", flush=True)
         # the train run has logged this test split's figures; the scores alone are new

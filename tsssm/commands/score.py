@@ -26,20 +26,45 @@ from tsssm.commands.common import (
     write_parquet,
 )
 from tsssm.config import flatten, to_plain
-from tsssm.data.datasets import Part, PreparedData, build_dataset, prepare_stream, resolve_path
+from tsssm.data.datasets import (
+    Part,
+    PreparedData,
+    build_dataset,
+    check_scaled,
+    prepare_stream,
+    resolve_path,
+)
 from tsssm.data.scaling import StandardScaler
 from tsssm.data.splits import Split
-from tsssm.errors import DataError
+from tsssm.errors import ConfigError, DataError
 from tsssm.tasks.evaluate import detection_metrics, predict_stream
-from tsssm.tracking import Tracker
+from tsssm.tracking import Tracker, writable_dir
 
 log = logging.getLogger("tsssm")
 
 
-def load_file(cfg_data, bundle: Bundle) -> PreparedData:
-    """One file to score whole, read with the model's channels and scaled as in training."""
+def file_channels(cfg_data, bundle: Bundle, source: str) -> tuple[list[str], str]:
+    """The columns to read as the model's channels: ``data.channels`` mapped in order onto
+    them when set (a file whose columns are named otherwise), else the model's own names.
+    Returns (columns, advice for a missing column)."""
+    expected = ", ".join(bundle.channels)
+    advice = (f"the model from {source} expects {len(bundle.channels)} channel(s) [{expected}]; "
+              "map this file's columns onto them, in order, with data.channels=[...]")
+    wanted = list(cfg_data.channels) or list(bundle.channels)
+    if len(wanted) != len(bundle.channels):
+        raise ConfigError(f"data.channels names {len(wanted)} columns [{', '.join(wanted)}], "
+                          f"but {advice.split('; ')[0]}; give exactly {len(bundle.channels)}, in "
+                          "the model's order")
+    return wanted, advice
+
+
+def load_file(cfg_data, bundle: Bundle, source: str = "the bundle") -> PreparedData:
+    """One file to score whole, read with the model's channels (``data.channels`` mapped in
+    order onto them) and scaled as in training."""
     path = resolve_path(cfg_data.path, "data.path")
-    stream, _ = prepare_stream(path, cfg_data, channels=bundle.channels)
+    columns, advice = file_channels(cfg_data, bundle, source)
+    stream, _ = prepare_stream(path, cfg_data, channels=columns, channel_advice=advice)
+    stream.channels = list(bundle.channels)
     scaler = bundle.scaler
     train_rows = bundle.data_config.get("train_rows", 0)
     if bundle.per_stream_scaling:
@@ -49,7 +74,10 @@ def load_file(cfg_data, bundle: Bundle) -> PreparedData:
         else:
             log.warning("%s has %d rows, fewer than the %d the model scales each stream by; "
                         "using the training scaler", path, len(stream), train_rows)
-    stream.values = scaler.transform(stream.values)
+    raw = stream.values
+    with np.errstate(over="ignore"):
+        stream.values = scaler.transform(raw)
+    check_scaled(stream, raw, scaler)
     n = len(stream)
     part = Part(stream, Split((0, 0), (0, 0), (0, n)), scaler)
     return PreparedData(stream.name, bundle.channels, [part], bundle.scaler,
@@ -63,21 +91,26 @@ def score(cfg: DictConfig) -> str:
     target = cfg.data.path or cfg.data.name
     name = cfg.run_name or f"score-{Path(str(target)).stem}"
     with tracker.start(name, "score", params, {"tsssm.data": cfg.data.name}) as run:
+        output = Path(cfg.score.output or Path(cfg.tracking.output_dir) / "scores"
+                      / f"{run.run_id}.parquet")
+        # before any scoring: a run must not log scores it then cannot write
+        writable_dir(output.parent, "score.output", cfg.score.output)
         bundle, source_run, source = resolve_bundle(cfg.model, tracker)
         tracker.set_tags({"tsssm.model": bundle.model_name,
                           "tsssm.source_run": source_run or source})
         if bundle.threshold is None:
             raise DataError(f"the model from {source} has no fitted threshold")
         if cfg.data.path:
-            data = load_file(cfg.data, bundle)
+            data = load_file(cfg.data, bundle, source)
         else:
-            data = build_dataset(cfg.data).load(
+            columns, _ = file_channels(cfg.data, bundle, source)
+            read_cfg = cfg.data.copy()
+            read_cfg.channels = columns
+            data = build_dataset(read_cfg).load(
                 scaler=None if bundle.per_stream_scaling else bundle.scaler)
-            if data.channels != bundle.channels:
-                raise DataError(
-                    f"data={cfg.data.name} has channels {data.channels}, the model from {source} "
-                    f"was trained on {bundle.channels}; set data.channels to match"
-                )
+            data.channels = list(bundle.channels)
+            for part in data.parts:
+                part.stream.channels = list(bundle.channels)
         started = time.perf_counter()
         frames, labels, scores, flags_all, figures = [], [], [], [], []
         metrics: dict[str, float] = {}
@@ -113,8 +146,6 @@ def score(cfg: DictConfig) -> str:
             tracker.log_dir(folder / "scores", "scores")
             if (folder / "figures").exists():
                 tracker.log_dir(folder / "figures", "figures")
-            output = Path(cfg.score.output or Path(cfg.tracking.output_dir) / "scores"
-                          / f"{run.run_id}.parquet")
             write_parquet(table, output)
         shown = ", ".join(f"{k.split('/')[1]}={metrics[k]:.4f}" for k in
                           ("test/f1", "test/far", "test/mar", "test/auc_pr") if k in metrics)

@@ -4,6 +4,7 @@ threshold, and record everything (and the model bundle) in one MLflow run."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +13,7 @@ import polars as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tsssm import checkpoints
 from tsssm.bundle import Bundle, build_net, save_bundle
 from tsssm.commands.common import (
     MAX_FIGURES,
@@ -27,8 +29,9 @@ from tsssm.commands.common import (
 from tsssm.config import flatten, option_value, to_plain
 from tsssm.data.datamodule import SeriesDataModule
 from tsssm.data.datasets import PreparedData, build_dataset
-from tsssm.errors import ConfigError
-from tsssm.tasks.callbacks import TrackerCallback
+from tsssm.errors import ConfigError, ModelError
+from tsssm.tasks.callbacks import InterruptWatch, RngState, TrackerCallback
+from tsssm.tasks.checkpoint_io import AtomicCheckpointIO
 from tsssm.tasks.evaluate import Evaluation, evaluate
 from tsssm.tasks.forecast import ForecastTask
 from tsssm.tracking import Tracker
@@ -42,22 +45,10 @@ def _accelerator(name: str) -> str:
     return "gpu" if name == "cuda" else name
 
 
-def checkpoint_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.tracking.output_dir) / "checkpoints" / f"{cfg.model.name}-{cfg.data.name}"
-
-
-def _resume_path(cfg: DictConfig) -> str | None:
-    resume = cfg.trainer.resume
-    if resume is None:
-        return None
-    path = checkpoint_dir(cfg) / "last.ckpt" if resume == "last" else Path(resume)
-    if not path.exists():
-        raise ConfigError(f"trainer.resume={resume}: no checkpoint at {path}")
-    return str(path)
-
-
-def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker) -> torch.nn.Module:
-    """Train the configured net through Lightning; returns it in eval mode."""
+def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
+              resume: checkpoints.Resume | None = None) -> torch.nn.Module:
+    """Train the configured net through Lightning (from ``resume``'s checkpoint if given,
+    checkpointing into this run's folder); returns it in eval mode."""
     net = build_net(to_plain(cfg.model.net), len(data.channels))
     if hasattr(net, "initialize"):
         net.initialize(data.padded("train"))
@@ -74,10 +65,21 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker) -> torch.nn
     task = ForecastTask(net, optimizer, horizon=cfg.data.horizon,
                         one_step_weight=cfg.task.one_step_weight,
                         horizon_weight=cfg.task.horizon_weight)
-    ckpt_dir = checkpoint_dir(cfg)
+    every_steps = cfg.trainer.checkpoint_every_n_steps
+    watch = InterruptWatch()
     callbacks: list = [
-        L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0),
+        # one resumable checkpoint per run, overwritten (atomically) as training goes on; saved
+        # at the end of the epoch, after validation and after the epoch's metrics are logged
+        # (checkpoint callbacks run last), so a resumed run's copied history has no hole
+        L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=checkpoints.checkpoint_dir(cfg.tracking.output_dir, tracker.run_id),
+            filename=Path(checkpoints.LAST).stem, monitor=None, save_top_k=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False, every_n_train_steps=every_steps,
+            every_n_epochs=None if every_steps else cfg.trainer.checkpoint_every_n_epochs),
         TrackerCallback(tracker),
+        RngState(),
+        watch,
     ]
     has_val = dm.has_val()
     if cfg.trainer.early_stopping_patience and has_val:
@@ -98,8 +100,21 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker) -> torch.nn
         limit_train_batches=cfg.trainer.limit_train_batches,
         limit_val_batches=1.0 if has_val else 0,
         num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()],
     )
-    trainer.fit(task, datamodule=dm, ckpt_path=_resume_path(cfg))
+    try:
+        # weights_only: resuming unpickles nothing but tensors and plain containers
+        trainer.fit(task, datamodule=dm, ckpt_path=None if resume is None else str(resume.path),
+                    weights_only=True)
+    except SystemExit:
+        if watch.interrupted:  # Lightning's sys.exit(1) for Ctrl-C / SIGTERM
+            raise KeyboardInterrupt from None
+        raise
+    except RuntimeError as err:
+        if resume is not None and "state_dict" in str(err):
+            raise ModelError(f"trainer.resume: {resume.path} does not fit this model "
+                             f"({str(err).splitlines()[0]})") from err
+        raise
     # Lightning hands the model back on the CPU; evaluate on the training device (the bundle
     # is saved from CPU copies of the weights).
     return task.model.to(trainer.strategy.root_device).eval()
@@ -161,10 +176,18 @@ def train(cfg: DictConfig) -> str:
     tags = {"tsssm.model": cfg.model.name, "tsssm.data": cfg.data.name}
     with tracker.start(name, "train", params, tags) as run:
         log.info("tsssm train: MLflow run %s (%s)", run.run_id, tracker.uri)
-        data = build_dataset(cfg.data).load()
+        dataset = build_dataset(cfg.data)
+        data = dataset.load()
+        resume = start_checkpoints(cfg, dataset, tracker)
         for note in data.gap_notes:
             log.info(note)
-        net = fit_model(cfg, data, tracker)
+        try:
+            net = fit_model(cfg, data, tracker, resume)
+        except KeyboardInterrupt as err:
+            # tells the CLI whether `trainer.resume=last` has something to continue from
+            ckpt = checkpoints.checkpoint_dir(cfg.tracking.output_dir, run.run_id) / "last.ckpt"
+            err.tsssm_checkpoint = ckpt if ckpt.exists() else None  # type: ignore[attr-defined]
+            raise
         with staging(cfg.tracking.output_dir, run.run_id) as folder:
             ev = log_evaluation(cfg, net, data, tracker, folder,
                                 f"{cfg.model.name} on {cfg.data.name}")
@@ -175,11 +198,15 @@ def train(cfg: DictConfig) -> str:
                 score_kind=option_value(cfg.task.score),
                 data_config=to_plain(cfg.data),
             )
-            model_dir = save_bundle(bundle, Path(cfg.tracking.output_dir) / "models" / run.run_id)
+            staged = save_bundle(bundle, folder / "model")
             for sub in ("scores", "forecasts", "figures"):
                 if (folder / sub).exists():
                     tracker.log_dir(folder / sub, sub)
-            tracker.log_dir(model_dir, "model")
+            tracker.log_dir(staged, "model")
+            # Published last, in one rename: a run that fails leaves no bundle behind.
+            model_dir = Path(cfg.tracking.output_dir) / "models" / run.run_id
+            model_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, model_dir)
         print_summary(cfg, run.run_id, ev.metrics, model_dir, tracker)
         return run.run_id
 
@@ -190,6 +217,28 @@ def headline_keys(task: str, horizon: int) -> list[str]:
     forecast = [h + k for k in ("mse", "mae", "crps", "coverage95")]
     detection = ["test/f1", "test/far", "test/mar", "test/auc_pr"]
     return forecast + detection if task == "forecast" else detection + forecast
+
+
+def start_checkpoints(cfg: DictConfig, dataset, tracker: Tracker) -> checkpoints.Resume | None:
+    """Fingerprint this training into its run's checkpoint folder and find the checkpoint
+    ``trainer.resume`` asks for; a resumed run is tagged with the run it continues and gets
+    that run's per-epoch metrics up to the checkpoint."""
+    if cfg.trainer.resume is not None and OmegaConf.select(cfg, "model.fit") == "em":
+        raise ConfigError("trainer.resume: model.fit=em trains without checkpoints; run it "
+                          "again without trainer.resume")
+    files = [*dataset.files(), *dataset.extra_train_files()]
+    fp = checkpoints.fingerprint(cfg, files)
+    resume = checkpoints.find_resume(cfg.trainer.resume, cfg.tracking.output_dir, fp)
+    checkpoints.write_fingerprint(
+        checkpoints.checkpoint_dir(cfg.tracking.output_dir, tracker.run_id), fp, tracker.run_id)
+    if resume is not None:
+        tracker.set_tags({"tsssm.resumed_from": resume.run_id,
+                          "tsssm.resumed_checkpoint": str(resume.path),
+                          "tsssm.resumed_after_epoch": str(resume.epoch)})
+        tracker.copy_history(resume.run_id, ("train/", "val/"), resume.epoch)
+        log.info("resuming run %s after epoch %d from %s", resume.run_id, resume.epoch,
+                 resume.path)
+    return resume
 
 
 def print_summary(cfg, run_id, metrics, model_dir, tracker) -> None:

@@ -102,15 +102,24 @@ def read_spec(cfg) -> ReadSpec:
         ignore_columns=tuple(cfg.ignore_columns),
         separator=cfg.separator,
         time_format=cfg.time_format,
+        duplicates=option_value(cfg.get("duplicates", "error")),
+        sort=bool(cfg.get("sort", False)),
     )
 
 
 def prepare_stream(path: Path, cfg, name: str | None = None,
-                   channels: list[str] | None = None) -> tuple[Stream, str | None]:
-    """Read, check channels and regularise one file as the config says."""
+                   channels: list[str] | None = None, label_required: bool = False,
+                   channel_advice: str | None = None) -> tuple[Stream, str | None]:
+    """Read, check channels and regularise one file as the config says. ``label_required``:
+    a configured data.label_column must be in the file (training files; SKAB's extra
+    anomaly-free file and files to score may have none)."""
     spec = read_spec(cfg)
+    changes: dict = {"label_required": label_required}
     if channels is not None:
-        spec = ReadSpec(**{**spec.__dict__, "channels": tuple(channels)})
+        changes["channels"] = tuple(channels)
+    if channel_advice is not None:
+        changes["channel_advice"] = channel_advice
+    spec = ReadSpec(**{**spec.__dict__, **changes})
     stream = read_stream(path, spec, name=name)
     stream, gaps = regularise(stream, option_value(cfg.gaps), cfg.gap_factor)
     note = None
@@ -125,6 +134,20 @@ def prepare_stream(path: Path, cfg, name: str | None = None,
     elif fill == "zero":
         stream.values = np.nan_to_num(stream.values, nan=0.0)
     return stream, note
+
+
+def check_scaled(stream: Stream, raw: np.ndarray, scaler: StandardScaler) -> None:
+    """Scaled values must stay finite in float32 (a reading far outside the training rows'
+    range can overflow); name the file, row and column where one does not.  raw (T, C)"""
+    inf = np.isinf(stream.values)
+    if inf.any():
+        row, col = (int(i[0]) for i in np.nonzero(inf))
+        raise DataError(
+            f"{stream.path}: column '{stream.channels[col]}' row {row + 1} holds "
+            f"{raw[row, col]:g}, which overflows float32 once scaled by the training rows "
+            f"(mean {scaler.mean[col]:g}, std {scaler.std[col]:g}); blank or fix the reading, "
+            "or leave the column out of data.channels"
+        )
 
 
 class BaseDataset:
@@ -151,7 +174,8 @@ class BaseDataset:
         channels: list[str] | None = list(cfg.channels) or None
         for extra, listing in ((False, self.files()), (True, self.extra_train_files())):
             for path, name in listing:
-                stream, note = prepare_stream(path, cfg, name, channels)
+                stream, note = prepare_stream(path, cfg, name, channels,
+                                              label_required=not extra)
                 if channels is None:
                     channels = stream.channels
                 if note:
@@ -166,7 +190,10 @@ class BaseDataset:
         for p, rows in zip(parts, train):
             # per_stream (SKAB's protocol): each file is scaled by its own training rows.
             p.scaler = StandardScaler.fit([rows], channels) if per_stream else scaler
-            p.stream.values = p.scaler.transform(p.stream.values)
+            raw = p.stream.values
+            with np.errstate(over="ignore"):
+                p.stream.values = p.scaler.transform(raw)
+            check_scaled(p.stream, raw, p.scaler)
         has_labels = any(p.stream.labels is not None for p in parts if p.split is not None)
         return PreparedData(cfg.name, channels, parts, scaler, has_labels, notes)
 
