@@ -193,13 +193,13 @@ def artifact_store_fills_up(monkeypatch) -> None:
 
 
 def output_dir_fills_up(monkeypatch) -> None:
-    """The output folder runs out of space while a figure is written."""
+    """The output folder runs out of space while the figure report is written."""
     from tsssm import plots
 
-    def save_html(fig, path):
+    def save_report(figures, path, title=""):
         _half_then_full(Path(path), b"<html>" + b"x" * 1000)
 
-    monkeypatch.setattr(plots, "save_html", save_html)
+    monkeypatch.setattr(plots, "save_report", save_report)
 
 
 FAULTS: dict[str, Callable] = {

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = _install_interrupts()
     flushed = _flush_denormals()
     try:
-        return _main(command, overrides, flags, verbose)
+        return _main(command, overrides, flags, verbose, values)
     finally:
         # process state back as it was, for callers that run main() in-process
         for signum, handler in handlers.items():
@@ -304,7 +304,8 @@ def _install_interrupts() -> dict:
     return {s: h for s, h in previous.items() if h is not None}
 
 
-def _main(command: str, overrides: list[str], flags: set[str], verbose: bool) -> int:
+def _main(command: str, overrides: list[str], flags: set[str], verbose: bool,
+          values: dict[str, str] | None = None) -> int:
     from tsssm.errors import TsssmError
 
     try:
@@ -317,6 +318,7 @@ def _main(command: str, overrides: list[str], flags: set[str], verbose: bool) ->
         if command == "run":
             _runner(command)(cfg, overrides, compose)
         elif command == "dashboard":
+            values = values or {}
             options = {"host": values.get("--host", "127.0.0.1"), "verbose": verbose}
             if "--port" in values:
                 options["port"] = int(values["--port"])
