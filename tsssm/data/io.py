@@ -186,6 +186,16 @@ def _check_parquet_integrity(path: Path, frame: pl.DataFrame) -> None:
                         "Parquet file?") from err
     if meta.num_rows != frame.height:
         raise DataError(corrupt.format(f"the row count ({frame.height} read)"))
+    try:
+        _compare_with_footer(meta, frame, corrupt)
+    except DataError:
+        raise
+    except Exception as err:  # the footer itself is damaged (undecodable names, statistics)
+        raise DataError(f"{path} is corrupt: its metadata cannot be decoded "
+                        f"({type(err).__name__}); restore the file from its source") from err
+
+
+def _compare_with_footer(meta, frame: pl.DataFrame, corrupt: str) -> None:
     offset = 0
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)
