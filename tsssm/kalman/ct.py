@@ -355,15 +355,16 @@ def steps_from_times(times: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(times[..., :1]), times[..., 1:] - times[..., :-1]], -1)
 
 
-def continuous_lyapunov(A: Tensor, Qc: Tensor) -> Tensor:
+def continuous_lyapunov(A: Tensor, Qc: Tensor, *, check: bool = True) -> Tensor:
     """Stationary covariance P of a stable A: ``A P + P A' + Qc = 0`` (..., n, n).
 
-    Solved as the linear system (A ⊗ I + I ⊗ A) vec P = -vec Qc (row-major vec); raises
-    ModelError when A has an eigenvalue with non-negative real part (no stationary law).
+    Solved as the linear system (A ⊗ I + I ⊗ A) vec P = -vec Qc (row-major vec). With
+    ``check``, raises ModelError when A has an eigenvalue with non-negative real part (no
+    stationary law); without, such an A gives a matrix that is not a covariance (the filter
+    then reports it), which is what an optimiser's trial step needs.
     """
     n = A.shape[-1]
-    eig = torch.linalg.eigvals(A.detach())
-    if bool((eig.real >= 0).any()):
+    if check and bool((torch.linalg.eigvals(A.detach()).real >= 0).any()):
         raise ModelError("the drift A has an eigenvalue with non-negative real part: the "
                          "process has no stationary covariance (use a diffuse prior)")
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
