@@ -146,13 +146,15 @@ def fit_ct_mle(build: Build, segments: Sequence[Segment], theta0: Tensor, *,
 
 @step_loop_threads()
 def ct_standard_errors(build: Build, theta: Tensor, segments: Sequence[Segment], *,
-                       fixed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                       fixed: Tensor | None = None, strict: bool = True
+                       ) -> tuple[Tensor, Tensor]:
     """Asymptotic standard errors (..., n_params) and covariance (..., n_params, n_params) of
     the unconstrained parameters, from the observed information (the Hessian of the negative
     log-likelihood by double backpropagation; one backward pass per parameter serves every
     batch entry, since the likelihood separates over them). Fixed parameters get SE 0.
-    Raises NumericalError where the information is not positive definite (a parameter the data
-    do not identify: fix it or drop the component).
+    Where the information is not positive definite (a parameter the data do not identify: fix
+    it or drop the component) this raises NumericalError, or with ``strict=False`` gives that
+    batch entry NaN standard errors and covariance (for a report that says so).
     """
     theta = theta.detach().clone().requires_grad_(True)
     ll = total_loglik(build, theta, segments).sum()
@@ -167,16 +169,21 @@ def ct_standard_errors(build: Build, theta: Tensor, segments: Sequence[Segment],
     idx = free.nonzero().flatten().to(theta.device)
     sub = info.index_select(-1, idx).index_select(-2, idx)
     chol, bad = torch.linalg.cholesky_ex(sub)
-    if bool((bad != 0).any()):
+    bad = bad != 0  # (...)
+    if bool(bad.any()) and strict:
         raise NumericalError(
             "the observed information is not positive definite at the estimate: some parameter "
             "is not identified by the data (or the fit did not converge); fix it, drop its "
             "component, or give more data"
         )
+    eye = torch.eye(len(idx), dtype=info.dtype, device=info.device)
+    chol = torch.where(bad[..., None, None], eye, chol)
     cov_free = torch.cholesky_inverse(chol)
     cov = info.new_zeros(info.shape)
     cov[..., idx[:, None], idx[None, :]] = cov_free
+    cov = torch.where(bad[..., None, None], torch.full_like(cov, float("nan")), cov)
     se = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    se = torch.where(bad[..., None], torch.full_like(se, float("nan")), se)
     return se.detach(), cov.detach()
 
 

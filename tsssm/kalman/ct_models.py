@@ -258,8 +258,8 @@ class CTStructuralModel:
             elif b.name == "irw":
                 out["trend.slope_sd"] = (0.5 * t[..., 0]).exp()
             elif b.name == "oscillator":
-                out["oscillator.k/m"] = t[..., 0].exp()
-                out["oscillator.b/m"] = t[..., 1].exp()
+                out["oscillator.k_over_m"] = t[..., 0].exp()
+                out["oscillator.b_over_m"] = t[..., 1].exp()
                 out["oscillator.force_sd"] = (0.5 * t[..., 2]).exp()
             elif b.name == "ou":
                 out["ou.rate"] = t[..., 0].exp()
@@ -269,8 +269,10 @@ class CTStructuralModel:
             if name == "log_var_obs":
                 out["obs.sd"] = (0.5 * theta[..., j]).exp()
             else:
-                out[name.replace("gain_", "gain.").replace("feedthrough_", "feedthrough.")] = \
-                    theta[..., j]
+                # gain_<component>_<j> -> gain.<component>[j], feedthrough_<j> -> feedthrough[j]
+                head, _, idx = name.rpartition("_")
+                head = head.replace("gain_", "gain.") if head != "feedthrough" else head
+                out[f"{head}[{idx}]"] = theta[..., j]
         return out
 
     # ------------------------------------------------------------------------------ starts
