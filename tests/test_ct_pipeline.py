@@ -85,33 +85,21 @@ def test_spring_identified_and_better_than_the_discrete_kalman(
 
 def test_physical_model_from_config(spring_csv, capsys, tracking_overrides, mlflow_db,
                                     experiment):
-    """A user's mass-spring-damper written as matrices of expressions, m fixed: k and b fitted
-    in physical units (the oscillator of the simulation has k/m = 0.4, b/m = 0.15)."""
-    phys = "model.net.physical"
-    overrides = [
-        f"{phys}.A=[[0,1],['-k/m','-b/m']]", f"{phys}.B=[[0],[g]]", f"{phys}.C=[[1,0]]",
-        f"{phys}.Qc=[[0,0],[0,q]]", f"{phys}.R=[[r]]", f"{phys}.d=[y0]",
-        f"+{phys}.params.m=2.0",
-        f"+{phys}.params.k={{init:1.0,positive:true}}",
-        f"+{phys}.params.b={{init:0.5,positive:true}}",
-        f"+{phys}.params.g={{init:0.1}}",
-        f"+{phys}.params.q={{init:0.01,positive:true}}",
-        f"+{phys}.params.r={{init:0.01,positive:true}}",
-        f"+{phys}.params.y0={{init:0.0}}",
-        f"+{phys}.derived.k_over_m=k/m",
-    ]
-    code = main(["train", *tracking_overrides, "model=kalman_ct", "data=csv",
+    """model=spring: a mass-spring-damper written as matrices of expressions (conf/model/
+    spring.yaml), all of k, m, b fitted in physical units. The simulation is m x'' = -k x - b x'
+    + u with 1/m = 0.5 (its gain), k/m = 0.4, b/m = 0.15: m = 2, k = 0.8, b = 0.3."""
+    code = main(["train", *tracking_overrides, "model=spring", "data=csv",
                  f"data.path={spring_csv}", "data.channels=[x]", "data.inputs=[u]",
-                 "data.eval_stride=96", *overrides])
+                 "data.eval_stride=96"])
     out, err = capsys.readouterr()
     assert code == 0, err
     (run,) = _runs(mlflow_db, experiment)["train"]
     m = run.data.metrics
-    # the simulation's gain on the acceleration is 0.5 per unit of u (physical units)
-    for name, truth in (("k", 2 * K_OVER_M), ("b", 2 * B_OVER_M), ("k_over_m", K_OVER_M),
-                        ("g", 0.5)):
+    for name, truth in (("k", 0.8), ("m", 2.0), ("b", 0.3), ("k_over_m", K_OVER_M),
+                        ("b_over_m", B_OVER_M)):
         est, se = m[f"fit/model.{name}"], m[f"fit/model.{name}_se"]
         assert abs(est - truth) < 3 * se, (name, est, truth, se)
+    assert "model.damping_ratio" in out
 
 
 def test_bad_physical_config_is_one_line(spring_csv, capsys, tracking_overrides):

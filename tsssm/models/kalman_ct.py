@@ -366,19 +366,18 @@ class KalmanCTForecaster(nn.Module):
                             str(c) for c in torch.isnan(se).any(-1).nonzero().flatten().tolist()))
         est = derived_standard_errors(model.derived, theta, cov)
         values = {k: (e.value, e.se) for k, e in est.items()}
-        rows = []
+        def label(param: str) -> str:  # gain.oscillator[0] -> gain.oscillator.<input name>
+            if inputs is not None and param.endswith("]"):
+                head, _, j = param[:-1].rpartition("[")
+                if j.isdigit() and int(j) < len(inputs):
+                    return f"{head}.{inputs[int(j)]}"
+            return param
+
+        if self.physical is not None:
+            return [{"channel": "model", "parameter": label(p), "estimate": float(v),
+                     "se": float(e)} for p, (v, e) in values.items()]
         names = list(channels) if channels is not None else [
             str(c) for c in range(self.n_channels)]
-        for param, (value, se) in values.items():
-            if inputs is not None and param.endswith("]"):  # gain.oscillator[0] -> ...u
-                head, _, j = param[:-1].rpartition("[")
-                param = f"{head}.{inputs[int(j)]}" if j.isdigit() and int(j) < len(inputs) \
-                    else param
-            if self.physical is not None:
-                rows.append({"channel": "model", "parameter": param,
-                             "estimate": float(value), "se": float(se)})
-            else:
-                for c, name in enumerate(names):
-                    rows.append({"channel": name, "parameter": param,
-                                 "estimate": float(value[c]), "se": float(se[c])})
-        return rows
+        return [{"channel": name, "parameter": label(p), "estimate": float(v[c]),
+                 "se": float(e[c])} for c, name in enumerate(names)
+                for p, (v, e) in values.items()]
