@@ -33,7 +33,6 @@ from torch import Tensor
 
 from tsssm.errors import ConfigError, DataError
 from tsssm.kalman.ct import ContinuousLinearSSM, continuous_lyapunov
-from tsssm.kalman.models import _block_diag
 
 CT_COMPONENTS = ("level", "trend", "oscillator", "ou")
 #: components an input can drive, and the index of the state it enters inside the block
@@ -95,6 +94,21 @@ def _make_blocks(components: Sequence[str]) -> tuple[CTBlock, ...]:
     if "ou" in comps:
         blocks.append(CTBlock("ou", 1, ("log_rate_ou", "log_var_ou"), stationary=True))
     return tuple(blocks)
+
+
+def block_diag(mats: Sequence[Tensor]) -> Tensor:
+    """Block-diagonal matrix of square blocks (..., k_i, k_i) with broadcast batch axes."""
+    if len(mats) == 1:
+        return mats[0]
+    batch = torch.broadcast_shapes(*(m.shape[:-2] for m in mats))
+    n = sum(m.shape[-1] for m in mats)
+    out = mats[0].new_zeros(*batch, n, n)
+    i = 0
+    for m in mats:
+        k = m.shape[-1]
+        out[..., i : i + k, i : i + k] = m
+        i += k
+    return out
 
 
 def _component_of(block: CTBlock) -> str:
@@ -177,7 +191,7 @@ class CTStructuralModel:
             As.append(A)
             Qs.append(Q)
             i += len(b.param_names)
-        return _block_diag(As), _block_diag(Qs)
+        return block_diag(As), block_diag(Qs)
 
     def to_ct(self, theta: Tensor, m0: Tensor | None = None, P0: Tensor | None = None, *,
               level0: Tensor | float = 0.0, var0: Tensor | float = 1.0) -> ContinuousLinearSSM:
@@ -241,7 +255,7 @@ class CTStructuralModel:
         if self.blocks[0].name in ("level", "trend", "irw"):
             lvl = torch.as_tensor(level0, dtype=dtype, device=device).expand(batch)
             m0 = torch.cat([lvl.unsqueeze(-1), m0[..., 1:]], -1)
-        return m0, _block_diag(blocks)
+        return m0, block_diag(blocks)
 
     # ------------------------------------------------------------------------------ reading
     def derived(self, theta: Tensor) -> dict[str, Tensor]:
