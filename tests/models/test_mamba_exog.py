@@ -443,6 +443,24 @@ def test_hybrids_chunked_equals_one_call_with_inputs_and_time(cls):
     torch.testing.assert_close(one.mean, whole.mean, atol=ATOL, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cls", [KalmanMambaResidual, MambaKalmanFilter])
+def test_hybrids_train_with_inputs_and_time(cls):
+    """The training pass (predict_window) is differentiable with exog, and reaches the input
+    and time parameters."""
+    torch.manual_seed(0)
+    model = cls(C, horizon=H, input_len=24, d_model=8, n_layers=1, d_state=4, patch_len=8,
+                n_inputs=2, scan_backend="torch").train()
+    model.nominal_step.fill_(1.0)
+    y, ex = _series(length=30), _exog(length=30)
+    one, fc = model.predict_window(y[:, :-H], H, exog=ex)
+    (gaussian_nll(one, y[:, :-H]) + gaussian_nll(fc, y[:, -H:])).backward()
+    for name in ("input_gain", "input_response.weight"):
+        p = model.get_parameter(name)
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for p in model.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+
+
 def test_the_deep_ssm_feedthrough_keeps_the_exact_likelihood():
     """y = H x + G u + v: the filter on y - G u, with G u added back, is the same filter
     shifted: predictions move by exactly G u and the variances do not change."""

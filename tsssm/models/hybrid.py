@@ -358,13 +358,12 @@ class _HybridBase(nn.Module):
         feats = [x.unsqueeze(-1)]
         if extra is not None:
             feats.append(_last_window(extra, self.input_len))
-        if u is not None:  # inputs are never missing: the padding before a short context is 0
-            u_win = _last_window(u, self.input_len).nan_to_num(0.0)
-            feats.append(u_win.unsqueeze(2).expand(-1, -1, self.n_channels, -1).to(x.dtype))
         n_steps = -(-self.input_len // self.patch_len) * self.patch_len
         feats = _last_window(torch.cat(feats, dim=-1), n_steps)  # whole patches, NaN-padded
-        if u is not None:
-            feats[..., -self.n_inputs :] = feats[..., -self.n_inputs :].nan_to_num(0.0)
+        if u is not None:  # inputs are never missing: the padding before a short context is 0
+            u_win = _last_window(_last_window(u, self.input_len), n_steps).nan_to_num(0.0)
+            feats = torch.cat([feats, u_win.unsqueeze(2).expand(-1, -1, self.n_channels, -1)
+                               .to(x.dtype)], dim=-1)
         if ratio is not None:  # padded steps count as nominal
             ratio = _last_window(_last_window(ratio, self.input_len), n_steps).nan_to_num(1.0)
         hidden, _ = self.encoder(feats, None, ratio)  # (B*C, n_tok, d)
