@@ -1,14 +1,19 @@
 """Kalman–Mamba hybrids: the classical filter and a Mamba encoder in one forecaster.
 
 Two designs, both channel-independent (every channel is its own univariate structural model and
-its own sequence through one shared Mamba encoder, as in :class:`KalmanForecaster` and the
-Mamba forecaster's ``channel_mode="independent"``), both following
-:class:`tsssm.models.base.Forecaster`:
+its own sequence through Mamba encoders shared by the channels, as in :class:`KalmanForecaster`
+and PatchTST), both following :class:`tsssm.models.base.Forecaster`. Each has two encoders: a
+causal one for the one-step path (patches of ``step_patch_len`` steps, 1 by default: terms for
+every step from everything before it) and one for the horizon path (patches of ``patch_len``
+steps of the last ``input_len`` context steps, a flatten head over all of them, as PatchTST);
+they share the Kalman part.
 
 :class:`MambaKalmanFilter` (``model=hybrid_dssm``, a deep state space model). A causal Mamba
-encoder reads the series and emits, for every step t from y[:, :t] only, the log-scales of the
-filter's noise: Q_t = Q exp(a_t) (state noise) and R_t = R exp(b_t) (observation noise) around
-the structural model's fitted Q and R. The exact Kalman filter
+encoder reads the series' first differences (the local volatility that noise levels follow,
+free of the level, which a network would learn by heart) and emits, for every step t from
+y[:, :t] only, the log-scales of the filter's noise: Q_t = Q exp(a_t) (state noise) and
+R_t = R exp(b_t) (observation noise) around the structural model's fitted Q and R. The exact
+Kalman filter
 (:func:`tsssm.kalman.kalman_filter`, Q and R declared time-varying) runs with them, so the
 one-step predictive density IS the model's exact likelihood (prediction-error decomposition; the
 terms of step t are fixed given y[:t]), missing values are skipped by the filter, and the state
@@ -75,14 +80,14 @@ from tsssm.models.covariates import (
 from tsssm.models.heads import HorizonVarianceScale
 from tsssm.models.kalman import KalmanForecaster, KalmanState
 from tsssm.models.mamba import MambaConfig, MambaStack, MambaStackState, detach_state
-from tsssm.models.mamba_forecaster import REVIN_EPS, _observed_mean_std
+from tsssm.models.mamba_forecaster import _observed_mean_std
 
 #: Variance floor in scaled data units.
 MIN_VAR = 1e-4
 #: Log-scales emitted by the encoder are clipped here (exp(±LOG_SCALE_LIMIT)).
 LOG_SCALE_LIMIT = 12.0
 
-__all__ = ["KalmanMambaResidual", "MambaKalmanFilter", "REVIN_EPS"]
+__all__ = ["HybridState", "KalmanMambaResidual", "MambaKalmanFilter"]
 
 
 # ---------------------------------------------------------------------------------- pieces
