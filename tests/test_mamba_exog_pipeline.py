@@ -52,8 +52,8 @@ def test_mamba_with_inputs_and_time_steps_end_to_end(spring_csv, capsys, tmp_pat
     train = _train_runs(mlflow_db, experiment)
     for name in ("mamba", "hybrid_residual"):
         run = train[name].data
-        assert run.params["model.net.n_inputs"] == "1" and run.params["data.gaps"] == "time"
-        for key in ("train/loss", "test/mse", "test/h8_mse", "test/f1"):
+        assert run.params["data.inputs"] == "['u']" and run.params["data.gaps"] == "time"
+        for key in ("train/loss", "test/mse", "test/h8_mse", "test/h8_crps"):
             assert run.metrics[key] == run.metrics[key], (name, key)
 
     mamba_id = train["mamba"].info.run_id
@@ -70,11 +70,12 @@ def test_mamba_with_inputs_and_time_steps_end_to_end(spring_csv, capsys, tmp_pat
     assert scored.height == 600 and scored["score"].is_finite().all()
 
     ids = ",".join(r.info.run_id for r in train.values())
-    code = main(["compare", *tracking_overrides, *data, f"compare.runs=[{ids}]"])
+    code = main(["compare", *tracking_overrides, *data, *TINY[2:5], f"compare.runs=[{ids}]"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "mamba" in out and "hybrid_residual" in out and "last_value" in out
     # without the inputs a model trained with them cannot be compared: one clear line
-    code = main(["compare", *tracking_overrides, *data[:3], f"compare.runs=[{mamba_id}]"])
+    code = main(["compare", *tracking_overrides, *data[:3], *TINY[2:5],
+                 f"compare.runs=[{mamba_id}]"])
     err = capsys.readouterr().err
     assert code != 0 and "data.inputs=[u]" in err and "Traceback" not in err
