@@ -452,9 +452,13 @@ def test_hybrids_train_with_inputs_and_time(cls):
                 n_inputs=2, scan_backend="torch").train()
     model.nominal_step.fill_(1.0)
     y, ex = _series(length=30), _exog(length=30)
-    one, fc = model.predict_window(y[:, :-H], H, exog=ex)
-    (gaussian_nll(one, y[:, :-H]) + gaussian_nll(fc, y[:, -H:])).backward()
-    for name in ("input_gain", "input_response.weight"):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):  # the second step: the zero-initialised step head has moved
+        opt.zero_grad()
+        one, fc = model.predict_window(y[:, :-H], H, exog=ex)
+        (gaussian_nll(one, y[:, :-H]) + gaussian_nll(fc, y[:, -H:])).backward()
+        opt.step()
+    for name in ("input_gain", "input_response.weight", "lead_time"):
         p = model.get_parameter(name)
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     for p in model.parameters():
