@@ -242,6 +242,11 @@ class TaskConfig:
     #: weight of the one-step NLL over every position (the rest is the horizon NLL)
     one_step_weight: float = 1.0
     horizon_weight: float = 1.0
+    #: fit on normal rows only: the training rows labelled as anomalies (data.label_column) are
+    #: left out of the threshold's fit and, as missing values, out of the model's fit
+    #: (training and validation rows alike); false: every training row counts (a warning says
+    #: how many are labelled)
+    exclude_labelled_train: bool = False
     #: classical comparators for `tsssm compare`
     baselines: list[str] = field(
         default_factory=lambda: ["last_value", "seasonal_naive", "ewma", "isolation_forest"]

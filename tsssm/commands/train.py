@@ -21,6 +21,7 @@ from tsssm.commands.common import (
     fit_threshold,
     forecast_frame,
     format_table,
+    labelled_training_rows,
     save_figures,
     seed_everything,
     staging,
@@ -32,7 +33,7 @@ from tsssm.data.datamodule import SeriesDataModule
 from tsssm.data.datasets import PreparedData, build_dataset
 from tsssm.errors import ConfigError, ModelError
 from tsssm.models.base import Exog, uses_exog
-from tsssm.tasks.callbacks import InterruptWatch, RngState, TrackerCallback
+from tsssm.tasks.callbacks import InnerIterations, InterruptWatch, RngState, TrackerCallback
 from tsssm.tasks.checkpoint_io import AtomicCheckpointIO
 from tsssm.tasks.evaluate import Evaluation, evaluate
 from tsssm.tasks.forecast import ForecastTask
@@ -119,6 +120,7 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
             every_n_epochs=None if every_steps else cfg.trainer.checkpoint_every_n_epochs),
         TrackerCallback(tracker),
         RngState(),
+        InnerIterations(),
         watch,
     ]
     has_val = dm.has_val()
@@ -224,7 +226,8 @@ def log_evaluation(cfg: DictConfig, net, data: PreparedData, tracker: Tracker, f
                   context=cfg.data.input_len, horizon=cfg.data.horizon,
                   eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size,
                   make_threshold=lambda s: fit_threshold(cfg.task, s),
-                  future_inputs=option_value(cfg.data.future_inputs))
+                  future_inputs=option_value(cfg.data.future_inputs),
+                  exclude_labelled=cfg.task.exclude_labelled_train)
     tracker.log_metrics(ev.metrics)
     for name, curve in ev.by_lead.items():  # step = lead time 1..H
         tracker.log_series(name, curve, first_step=1)
@@ -268,8 +271,11 @@ def train(cfg: DictConfig) -> str:
         for note in data.gap_notes:
             log.info(note)
         net_cfg = net_config(cfg, data)
+        # normal rows only: the labelled anomalies of the training rows become missing values,
+        # which every model skips (the Kalman filter) or masks (Mamba)
+        fit_data = data.without_labelled() if labelled_training_rows(cfg.task, data) else data
         try:
-            net = fit_model(cfg, data, tracker, resume, net_cfg)
+            net = fit_model(cfg, fit_data, tracker, resume, net_cfg)
         except KeyboardInterrupt as err:
             # tells the CLI whether `trainer.resume=last` has something to continue from
             ckpt = checkpoints.checkpoint_dir(cfg.tracking.output_dir, run.run_id) / "last.ckpt"

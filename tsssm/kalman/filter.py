@@ -175,7 +175,11 @@ def _dispatch(ssm: LinearGaussianSSM, y: Tensor, u: Tensor | None, method: str,
                 "method='fused' runs a Triton kernel on CUDA tensors; move the model and y to a "
                 "GPU (.cuda()) or use method='sequential' or 'parallel' on the CPU"
             )
-        from tsssm.kalman.fused_triton import fused_kalman_filter
+        try:
+            from tsssm.kalman.fused_triton import fused_kalman_filter
+        except ImportError as err:  # Triton is the gpu extra
+            raise ModelError("method='fused' needs Triton: pip install 'tsssm[gpu]' (or "
+                             "use method='sequential' or 'parallel')") from err
 
         # Every field, as the other methods give; call fused_kalman_filter directly with its
         # default outputs for memory-bandwidth speed when only likelihoods and means are needed.

@@ -275,7 +275,7 @@ def resolve_backend(backend: str, device: torch.device, what: str = "selective_s
             )
         if not triton_available():
             raise ModelError(f"{what}: backend='triton' but Triton is not importable; "
-                             "install triton or use backend='torch'")
+                             "pip install 'tsssm[gpu]' or use backend='torch'")
         return "triton"
     if device.type == "cuda" and triton_available():
         return "triton"
