@@ -637,7 +637,8 @@ def fused_filter_arrays(
     Q (n, n), R (p, p), m0 (n,), P0 (n, n) and optionally c (n,), d (p,); each either shared
     by all series (these shapes) or one per series (a leading S axis), same dtype and device as
     y. Returns ``{"loglik": (S,)}`` and each of ``outputs`` (keys of ``KERNEL_OUTPUTS``),
-    shaped (S, T, ...), in y's dtype. Forward only: no gradients. The outputs are stored
+    shaped (S, T, ...), in y's dtype. Forward only: no gradients (FusedFilterFn, through
+    ``fused_kalman_filter``, adds the backward). The outputs are stored
     time-major, (T, S, ...), so that every step's results of a warp's 32 series form one
     contiguous run; they are returned as (S, T, ...) views of that memory (not contiguous:
     ``.contiguous()`` copies them series-major).
@@ -727,7 +728,84 @@ def fused_filter_arrays(
     result = {o: stored[o].transpose(0, 1) for o in outputs}  # (S, T, ...) views
     result["loglik"] = llsum.to(dtype)
     result["steady_steps"] = nsteady
+    result["spec"] = spec
     return result
+
+
+class FusedFilterFn(torch.autograd.Function):
+    """The fused filter with its generated adjoint kernel as the backward
+    (:mod:`tsssm.kalman.fused_adjoint`).
+
+    forward(options, y (S, T, p), F, H, Q, R, c, d, m0, P0) with the parameters flat as
+    ``fused_filter_arrays`` takes them (shared, or a leading S axis; c, d may be None);
+    ``options`` = (kernel outputs, keyword options of fused_filter_arrays). Returns the
+    log-likelihood (S,) and the kernel outputs in that order, (S, T, ...) views of time-major
+    storage. The outputs always include predicted_mean and predicted_cov: the backward reads the
+    predicted state of every step from them.
+    """
+
+    @staticmethod
+    def forward(ctx, options, y, *params):  # type: ignore[override]
+        outputs, kw = options
+        named = dict(zip(_GRAD_PARAMS, params))
+        out = fused_filter_arrays(y, {k: v for k, v in named.items() if v is not None},
+                                  outputs=outputs, **kw)
+        ctx.outputs = outputs
+        ctx.spec = out["spec"]
+        ctx.present = tuple(k for k, v in named.items() if v is not None)
+        ctx.save_for_backward(y, out["predicted_mean"], out["predicted_cov"],
+                              *[named[k] for k in ctx.present])
+        return (out["loglik"], *[out[o] for o in outputs])
+
+    @staticmethod
+    def backward(ctx, g_loglik, *g_outs):  # type: ignore[override]
+        from tsssm.kalman import fused_adjoint as fa
+
+        y, pm, pc, *present = ctx.saved_tensors
+        named = dict(zip(ctx.present, present))
+        spec = ctx.spec
+        needs = dict(zip(_GRAD_PARAMS, ctx.needs_input_grad[2:]))
+        diff = tuple(k for k in fa.PARAM_ORDER if needs.get(k) and k in named)
+        cotangents = {}
+        for name, g in zip(ctx.outputs, g_outs):
+            if g is not None and name in fa.GRAD_OUTPUTS:
+                cotangents[name] = g.transpose(0, 1).contiguous()  # (T, S, ...) time-major
+        want_dy = bool(ctx.needs_input_grad[1])
+        aspec = fa.AdjointSpec(
+            n=spec.n, p=spec.p, dtype=spec.dtype, batched=spec.batched, diff=diff,
+            has_c=spec.has_c, has_d=spec.has_d, F_code=spec.F_code, H_code=spec.H_code,
+            Q_nz=spec.Q_nz, cotangents=tuple(sorted(cotangents)),
+            loglik_cotangent=g_loglik is not None, want_dy=want_dy,
+        )
+        dy_tm, gparam = fa.adjoint_arrays(
+            aspec, y.transpose(0, 1).contiguous(), pm.transpose(0, 1), pc.transpose(0, 1),
+            {k: v.detach().contiguous() for k, v in named.items()},
+            {k: cotangents[k] for k in aspec.cotangents},
+            None if g_loglik is None else g_loglik.contiguous(), _interpreting(),
+        )
+        grads = []
+        n, p = spec.n, spec.p
+        col = 0
+        offsets = {}
+        for name in fa.PARAM_ORDER:
+            size = math.prod(fa.param_shape(name, n, p))
+            offsets[name] = (col, size)
+            col += size
+        for name in _GRAD_PARAMS:
+            if name not in diff:
+                grads.append(None)
+                continue
+            start, size = offsets[name]
+            g = gparam[:, start:start + size].reshape(-1, *fa.param_shape(name, n, p))
+            if name not in spec.batched:
+                g = g.sum(0)
+            grads.append(g)
+        dy = dy_tm.transpose(0, 1) if dy_tm is not None else None
+        return (None, dy, *grads)
+
+
+#: Parameter order of FusedFilterFn.forward.
+_GRAD_PARAMS = ("F", "H", "Q", "R", "c", "d", "m0", "P0")
 
 
 def fused_kalman_filter(
@@ -756,10 +834,12 @@ def fused_kalman_filter(
     are written per step and per series: T*n*n elements each). Besides ``KERNEL_OUTPUTS``,
     ``outputs`` may name ``predicted_obs_mean``, ``predicted_obs_cov`` and ``observed``, which are
     derived from kernel outputs with torch. Per-step fields are (..., T, ...) views of
-    time-major storage (not contiguous). Not differentiable (use method="sequential" for
-    gradients). Raises NumericalError, naming the series, when a log-likelihood is not finite.
-    The keyword options after ``outputs`` are passed to ``fused_filter_arrays`` (tuning,
-    ``steady_state``).
+    time-major storage (not contiguous). Differentiable: when grad mode is on and y or a
+    matrix of the model requires grad, the backward is the generated adjoint kernel
+    (:mod:`tsssm.kalman.fused_adjoint`, one pass over time in reverse), and the forward then
+    also writes the predicted states, which that pass reads. Raises NumericalError, naming the
+    series, when a log-likelihood is not finite. The keyword options after ``outputs`` are
+    passed to ``fused_filter_arrays`` (tuning, ``steady_state``).
     """
     from tsssm.kalman.filter import FilterResult
     from tsssm.kalman.ssm import CORE_NDIM, batch_shape_of, is_time_invariant, validate
@@ -820,18 +900,20 @@ def fused_kalman_filter(
             params[name] = value  # shared by all series
         else:
             params[name] = value.expand(*batch, *core).reshape(S, *core)
-    out = fused_filter_arrays(
-        y_flat,
-        params,
-        outputs=tuple(kernel_outputs),
-        joseph=joseph,
-        num_warps=num_warps,
-        chunk_mult=chunk_mult,
-        prefetch=prefetch,
-        vectorize=vectorize,
-        fast_log=fast_log,
-        steady_state=steady_state,
-    )
+    kw = dict(joseph=joseph, num_warps=num_warps, chunk_mult=chunk_mult, prefetch=prefetch,
+              vectorize=vectorize, fast_log=fast_log, steady_state=steady_state)
+    differentiable = torch.is_grad_enabled() and (
+        y.requires_grad or any(v.requires_grad for v in params.values()))
+    if differentiable:  # the backward reads every step's predicted state
+        for o in ("predicted_mean", "predicted_cov"):
+            if o not in kernel_outputs:
+                kernel_outputs.append(o)
+        res = FusedFilterFn.apply(
+            (tuple(kernel_outputs), kw), y_flat, *[params.get(k) for k in _GRAD_PARAMS]
+        )
+        out = {"loglik": res[0], **dict(zip(kernel_outputs, res[1:]))}
+    else:
+        out = fused_filter_arrays(y_flat, params, outputs=tuple(kernel_outputs), **kw)
     loglik = out["loglik"]
     bad = ~torch.isfinite(loglik)
     if bool(bad.any()):

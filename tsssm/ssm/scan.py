@@ -129,7 +129,8 @@ def validate_scan_inputs(
 
 
 class ChunkedScanFn(torch.autograd.Function):
-    """y = C·h for the discretised recurrence; saves only chunk-boundary states.
+    """y = C·h for the discretised recurrence, by the torch path: the stepwise CPU path
+    (``inner="step"``) or the chunked one; saves what that path's backward needs.
 
     Inputs in one float dtype: u, dt (b, d, L), A (d, N), B, C (b, G, N, L), h0 (b, d, N).
     Outputs y (b, d, L) and the final state (b, d, N).
@@ -137,21 +138,38 @@ class ChunkedScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C, h0, chunk, inner):  # type: ignore[override]
-        y, h_final, saved = scan_ref.chunked_scan_forward(
-            u, dt, A, B, C, h0, chunk=chunk, save_states=any(ctx.needs_input_grad), inner=inner
-        )
-        ctx.save_for_backward(u, dt, A, B, C, saved)
+        inner = scan_ref.resolve_inner(inner, u.device)
+        save = any(ctx.needs_input_grad)
+        if inner == "step":
+            y, h_final, saved = scan_ref.stepwise_scan_forward(
+                u, dt, A, B, C, h0, chunk=chunk, save_states=save
+            )
+            ctx.mode = saved[0] if saved is not None else None
+            extra = saved[1:] if saved is not None else ()
+        else:
+            y, h_final, saved = scan_ref.chunked_scan_forward(
+                u, dt, A, B, C, h0, chunk=chunk, save_states=save, inner=inner
+            )
+            ctx.mode = "chunked"
+            extra = (saved,) if saved is not None else ()
+        ctx.save_for_backward(u, dt, A, B, C, h0, *extra)
         ctx.chunk, ctx.inner = chunk, inner
         return y, h_final
 
     @staticmethod
     def backward(ctx, dy, dh_final):  # type: ignore[override]
-        u, dt, A, B, C, saved = ctx.saved_tensors
+        u, dt, A, B, C, h0, *extra = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
-        du, ddt, dA, dB, dC, dh0 = scan_ref.chunked_scan_backward(
-            dy.contiguous(), dh_final, u, dt, A, B, C, saved, chunk=ctx.chunk, inner=ctx.inner
-        )
+        if ctx.inner == "step":
+            du, ddt, dA, dB, dC, dh0 = scan_ref.stepwise_scan_backward(
+                dy.contiguous(), dh_final, u, dt, A, B, C, (ctx.mode, *extra), h0, chunk=ctx.chunk
+            )
+        else:
+            du, ddt, dA, dB, dC, dh0 = scan_ref.chunked_scan_backward(
+                dy.contiguous(), dh_final, u, dt, A, B, C, extra[0], chunk=ctx.chunk,
+                inner=ctx.inner
+            )
         return du, ddt, dA, dB, dC, dh0, None, None
 
 
