@@ -185,6 +185,19 @@ def test_loglik_only_and_steady_state(interpret):
     check(ssm, y, fields, (), torch.float64, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetch_depths_agree(interpret, monkeypatch, depth):
+    """How many steps of loads are in flight changes nothing computed (T < depth included)."""
+    monkeypatch.setattr(fa, "ADJOINT_PREFETCH", depth)
+    gen = torch.Generator().manual_seed(depth)
+    ssm = random_model(gen, 2, 1, batch=(3,), with_cd=True, structural=True)
+    fields = [f for f in FIELDS if getattr(ssm, f) is not None]
+    for T in (2, 9):
+        y = random_y(gen, (3, T, 1))
+        check(ssm, y, fields, ("log_liks", "predicted_obs_cov"), torch.float64, rtol=1e-9,
+              atol=1e-9)
+
+
 def test_gradcheck_against_finite_differences(interpret):
     gen = torch.Generator().manual_seed(5)
     ssm = random_model(gen, 2, 2, with_cd=True)
@@ -264,3 +277,57 @@ def test_gpu_gradients_match_sequential(dtype, n, p, batched):
     tol = 1e-8 if dtype == torch.float64 else 5e-3
     check(ssm, y.to(dev), fields, ("log_liks", "predicted_obs_mean", "predicted_obs_cov"),
           dtype, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_gpu_kalman_forecaster_trains_through_the_fused_path():
+    """The Kalman forecaster's training loss (one-step NLL) has the same gradient with
+    method="fused" (the generated adjoint) as with the sequential filter."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from tsssm.anomaly.scores import gaussian_nll
+    from tsssm.models.kalman import KalmanForecaster
+
+    gen = torch.Generator().manual_seed(4)
+    y = torch.randn(16, 500, 3, generator=gen, dtype=torch.float64).cumsum(1) * 0.1
+    y[torch.rand(y.shape, generator=gen) < 0.05] = math.nan
+    y = y.cuda()
+    grads = {}
+    for method in ("sequential", "fused"):
+        torch.manual_seed(0)
+        model = KalmanForecaster(3, components=("level", "trend"), method=method).cuda()
+        model.initialize(y)
+        pred, _ = model.one_step(y)
+        loss = gaussian_nll(y, pred)
+        loss.backward()
+        grads[method] = (float(loss), model.theta.grad.clone())
+    assert abs(grads["fused"][0] - grads["sequential"][0]) <= 1e-9 * abs(grads["sequential"][0])
+    torch.testing.assert_close(grads["fused"][1], grads["sequential"][1], rtol=1e-7, atol=1e-9)
+
+
+def test_structural_model_parameters_get_exact_gradients(interpret):
+    """The Kalman forecaster's loss, the NLL of the one-step predictions, differentiated into
+    its parameters theta through the fused path equals the sequential filter's gradient."""
+    from tsssm.anomaly.scores import gaussian_nll
+    from tsssm.models.base import Gaussian
+    from tsssm.models.kalman import KalmanForecaster
+
+    gen = torch.Generator().manual_seed(4)
+    y = torch.randn(3, 40, 2, generator=gen, dtype=torch.float64).cumsum(1) * 0.1
+    y[torch.rand(y.shape, generator=gen) < 0.1] = math.nan
+    model = KalmanForecaster(2, components=("level", "trend", "seasonal"), seasonal_period=4,
+                             seasonal_kind="dummy")
+    model.initialize(y)
+    yk = model._channels_as_batch(y)  # (B, C, T, 1)
+    out = {}
+    for fused in (False, True):
+        model.zero_grad()
+        ssm = model.ssm()
+        res = (fused_kalman_filter(ssm, yk, outputs="all") if fused else kalman_filter(ssm, yk))
+        pred = Gaussian(res.predicted_obs_mean[..., 0].transpose(1, 2),
+                        res.predicted_obs_cov[..., 0, 0].transpose(1, 2))
+        loss = gaussian_nll(y, pred)
+        loss.backward()
+        out[fused] = (float(loss), model.theta.grad.clone())
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-10)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-8, atol=1e-10)

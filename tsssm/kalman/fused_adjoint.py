@@ -59,6 +59,8 @@ GRAD_OUTPUTS = {
     "nis": lambda n, p: 1,
 }
 SYMMETRIC = ("Q", "R", "P0")
+#: Steps of loads in flight ahead of the step being differentiated (AdjointSpec.prefetch).
+ADJOINT_PREFETCH = 2
 
 
 def param_shape(name: str, n: int, p: int) -> tuple[int, ...]:
@@ -297,6 +299,9 @@ class AdjointSpec:
     cotangents: tuple[str, ...]  # keys of GRAD_OUTPUTS with an incoming cotangent
     loglik_cotangent: bool  # a cotangent of the total log-likelihood (S,)
     want_dy: bool
+    #: steps whose loads are in flight ahead of the one being differentiated (their memory
+    #: latency overlaps its arithmetic; one thread per series leaves no other warp to switch to)
+    prefetch: int = 2
 
 
 @dataclasses.dataclass
@@ -483,27 +488,28 @@ def kernel_source(spec: AdjointSpec, name: str) -> str:
                 L.append(f"{ind}{acc} = zero")
     if spec.loglik_cotangent:
         L.append(f"{ind}g_ll_tot = tl.load(g_loglik_ptr + rows, mask=rmask, other=0.0)")
+    L.append(f"{ind}izero = tl.full((BLOCK_S,), 0, tl.int32)")
     L.append(f"{ind}for ti in range(0, T):")
     ind2 = ind * 2
     L.append(f"{ind2}t = T - 1 - ti")
     L.append(f"{ind2}t64 = t.to(tl.int64)")
-    # loads of step t (time-major storage: (T, S, w))
+    loads_at = len(L)  # the loads of step t (and the prefetch of later ones) go here
+    # per-step loads (time-major storage (T, S, w)): (variable, pointer, width, offset)
+    loads: list[tuple[str, str, int, int]] = []
     for k in range(p):
-        L.append(f"{ind2}y_raw{k} = tl.load(y_ptr + (t64 * S64 + r64) * {p} + {k}, mask=rmask, "
-                 f"other=0.0)")
+        loads.append((f"y_raw{k}", "y_ptr", p, k))
+    for i in range(n):
+        loads.append((f"m_{i}", "pm_ptr", n, i))
+    for i in range(n):
+        for j in range(i, n):
+            loads.append((f"P_{i}_{j}", "pc_ptr", n * n, i * n + j))
+    for k in range(p):
         L.append(f"{ind2}ob{k} = (y_raw{k} == y_raw{k}) & rmask")
         L.append(f"{ind2}y_{k} = tl.where(ob{k}, y_raw{k}, 0.0)")
     for k in range(p):
         for l in range(k + 1, p):
             L.append(f"{ind2}ob{k}_{l} = ob{k} & ob{l}")
     L.append(f"{ind2}nobs = " + " + ".join(f"ob{k}.to({DT})" for k in range(p)))
-    for i in range(n):
-        L.append(f"{ind2}m_{i} = tl.load(pm_ptr + (t64 * S64 + r64) * {n} + {i}, mask=rmask, "
-                 f"other=0.0)")
-    for i in range(n):
-        for j in range(i, n):
-            L.append(f"{ind2}P_{i}_{j} = tl.load(pc_ptr + (t64 * S64 + r64) * {n * n} + "
-                     f"{i * n + j}, mask=rmask, other=0.0)")
     # forward recompute of the step
     g.emit_forward(L, ind2)
     # seeds: carried adjoint of the next state and the cotangents of this step's outputs
@@ -519,9 +525,7 @@ def kernel_source(spec: AdjointSpec, name: str) -> str:
             seed(step.outputs["P_next"][(i, j)], f"lP_{i}_{j}")
 
     def load_ct(o: str, off: str, var: str) -> None:
-        w = GRAD_OUTPUTS[o](n, p)
-        L.append(f"{ind2}{var} = tl.load(g_{o}_ptr + (t64 * S64 + r64) * {w} + {off}, "
-                 f"mask=rmask, other=0.0)")
+        loads.append((var, f"g_{o}_ptr", GRAD_OUTPUTS[o](n, p), int(off)))
 
     cot = set(spec.cotangents)
     if "log_liks" in cot or spec.loglik_cotangent:
@@ -597,6 +601,8 @@ def kernel_source(spec: AdjointSpec, name: str) -> str:
     for i in range(n):
         for j in range(i, n):
             L.append(f"{ind2}lP_{i}_{j} = new_lP_{i}_{j}")
+    L[loads_at:loads_at] = _step_loads(loads, spec.prefetch, ind2)
+    L[loads_at - 3:loads_at - 3] = _prefetch_start(loads, spec.prefetch, ind)  # before the loop
     # gradients of the parameters (and of m0, P0 from the carried adjoint)
     base = f"gparam_ptr + r64 * {cols['_total']}"
     written = set()
@@ -637,6 +643,39 @@ def kernel_source(spec: AdjointSpec, name: str) -> str:
         if col not in written:
             L.append(f"{ind}tl.store({base} + {col}, zero, mask=rmask)")
     return "\n".join(L) + "\n"
+
+
+def _load(var: str, ptr: str, width: int, off: int, tvar: str, mask: str) -> str:
+    return (f"{var} = tl.load({ptr} + ({tvar} * S64 + r64) * {width} + {off}, mask={mask}, "
+            "other=0.0)")
+
+
+def _prefetch_start(loads: list, depth: int, ind: str) -> list[str]:
+    """Before the loop: the loads of steps T-1 .. T-depth into the prefetch slots."""
+    out = []
+    for dd in range(depth):
+        out.append(f"{ind}tp{dd} = (T - {1 + dd}).to(tl.int64)")
+        out.append(f"{ind}mp{dd} = rmask & (izero + (T - {1 + dd}) >= 0)")
+        for var, ptr, w, off in loads:
+            out.append(ind + _load(f"{var}_p{dd}", ptr, w, off, f"tp{dd}", f"mp{dd}"))
+    return out
+
+
+def _step_loads(loads: list, depth: int, ind: str) -> list[str]:
+    """In the loop: step t's values from the oldest slot, the slots shifted, step t - depth
+    loaded into the newest (masked off before the series' start)."""
+    if depth == 0:
+        return [ind + _load(var, ptr, w, off, "t64", "rmask") for var, ptr, w, off in loads]
+    out = []
+    for var, *_ in loads:
+        out.append(f"{ind}{var} = {var}_p0")
+        for dd in range(depth - 1):
+            out.append(f"{ind}{var}_p{dd} = {var}_p{dd + 1}")
+    out.append(f"{ind}tn64 = (t - {depth}).to(tl.int64)")
+    out.append(f"{ind}mn = rmask & (izero + (t - {depth}) >= 0)")
+    for var, ptr, w, off in loads:
+        out.append(ind + _load(f"{var}_p{depth - 1}", ptr, w, off, "tn64", "mn"))
+    return out
 
 
 @functools.lru_cache(maxsize=64)

@@ -776,6 +776,7 @@ class FusedFilterFn(torch.autograd.Function):
             has_c=spec.has_c, has_d=spec.has_d, F_code=spec.F_code, H_code=spec.H_code,
             Q_nz=spec.Q_nz, cotangents=tuple(sorted(cotangents)),
             loglik_cotangent=g_loglik is not None, want_dy=want_dy,
+            prefetch=fa.ADJOINT_PREFETCH,
         )
         dy_tm, gparam = fa.adjoint_arrays(
             aspec, y.transpose(0, 1).contiguous(), pm.transpose(0, 1), pc.transpose(0, 1),
