@@ -100,6 +100,7 @@ class KernelSpec:
     tail: bool = False  # T % CH != 0: a last, partial chunk with element-wise masks
     fast_log: bool = False  # lg2.approx through inline PTX (compiled float32 only)
     steady: bool = False  # skip the covariance recursion once it has converged (see below)
+    y_time_major: bool = False  # y stored (T, S, p): a warp's loads of one step coalesce
 
     @property
     def vec16(self) -> int:
@@ -236,7 +237,9 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
     src("izero = tl.full((BLOCK_S,), 0, tl.int32)")
     # y (S, T, p) is series-major: TQ * VEC tells the compiler that rows are 16-byte aligned.
     src(f"Trow = TQ * {vec}" if spec.vectorize else "Trow = T")
-    if vec > 1:
+    if spec.y_time_major:  # y (T, S, p): element loads, one run of 32 series per warp and step
+        src(f"y_rp = y_ptr + r64 * {p}  # (BLOCK_S,)")
+    elif vec > 1:
         src(f"cols = tl.arange(0, {vec})")
         src(f"y_rp = y_ptr + (r64 * Trow * {p})[:, None] + cols[None, :]  # (BLOCK_S, VEC)")
     else:
@@ -515,7 +518,13 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         # a 16-byte vector (and the interpreter wants tensor, not scalar, operands of `&`).
         valid = f"rmask & (izero + ({chunk_expr}) < nfull)"
         mask = f"({valid})[:, None]" if vec > 1 else valid
+        if spec.y_time_major:  # element g of the chunk: step g // p, channel g % p
+            return ("tl.load(y_rp + ((" + chunk_expr + f") * {ch} + {{step}}) * S64 * {p} + "
+                    "{chan}, mask=" + mask + ", other=NAN)")
         return f"tl.load(y_rp + ({chunk_expr}) * {ch * p} + {{g}}, mask={mask}, other=NAN)"
+
+    def y_fmt(template: str, g: int) -> str:
+        return template.format(g=g * vec, step=(g * vec) // p, chan=(g * vec) % p)
 
     # --- main loop over full chunks, y prefetched PREFETCH chunks ahead --------------------
     src("nfull = T // " + str(ch))
@@ -536,7 +545,7 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
     D = spec.prefetch
     for dd in range(D):
         for g in range(ngroups):
-            src(f"yt{dd}_{g} = " + y_load(str(dd)).format(g=g * vec))
+            src(f"yt{dd}_{g} = " + y_fmt(y_load(str(dd)), g))
     src("for ci in range(0, nfull):")
     src.indent += 1
     src(f"t0 = ci * {ch}")
@@ -546,7 +555,7 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         for g in range(ngroups):
             src(f"yt{dd}_{g} = yt{dd + 1}_{g}")
     for g in range(ngroups):
-        src(f"yt{D - 1}_{g} = " + y_load(f"ci + {D}").format(g=g * vec))
+        src(f"yt{D - 1}_{g} = " + y_fmt(y_load(f"ci + {D}"), g))
     emit_chunk([f"cur_{g}" for g in range(ngroups)], "t0", masked=False)
     src.indent -= 1
     # --- tail: the last T % CH steps, element-wise masks ----------------------------------
@@ -555,6 +564,11 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         src.indent += 1
         src(f"t0 = nfull * {ch}")
         for g in range(ngroups):
+            if spec.y_time_major:
+                st, ck = g // p, g % p
+                src(f"tail_{g} = tl.load(y_rp + (t0 + {st}) * S64 * {p} + {ck}, "
+                    f"mask=rmask & (izero + (t0 + {st}) < T), other=NAN)")
+                continue
             idx = f"t0 * {p} + {g * vec}" + (" + cols[None, :]" if vec > 1 else " + izero")
             src(f"tail_{g} = tl.load(y_rp + (t0 * {p} + {g * vec}), "
                 f"mask={mask2} & ({idx} < T * {p}), other=NAN)")
@@ -630,6 +644,7 @@ def fused_filter_arrays(
     vectorize: bool | None = None,
     fast_log: bool = True,
     steady_state: bool = True,
+    y_layout: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Launch the fused filter on flat arrays (the launcher behind ``fused_kalman_filter``).
 
@@ -651,6 +666,11 @@ def fused_filter_arrays(
     vectorised; seconds without) and their arithmetic, not memory, bounds them anyway.
     ``fast_log``: the per-step log of compiled float32 kernels through the MUFU.LG2 unit
     (relative error ~2^-22, like the float32 arithmetic around it) instead of libdevice.
+    ``y_layout``: how the kernel reads y. "series": (S, T, p) rows, 16 bytes of one series per
+    load (a warp's 32 loads land T*p elements apart); "time": (T, S, p), element loads of which
+    a warp's 32 of one step are one contiguous run (y is copied to that layout unless it is a
+    time-major view already, e.g. ``y_tm.transpose(0, 1)`` of a contiguous (T, S, p) tensor);
+    "auto": "time" for such a view, else "series".
     ``steady_state``: once the predicted covariance of every series of a block repeats (to 64
     ulps of its largest entry, the sequential filter's test) at the end of a fully observed
     chunk, later chunks without missing values skip the covariance recursion and reuse the
@@ -679,6 +699,16 @@ def fused_filter_arrays(
     if vectorize is None:
         vectorize = n * n * p <= 16
     vectorize = vectorize and T % vec == 0
+    if y_layout not in ("auto", "series", "time"):
+        raise ModelError(f"fused Kalman filter: y_layout must be auto, series or time, got "
+                         f"{y_layout!r}")
+    time_major_view = S > 1 and T > 1 and y.stride() == (p, S * p, 1)
+    y_time_major = y_layout == "time" or (y_layout == "auto" and time_major_view)
+    if y_time_major:
+        vectorize = False
+        y_arg = y.detach().transpose(0, 1).contiguous()  # (T, S, p); no copy for such a view
+    else:
+        y_arg = y.detach().contiguous()
     spec = KernelSpec(
         n=n,
         p=p,
@@ -696,6 +726,7 @@ def fused_filter_arrays(
         prefetch=prefetch,
         fast_log=fast_log and dtype == torch.float32 and not _interpreting(),
         steady=steady_state,
+        y_time_major=y_time_major,
     )
     spec = dataclasses.replace(spec, tail=T % spec.chunk != 0)
     shapes = {  # time-major storage
@@ -712,7 +743,7 @@ def fused_filter_arrays(
     block_s = 32 * num_warps
     nsteady = torch.zeros(triton.cdiv(S, block_s), device=y.device, dtype=torch.int32)
     if S > 0:
-        args = {"y_ptr": y.detach().contiguous(), "llsum_ptr": llsum, "nsteady_ptr": nsteady}
+        args = {"y_ptr": y_arg, "llsum_ptr": llsum, "nsteady_ptr": nsteady}
         args.update({f"{k}_ptr": v for k, v in flat.items()})
         args.update({f"{o}_ptr": stored[o] for o in outputs})
         _kernel(spec, _interpreting())[(triton.cdiv(S, block_s),)](
@@ -822,6 +853,7 @@ def fused_kalman_filter(
     vectorize: bool | None = None,
     fast_log: bool = True,
     steady_state: bool = True,
+    y_layout: str = "auto",
 ):
     """The Kalman filter as one fused Triton kernel: ``kalman_filter(..., method="fused")``.
 
@@ -840,7 +872,7 @@ def fused_kalman_filter(
     (:mod:`tsssm.kalman.fused_adjoint`, one pass over time in reverse), and the forward then
     also writes the predicted states, which that pass reads. Raises NumericalError, naming the
     series, when a log-likelihood is not finite. The keyword options after ``outputs`` are
-    passed to ``fused_filter_arrays`` (tuning, ``steady_state``).
+    passed to ``fused_filter_arrays`` (tuning, ``steady_state``, ``y_layout``).
     """
     from tsssm.kalman.filter import FilterResult
     from tsssm.kalman.ssm import CORE_NDIM, batch_shape_of, is_time_invariant, validate
@@ -902,7 +934,8 @@ def fused_kalman_filter(
         else:
             params[name] = value.expand(*batch, *core).reshape(S, *core)
     kw = dict(joseph=joseph, num_warps=num_warps, chunk_mult=chunk_mult, prefetch=prefetch,
-              vectorize=vectorize, fast_log=fast_log, steady_state=steady_state)
+              vectorize=vectorize, fast_log=fast_log, steady_state=steady_state,
+              y_layout=y_layout)
     differentiable = torch.is_grad_enabled() and (
         y.requires_grad or any(v.requires_grad for v in params.values()))
     if differentiable:  # the backward reads every step's predicted state
