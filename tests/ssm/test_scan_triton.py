@@ -140,6 +140,21 @@ def test_launch_config_per_dtype_overrides(interpreted, monkeypatch):
     assert cfg["UNROLL"] == st.FWD_CONFIG["UNROLL"]
     assert st.launch_config("fwd", torch.bfloat16) == st.FWD_CONFIG
     assert st.launch_config("bwd", torch.float32, {"UNROLL": 1})["UNROLL"] == 1
+    monkeypatch.setitem(st.FWD_TRAIN_CONFIG_BY_DTYPE, "float32", {"BLOCK_L": 16})
+    assert st.launch_config("fwd_train", torch.float32)["BLOCK_L"] == 16
+    assert st.launch_config("fwd_train", torch.float32)["num_warps"] == 2
+    assert st.launch_config("fwd", torch.float32)["BLOCK_L"] == 32
+    with pytest.raises(ValueError, match="kind"):
+        st.launch_config("bwd_train", torch.float32)
+
+
+def test_interpreted_training_forward_config(interpreted, poisoned, monkeypatch):
+    """A training forward with its own chunk length (the backward inherits it) stays exact."""
+    st = poisoned(interpreted)
+    monkeypatch.setitem(st.FWD_CONFIG, "BLOCK_L", 32)
+    monkeypatch.setattr(st, "FWD_TRAIN_CONFIG", {"BLOCK_L": 16, "BLOCK_D": 2, "PREFETCH": 0})
+    inp = make_inputs(dim=6, L=37)
+    check_against_reference(inp, True, torch.float32)
 
 
 def test_interpreted_default_config(interpreted, poisoned):

@@ -34,6 +34,9 @@ grows like exp(Δ A t) and overflows float32 quickly; that is the caller's model
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -362,6 +365,25 @@ def chunked_scan_backward(
 #: Largest size (bytes) of the per-step states and decays the CPU path keeps for the backward
 #: (2 · L·b·d·N floats); longer sequences keep chunk-start states and recompute.
 STEP_SAVE_ALL_BYTES = 256 * 2**20
+#: The CPU path's step loops run on one intra-op thread (see _one_thread).
+STEP_SINGLE_THREAD = True
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run a loop of per-step ops (tens of microseconds each) on one intra-op thread, then
+    restore the setting. A second thread saves little on ops that small, and when the cores are
+    shared with other processes every op waits for a descheduled worker: measured on a busy
+    2-core machine, a training step of the small Mamba forecaster took 5-7 s of CPU with two
+    threads and 0.35-0.5 s with one (benchmarks/RESULTS.md)."""
+    n = torch.get_num_threads()
+    if STEP_SINGLE_THREAD and n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if STEP_SINGLE_THREAD and n > 1:
+            torch.set_num_threads(n)
 
 
 def _steps_bg(x: Tensor, G: int) -> Tensor:
@@ -382,7 +404,19 @@ def _state_bdn(h: Tensor) -> Tensor:
     return h.transpose(-1, -2).reshape(b, G * dg, N).contiguous()
 
 
-def stepwise_scan_forward(
+def stepwise_scan_forward(*args, **kwargs):
+    """The CPU path's forward (see :func:`_stepwise_forward`), on one intra-op thread."""
+    with _one_thread():
+        return _stepwise_forward(*args, **kwargs)
+
+
+def stepwise_scan_backward(*args, **kwargs):
+    """The CPU path's backward (see :func:`_stepwise_backward`), on one intra-op thread."""
+    with _one_thread():
+        return _stepwise_backward(*args, **kwargs)
+
+
+def _stepwise_forward(
     u: Tensor,
     dt: Tensor,
     A: Tensor,
@@ -392,7 +426,7 @@ def stepwise_scan_forward(
     chunk: int = DEFAULT_CHUNK,
     save_states: bool = True,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
-    """The CPU path's forward; same contract as :func:`chunked_scan_forward` except for what it
+    """Same contract as :func:`chunked_scan_forward` except for what it
     saves: ``("all", states, decays)`` — each (L, b, G, N, d/G), the state after every step and
     exp(Δ_t A) — while they fit in STEP_SAVE_ALL_BYTES, else ``("chunks", starts)`` with the state
     at the start of every chunk (n_chunks, b, G, N, d/G). None without ``save_states``.
@@ -434,7 +468,7 @@ def stepwise_scan_forward(
     return y, _state_bdn(h), saved
 
 
-def stepwise_scan_backward(
+def _stepwise_backward(
     dy: Tensor,
     dh_final: Tensor | None,
     u: Tensor,
@@ -446,7 +480,7 @@ def stepwise_scan_backward(
     h0: Tensor,
     chunk: int = DEFAULT_CHUNK,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of :func:`stepwise_scan_forward` w.r.t. (u, dt, A, B, C, h0); ``saved`` is what
+    """Gradients of :func:`_stepwise_forward` w.r.t. (u, dt, A, B, C, h0); ``saved`` is what
     it returned, h0 its initial state. Same adjoint recurrence as :func:`chunked_scan_backward`,
     g_t = C_t dy_t + a_{t+1} g_{t+1}, one step at a time backwards."""
     b, d, L = u.shape

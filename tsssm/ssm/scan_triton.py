@@ -32,6 +32,10 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e)
 FWD_CONFIG = {"BLOCK_D": 16, "BLOCK_L": 64, "num_warps": 4, "UNROLL": 4, "PREFETCH": 1}
 #: Per input dtype ("float32", "bfloat16", "float16") overrides of FWD_CONFIG / BWD_CONFIG.
 FWD_CONFIG_BY_DTYPE: dict[str, dict] = {}
+#: Overrides of the forward's shape when it saves chunk states for a backward (training), whose
+#: BLOCK_L the backward inherits; per dtype in FWD_TRAIN_CONFIG_BY_DTYPE.
+FWD_TRAIN_CONFIG: dict = {}
+FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {}
 #: The backward walks the chunks the forward saved, so it reuses the forward's BLOCK_L.
 #: PREFETCH as in the forward (u, delta, dout, z of the chunk before), off by default: the
 #: backward's 1-warp programs are limited by registers, which prefetching raises.
@@ -59,11 +63,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def launch_config(kind: str, dtype: torch.dtype, config: dict | None = None) -> dict:
-    """The launch shape in use for ``kind`` ("fwd" | "bwd") and input dtype: the module default,
-    its per-dtype override, then ``config``."""
-    base, by_dtype = (FWD_CONFIG, FWD_CONFIG_BY_DTYPE) if kind == "fwd" else (
-        BWD_CONFIG, BWD_CONFIG_BY_DTYPE)
-    return {**base, **by_dtype.get(_dtype_name(dtype), {}), **(config or {})}
+    """The launch shape in use for ``kind`` ("fwd", "fwd_train" = a forward that saves states
+    for the backward, "bwd") and input dtype: the module default, its per-dtype override (for
+    "fwd_train" then FWD_TRAIN_CONFIG and its per-dtype override), then ``config``."""
+    name = _dtype_name(dtype)
+    if kind == "bwd":
+        return {**BWD_CONFIG, **BWD_CONFIG_BY_DTYPE.get(name, {}), **(config or {})}
+    cfg = {**FWD_CONFIG, **FWD_CONFIG_BY_DTYPE.get(name, {})}
+    if kind == "fwd_train":
+        cfg.update(FWD_TRAIN_CONFIG)
+        cfg.update(FWD_TRAIN_CONFIG_BY_DTYPE.get(name, {}))
+    elif kind != "fwd":
+        raise ValueError(f"kind must be fwd, fwd_train or bwd, got {kind!r}")
+    return {**cfg, **(config or {})}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -576,7 +588,7 @@ def scan_forward(
     """Launch the forward. Returns out (b, d, L) in u's dtype, the final state (b, d, N) float32,
     the chunk-start states (b, n_chunks, d, N) float32 when ``save_states`` (else None) and the
     chunk length BLOCK_L they were saved at (the backward must use the same)."""
-    cfg = launch_config("fwd", u.dtype, config)
+    cfg = launch_config("fwd_train" if save_states else "fwd", u.dtype, config)
     batch, dim, L = u.shape
     N = A.shape[1]
     Bg, Cg = _groups_view(B), _groups_view(C)
