@@ -24,9 +24,16 @@ else
   echo "gpu_session.sh: no $SRC/setup.py: the mamba-ssm column is skipped" >&2
   echo missing > "$OUT/mamba_build.rc"
 fi
-python3 benchmarks/gpu_session.py --out "$OUT" --mamba-build "$BUILD" \
-  --budget-s "${BUDGET_S:-470}" "$@"
+BUDGET_S=${BUDGET_S:-470}
+# a section that overruns the budget is stopped 35 s after it; the results of every finished
+# section are already in session_results.json, and the table is then made from them
+timeout -k 5 "$((${BUDGET_S%.*} + 35))" python3 benchmarks/gpu_session.py --out "$OUT" \
+  --mamba-build "$BUILD" --budget-s "$BUDGET_S" "$@"
 rc=$?
+if [ "$rc" != 0 ] && [ -f "$OUT/session_results.json" ]; then
+  echo "gpu_session.sh: gpu_session.py exited with $rc; the table of what finished:" >&2
+  python3 benchmarks/gpu_session.py --out "$OUT" --table-only
+fi
 if [ -n "$build_pid" ] && kill -0 "$build_pid" 2>/dev/null; then
   echo "gpu_session.sh: the mamba-ssm build was still running; stopped" >&2
   kill -- "-$build_pid" 2>/dev/null

@@ -295,3 +295,21 @@ def test_auto_fallback_logs_once(caplog, monkeypatch):
     msgs = [r.getMessage() for r in caplog.records if "torch path" in r.getMessage()]
     assert len(msgs) == 1 and "cpu" in msgs[0]
     assert torch.equal(a, b)
+
+
+def test_inference_under_no_grad_saves_no_states(monkeypatch):
+    """Parameters that require grad, evaluated under torch.no_grad (scoring): nothing is kept
+    for a backward that cannot happen."""
+    seen = []
+    real = scan_ref.stepwise_scan_forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["save_states"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scan_ref, "stepwise_scan_forward", spy)
+    inp = make_inputs(L=9)  # requires grad
+    with torch.no_grad():
+        selective_scan_torch(**inp, delta_softplus=True)
+    selective_scan_torch(**inp, delta_softplus=True)
+    assert seen == [False, True]

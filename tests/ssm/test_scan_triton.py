@@ -282,3 +282,20 @@ def test_gpu_auto_backend_uses_triton(monkeypatch):
     assert calls and out.is_cuda
     torch_out = selective_scan(**inp, delta_softplus=True, backend="torch")
     assert_close("out", out, torch_out, 1e-5)
+
+
+def test_interpreted_inference_under_no_grad_saves_no_states(interpreted, monkeypatch):
+    st = interpreted
+    seen = []
+    real = st.scan_forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["save_states"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(st, "scan_forward", spy)
+    inp = make_inputs(dim=4, L=8)
+    with torch.no_grad():
+        selective_scan_triton(**inp, delta_softplus=True)
+    selective_scan_triton(**inp, delta_softplus=True)
+    assert seen == [False, True]
