@@ -34,6 +34,42 @@ def test_help_lists_groups(capsys, command):
     assert "data" in out and "skab_sample*" in out and "kalman*" in out
 
 
+@pytest.mark.parametrize(("command", "keys"), [
+    ("score", ["score.output=", "score.chunk_size=", "model.run_id=", "model.checkpoint="]),
+    ("compare", ["compare.runs="]),
+    ("run", ["run.models="]),
+    ("train", ["trainer.resume=", "model.epochs=", "data.input_len="]),
+])
+def test_help_lists_the_commands_keys(capsys, command, keys):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and "=" in line]
+    for key in keys:
+        assert any(entry.startswith(key) for entry in listed), (key, out)
+    # the keys a command does not read are not listed
+    if command == "score":
+        assert not any(entry.startswith("trainer.") for entry in listed)
+
+
+def test_help_follows_overrides_and_wraps(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "72")
+    code, out, _ = run_cli(capsys, "train", "--help", "model=mamba")
+    assert code == 0
+    assert "model.net.d_model=" in out
+    # meanings come from the schema's comments, wrapped to the terminal
+    assert any(line.startswith("  data.input_len=") and "context length" in line
+               for line in out.splitlines()), out
+    keys_section = out.split("keys of `tsssm train`")[1].split("\nexamples:")[0]
+    wrapped = [line for line in keys_section.splitlines() if " " in line.strip()]
+    assert all(len(line) <= 72 for line in wrapped), [ln for ln in wrapped if len(ln) > 72]
+
+
+def test_help_with_a_bad_override_still_helps(capsys):
+    code, out, _ = run_cli(capsys, "train", "--help", "model=lstm")
+    assert code == 0
+    assert "cannot be listed" in out and "unknown option 'lstm'" in out
+
+
 def test_unknown_command(capsys):
     code, _, err = run_cli(capsys, "fly")
     assert code == 2 and "unknown command 'fly'" in err
@@ -46,7 +82,7 @@ def test_unknown_command(capsys):
         ("data.colour=red", "unknown config key 'data.colour'"),
         ("data.input_len=many", "bad value in 'data.input_len=many'"),
         ("data.input_len=0", "'data.input_len' must be a positive integer"),
-        ("data.gaps=sometimes", "expected one of [keep, mask, fill]"),
+        ("data.gaps=sometimes", "expected one of [keep, mask, fill, time]"),
         ("task.threshold.q=1.5", "'task.threshold.q' must lie in (0, 1)"),
         ("model.optimizer.name=sgd", "'model.optimizer.name' is 'sgd'"),
     ],
@@ -76,7 +112,7 @@ def _csv_overrides(path: Path) -> list[str]:
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        ("ts;a;b\n1;2;3\n2;3;4\n", "set data.separator=';'"),
+        ("ts;a;b\n1;2;3\n2;3;4\n", """set 'data.separator=";"'"""),
         ("time,a,b\n1,2,3\n2,3,4\n", "column 'ts' not found"),
         ("ts,a,b\n1,2,x\n2,3,4\n", "column 'b' is not numeric"),
         ("ts,a,b\n1,2,3\n1,3,4\n", "duplicate timestamp"),
@@ -102,12 +138,16 @@ def test_data_errors_fail_the_run(capsys, tmp_path, tracking_overrides, mlflow_d
     assert not (out / "models").exists() or not any((out / "models").iterdir())
 
 
-def test_missing_path_and_missing_root(capsys, tmp_path, tracking_overrides):
+def test_missing_path_and_missing_root(capsys, tmp_path, tracking_overrides, monkeypatch):
     code, _, err = run_cli(capsys, "train", *tracking_overrides, "data=csv",
                            f"data.path={tmp_path}/nope.csv")
     assert code == 2 and "not found" in error_line(err)
+    monkeypatch.setenv("TSSSM_DATA", str(tmp_path / "empty-cache"))
     code, _, err = run_cli(capsys, "train", *tracking_overrides, "data=skab")
-    assert code == 2 and "'data.root' must be set" in error_line(err)
+    assert code == 2 and "`tsssm data fetch skab`" in error_line(err)
+    code, _, err = run_cli(capsys, "train", *tracking_overrides, "data=skab",
+                           f"data.root={tmp_path}/elsewhere")
+    assert code == 2 and "matches no file under" in error_line(err)
 
 
 def test_score_without_a_trained_model(capsys, tracking_overrides):
@@ -126,4 +166,4 @@ def test_wrong_separator_on_copied_sample(capsys, tmp_path, tracking_overrides):
     shutil.copytree(SAMPLE, root)
     code, _, err = run_cli(capsys, "train", *tracking_overrides, f"data.root={root}",
                            "data.separator=','")
-    assert code == 2 and "set data.separator=';'" in error_line(err)
+    assert code == 2 and """set 'data.separator=";"'""" in error_line(err)

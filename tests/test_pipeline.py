@@ -38,12 +38,13 @@ def test_run_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db, experim
         for key in ("train/loss", "val/mae", "test/mse", "test/h8_mse", "test/f1", "test/auc_pr"):
             assert key in m and m[key] == m[key], key
         assert r.data.params["data.name"] == "skab_sample"
-        assert artifacts(client, r.info.run_id, "model") == ["meta.json", "model.pt"]
+        assert artifacts(client, r.info.run_id, "model") == ["meta.json", "model.safetensors"]
         assert "scores.parquet" in artifacts(client, r.info.run_id, "scores")
-        assert any(a.startswith("anomaly_") for a in artifacts(client, r.info.run_id, "figures"))
+        assert artifacts(client, r.info.run_id, "figures") == ["report.html"]  # one plotly.js
 
     for r in by_command["score"]:
         assert r.data.metrics["test/rows"] == 747 + 745 + 725
+        assert artifacts(client, r.info.run_id, "figures") == []  # train logged them already
         local = client.download_artifacts(r.info.run_id, "scores/scores.parquet", str(tmp_path))
         frame = pl.read_parquet(local)
         assert {"stream", "time", "score", "flag", "label"} <= set(frame.columns)
@@ -51,6 +52,10 @@ def test_run_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db, experim
 
     (cmp,) = by_command["compare"]
     assert artifacts(client, cmp.info.run_id, "tables") == ["compare.md", "compare.parquet"]
+    assert artifacts(client, cmp.info.run_id, "figures") == ["report.html"]
+    # the last line is the one command that opens the dashboard over this store
+    assert out.strip().splitlines()[-1].strip() == \
+        f"tsssm dashboard tracking.uri={mlflow_db}"
     table = (Path(client.download_artifacts(cmp.info.run_id, "tables/compare.md",
                                             str(tmp_path)))).read_text()
     for method in ("kalman", "mamba", "last_value", "ewma", "isolation_forest"):
@@ -64,14 +69,16 @@ def test_run_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db, experim
     assert code == 0, capsys.readouterr().err
     scored = pl.read_parquet(tmp_path / "s.parquet")
     assert scored.height == 1145 and scored["flag"].dtype == pl.Boolean
+    newest = client.search_runs([exp.experiment_id], "tags.`tsssm.command` = 'score'",
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert artifacts(client, newest.info.run_id, "figures") == ["report.html"]  # a new stream
 
 
 def test_interrupted_training_resumes(capsys, tmp_path, tracking_overrides, mlflow_db,
                                       experiment):
     first = ["train", *tracking_overrides, "trainer.max_epochs=1", "model.optimizer.max_iter=2"]
     assert main(first) == 0, capsys.readouterr().err
-    ckpt = tmp_path / "out" / "checkpoints" / "kalman-skab_sample" / "last.ckpt"
-    assert ckpt.exists()
+    (ckpt,) = (tmp_path / "out" / "checkpoints").glob("*/last.ckpt")
     resumed = ["train", *tracking_overrides, "trainer.max_epochs=2", "model.optimizer.max_iter=2",
                "trainer.resume=last"]
     assert main(resumed) == 0, capsys.readouterr().err
@@ -79,9 +86,14 @@ def test_interrupted_training_resumes(capsys, tmp_path, tracking_overrides, mlfl
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
-    # the resumed run trained only the remaining epoch (epoch index 1)
-    steps = [m.step for m in client.get_metric_history(runs[1].info.run_id, "train/loss")]
-    assert steps == [1]
+    # the resumed run trained only the remaining epoch (epoch index 1); epoch 0's metrics are
+    # copied from the run it resumed, which it names
+    assert runs[1].data.tags["tsssm.resumed_from"] == runs[0].info.run_id == ckpt.parent.name
+    assert runs[1].data.tags["tsssm.resumed_after_epoch"] == "0"
+    history = client.get_metric_history(runs[1].info.run_id, "train/loss")
+    first_history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert [m.step for m in history] == [0, 1]
+    assert history[0].value == first_history[0].value
     bad = ["train", *tracking_overrides, f"trainer.resume={tmp_path}/missing.ckpt"]
     assert main(bad) == 2
     assert "no checkpoint at" in capsys.readouterr().err

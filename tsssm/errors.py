@@ -26,3 +26,7 @@ class ModelError(TsssmError):
 
 class NumericalError(TsssmError):
     """A computation produced non-finite values (e.g. a diverging likelihood)."""
+
+
+class StorageError(TsssmError):
+    """A tracking store, artifact store or output folder cannot be reached or written."""

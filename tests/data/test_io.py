@@ -40,7 +40,7 @@ def test_parquet_round_trip(tmp_path):
     [
         ("", SPEC, "is empty"),
         ("ts,a,label\n", SPEC, "no rows"),
-        ("ts;a;label\n1;2;0\n2;3;0\n", SPEC, "data.separator=';'"),
+        ("ts;a;label\n1;2;0\n2;3;0\n", SPEC, """'data.separator=";"'"""),
         ("ts,a,label\n1,2,0\n2,3,0\n", ReadSpec("time", label_column="label"), "'time' not found"),
         ("ts,a,label\n1,2,0\n2,3,0\n", ReadSpec("ts", channels=("z",)), "'z' not found"),
         ("ts,a,label\n1,2,0\n2,oops,0\n", SPEC, "column 'a' is not numeric (row 2"),

@@ -3,13 +3,27 @@ each, then compare them with the classical comparators: one MLflow run per step.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 
 from omegaconf import DictConfig
 
+from tsssm import checkpoints
 from tsssm.commands.compare import compare
 from tsssm.commands.score import score
 from tsssm.commands.train import train
+from tsssm.data.datasets import build_dataset
+from tsssm.errors import ConfigError
+
+
+def _resumable(cfg: DictConfig) -> bool:
+    """Whether ``trainer.resume=last`` finds a checkpoint of this model's config."""
+    dataset = build_dataset(cfg.data)
+    fp = checkpoints.fingerprint(cfg, [*dataset.files(), *dataset.extra_train_files()])
+    try:
+        return checkpoints.find_resume("last", cfg.tracking.output_dir, fp) is not None
+    except ConfigError:
+        return False
 
 
 def run(cfg: DictConfig, overrides: list[str], compose: Callable[[list[str]], DictConfig]) -> None:
@@ -17,11 +31,25 @@ def run(cfg: DictConfig, overrides: list[str], compose: Callable[[list[str]], Di
     trained: list[str] = []
     for name in cfg.run.models:
         print(f"\n== tsssm train model={name} ==", flush=True)
-        run_id = train(compose([*base, f"model={name}"]))
+        step = compose([*base, f"model={name}"])
+        if step.trainer.resume == "last" and not _resumable(step):
+            # `tsssm run ... trainer.resume=last` after an interrupt: the models it had not
+            # reached yet start from scratch
+            print(f"no checkpoint of model={name} to resume; training it from the start")
+            fresh = [o for o in base if not o.startswith("trainer.resume=")]
+            step = compose([*fresh, f"model={name}"])
+        run_id = train(step)
         trained.append(run_id)
         print(f"\n== tsssm score model={name} ==", flush=True)
-        score(compose([*base, f"model={name}", f"model.run_id={run_id}"]))
+        # the train run has logged this test split's figures; the scores alone are new
+        score(compose([*base, f"model={name}", f"model.run_id={run_id}", "score.figures=false"]))
     print("\n== tsssm compare ==", flush=True)
     compare(compose([*base, f"compare.runs=[{','.join(trained)}]"]))
-    print("\nall runs are in MLflow: mlflow ui --backend-store-uri "
-          f"{cfg.tracking.uri}")
+    print(f"\nall runs are in MLflow at {cfg.tracking.uri}; to look at them:")
+    print(f"  {dashboard_command(overrides)}")
+
+
+def dashboard_command(overrides: list[str]) -> str:
+    """The command that opens the dashboard over the store these overrides write to."""
+    store = [o for o in overrides if o.startswith(("tracking=", "tracking.uri="))]
+    return " ".join(["tsssm dashboard", *(shlex.quote(o) for o in store)])
