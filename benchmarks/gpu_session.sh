@@ -24,7 +24,7 @@ else
   echo "gpu_session.sh: no $SRC/setup.py: the mamba-ssm column is skipped" >&2
   echo missing > "$OUT/mamba_build.rc"
 fi
-BUDGET_S=${BUDGET_S:-470}
+BUDGET_S=${BUDGET_S:-460}
 # a section that overruns the budget is stopped 35 s after it; the results of every finished
 # section are already in session_results.json, and the table is then made from them
 timeout -k 5 "$((${BUDGET_S%.*} + 35))" python3 benchmarks/gpu_session.py --out "$OUT" \
