@@ -143,11 +143,12 @@ def test_time_major_y_matches_sequential(interpret, T, chunk_mult, prefetch, p):
     ref = kalman_filter(ssm, y)
     res = poisoned_run(ssm, y, y_layout="time", chunk_mult=chunk_mult, prefetch=prefetch)
     compare(res, ref, rtol=1e-10, atol=1e-10)
-    y_tm = y.transpose(0, 1).contiguous().transpose(0, 1)  # a time-major view: read in place
-    out = fused_filter_arrays(y_tm, {k: getattr(ssm, k) for k in ("F", "H", "Q", "R", "m0",
-                                                                    "P0", "c", "d")})
-    assert out["spec"].y_time_major
-    torch.testing.assert_close(out["loglik"], ref.loglik, rtol=1e-10, atol=1e-10)
+    y_tm = y.transpose(0, 1).contiguous().transpose(0, 1)  # a time-major view
+    params = {k: getattr(ssm, k) for k in ("F", "H", "Q", "R", "m0", "P0", "c", "d")}
+    for layout, time_major in (("time", True), ("auto", False)):  # auto: rows (faster on GPU)
+        out = fused_filter_arrays(y_tm, params, y_layout=layout)
+        assert out["spec"].y_time_major is time_major
+        torch.testing.assert_close(out["loglik"], ref.loglik, rtol=1e-10, atol=1e-10)
     with pytest.raises(ModelError, match="y_layout"):
         fused_filter_arrays(y, {k: getattr(ssm, k) for k in ("F", "H", "Q", "R", "m0", "P0")},
                             y_layout="rows")
