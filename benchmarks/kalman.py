@@ -54,7 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tsssm.kalman import LinearGaussianSSM, kalman_filter  # noqa: E402
+from tsssm.kalman import LinearGaussianSSM, kalman_filter, kalman_loglik  # noqa: E402
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -252,11 +252,12 @@ def run_dynamax(M, y):
 
 
 def run_tsssm(M, y):
+    """kalman_loglik: the log-likelihood of every series, as every peer here computes it."""
     ssm = tsssm_model(M)
     out = []
     for s0 in range(0, len(y), 1000):  # 1,000 series a call keeps memory in check at 10^8
         yt = torch.from_numpy(np.ascontiguousarray(y[s0:s0 + 1000]))[..., None]
-        out.append(kalman_filter(ssm, yt).loglik.numpy())
+        out.append(kalman_loglik(ssm, yt).numpy())
     return np.concatenate(out)
 
 
@@ -359,7 +360,7 @@ def cpu_table(rows) -> str:
 
 def vs_dynamax(out_dir: Path, S: int = 1000, T: int = 1000, reps: int = 21) -> list[dict]:
     """Paired timings of tsssm and dynamax (see the module docstring)."""
-    from tsssm.kalman import cpu_kernel, kalman_loglik
+    from tsssm.kalman import cpu_kernel
 
     M = model_matrices("llt")
     y = simulate(M, S, T, seed=S + T)
@@ -380,18 +381,22 @@ def vs_dynamax(out_dir: Path, S: int = 1000, T: int = 1000, reps: int = 21) -> l
             t_ll = (res if outputs == "loglik" else res.loglik).double().numpy()
             ref = kalman_filter(tsssm_model(M, torch.float64),
                                 torch.from_numpy(y)[..., None]).loglik.numpy()
-            ours_s, dyn_s = [], []
+            ours_s, dyn_s, ours_cpu, dyn_cpu = [], [], [], []
             for r in range(reps):
                 pair = [("t", ours), ("d", functools.partial(dyn, y))]
                 for name, fn in (pair if r % 2 == 0 else pair[::-1]):
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     fn()
-                    (ours_s if name == "t" else dyn_s).append(time.perf_counter() - t0)
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    (ours_s if name == "t" else dyn_s).append(wall)
+                    (ours_cpu if name == "t" else dyn_cpu).append(cpu)
             ratio = [a / b for a, b in zip(ours_s, dyn_s)]
             row = dict(S=S, T=T, dtype=dtype, outputs=outputs, reps=reps,
                        tsssm_s=statistics.median(ours_s), dynamax_s=statistics.median(dyn_s),
                        ratio_median=statistics.median(ratio), ratio_min=min(ratio),
                        ratio_max=max(ratio), dynamax_compile_s=compile_s,
+                       tsssm_cpu_s=statistics.median(ours_cpu),
+                       dynamax_cpu_s=statistics.median(dyn_cpu),
                        tsssm_compiled_kernel=cpu_kernel.library(tdt) is not None,
                        tsssm_rel_diff_vs_f64=float(abs(t_ll.sum() - ref.sum()) / abs(ref.sum())),
                        dynamax_rel_diff_vs_f64=float(abs(d_ll.sum() - ref.sum())
@@ -403,14 +408,16 @@ def vs_dynamax(out_dir: Path, S: int = 1000, T: int = 1000, reps: int = 21) -> l
 
 
 def vs_dynamax_table(rows) -> str:
-    lines = ["| S x T | dtype | outputs | tsssm (ms) | dynamax jit (ms) | tsssm / dynamax "
-             "(median of pairs, min-max) | loglik rel. diff vs float64: tsssm / dynamax |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| S x T | dtype | outputs | tsssm wall (ms) | dynamax jit wall (ms) | "
+             "tsssm / dynamax wall (median of pairs, min-max) | CPU ms tsssm / dynamax | "
+             "loglik rel. diff vs float64: tsssm / dynamax |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['S']}x{r['T']} | {r['dtype']} | {r['outputs']} | {1e3 * r['tsssm_s']:.1f} | "
             f"{1e3 * r['dynamax_s']:.1f} | {r['ratio_median']:.2f} ({r['ratio_min']:.2f}-"
-            f"{r['ratio_max']:.2f}) | {r['tsssm_rel_diff_vs_f64']:.1e} / "
+            f"{r['ratio_max']:.2f}) | {1e3 * r['tsssm_cpu_s']:.1f} / "
+            f"{1e3 * r['dynamax_cpu_s']:.1f} | {r['tsssm_rel_diff_vs_f64']:.1e} / "
             f"{r['dynamax_rel_diff_vs_f64']:.1e} |")
     return "\n".join(lines)
 
@@ -640,6 +647,8 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="tsssm vs the CPU peers")
     ap.add_argument("--gpu", action="store_true", help="GPU tests, then GPU timings")
     ap.add_argument("--quick", action="store_true", help="smaller cases (smoke test)")
+    ap.add_argument("--cases", default=None,
+                    help="--cpu cases as SxT,SxT (default 1x100000,1000x1000,10000x10000)")
     ap.add_argument("--no-tests", action="store_true", help="--gpu without the pytest run")
     ap.add_argument("--dry-run", action="store_true",
                     help="--gpu code path on the CPU at tiny sizes (TRITON_INTERPRET=1)")
@@ -678,7 +687,9 @@ def main() -> None:
         (out_dir / "kalman_vs_dynamax_table.md").write_text(header + "\n\n" + table + "\n")
         print("\n" + table)
     if args.cpu:
-        if args.quick:
+        if args.cases:
+            cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
+        elif args.quick:
             cases = [(1, 10_000), (100, 1000)]
         else:
             cases = [(1, 100_000), (1000, 1000), (10_000, 10_000)]

@@ -50,13 +50,13 @@ DATASETS = {"ett_h1": ("ett_h1", "ETTh1.csv"), "ett_h2": ("ett_h1", "ETTh2.csv")
             "ett_m1": ("ett_m1", "ETTm1.csv"), "ett_m2": ("ett_m1", "ETTm2.csv")}
 #: candidates of --structure-search: overrides of conf/model/kalman_ett.yaml
 STRUCTURES = {
-    "level+seasonal(4)+ar(1)": [],
-    "... diffuse level": ["model.net.diffuse_level=true"],
-    "... 8 harmonics, diffuse": ["model.net.seasonal_harmonics=8",
-                                 "model.net.diffuse_level=true"],
-    "... damped trend, diffuse": ["model.net.components=[level,damped,seasonal,ar]",
-                                  "model.net.diffuse_level=true"],
-    "... ar(2), diffuse": ["model.net.ar_order=2", "model.net.diffuse_level=true"],
+    "kalman_ett: level + seasonal(4 harmonics) + ar(1), diffuse level": [],
+    "... prior level not diffuse": ["model.net.diffuse_level=false"],
+    "... 8 harmonics": ["model.net.seasonal_harmonics=8"],
+    "... damped trend": ["model.net.components=[level,damped,seasonal,ar]"],
+    "... ar(2)": ["model.net.ar_order=2"],
+    "... likelihood only (EM + 200 L-BFGS evaluations), no multi-step criterion": [
+        "model.fit=em", "model.em_polish=200"],
 }
 
 

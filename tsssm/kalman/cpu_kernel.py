@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -67,10 +68,12 @@ void FN(advise_huge)(void *p, int64_t bytes) {
 
 /* Riccati recursion for nm models with a scalar observation, all matrices row-major:
    F, Q, P0 (nm, n, n), H (nm, n), R (nm). Writes Ppred, Pfilt (nm, T, n, n), K (nm, T, n),
-   S (nm, T). steady: stop at the fixed point (|P_t - P_{t-1}| <= tol max|P_{t-1}|, checked
-   at every other computed step as the torch path does) and repeat step t-1 from t on.
+   S (nm, T) for the steps it computes. steady: stop at the fixed point
+   (|P_t - P_{t-1}| <= tol max|P_{t-1}|, checked at every other computed step as the torch
+   path does): every later step repeats the last computed one, which is not written again.
    Returns -1 when fine, else the first step whose innovation variance is not positive;
-   n_computed[m]: steps computed, steady_from[m]: the repeated step or -1. */
+   n_computed[m]: steps computed and stored (the rest repeat the last of them),
+   steady_from[m]: that repeated step or -1. */
 int64_t FN(kalman_cov)(int64_t nm, int64_t T, int64_t n, const real *F, const real *H,
                        const real *Q, const real *R, const real *P0, real tol, int steady,
                        real *Ppred, real *Pfilt, real *K, real *S, int64_t *n_computed,
@@ -114,13 +117,7 @@ int64_t FN(kalman_cov)(int64_t nm, int64_t T, int64_t n, const real *F, const re
                     if (a > scale) scale = a;
                     if (d > diff) diff = d;
                 }
-                if (diff <= tol * scale) {
-                    for (int64_t u = t; u < T; u++) {
-                        memcpy(Pp + u * nn, Pp + (t - 1) * nn, nn * sizeof(real));
-                        memcpy(Pf + u * nn, Pf + (t - 1) * nn, nn * sizeof(real));
-                        memcpy(Km + u * n, Km + (t - 1) * n, n * sizeof(real));
-                        Sm[u] = Sm[t - 1];
-                    }
+                if (diff <= tol * scale) {  /* steps t .. T-1 repeat step t-1: not stored */
                     steady_from[mi] = t - 1;
                     break;
                 }
@@ -156,17 +153,19 @@ int64_t FN(kalman_cov)(int64_t nm, int64_t T, int64_t n, const real *F, const re
 }
 
 /* Means, innovations and log-likelihood of ns series y (ns, T), series s using model
-   midx[s]: F (nm, n, n), H (nm, n), gains K (nm, T, n), innovation variances S (nm, T),
-   log S (nm, T); m0 (ns, n). Outputs: mpred, mfilt (ns, T, n), yhat, v, ll, nis (ns, T)
-   (each may be NULL: not written), loglik (ns). Series run in blocks of B at once, the
+   midx[s]: F (nm, n, n), H (nm, n), gains K (nm, Tk, n), innovation variances S (nm, Tk),
+   log S (nm, Tk), of which model m stores nk[m] steps (later steps repeat its last);
+   m0 (ns, n). Outputs: mpred, mfilt (ns, T, n), yhat, v, ll, nis (ns, T) (each may be
+   NULL: not written), loglik (ns). Series run in blocks of B at once, the
    innermost loop over the block: independent recursions the CPU overlaps (and vectorises).
    Returns -1, or the flat index s * T + t of a value of y that is not finite (then the
    outputs are incomplete: the caller falls back or reports it). */
 #define B 8
 int64_t FN(kalman_means)(int64_t ns, int64_t T, int64_t n, const int64_t *midx, const real *y,
-                      const real *F, const real *H, const real *K, const real *S,
-                      const real *logS, const real *m0, real *mpred, real *mfilt, real *yhat,
-                      real *v, real *ll, real *nis, real *loglik) {
+                      const real *F, const real *H, int64_t Tk, const int64_t *nk,
+                      const real *K, const real *S, const real *logS, const real *m0,
+                      real *mpred, real *mfilt, real *yhat, real *v, real *ll, real *nis,
+                      real *loglik) {
     const real half_log_2pi = (real)0.91893853320467274178;
     real m[64 * B], mp[64 * B], e[B], tot[B];
     int64_t s0 = 0;
@@ -174,8 +173,9 @@ int64_t FN(kalman_means)(int64_t ns, int64_t T, int64_t n, const int64_t *midx, 
         /* a block: consecutive series that share one model */
         int64_t mi = midx[s0], nb = 1;
         while (nb < B && s0 + nb < ns && midx[s0 + nb] == mi) nb++;
-        const real *Fm = F + mi * n * n, *Hm = H + mi * n, *Km = K + mi * T * n;
-        const real *Sm = S + mi * T, *lSm = logS + mi * T;
+        const real *Fm = F + mi * n * n, *Hm = H + mi * n, *Km = K + mi * Tk * n;
+        const real *Sm = S + mi * Tk, *lSm = logS + mi * Tk;
+        const int64_t last = nk[mi] - 1;
         for (int64_t b = 0; b < nb; b++) {
             tot[b] = 0;
             for (int64_t i = 0; i < n; i++) m[i * B + b] = m0[(s0 + b) * n + i];
@@ -193,8 +193,9 @@ int64_t FN(kalman_means)(int64_t ns, int64_t T, int64_t n, const int64_t *midx, 
             } else {
                 for (int64_t i = 0; i < n * B; i++) mp[i] = m[i];
             }
-            real sinv = 1 / Sm[t], c = half_log_2pi + 0.5 * lSm[t];
-            const real *kt = Km + t * n;
+            const int64_t tk = t < last ? t : last;
+            real sinv = 1 / Sm[tk], c = half_log_2pi + 0.5 * lSm[tk];
+            const real *kt = Km + tk * n;
             for (int64_t b = 0; b < B; b++) e[b] = 0;
             for (int64_t i = 0; i < n; i++) {
                 real h = Hm[i];
@@ -286,8 +287,8 @@ def _build(dtype: torch.dtype) -> ctypes.CDLL | None:
     advise = getattr(lib, f"advise_huge_{suffix}")
     advise.restype = None
     advise.argtypes = [ptr, i64]
-    means.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
-                      ptr, ptr, ptr]
+    means.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                      ptr, ptr, ptr, ptr, ptr]
     return lib
 
 
@@ -308,16 +309,36 @@ def _p(x: Tensor) -> int:
     return x.data_ptr()
 
 
+class Riccati(NamedTuple):
+    """The covariance recursion of nm models, stored up to its fixed point."""
+
+    predicted_cov: Tensor  # (nm, Tk, n, n)
+    filtered_cov: Tensor  # (nm, Tk, n, n)
+    gain: Tensor  # (nm, Tk, n)
+    innovation_var: Tensor  # (nm, Tk)
+    stored: Tensor  # (nm,) int64: steps stored per model; later steps repeat the last one
+
+    def full(self, x: Tensor, T: int) -> Tensor:
+        """A stored field (nm, Tk, ...) over all T steps (the repeats materialised)."""
+        idx = torch.arange(T).unsqueeze(0).minimum(self.stored.unsqueeze(1) - 1)  # (nm, T)
+        idx = idx.reshape(*idx.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
+        return x.gather(1, idx)
+
+    def last(self, x: Tensor) -> Tensor:
+        """A stored field at the last step (nm, ...)."""
+        idx = (self.stored - 1).reshape(-1, 1, *([1] * (x.ndim - 2)))
+        return x.gather(1, idx.expand(-1, 1, *x.shape[2:]))[:, 0]
+
+
 def riccati(F: Tensor, H: Tensor, Q: Tensor, R: Tensor, P0: Tensor, T: int, tol: float,
-            steady: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, list[int], list[int | None]
-                                   ] | int:
+            steady: bool) -> Riccati | int:
     """The covariance recursion of nm models: F, Q, P0 (nm, n, n), H (nm, n), R (nm,),
-    contiguous, one dtype. Returns (P_pred, P_filt (nm, T, n, n), K (nm, T, n), S (nm, T),
-    steps computed, steady-from step per model), or the first step whose innovation variance
-    is not positive."""
+    contiguous, one dtype. Returns the steps up to the fixed point (:class:`Riccati`), or the
+    first step whose innovation variance is not positive."""
     lib = library(F.dtype)
     nm, n = F.shape[0], F.shape[-1]
     dt = F.dtype
+    # untouched pages of these buffers cost nothing: only the computed steps are written
     Ppred = torch.empty(nm, T, n, n, dtype=dt)
     Pfilt = torch.empty_like(Ppred)
     K = torch.empty(nm, T, n, dtype=dt)
@@ -330,21 +351,24 @@ def riccati(F: Tensor, H: Tensor, Q: Tensor, R: Tensor, P0: Tensor, T: int, tol:
              _p(Pfilt), _p(K), _p(S), _p(computed), _p(steady_from), _p(work))
     if bad >= 0:
         return int(bad)
-    sf = [None if s < 0 else int(s) for s in steady_from.tolist()]
-    return Ppred, Pfilt, K, S, computed.tolist(), sf
+    Tk = int(computed.max())
+    return Riccati(Ppred[:, :Tk], Pfilt[:, :Tk], K[:, :Tk].contiguous(),
+                   S[:, :Tk].contiguous(), computed)
 
 
-def means(F: Tensor, H: Tensor, K: Tensor, S: Tensor, m0: Tensor, y: Tensor, midx: Tensor,
+def means(F: Tensor, H: Tensor, cov: Riccati, m0: Tensor, y: Tensor, midx: Tensor,
           outputs: bool = True) -> tuple[Tensor | None, ...] | int:
-    """Means and likelihood terms of ns series y (ns, T) (see the C source); m0 (ns, n),
-    midx (ns,) int64 model index of each series. Returns (m_pred, m_filt (ns, T, n), y_hat,
-    innovation, log_liks, nis (ns, T), loglik (ns,)); with ``outputs=False`` only the
-    log-likelihood is computed (the others are None). A value of y that is not finite stops
-    it: then the flat index (s * T + t) of that value is returned instead."""
+    """Means and likelihood terms of ns series y (ns, T) (see the C source) with the gains of
+    ``cov``; m0 (ns, n), midx (ns,) int64 model index of each series. Returns (m_pred,
+    m_filt (ns, T, n), y_hat, innovation, log_liks, nis (ns, T), loglik (ns,)); with
+    ``outputs=False`` only the log-likelihood is computed (the others are None). A value of
+    y that is not finite stops it: then the flat index (s * T + t) of that value is
+    returned instead."""
     lib = library(y.dtype)
     ns, T = y.shape
     n = F.shape[-1]
     dt = y.dtype
+    K, S = cov.gain, cov.innovation_var
     logS = S.log()
     if outputs:  # one buffer (one page-fault-friendly allocation), split into the outputs
         size = ns * T
@@ -361,8 +385,9 @@ def means(F: Tensor, H: Tensor, K: Tensor, S: Tensor, m0: Tensor, y: Tensor, mid
         return None if x is None else x.data_ptr()
 
     fn = getattr(lib, f"kalman_means_{_SUFFIX[dt]}")
-    bad = fn(ns, T, n, _p(midx), _p(y), _p(F), _p(H), _p(K), _p(S), _p(logS), _p(m0),
-             ptr(mpred), ptr(mfilt), ptr(yhat), ptr(v), ptr(ll), ptr(nis), _p(loglik))
+    bad = fn(ns, T, n, _p(midx), _p(y), _p(F), _p(H), K.shape[1], _p(cov.stored), _p(K), _p(S),
+             _p(logS), _p(m0), ptr(mpred), ptr(mfilt), ptr(yhat), ptr(v), ptr(ll), ptr(nis),
+             _p(loglik))
     if bad >= 0:
         return int(bad)
     return mpred, mfilt, yhat, v, ll, nis, loglik

@@ -679,13 +679,13 @@ def _filter_compiled(ssm: LinearGaussianSSM, y: Tensor, u: Tensor | None, steady
             f"the batch); check that R is positive definite and the model's parameters and "
             f"the data are finite"
         )
-    Ppred, Pfilt, K, S, _, _ = out
+    cov = out
     ns = math.prod(batch)
     pad = (1,) * (len(batch) - len(mb))
     midx = torch.arange(nm).reshape((*pad, *mb)).expand(batch).reshape(ns).contiguous()
     ys = y.expand(*batch, T, 1).reshape(ns, T).contiguous()
     m0 = ssm.m0.expand(*batch, n).reshape(ns, n).contiguous()
-    out = cpu_kernel.means(F, H, K, S, m0, ys, midx, outputs)
+    out = cpu_kernel.means(F, H, cov, m0, ys, midx, outputs)
     if isinstance(out, int):  # a value that is not finite
         if math.isnan(float(ys.view(-1)[out])):
             return None  # missing values: the torch path handles them
@@ -696,10 +696,13 @@ def _filter_compiled(ssm: LinearGaussianSSM, y: Tensor, u: Tensor | None, steady
     if not outputs:
         return loglik
     full = (*batch, T)
-    Ppred = Ppred.reshape(*mb, T, n, n)
-    Pfilt = Pfilt.reshape(*mb, T, n, n)
     if covariances == "last":
-        Ppred, Pfilt = Ppred[..., -1:, :, :], Pfilt[..., -1:, :, :]
+        Ppred = cov.last(cov.predicted_cov).reshape(*mb, 1, n, n)
+        Pfilt = cov.last(cov.filtered_cov).reshape(*mb, 1, n, n)
+    else:
+        Ppred = cov.full(cov.predicted_cov, T).reshape(*mb, T, n, n)
+        Pfilt = cov.full(cov.filtered_cov, T).reshape(*mb, T, n, n)
+    S = cov.full(cov.innovation_var, T)
     Tc = Ppred.shape[-3]
     return FilterResult(
         predicted_mean=mpred.reshape(*full, n),

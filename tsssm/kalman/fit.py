@@ -22,6 +22,7 @@ from tsssm.kalman.filter import (
     kalman_filter,
     masked_observation,
 )
+from tsssm.kalman.forecast import observation_powers
 from tsssm.kalman.models import StructuralModel
 from tsssm.kalman.smoother import rts_smoother
 from tsssm.kalman.ssm import (
@@ -763,11 +764,8 @@ def forecast_maps(ssm: LinearGaussianSSM, context: int, horizon: int,
     L steps filtered from the prior, as a linear map of z = [context, 1] (univariate model)."""
     batch = batch_shape(ssm) if batch is None else batch
     maps = _filter_maps(ssm, int(context), batch)
-    G, rows = ssm.H.expand(*batch, 1, ssm.F.shape[-1]), []
-    for _ in range(int(horizon)):
-        G = G @ ssm.F
-        rows.append(G)
-    return torch.cat(rows, dim=-2) @ maps.last  # (..., H, L+1)
+    G = observation_powers(ssm.H, ssm.F, int(horizon))[..., 1:, 0, :]  # (..., H, n)
+    return G.expand(*batch, *G.shape[-2:]) @ maps.last  # (..., H, L+1)
 
 
 def multistep_mse(W: Tensor, mom: WindowMoments) -> Tensor:

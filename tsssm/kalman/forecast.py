@@ -84,6 +84,25 @@ def forecast(
     return ForecastResult(stack(means, 1), stack(covs, 2), stack(obs_means, 1), stack(obs_covs, 2))
 
 
+def observation_powers(H: Tensor, F: Tensor, k_max: int) -> Tensor:
+    """H F^k for k = 0 .. k_max: (..., k_max + 1, p, n), by doubling (the rows for
+    k + 1 .. 2k are the rows for 1 .. k times F^k): O(log k_max) batched products instead of
+    k_max small ones (matters most under autograd, where each op is also a backward op)."""
+    batch = torch.broadcast_shapes(H.shape[:-2], F.shape[:-2])
+    rows = H.expand(*batch, *H.shape[-2:]).unsqueeze(-3)  # k = 0
+    Fk = F.expand(*batch, *F.shape[-2:])  # F^1
+    nxt = rows @ Fk.unsqueeze(-3)  # k = 1
+    rows = torch.cat([rows, nxt], -3)
+    have = 1  # rows hold k = 0 .. have
+    while have < k_max:
+        if have > 1:
+            Fk = Fk @ Fk  # F^have (have is a power of two until the last round)
+        take = min(have, k_max - have)
+        rows = torch.cat([rows, rows[..., 1 : take + 1, :, :] @ Fk.unsqueeze(-3)], -3)
+        have += take
+    return rows[..., : k_max + 1, :, :]
+
+
 @step_loop_threads()
 def forecast_observations(
     ssm: LinearGaussianSSM, mean: Tensor, cov: Tensor, horizon: int
@@ -104,11 +123,7 @@ def forecast_observations(
         raise ModelError("forecast_observations needs a time-invariant model without controls; "
                          "use forecast()")
     F, H, Q, R = ssm.F, ssm.H, ssm.Q, ssm.R
-    G, rows = H, [H]
-    for _ in range(horizon):
-        G = G @ F
-        rows.append(G)
-    Gs = torch.stack(torch.broadcast_tensors(*rows), dim=-3)  # (mb.., horizon + 1, p, n)
+    Gs = observation_powers(H, F, horizon)  # (mb.., horizon + 1, p, n)
     G = Gs[..., 1:, :, :]
     p, n = G.shape[-2], G.shape[-1]
     G2 = G.reshape(*G.shape[:-3], horizon * p, n)
