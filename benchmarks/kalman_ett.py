@@ -1,7 +1,8 @@
 """The structural Kalman baseline on ETT under the standard long-horizon protocol.
 
-Protocol (as TSLib's): input 96, horizons 96/192/336/720, every val/test window at stride 1
-(a window's context may reach into the previous split), z-scored on the training months, MSE
+Protocol (as TSLib's; ``experiment=ett``): input 96, horizons 96/192/336/720, every val/test
+window at stride 1 (a window's context may reach into the previous split), z-scored on the
+training months, MSE
 and MAE over all 7 channels; plus the coverage of the ±1.96σ band. The Kalman model is fitted
 on the training months only, exactly as ``tsssm train model=kalman_ett`` fits it
 (:func:`tsssm.models.kalman.fit_forecaster`: EM on 96-step segments with the prior, then the
@@ -42,12 +43,12 @@ from tsssm.cli import compose  # noqa: E402
 from tsssm.config import to_plain  # noqa: E402
 from tsssm.data.datasets import build_dataset  # noqa: E402
 from tsssm.models.kalman import fit_forecaster  # noqa: E402
+from tsssm.tasks.evaluate import horizon_metrics  # noqa: E402
 
 HORIZONS = (96, 192, 336, 720)
 CONTEXT = 96
-#: dataset name -> (data config, file)
-DATASETS = {"ett_h1": ("ett_h1", "ETTh1.csv"), "ett_h2": ("ett_h1", "ETTh2.csv"),
-            "ett_m1": ("ett_m1", "ETTm1.csv"), "ett_m2": ("ett_m1", "ETTm2.csv")}
+#: the data configs
+DATASETS = ("ett_h1", "ett_h2", "ett_m1", "ett_m2")
 #: candidates of --structure-search: overrides of conf/model/kalman_ett.yaml
 STRUCTURES = {
     "kalman_ett: level + seasonal(4 harmonics) + ar(1), diffuse level": [],
@@ -61,36 +62,18 @@ STRUCTURES = {
 
 
 def load(name: str, root: str, horizon: int, overrides: list[str]):
-    base, file = DATASETS[name]
-    cfg = compose([f"data={base}", f"data.root={root}", f"data.files=[{file}]",
-                   f"data.window={CONTEXT + horizon}", f"data.horizon={horizon}",
-                   "model=kalman_ett", *overrides])
+    """The config of ``tsssm train experiment=ett data=<name> data.horizon=<H>
+    model=kalman_ett`` and its prepared data."""
+    cfg = compose(["experiment=ett", f"data={name}", f"data.root={root}",
+                   f"data.input_len={CONTEXT}", f"data.horizon={horizon}", "model=kalman_ett",
+                   *overrides])
     return cfg, build_dataset(cfg.data).load()
 
 
-def evaluate(model, values: np.ndarray, rows: tuple[int, int], horizon: int,
-             batch: int = 2048) -> dict:
-    """MSE, MAE and ±1.96σ coverage over every window of ``rows`` at stride 1."""
-    start, stop = rows
-    origins = np.arange(max(start, CONTEXT), stop - horizon + 1)
-    series = torch.from_numpy(np.ascontiguousarray(values))
-    se = ae = covered = count = 0.0
-    for i in range(0, len(origins), batch):
-        idx = origins[i : i + batch]
-        ctx = torch.stack([series[o - CONTEXT : o] for o in idx])
-        with torch.no_grad():
-            fc = model.forecast(ctx, horizon)
-        target = np.stack([values[o : o + horizon] for o in idx])
-        mean, var = fc.mean.double().numpy(), fc.var.double().numpy()
-        if not (np.isfinite(mean).all() and (var > 0).all()):
-            raise RuntimeError(f"{type(model).__name__}: a forecast is not finite")
-        err = mean - target
-        se += float((err**2).sum())
-        ae += float(np.abs(err).sum())
-        covered += float((np.abs(err) <= 1.96 * np.sqrt(var)).sum())
-        count += err.size
-    return {"mse": se / count, "mae": ae / count, "coverage95": covered / count,
-            "windows": len(origins)}
+def evaluate(model, values: np.ndarray, rows: tuple[int, int], horizon: int) -> dict:
+    """MSE, MAE, CRPS, NLL and ±1.96σ coverage over every window of ``rows`` at stride 1,
+    by the pipeline's own evaluation (:func:`tsssm.tasks.evaluate.horizon_metrics`)."""
+    return horizon_metrics(model, [(values, rows)], CONTEXT, horizon, stride=1).result()
 
 
 def run_kalman(cfg, data, horizon: int) -> tuple[dict, object]:
@@ -104,7 +87,7 @@ def run_kalman(cfg, data, horizon: int) -> tuple[dict, object]:
     report = fit_forecaster(
         net, [train], fit=m.fit, em_iters=m.em_iters, em_segment=m.em_segment,
         em_prior=m.em_prior, em_polish=m.em_polish, multistep_iters=m.multistep_iters,
-        calibrate=m.calibrate, context=CONTEXT, horizon=horizon)
+        calibrate=m.calibrate, context=cfg.data.input_len, horizon=horizon)
     fit = {"fit_s": time.perf_counter() - start, "fit_cpu_s": time.process_time() - cpu0,
            "multistep_evals": len(report.multistep_mse)}
     return fit, net.eval()
@@ -173,8 +156,9 @@ def main() -> None:
 def markdown(records: list[dict], splits: list[str]) -> str:
     lines = ["| dataset | H | " + " | ".join(
         f"{s} MSE kalman / seasonal_naive / last_value" for s in splits)
-        + " | test MAE kalman / s-naive | test coverage95 kalman | fit s (CPU s) |",
-        "|---|---|" + "---|" * len(splits) + "---|---|---|"]
+        + " | test MAE kalman / s-naive | test CRPS kalman / s-naive | test coverage95 kalman / "
+        "s-naive | fit s (CPU s) |",
+        "|---|---|" + "---|" * len(splits) + "---|---|---|---|"]
     by = {}
     for r in records:
         by.setdefault((r["dataset"], r["horizon"]), {})[r["model"]] = r
@@ -183,7 +167,9 @@ def markdown(records: list[dict], splits: list[str]) -> str:
         cells = [f"{k[s]['mse']:.3f} / {sn[s]['mse']:.3f} / {lv[s]['mse']:.3f}" for s in splits]
         lines.append(f"| {ds} | {H} | " + " | ".join(cells)
                      + f" | {k['test']['mae']:.3f} / {sn['test']['mae']:.3f} | "
-                     f"{k['test']['coverage95']:.3f} | {k['fit_s']:.1f} ({k['fit_cpu_s']:.1f}) |")
+                     f"{k['test']['crps']:.3f} / {sn['test']['crps']:.3f} | "
+                     f"{k['test']['coverage95']:.3f} / {sn['test']['coverage95']:.3f} | "
+                     f"{k['fit_s']:.1f} ({k['fit_cpu_s']:.1f}) |")
     return "\n".join(lines)
 
 

@@ -108,7 +108,7 @@ def test_kalman_ett_config_trains_by_the_multistep_criterion(capsys, tmp_path, t
     prior, the multi-step criterion, the calibration; the bundle (with its calibration for
     data.horizon leads) scores a new file."""
     small = ["model=kalman_ett", "model.net.seasonal_period=16", "model.net.seasonal_harmonics=2",
-             "model.em_segment=56", "model.em_iters=3", "model.multistep_iters=5",
+             "model.em_iters=3", "model.multistep_iters=5",
              "data.eval_stride=64"]
     assert main(["train", *tracking_overrides, *small]) == 0, capsys.readouterr().err
     client = MlflowClient(mlflow_db)
