@@ -259,7 +259,8 @@ CASES: list[Case] = [
     # config: composition and validation (no run is made)
     Case("unknown-command", "fly", (), status=None, words=("unknown command 'fly'",)),
     Case("unknown-group-option", "train", ("model=lstm",), status=None,
-         words=("unknown option 'lstm' for config group 'model'", "kalman, mamba")),
+         words=("unknown option 'lstm' for config group 'model'", "choose one of: kalman,",
+                "mamba")),
     Case("unknown-key", "train", ("data.colour=red",), status=None,
          words=("unknown config key 'data.colour'",)),
     Case("bad-type", "train", ("data.input_len=many",), status=None,

@@ -14,7 +14,18 @@ dtype.
 
 Prior of the first state: zero (or the level of the training data, see :meth:`initialize`) with
 variance ``prior_scale`` times the channel's training variance on the nonstationary states, the
-stationary covariance on AR states.
+stationary covariance on AR states; or, once fitted (``fit_em(..., fit_prior=True)``), a full
+mean and covariance per channel estimated as the distribution of the state where a training
+segment starts, optionally with a diffuse level (``diffuse_level``: forecasts then shift with
+the context instead of being drawn toward the training level).
+
+Fitting without Lightning (:func:`fit_forecaster`, ``model.fit=em`` / ``multistep``): EM on
+segments of the training streams (closed-form updates of variances, damping and AR
+coefficients; a linear E-step whose cost does not grow with the number of segments), an
+optional L-BFGS polish of the exact likelihood, the multi-step criterion (the parameters and
+prior that minimise the mean squared forecast error over a horizon on the training windows), and
+the calibration of the forecast variance per lead time. Forecasts from a fully observed context
+take a linear fast path (gains computed once per channel, one matrix product for all windows).
 """
 
 from __future__ import annotations
