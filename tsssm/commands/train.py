@@ -97,7 +97,7 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
     dm = SeriesDataModule(data, net.training_input, cfg.data.input_len, cfg.data.horizon,
                           cfg.data.stride, cfg.data.batch_size, cfg.data.num_workers,
                           eval_stride=cfg.data.eval_stride, exog=uses_exog(net))
-    if OmegaConf.select(cfg, "model.fit", default="mle") == "em":
+    if OmegaConf.select(cfg, "model.fit", default="mle") in ("em", "multistep"):
         return fit_by_em(cfg, net, dm, tracker)
     if hasattr(net, "identify"):
         return fit_by_identification(cfg, net, dm, tracker)
@@ -163,14 +163,33 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
 
 
 def fit_by_em(cfg: DictConfig, net, dm: SeriesDataModule, tracker: Tracker):
-    """model.fit=em: closed-form EM on the whole training streams (no gradients, no Lightning
-    loop); the log-likelihood of every iteration is logged as train/loglik."""
+    """model.fit=em / multistep: closed-form EM on the training streams (no gradients, no
+    Lightning loop), optionally polished by L-BFGS, then (multistep) the multi-step criterion
+    and (model.calibrate) the forecast-variance calibration, all on the training split. The
+    log-likelihood of every EM iteration is logged as train/loglik, the criterion of every
+    multi-step evaluation as train/multistep_mse, the fitting time as train/fit_s."""
+    from tsssm.models.kalman import KalmanForecaster, fit_forecaster
+
+    m = cfg.model
+    if not isinstance(net, KalmanForecaster):
+        raise ConfigError(f"model.fit={m.fit} needs the Kalman model (model=kalman...)")
     streams = next(iter(dm.train_dataloader()))["y"]  # [(B_k, T_k, C)]
-    history = net.fit_em(streams, n_iter=cfg.model.em_iters)
-    for i, loglik in enumerate(history):
+    report = fit_forecaster(
+        net, streams, fit=m.fit, em_iters=m.em_iters, em_segment=m.em_segment,
+        em_prior=m.em_prior, em_polish=m.em_polish, multistep_iters=m.multistep_iters,
+        calibrate=m.calibrate, context=cfg.data.input_len,
+        horizon=cfg.data.horizon)
+    for i, loglik in enumerate(report.loglik):
         tracker.log_metrics({"train/loglik": loglik}, step=i)
-    log.info("EM: %d iterations, log-likelihood %.2f -> %.2f", len(history) - 1, history[0],
-             history[-1])
+    for i, value in enumerate(report.multistep_mse):
+        tracker.log_metrics({"train/multistep_mse": value}, step=i)
+    tracker.log_metrics({"train/fit_s": report.seconds})
+    log.info("EM: %d steps, log-likelihood %.2f -> %.2f", len(report.loglik) - 1,
+             report.loglik[0], report.loglik[-1])
+    if report.multistep_mse:
+        log.info("multi-step criterion: %.4f -> %.4f", report.multistep_mse[0],
+                 report.multistep_mse[-1])
+    log.info("fitted in %.1f s", report.seconds)
     return net.eval()
 
 
