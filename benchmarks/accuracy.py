@@ -5,6 +5,9 @@ One command trains and evaluates the models and the classical baselines and merg
 
     # ETT: ETTh1, ETTh2, ETTm1, ETTm2 x horizons 96/192/336/720 (input 96, every window), GPU
     python benchmarks/accuracy.py --suite ett --root /path/to/ETT-small --accelerator gpu --jobs 6
+    # ... from Parquet copies, shorter training on the 4x longer ETTm files, at most 500 s
+    python benchmarks/accuracy.py --suite ett --root .devdata/ett --data-format parquet \
+        --accelerator gpu --jobs 12 --set 'ett_m*:trainer.max_epochs=3' --time-limit 500
     # the same, small, on the CPU (one dataset, one horizon, short training; written to
     # benchmarks/results/accuracy_small.json so it never mixes with the real table)
     python benchmarks/accuracy.py --suite ett --root /path/to/ETT-small --small
@@ -45,8 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     ap.add_argument("--jobs", type=int, default=1, help="trainings at once (one process each)")
     ap.add_argument("--small", action="store_true", help="a quick CPU-sized run")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="extra overrides for every training command")
+    ap.add_argument("--set", nargs="*", default=[], metavar="[DATASETS:]KEY=VALUE",
+                    help="extra overrides for every training command; with a prefix (a dataset "
+                         "config name or glob, e.g. ett_m*:trainer.max_epochs=3) only for the "
+                         "datasets it matches")
+    ap.add_argument("--data-format", choices=["csv", "parquet"], default="csv",
+                    help="which copy of each dataset file --root holds (ETT: ETTh1.csv or "
+                         "ETTh1.parquet, ...)")
+    ap.add_argument("--time-limit", type=float, metavar="S",
+                    help="wall-clock budget in seconds: trainings still running then are "
+                         "stopped and reported, the ones not started are skipped (every record "
+                         "is written to --out as its run ends)")
     ap.add_argument("--out", type=Path, help="results file (default: results/accuracy.json)")
     ap.add_argument("--logs", type=Path, help="folder for each training's output")
     ap.add_argument("--store", choices=["sqlite", "file"], default="sqlite",

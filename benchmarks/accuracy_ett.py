@@ -10,11 +10,13 @@ figure, seed 0 (``seed=`` in the record's command).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import fnmatch
 import math
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from records import commit, device_name, merge_records
 DATASETS = ["ett_h1", "ett_h2", "ett_m1", "ett_m2"]
 HORIZONS = [96, 192, 336, 720]
 #: trained through `tsssm train` (conf/model/<name>.yaml)
-TRAINED = ["kalman", "mamba"]
+TRAINED = ["kalman", "mamba", "hybrid_residual", "hybrid_dssm"]
 #: evaluated in process: no training beyond their closed-form fit
 BASELINES = ["last_value", "seasonal_naive"]
 KEY = ("dataset", "task", "horizon", "model")
@@ -92,21 +94,56 @@ def _store_uri(args, job_dir: Path) -> str:
     return f"sqlite:///{job_dir.resolve()}/mlflow.db"
 
 
+#: the file of each dataset (its data config's ``files``), by --data-format
+FILES = {"ett_h1": "ETTh1", "ett_h2": "ETTh2", "ett_m1": "ETTm1", "ett_m2": "ETTm2"}
+
+
+def data_overrides(args, dataset: str) -> list[str]:
+    """The dataset, its folder and (for --data-format parquet) its Parquet copy."""
+    out = [f"data={dataset}", f"data.root={Path(args.root).resolve()}"]
+    fmt = getattr(args, "data_format", "csv")
+    if fmt != "csv":
+        out.append(f"data.files=[{FILES[dataset]}.{fmt}]")
+    return out
+
+
+def extra_overrides(args, dataset: str) -> list[str]:
+    """--set entries: ``KEY=VALUE`` for every dataset, ``GLOB:KEY=VALUE`` for the datasets
+    whose config name matches GLOB."""
+    out = []
+    for item in args.set:
+        head, sep, rest = item.partition(":")
+        if sep and "=" not in head:
+            if fnmatch.fnmatch(dataset, head):
+                out.append(rest)
+        else:
+            out.append(item)
+    return out
+
+
 def train_command(args, dataset: str, horizon: int, model: str, job_dir: Path) -> list[str]:
     overrides = [
-        "experiment=ett", f"data={dataset}", f"data.root={Path(args.root).resolve()}",
+        "experiment=ett", *data_overrides(args, dataset),
         f"data.horizon={horizon}", f"model={model}", f"trainer={args.accelerator}", "seed=0",
         f"tracking.uri={_store_uri(args, job_dir)}",
         f"tracking.artifact_root={job_dir}/artifacts", f"tracking.output_dir={job_dir}",
         "trainer.enable_progress_bar=false",
-        *MODEL_OVERRIDES.get(model, []), *(SMALL if args.small else []), *args.set,
+        *MODEL_OVERRIDES.get(model, []), *(SMALL if args.small else []),
+        *extra_overrides(args, dataset),
     ]
     return ["tsssm", "train", *overrides]
 
 
-def _run_trained(args, dataset: str, horizon: int, model: str) -> dict:
+class TimeLimitError(RuntimeError):
+    """A training stopped, or never started, because --time-limit ran out."""
+
+
+def _run_trained(args, dataset: str, horizon: int, model: str, deadline: float | None = None
+                 ) -> dict:
     from tsssm.tracking import Tracker
 
+    if deadline is not None and time.monotonic() >= deadline:
+        raise TimeLimitError(f"{dataset} h{horizon} {model}: not started (--time-limit)")
     logs = Path(args.logs) if args.logs else Path(tempfile.gettempdir()) / "tsssm-accuracy"
     job_dir = logs / f"{dataset}-{horizon}-{model}"
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -114,8 +151,20 @@ def _run_trained(args, dataset: str, horizon: int, model: str) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     started = time.perf_counter()
     with open(job_dir / "log.txt", "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "tsssm.cli", *command[1:]], cwd=REPO,
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "tsssm.cli", *command[1:]], cwd=REPO,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise TimeLimitError(f"{dataset} h{horizon} {model}: stopped by --time-limit after "
+                            f"{time.perf_counter() - started:.0f} s (log: {job_dir / 'log.txt'})"
+                            ) from None
     elapsed = time.perf_counter() - started
     tail = (job_dir / "log.txt").read_text().strip().splitlines()[-3:]
     if proc.returncode != 0:
@@ -136,8 +185,7 @@ def _run_baseline(args, dataset: str, horizon: int, name: str) -> dict:
     from tsssm.data.datasets import build_dataset
     from tsssm.tasks.evaluate import horizon_metrics
 
-    cfg = compose(["experiment=ett", f"data={dataset}", f"data.root={Path(args.root).resolve()}",
-                   f"data.horizon={horizon}"])
+    cfg = compose(["experiment=ett", *data_overrides(args, dataset), f"data.horizon={horizon}"])
     started = time.perf_counter()
     data = build_dataset(cfg.data).load()
     kwargs = {"period": cfg.data.seasonal_period} if name == "seasonal_naive" else {}
@@ -148,35 +196,61 @@ def _run_baseline(args, dataset: str, horizon: int, name: str) -> dict:
         acc = horizon_metrics(model, [(p.stream.values, p.rows(split)) for p in data.parts],
                               cfg.data.input_len, horizon, cfg.data.eval_stride)
         metrics.update({f"{split}/h{horizon}_{k}": v for k, v in acc.result().items()})
+    fmt = getattr(args, "data_format", "csv")
     command = (f"python benchmarks/accuracy.py --suite ett --root {args.root} --datasets "
-               f"{dataset} --horizons {horizon} --models {name}")
+               f"{dataset} --horizons {horizon} --models {name}"
+               + (f" --data-format {fmt}" if fmt != "csv" else ""))
     return {**_metrics_record(metrics, dataset, horizon), "model": name,
             "train_s": round(time.perf_counter() - started, 1), "command": command}
+
+
+#: relative cost of a training (rows of the dataset's file): the longest start first
+ROWS = {"ett_h1": 1, "ett_h2": 1, "ett_m1": 4, "ett_m2": 4}
+
+
+def job_order(datasets: list[str], horizons: list[int], models: list[str]
+              ) -> list[tuple[str, int, str]]:
+    """Trainings in the order they start: model by model in the order given (so that a time
+    limit leaves whole tables of the first models), and within a model the longest first
+    (ETTm before ETTh, long horizons first) so the last wave is short."""
+    jobs = [(d, h, m) for d in datasets for h in horizons for m in models if m not in BASELINES]
+    return sorted(jobs, key=lambda j: (models.index(j[2]), -ROWS.get(j[0], 1), -j[1]))
 
 
 def run(args) -> list[dict]:
     datasets = args.datasets or (DATASETS[:1] if args.small else DATASETS)
     horizons = args.horizons or (HORIZONS[:1] if args.small else HORIZONS)
     models = args.models or (TRAINED + BASELINES)
+    limit = getattr(args, "time_limit", None)
+    deadline = None if limit is None else time.monotonic() + limit
     common = {"device": device_name(args.accelerator), "commit": commit(), "runs": 1, "seed": 0}
     records: list[dict] = []
-    for dataset in datasets:  # baselines: cheap, in process, one after another
-        for horizon in horizons:
-            for name in (m for m in models if m in BASELINES):
-                records.append({**_run_baseline(args, dataset, horizon, name), **common,
-                                "device": device_name("cpu")})
-                print(f"  {dataset} h{horizon} {name}: mse {records[-1]['mse']:.4f}", flush=True)
-    jobs = [(d, h, m) for d in datasets for h in horizons for m in models if m not in BASELINES]
+    lock = threading.Lock()
+
+    def keep(record: dict) -> None:
+        """Every record goes to --out as soon as its run ends (a killed session keeps them)."""
+        with lock:
+            records.append(record)
+            merge_records(args.out, [record], KEY)
+
     failures = []
+    jobs = job_order(datasets, horizons, models)
     with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {pool.submit(_run_trained, args, *job): job for job in jobs}
+        futures = {pool.submit(_run_trained, args, *job, deadline): job for job in jobs}
+        # baselines: cheap, in this process, while the trainings run
+        for dataset in datasets:
+            for horizon in horizons:
+                for name in (m for m in models if m in BASELINES):
+                    keep({**_run_baseline(args, dataset, horizon, name), **common,
+                          "device": device_name("cpu")})
+                    print(f"  {dataset} h{horizon} {name}: mse {records[-1]['mse']:.4f}",
+                          flush=True)
         for fut in cf.as_completed(futures):
             try:
-                records.append({**fut.result(), **common})
+                keep({**fut.result(), **common})
             except RuntimeError as err:
                 failures.append(str(err))
                 print(f"  FAILED {futures[fut]}: {err}", flush=True)
-    merge_records(args.out, records, KEY)
     for line in failures:
         print(f"failed: {line}", file=sys.stderr)
     return records

@@ -116,6 +116,8 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     #: L-BFGS iterations per optimizer step (one step per epoch on full streams)
     max_iter: int = 20
+    #: the learning rate is multiplied by this after every epoch (TSLib halves it: 0.5)
+    lr_decay: float = 1.0
 
 
 @dataclass
@@ -233,11 +235,78 @@ class MambaNet:
     revin: bool = True
     dropout: float = 0.0
     scan_backend: str = "auto"
+    #: horizon head: "last" (from the last encoder output) or "flatten" (from every patch of
+    #: the last input_len context steps, PatchTST's head)
+    head: str = "last"
+    #: context steps the flatten head and the linear skip read
+    input_len: int = 96
+    #: RLinear's linear map from the normalised context to the horizon (needs head=flatten)
+    linear_skip: bool = False
+    head_dropout: float = 0.0
+    #: steps per patch token of the flatten head's encoder
+    forecast_patch_len: int = 16
 
 
 @dataclass
 class MambaModelConfig(ModelConfig):
     net: MambaNet = field(default_factory=MambaNet)
+
+
+@dataclass
+class KalmanPart:
+    """The structural Kalman model inside a hybrid (per channel; see KalmanNet)."""
+
+    #: "seasonal" is used only when seasonal_period is set (the data's period)
+    components: list[str] = field(default_factory=lambda: ["level", "seasonal"])
+    seasonal_period: int | None = None
+    seasonal_kind: str = "trig"
+    seasonal_harmonics: int | None = 4
+    ar_order: int = 1
+    method: str = "sequential"
+    dtype: str = "float64"
+
+
+@dataclass
+class HybridNet:
+    _target_: str = MISSING
+    horizon: int = 24
+    input_len: int = 96
+    kalman: KalmanPart = field(default_factory=KalmanPart)
+    d_model: int = 64
+    n_layers: int = 2
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    #: patch length of the horizon head's tokens
+    patch_len: int = 16
+    #: steps per token of the causal one-step encoder (1: terms for every step)
+    step_patch_len: int = 1
+    dropout: float = 0.0
+    head_dropout: float = 0.0
+    linear_skip: bool = True
+    scan_backend: str = "auto"
+    #: EM iterations fitting the Kalman part on the training streams before training
+    em_iters: int = 0
+
+
+@dataclass
+class ResidualNet(HybridNet):
+    _target_: str = "tsssm.models.hybrid.KalmanMambaResidual"
+
+
+@dataclass
+class DeepSSMNet(HybridNet):
+    _target_: str = "tsssm.models.hybrid.MambaKalmanFilter"
+
+
+@dataclass
+class HybridResidualModelConfig(ModelConfig):
+    net: ResidualNet = field(default_factory=ResidualNet)
+
+
+@dataclass
+class HybridDSSMModelConfig(ModelConfig):
+    net: DeepSSMNet = field(default_factory=DeepSSMNet)
 
 
 class ScoreKind(str, Enum):
@@ -266,6 +335,16 @@ class TaskConfig:
     #: (training and validation rows alike); false: every training row counts (a warning says
     #: how many are labelled)
     exclude_labelled_train: bool = False
+    #: horizon loss: "joint" (Gaussian NLL) or "detached" (squared error for the mean, NLL with
+    #: the mean's gradient stopped for the variance)
+    variance_loss: str = "joint"
+    #: validation metric for early stopping and restore_best (lower is better)
+    monitor: str = "val/loss"
+    #: evaluate and save the weights of the best-validated epoch, not the last
+    restore_best: bool = False
+    #: per-lead-time variance factor fitted on validation windows after training: "coverage"
+    #: (the ±1.96 sd band covers 95% there), "nll" (maximum likelihood) or "none"
+    calibration: str = "coverage"
     #: classical comparators for `tsssm compare`
     baselines: list[str] = field(
         default_factory=lambda: ["last_value", "seasonal_naive", "ewma", "isolation_forest"]
@@ -352,6 +431,8 @@ def register_schemas() -> None:
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="model", name="kalman_schema", node=KalmanModelConfig)
     cs.store(group="model", name="mamba_schema", node=MambaModelConfig)
+    cs.store(group="model", name="hybrid_residual_schema", node=HybridResidualModelConfig)
+    cs.store(group="model", name="hybrid_dssm_schema", node=HybridDSSMModelConfig)
     cs.store(group="model", name="kalman_ct_schema", node=KalmanCTModelConfig)
     cs.store(group="task", name="task_schema", node=TaskConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
@@ -368,6 +449,8 @@ _CHOICES = {
     "task.name": ("forecast", "anomaly"),
     "task.threshold.name": ("quantile", "max", "pot"),
     "trainer.accelerator": ("cpu", "gpu", "cuda", "auto"),
+    "task.variance_loss": ("joint", "detached"),
+    "task.calibration": ("coverage", "nll", "none"),
 }
 
 
@@ -409,6 +492,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=0)
         _check(value >= 0, key, f"must be >= 0, got {value}")
     _check(m.optimizer.lr > 0, "model.optimizer.lr", "must be > 0")
+    _check(0 < m.optimizer.lr_decay <= 1, "model.optimizer.lr_decay", "must lie in (0, 1]")
     t = cfg.task
     _check(0 < t.threshold.q < 1, "task.threshold.q", "must lie in (0, 1)")
     _check(t.threshold.factor > 0, "task.threshold.factor", "must be > 0")

@@ -257,3 +257,61 @@ def test_tiny_model_learns_a_sine(mode, patch, one_thread):
     # Start: ~1.4 per term (unit-variance guess); a fitted sine with noise 0.05 reaches < 0.
     print(f"sine NLL {start:.3f} -> {end:.3f}")
     assert end < start - 2.0 and end < -1.0, (start, end)
+
+
+# ------------------------------------------------------------------ the flatten head
+
+
+def _flat(seed=0, **kw) -> MambaForecaster:
+    torch.manual_seed(seed)
+    args = {"d_model": 16, "n_layers": 1, "d_state": 8, "horizon": 6, "scan_backend": "torch",
+            "head": "flatten", "input_len": 12, "forecast_patch_len": 4, "linear_skip": True}
+    args.update(kw)
+    return MambaForecaster(3, **args).eval()
+
+
+@pytest.mark.parametrize("input_len", [12, 10])  # 10: a partial first patch
+def test_flatten_head_shapes_and_padding(input_len):
+    model = _flat(input_len=input_len)
+    with torch.no_grad():
+        for length in (5, input_len, 30):  # shorter contexts are padded with missing steps
+            fc = model.forecast(_series(length=length, nan_frac=0.1), 4)
+            assert fc.mean.shape == fc.var.shape == (2, 4, 3)
+            assert torch.isfinite(fc.mean).all() and (fc.var >= MIN_VAR).all()
+
+
+def test_flatten_head_reads_only_the_last_input_len_steps():
+    model = _flat()
+    y = _series(length=30)
+    y2 = y.clone()
+    y2[:, :18] += 100.0  # before the last 12 steps
+    with torch.no_grad():
+        _assert_gauss_close(model.forecast(y, 6), model.forecast(y2, 6))
+
+
+def test_flatten_head_mean_is_equivariant_to_affine_maps():
+    model = _flat()
+    y = _series(length=12, nan_frac=0.15)
+    a = torch.tensor([2.0, 0.5, 3.0])
+    b = torch.tensor([10.0, -4.0, 0.3])
+    with torch.no_grad():
+        f, g = model.forecast(y, 6), model.forecast(y * a + b, 6)
+    torch.testing.assert_close(g.mean, f.mean * a + b, atol=1e-4, rtol=1e-4)
+
+
+def test_flatten_head_gradients_and_errors():
+    model = _flat().train()
+    y = _series(length=18, nan_frac=0.2)
+    dist, state = model.one_step(y)
+    fc = model.forecast(y[:, :-6], 6)
+    target = _series(length=18, seed=4)
+    (gaussian_nll(dist, target) + gaussian_nll(fc, target[:, -6:])).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    with pytest.raises(ModelError, match="state=None"):
+        model.forecast(y, 6, state)
+    with pytest.raises(ConfigError, match="linear_skip"):
+        MambaForecaster(3, linear_skip=True)
+    with pytest.raises(ConfigError, match="head"):
+        MambaForecaster(3, head="mean")

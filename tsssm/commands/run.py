@@ -44,7 +44,10 @@ def run(cfg: DictConfig, overrides: list[str], compose: Callable[[list[str]], Di
         # the train run has logged this test split's figures; the scores alone are new
         score(compose([*base, f"model={name}", f"model.run_id={run_id}", "score.figures=false"]))
     print("\n== tsssm compare ==", flush=True)
-    compare(compose([*base, f"compare.runs=[{','.join(trained)}]"]))
+    # compare reads the trained runs; keys of one model's config (model.net.d_model=...) would
+    # not compose with the default model
+    shared = [o for o in base if not o.lstrip("+~").startswith("model.")]
+    compare(compose([*shared, f"compare.runs=[{','.join(trained)}]"]))
     print(f"\nall runs are in MLflow at {cfg.tracking.uri}; to look at them:")
     print(f"  {dashboard_command(overrides)}")
 

@@ -33,6 +33,7 @@ from tsssm.data.datamodule import SeriesDataModule
 from tsssm.data.datasets import PreparedData, build_dataset
 from tsssm.errors import ConfigError, ModelError
 from tsssm.models.base import Exog, uses_exog
+from tsssm.tasks.calibrate import calibrate_horizon_variance
 from tsssm.tasks.callbacks import InnerIterations, InterruptWatch, RngState, TrackerCallback
 from tsssm.tasks.checkpoint_io import AtomicCheckpointIO
 from tsssm.tasks.evaluate import Evaluation, evaluate
@@ -105,6 +106,8 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
     task = ForecastTask(net, optimizer, horizon=cfg.data.horizon,
                         one_step_weight=cfg.task.one_step_weight,
                         horizon_weight=cfg.task.horizon_weight,
+                        variance_loss=cfg.task.variance_loss, monitor=cfg.task.monitor,
+                        restore_best=cfg.task.restore_best,
                         future_inputs=option_value(cfg.data.future_inputs))
     every_steps = cfg.trainer.checkpoint_every_n_steps
     watch = InterruptWatch()
@@ -126,7 +129,7 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
     has_val = dm.has_val()
     if cfg.trainer.early_stopping_patience and has_val:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(
-            "val/loss", patience=cfg.trainer.early_stopping_patience))
+            task.monitor, patience=cfg.trainer.early_stopping_patience))
     trainer = L.Trainer(
         max_epochs=cfg.trainer.max_epochs or cfg.model.epochs,
         accelerator=_accelerator(cfg.trainer.accelerator),
@@ -159,7 +162,21 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
         raise
     # Lightning hands the model back on the CPU; evaluate on the training device (the bundle
     # is saved from CPU copies of the weights).
-    return task.model.to(trainer.strategy.root_device).eval()
+    net = task.model.to(trainer.strategy.root_device).eval()
+    calibrate(cfg, net, data, tracker)
+    return net
+
+
+def calibrate(cfg: DictConfig, net, data: PreparedData, tracker: Tracker) -> None:
+    """Fit the horizon-variance factors on the validation windows (task.calibration)."""
+    method = option_value(cfg.task.calibration)
+    if method == "none":
+        return
+    scale = calibrate_horizon_variance(net, data, cfg.data.input_len,
+                                       cfg.data.horizon, cfg.data.eval_stride, method)
+    if scale is not None:
+        tracker.log_metrics({"val/variance_scale_first": float(scale[0]),
+                             "val/variance_scale_last": float(scale[-1])})
 
 
 def fit_by_em(cfg: DictConfig, net, dm: SeriesDataModule, tracker: Tracker):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 from torch.nn.functional import softplus
 
@@ -76,3 +77,37 @@ def gaussian_nll(dist: Gaussian, target: Tensor) -> Tensor:
     )
     nll = nll * observed
     return nll.sum() / observed.sum().clamp(min=1)
+
+
+class HorizonVarianceScale(nn.Module):
+    """A fitted factor per lead time on forecast variances: var (B, h, C) -> var * s[:h] + floor.
+
+    ``scale`` (horizon,) is a buffer (saved with the model), 1 until fitted: the variance a model
+    learns on its training windows is typically too small on new data (it has fitted them), and
+    a factor per lead time, fitted on validation windows after training, brings the predictive
+    variance to the size of the errors actually made there (the maximum-likelihood factor of a
+    Gaussian scale family is the mean squared standardised error; see
+    :func:`tsssm.tasks.calibrate.calibrate_horizon_variance`).
+    """
+
+    def __init__(self, horizon: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(horizon))
+
+    def forward(self, var: Tensor, floor: float = 0.0) -> Tensor:
+        h = var.shape[1]
+        s = self.scale[:h].to(var.dtype)
+        return var * s.view(1, h, *([1] * (var.ndim - 2))) + floor
+
+    @torch.no_grad()
+    def set(self, scale: Tensor) -> None:
+        """Install fitted factors (horizon,) (finite, positive)."""
+        scale = torch.as_tensor(scale, dtype=self.scale.dtype, device=self.scale.device)
+        if scale.shape != self.scale.shape or not bool(torch.isfinite(scale).all()) or bool(
+            (scale <= 0).any()
+        ):
+            raise ValueError(
+                f"variance scale must be {tuple(self.scale.shape)} finite positive values, got "
+                f"shape {tuple(scale.shape)}"
+            )
+        self.scale.copy_(scale)

@@ -27,25 +27,47 @@ trailing patch are skipped, so the returned ``horizon`` steps always start right
 context. With ``revin=True`` (state=None only) the context is normalised per stream and channel
 by the mean and standard deviation of its observed entries, and the forecast is mapped back
 (RevIN without the affine part: the embedding and the head are linear and learn it).
+
+``head="flatten"`` (PatchTST's design, for fixed-length contexts such as the benchmark
+protocol's 96 steps): the forecast has its own channel-independent encoder (a second Mamba stack
+and embedding; the one-step path keeps ``channel_mode`` and ``patch_len``). It reads the last
+``input_len`` context steps (shorter contexts are padded on the left with missing steps),
+RevIN-normalised per channel, cut into ``ceil(input_len / forecast_patch_len)`` patches aligned
+to the END of the context (a partial first patch is padded with missing steps); one linear map
+from the encoder outputs of ALL those patches (flattened) gives the ``horizon`` means and
+variances of the channel. ``linear_skip=True`` adds RLinear's path: a linear map from the
+normalised ``input_len`` context values straight to the horizon means, shared by all channels;
+the encoder then models what the linear map misses. The variance is softplus(head) x the
+context's RevIN variance + a learned floor per lead time (in data units). This path needs
+``state=None``.
+
+Variance calibration: forecast variances are multiplied by ``var_calibration`` (one factor per
+lead time, 1 until fitted), a component fitted after training on validation windows
+(:func:`tsssm.tasks.calibrate.calibrate_horizon_variance`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.functional import softplus
 
 from tsssm.errors import ConfigError, DataError, ModelError
 from tsssm.models.base import Gaussian
-from tsssm.models.heads import GaussianHead
+from tsssm.models.heads import GaussianHead, HorizonVarianceScale, positive_variance
 from tsssm.models.mamba import MambaConfig, MambaStack, MambaStackState, detach_state
 
 ChannelMode = Literal["mixing", "independent"]
+HeadKind = Literal["last", "flatten"]
 
 #: Variance floor in scaled data units (the pipeline scales channels to unit variance).
 MIN_VAR = 1e-4
+#: softplus^-1(0.01): the flatten head's additive variance starts at 1% of the data's variance.
+_INV_SOFTPLUS_0_01 = math.log(math.expm1(0.01))
 #: Added to the context variance before the square root in RevIN.
 REVIN_EPS = 1e-5
 
@@ -91,6 +113,11 @@ class MambaForecaster(nn.Module):
         revin: bool = True,
         dropout: float = 0.0,
         scan_backend: str = "auto",
+        head: HeadKind = "last",
+        input_len: int = 96,
+        linear_skip: bool = False,
+        head_dropout: float = 0.0,
+        forecast_patch_len: int = 16,
     ) -> None:
         super().__init__()
         for key, value in (("n_channels", n_channels), ("horizon", horizon)):
@@ -102,9 +129,26 @@ class MambaForecaster(nn.Module):
             raise ConfigError(
                 f"model.channel_mode must be 'mixing' or 'independent', got {channel_mode!r}"
             )
+        if head not in ("last", "flatten"):
+            raise ConfigError(f"model.head must be 'last' or 'flatten', got {head!r}")
+        if linear_skip and head != "flatten":
+            raise ConfigError("model.linear_skip needs model.head=flatten (both read the last "
+                              "model.input_len context steps)")
+        if head == "flatten":
+            if not isinstance(input_len, int) or isinstance(input_len, bool) or input_len < 1:
+                raise ConfigError(f"model.input_len must be a positive integer, got {input_len!r}")
+            if (not isinstance(forecast_patch_len, int) or isinstance(forecast_patch_len, bool)
+                    or forecast_patch_len < 1):
+                raise ConfigError(f"model.forecast_patch_len must be a positive integer, got "
+                                  f"{forecast_patch_len!r}")
+        if not 0.0 <= head_dropout < 1.0:
+            raise ConfigError(f"model.head_dropout must be in [0, 1), got {head_dropout!r}")
         self.n_channels = n_channels
         self.horizon = horizon
         self.channel_mode = channel_mode
+        self.head = head
+        self.input_len = input_len
+        self.linear_skip = bool(linear_skip)
         self.patch_len = patch_len
         self.revin = bool(revin)
         self.config = MambaConfig(
@@ -128,7 +172,23 @@ class MambaForecaster(nn.Module):
         self.step_head = GaussianHead(d_model, patch_len * c_tok, min_var=MIN_VAR)
         # Steps from the last complete patch: up to patch_len - 1 context steps, then the horizon.
         self._forecast_span = horizon + patch_len - 1
-        self.forecast_head = GaussianHead(d_model, self._forecast_span * c_tok, min_var=MIN_VAR)
+        if head == "last":
+            self.forecast_head = GaussianHead(d_model, self._forecast_span * c_tok,
+                                              min_var=MIN_VAR)
+        else:  # its own channel-independent encoder; every patch of the context, flattened
+            self.forecast_patch_len = forecast_patch_len
+            self.forecast_embed = nn.Linear(2 * forecast_patch_len, d_model)
+            self.forecast_encoder = MambaStack(self.config)
+            n_tok = -(-input_len // forecast_patch_len)  # a partial first patch is padded
+            self.forecast_head = GaussianHead(n_tok * d_model, horizon, min_var=MIN_VAR)
+        self.head_dropout = nn.Dropout(head_dropout)
+        if head == "flatten":
+            # A variance floor per lead time in data units, beside the part proportional to the
+            # context's RevIN variance: a near-constant context must not promise a tiny error.
+            self.var_offset = nn.Parameter(torch.full((horizon,), _INV_SOFTPLUS_0_01))
+        if self.linear_skip:  # RLinear: input_len normalised values -> horizon means, per channel
+            self.skip = nn.Linear(input_len, horizon)
+        self.var_calibration = HorizonVarianceScale(horizon)
 
     # ------------------------------------------------------------------ public API
 
@@ -179,6 +239,14 @@ class MambaForecaster(nn.Module):
                 f"horizon), got {horizon!r}; retrain with a larger model.horizon for longer ones"
             )
         context = self._check_series(context, "context")
+        if self.head == "flatten":
+            if state is not None:
+                raise ModelError(
+                    "forecast with a carried state needs model.head=last: the flatten head reads "
+                    "the last input_len context steps themselves; pass the full context with "
+                    "state=None"
+                )
+            return self._forecast_flatten(context, horizon)
         if state is not None and self.revin:
             raise ModelError(
                 "forecast with a carried state needs revin=False: RevIN normalises by statistics "
@@ -205,7 +273,58 @@ class MambaForecaster(nn.Module):
         )  # (B', 1, span*c_tok), channel fastest
         mean = self._tokens_to_series(dist.mean, batch, steps=self._forecast_span)
         var = self._tokens_to_series(dist.var, batch, steps=self._forecast_span)
-        return Gaussian(mean[:, skip : skip + horizon], var[:, skip : skip + horizon])
+        mean, var = mean[:, skip : skip + horizon], var[:, skip : skip + horizon]
+        return Gaussian(mean, self.var_calibration(var - MIN_VAR, MIN_VAR))
+
+    def _forecast_flatten(self, context: Tensor, horizon: int) -> Gaussian:
+        """The flatten head over the patches of the last input_len steps (see module doc)."""
+        batch, channels = context.shape[0], self.n_channels
+        window, loc, scale = self._last_window(context)  # (B, input_len, C), (B, 1, C) x2
+        p = self.forecast_patch_len
+        n_tok = -(-self.input_len // p)
+        padded = window
+        if n_tok * p > self.input_len:  # the first patch starts before the window: missing
+            padded = torch.cat([window.new_full((batch, n_tok * p - self.input_len, channels),
+                                                float("nan")), window], dim=1)
+        missing = padded.isnan()
+        feats = torch.stack([padded.masked_fill(missing, 0.0), missing.to(padded.dtype)], -1)
+        tokens = feats.permute(0, 2, 1, 3).reshape(batch * channels, n_tok, p, 2)
+        tokens = torch.cat([tokens[..., 0], tokens[..., 1]], dim=-1)  # (B*C, n_tok, 2P)
+        hidden, _ = self.forecast_encoder(self.embed_dropout(self.forecast_embed(tokens)))
+        flat = self.head_dropout(hidden.flatten(1))  # (B*C, n_tok*d)
+        mean_n, raw_var = self.forecast_head.proj(flat).split(self.horizon, dim=-1)
+        mean_n = mean_n.reshape(batch, channels, self.horizon).transpose(1, 2)  # (B, H, C)
+        raw_var = raw_var.reshape(batch, channels, self.horizon).transpose(1, 2)
+        if self.linear_skip:
+            mean_n = mean_n + self._skip_path(window)
+        mean = mean_n * scale + loc
+        var = positive_variance(raw_var, 0.0, scale) + softplus(self.var_offset)[:, None]
+        mean, var = mean[:, :horizon], var[:, :horizon]
+        return Gaussian(mean, self.var_calibration(var, MIN_VAR))
+
+    def _last_window(self, series: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The last input_len steps (left-padded with NaN), RevIN-normalised when revin is on.
+
+        Returns (window (B, input_len, C), loc (B, 1, C), scale (B, 1, C)); loc 0 and scale 1
+        without RevIN."""
+        L = self.input_len
+        if series.shape[1] >= L:
+            window = series[:, series.shape[1] - L :]
+        else:
+            pad = series.new_full((series.shape[0], L - series.shape[1], series.shape[2]),
+                                  float("nan"))
+            window = torch.cat([pad, series], dim=1)
+        if self.revin:
+            loc, scale = _observed_mean_std(window)
+            window = (window - loc) / scale
+        else:
+            loc = window.new_zeros(window.shape[0], 1, window.shape[2])
+            scale = torch.ones_like(loc)
+        return window, loc, scale
+
+    def _skip_path(self, window: Tensor) -> Tensor:
+        """RLinear: (B, input_len, C) normalised values (NaN = missing -> 0) -> (B, H, C)."""
+        return self.skip(window.nan_to_num(0.0).transpose(1, 2)).transpose(1, 2)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that AdamW should not decay: SSM dynamics, norms, biases, start."""

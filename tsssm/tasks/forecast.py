@@ -4,9 +4,27 @@ The loss is the Gaussian negative log predictive density of the one-step predict
 positions that count (for a Kalman model with independent channels this *is* its exact negative
 log-likelihood per observation), plus, for window-trained models, the same density of the
 horizon forecast made from the window's context.
+
+``variance_loss="detached"`` trains the horizon forecast's mean and variance apart: the mean by
+the squared error (the benchmark's metric; the Gaussian NLL would weight each error by the
+model's own confidence in it), the variance by the NLL around the mean with the mean's
+gradient stopped, so the variance learns the size of the errors the mean makes.
+
+Optimiser: AdamW/Adam (or L-BFGS for full-stream filters); ``lr_decay`` multiplies the learning
+rate after every epoch (TSLib's recipe halves it: 0.5). ``restore_best`` keeps a copy of the
+weights of the epoch with the best ``monitor`` value on validation and puts them back when
+training ends (the model that is evaluated and saved is the best-validated one, as in TSLib); a
+horizon metric (``val/mse_horizon``) falls back to ``val/loss`` for models trained on whole
+streams, which have no horizon loss.
+
+Window models may offer ``predict_window(context, horizon) -> (one-step Gaussian over the
+context, horizon Gaussian)``; the task then takes both losses from that one pass (a filter runs
+once per window, not once per loss term) and the one-step loss covers the context.
 """
 
 from __future__ import annotations
+
+import copy
 
 import lightning as L
 import torch
@@ -15,6 +33,8 @@ from torch import Tensor
 from tsssm.anomaly.scores import gaussian_nll
 from tsssm.errors import NumericalError
 from tsssm.models.base import Exog, call_forecast, call_one_step
+
+VARIANCE_LOSSES = ("joint", "detached")
 
 
 def hide_unscored(y: Tensor, mask: Tensor) -> Tensor:
@@ -34,8 +54,12 @@ def batch_exog(batch: dict, i: int | None = None) -> Exog | None:
 class ForecastTask(L.LightningModule):
     def __init__(self, model: torch.nn.Module, optimizer: dict, horizon: int,
                  one_step_weight: float = 1.0, horizon_weight: float = 1.0,
-                 future_inputs: str = "known") -> None:
+                 variance_loss: str = "joint", monitor: str = "val/loss",
+                 restore_best: bool = False, future_inputs: str = "known") -> None:
         super().__init__()
+        if variance_loss not in VARIANCE_LOSSES:
+            raise ValueError(f"variance_loss must be one of {VARIANCE_LOSSES}, got "
+                             f"{variance_loss!r}")
         self.model = model
         #: "known": horizon forecasts see the inputs of the forecast rows; "unknown": not
         self.future_inputs = future_inputs
@@ -43,6 +67,13 @@ class ForecastTask(L.LightningModule):
         self.horizon = horizon
         self.one_step_weight = one_step_weight
         self.horizon_weight = horizon_weight if model.training_input == "windows" else 0.0
+        self.variance_loss = variance_loss
+        # a model fitted on whole streams has no horizon loss: it is monitored on its own loss
+        self.monitor = monitor if self.horizon_weight > 0 or "horizon" not in monitor \
+            else "val/loss"
+        self.restore_best = restore_best
+        self.best_score: float | None = None
+        self.best_state: dict[str, Tensor] | None = None
         self.save_hyperparameters(ignore=["model"])
         #: (global step, batch index) of the last logged training batch
         self._logged_step: tuple[int, int] | None = None
@@ -66,18 +97,37 @@ class ForecastTask(L.LightningModule):
         streams = isinstance(y, list)
         exogs = ([batch_exog(batch, i) for i in range(len(y))] if streams
                  else [batch_exog(batch)])
-        out["nll_one_step"] = self.one_step_nll(y if streams else [y], mask if streams else [mask],
-                                                exogs)
-        loss = self.one_step_weight * out["nll_one_step"]
-        if self.horizon_weight > 0 and not streams:
+        shared = (self.horizon_weight > 0 and not streams and exogs[0] is None
+                  and hasattr(self.model, "predict_window"))
+        if shared:
+            # One pass gives the one-step predictions over the context and the forecast after
+            # it (a filter run once, not once per loss term); the one-step loss then covers
+            # the context.
             context, target = y[:, : -self.horizon], y[:, -self.horizon :]
-            exog = exogs[0]
-            if exog is not None and self.future_inputs != "known" and exog.u is not None:
-                exog = exog._replace(u=exog.u[:, : -self.horizon])
-            fpred = call_forecast(self.model, context, self.horizon, None, exog)
+            one, fpred = self.model.predict_window(context, self.horizon)
+            scored = hide_unscored(context, mask[:, : -self.horizon])
+            out["nll_one_step"] = gaussian_nll(scored, one)
+            loss = self.one_step_weight * out["nll_one_step"]
+        elif self.one_step_weight > 0 or self.horizon_weight == 0:
+            out["nll_one_step"] = self.one_step_nll(y if streams else [y],
+                                                    mask if streams else [mask], exogs)
+            loss = self.one_step_weight * out["nll_one_step"]
+        else:  # one_step_weight=0: the one-step pass would only cost time
+            loss = y.new_zeros(())
+        if self.horizon_weight > 0 and not streams:
+            if not shared:
+                context, target = y[:, : -self.horizon], y[:, -self.horizon :]
+                exog = exogs[0]
+                if exog is not None and self.future_inputs != "known" and exog.u is not None:
+                    exog = exog._replace(u=exog.u[:, : -self.horizon])
+                fpred = call_forecast(self.model, context, self.horizon, None, exog)
             out["nll_horizon"] = gaussian_nll(target, fpred)
             out["mse_horizon"] = torch.nanmean((fpred.mean - target).square())
-            loss = loss + self.horizon_weight * out["nll_horizon"]
+            if self.variance_loss == "detached":
+                var_nll = gaussian_nll(target, fpred._replace(mean=fpred.mean.detach()))
+                loss = loss + self.horizon_weight * (out["mse_horizon"] + var_nll)
+            else:
+                loss = loss + self.horizon_weight * out["nll_horizon"]
         out["loss"] = loss
         return out
 
@@ -115,6 +165,33 @@ class ForecastTask(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=True, on_epoch=True,
                       batch_size=len(batch["y"]))
 
+    def on_validation_epoch_end(self) -> None:
+        if not self.restore_best or self.trainer.sanity_checking:
+            return
+        value = self.trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise ValueError(f"restore_best: no validation metric {self.monitor!r}; choose one of "
+                             f"{sorted(k for k in self.trainer.callback_metrics if 'val/' in k)}")
+        value = float(value)
+        if value == value and (self.best_score is None or value < self.best_score):
+            self.best_score = value
+            self.best_state = {k: v.detach().clone()
+                               for k, v in self.model.state_dict().items()}
+
+    def on_fit_end(self) -> None:
+        if self.restore_best and self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.best_state is not None:  # a resumed run still restores the best epoch
+            checkpoint["tsssm_best"] = {"score": self.best_score,
+                                        "state": copy.copy(self.best_state)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        best = checkpoint.get("tsssm_best")
+        if best is not None:
+            self.best_score, self.best_state = best["score"], best["state"]
+
     def configure_optimizers(self):
         cfg = self.optimizer_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -123,5 +200,11 @@ class ForecastTask(L.LightningModule):
             return torch.optim.LBFGS(params, lr=cfg["lr"], max_iter=cfg["max_iter"],
                                      line_search_fn="strong_wolfe")
         if name == "adam":
-            return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+            opt = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        else:
+            opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        decay = cfg.get("lr_decay", 1.0)
+        if decay == 1.0:
+            return opt
+        schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=decay)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}

@@ -1,0 +1,87 @@
+"""The ETT accuracy driver's plumbing (benchmarks/accuracy_ett.py): overrides per dataset, the
+order trainings start in, records written as each run ends, the time limit."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import accuracy_ett  # noqa: E402
+
+
+def _args(tmp_path: Path, **kw) -> SimpleNamespace:
+    base = dict(root=str(tmp_path), set=[], data_format="csv", small=False, accelerator="cpu",
+                store="sqlite", jobs=2, datasets=None, horizons=None, models=None,
+                out=tmp_path / "accuracy.json", logs=tmp_path / "logs", time_limit=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_set_with_dataset_prefix_applies_only_to_matching_datasets(tmp_path):
+    args = _args(tmp_path, set=["ett_m*:trainer.max_epochs=3", "model.epochs=4",
+                                "ett_h1:data.batch_size=32"])
+    assert accuracy_ett.extra_overrides(args, "ett_m2") == ["trainer.max_epochs=3",
+                                                           "model.epochs=4"]
+    assert accuracy_ett.extra_overrides(args, "ett_h1") == ["model.epochs=4",
+                                                           "data.batch_size=32"]
+    # a value holding a colon is not a prefix
+    args = _args(tmp_path, set=["tracking.uri=file:///x"])
+    assert accuracy_ett.extra_overrides(args, "ett_h1") == ["tracking.uri=file:///x"]
+
+
+def test_parquet_copies_are_named_per_dataset(tmp_path):
+    csv = accuracy_ett.data_overrides(_args(tmp_path), "ett_m1")
+    assert not any(o.startswith("data.files") for o in csv)
+    pq = accuracy_ett.data_overrides(_args(tmp_path, data_format="parquet"), "ett_m1")
+    assert "data.files=[ETTm1.parquet]" in pq and "data=ett_m1" in pq
+
+
+def test_jobs_start_model_by_model_longest_first():
+    jobs = accuracy_ett.job_order(["ett_h1", "ett_m1"], [96, 720],
+                                  ["hybrid_dssm", "mamba", "last_value"])
+    assert [j[2] for j in jobs] == ["hybrid_dssm"] * 4 + ["mamba"] * 4  # baselines run apart
+    assert jobs[:4] == [("ett_m1", 720, "hybrid_dssm"), ("ett_m1", 96, "hybrid_dssm"),
+                        ("ett_h1", 720, "hybrid_dssm"), ("ett_h1", 96, "hybrid_dssm")]
+
+
+def test_records_are_written_as_each_run_ends_and_failures_reported(tmp_path, monkeypatch,
+                                                                     capsys):
+    out = tmp_path / "accuracy.json"
+    writes: list[int] = []
+    merge = accuracy_ett.merge_records
+
+    def spy(path, new, key):
+        new = list(new)
+        writes.append(len(new))
+        return merge(path, new, key)
+
+    def fake_run(args, dataset, horizon, model, deadline=None):
+        if horizon == 192:
+            raise accuracy_ett.TimeLimitError(f"{dataset} h{horizon} {model}: not started")
+        time.sleep(0.05)
+        return {"dataset": dataset, "task": "forecast", "horizon": horizon, "model": model,
+                "mse": 0.5, "mae": 0.5, "coverage95": 0.95}
+
+    monkeypatch.setattr(accuracy_ett, "_run_trained", fake_run)
+    monkeypatch.setattr(accuracy_ett, "merge_records", spy)
+    args = _args(tmp_path, jobs=1, datasets=["ett_h1"], horizons=[96, 192, 336],
+                 models=["mamba"])
+    records = accuracy_ett.run(args)
+    assert sorted(r["horizon"] for r in records) == [96, 336]
+    assert writes == [1, 1]  # one write per finished run, not one at the end
+    assert len(json.loads(out.read_text())) == 2
+    assert "not started" in capsys.readouterr().err
+
+
+def test_a_training_past_the_deadline_is_not_started(tmp_path):
+    with pytest.raises(accuracy_ett.TimeLimitError, match="not started"):
+        accuracy_ett._run_trained(_args(tmp_path), "ett_h1", 96, "mamba",
+                                  deadline=time.monotonic() - 1.0)
+    assert not (tmp_path / "logs").exists()

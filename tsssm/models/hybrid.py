@@ -1,0 +1,534 @@
+"""Kalman–Mamba hybrids: the classical filter and a Mamba encoder in one forecaster.
+
+Two designs, both channel-independent (every channel is its own univariate structural model and
+its own sequence through Mamba encoders shared by the channels, as in :class:`KalmanForecaster`
+and PatchTST), both following :class:`tsssm.models.base.Forecaster`. Each has two encoders: a
+causal one for the one-step path (patches of ``step_patch_len`` steps, 1 by default: terms for
+every step from everything before it) and one for the horizon path (patches of ``patch_len``
+steps of the last ``input_len`` context steps, a flatten head over all of them, as PatchTST);
+they share the Kalman part.
+
+:class:`MambaKalmanFilter` (``model=hybrid_dssm``, a deep state space model). A causal Mamba
+encoder reads the series' first differences (the local volatility that noise levels follow,
+free of the level, which a network would learn by heart) and emits, for every step t from
+y[:, :t] only, the log-scales of the filter's noise: Q_t = Q exp(a_t) (state noise) and
+R_t = R exp(b_t) (observation noise) around the structural model's fitted Q and R. The exact
+Kalman filter
+(:func:`tsssm.kalman.kalman_filter`, Q and R declared time-varying) runs with them, so the
+one-step predictive density IS the model's exact likelihood (prediction-error decomposition; the
+terms of step t are fixed given y[:t]), missing values are skipped by the filter, and the state
+(filter moments + encoder state) streams in chunks. Horizon forecast: the filter's forecast from
+the last filtered state, with the noise scales of every future step and an observation input
+term d_k (a correction of the filter's mean) emitted by a flatten head over the context's patch
+tokens: mean_k = H F^k m_T + d_k, var_k = H F^k P_T F^k' H' + sum_j exp(a_j) H F^(k-j) Q
+F^(k-j)' H' + R exp(b_k).
+
+:class:`KalmanMambaResidual` (``model=hybrid_residual``, Kalman baseline + Mamba correction). A
+structural Kalman model (:class:`KalmanForecaster`, its parameters trained end to end) forecasts
+mean and variance; a Mamba encoder over the series and the filter's standardised innovations
+predicts the correction of both at every step and every lead time: one step ahead,
+mean_t = m_t + delta_t sd_t and var_t = v_t exp(gamma_t) with (delta_t, gamma_t) from the encoder
+output before step t (causal); over the horizon, mean_k = w_k m_k + scale (skip_k + delta_k) and
+var_k = v_k exp(gamma_k) (w_k a learned weight per lead, skip RLinear's linear map of the
+normalised context, delta/gamma a flatten head over the context's patch tokens).
+
+Both start as their Kalman part exactly (every correction is zero-initialised), so training can
+only move away from the filter where the data reward it. Horizon forecasts read the last
+``input_len`` context steps (RevIN-normalised for the encoder; the filter runs on the whole
+given context) and need ``state=None``. Horizon variances carry a fitted per-lead factor
+(:class:`tsssm.models.heads.HorizonVarianceScale`, fitted on validation after training).
+
+Numerics: the filters run in the Kalman part's dtype (float64 by default) and results come
+back in float32; the encoder runs in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from tsssm.errors import ConfigError, DataError, ModelError
+from tsssm.kalman.filter import kalman_filter
+from tsssm.kalman.forecast import forecast as kalman_forecast
+from tsssm.kalman.forecast import forecast_invariant, transition_powers
+from tsssm.kalman.ssm import LinearGaussianSSM, symmetrize
+from tsssm.models.base import Gaussian
+from tsssm.models.heads import HorizonVarianceScale
+from tsssm.models.kalman import KalmanForecaster, KalmanState
+from tsssm.models.mamba import MambaConfig, MambaStack, MambaStackState, detach_state
+from tsssm.models.mamba_forecaster import _observed_mean_std
+
+#: Variance floor in scaled data units.
+MIN_VAR = 1e-4
+#: Log-scales emitted by the encoder are clipped here (exp(±LOG_SCALE_LIMIT)).
+LOG_SCALE_LIMIT = 12.0
+
+__all__ = ["HybridState", "KalmanMambaResidual", "MambaKalmanFilter"]
+
+
+# ---------------------------------------------------------------------------------- pieces
+
+
+@dataclass
+class EncoderState:
+    """The causal encoder's carried state over B*C channel sequences."""
+
+    encoder: MambaStackState | None  # per-layer state; None = zeros
+    last_hidden: Tensor  # (B*C, d): output of the last complete patch (or the start vector)
+    pending: Tensor  # (B, r, C, F), r < patch_len: features of the incomplete trailing patch
+
+    def detach(self) -> EncoderState:
+        return EncoderState(None if self.encoder is None else detach_state(self.encoder),
+                            self.last_hidden.detach(), self.pending.detach())
+
+
+class HybridState(NamedTuple):
+    """What ``one_step`` carries: the filter's moments and the encoder's state."""
+
+    kalman: KalmanState  # filtered mean (B, C, n), cov (B, C, n, n) after the last step
+    encoder: EncoderState
+    last: Tensor | None = None  # (B, C): the last step's y (the deep SSM's difference input)
+
+    @property
+    def batch_size(self) -> int:
+        return self.kalman.mean.shape[0]
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _last_window(series: Tensor, length: int) -> Tensor:
+    """The last ``length`` steps of (B, T, ...) with missing (NaN) steps padded on the left."""
+    if series.shape[1] >= length:
+        return series[:, series.shape[1] - length :]
+    pad = series.new_full((series.shape[0], length - series.shape[1], *series.shape[2:]),
+                          float("nan"))
+    return torch.cat([pad, series], dim=1)
+
+
+class ChannelPatchEncoder(nn.Module):
+    """Mamba over every channel of a stream as its own sequence of patch tokens.
+
+    Features (B, n*P, C, F) with NaN for missing -> tokens (B*C, n, 2*P*F) (values with NaN as
+    0, then the missing-mask bits) -> embedding -> Mamba stack -> (B*C, n, d).
+    """
+
+    def __init__(self, n_features: int, patch_len: int, config: MambaConfig,
+                 causal: bool = True) -> None:
+        super().__init__()
+        self.n_features, self.patch_len = n_features, patch_len
+        self.embed = nn.Linear(2 * patch_len * n_features, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.mamba = MambaStack(config)
+        if causal:  # the output that precedes the first patch of a stream (predicts its steps)
+            self.start = nn.Parameter(torch.zeros(config.d_model))
+
+    def tokens(self, feats: Tensor) -> Tensor:
+        batch, steps, channels, n_feat = feats.shape
+        missing = feats.isnan()
+        x = torch.cat([feats.masked_fill(missing, 0.0), missing.to(feats.dtype)], dim=-1)
+        n, p = steps // self.patch_len, self.patch_len
+        x = x.permute(0, 2, 1, 3).reshape(batch * channels, n, p * 2 * n_feat)
+        return x
+
+    def forward(self, feats: Tensor, state: MambaStackState | None = None
+                ) -> tuple[Tensor, MambaStackState]:
+        """feats (B, n*P, C, F) -> (hidden (B*C, n, d), encoder state)."""
+        return self.mamba(self.dropout(self.embed(self.tokens(feats))), state)
+
+    def causal(self, feats: Tensor, state: EncoderState
+               ) -> tuple[Tensor, EncoderState, int]:
+        """Per-step origins for one-step terms, causally: the steps of patch k are predicted from
+        the output after patch k-1 (the first from the carried output).
+
+        feats (B, T, C, F) (new steps). Returns (origins (B*C, n_pred, d) covering the pending
+        and new steps, the new state, r = number of pending steps before the new ones)."""
+        r, p = state.pending.shape[1], self.patch_len
+        series = torch.cat([state.pending.to(feats.dtype), feats], dim=1)  # (B, r+T, C, F)
+        n_tok = series.shape[1] // p
+        if n_tok > 0:
+            hidden, enc = self(series[:, : n_tok * p], state.encoder)
+            last = hidden[:, -1]
+        else:
+            hidden = state.last_hidden.new_zeros(state.last_hidden.shape[0], 0,
+                                                 state.last_hidden.shape[1])
+            enc, last = state.encoder, state.last_hidden
+        origins = torch.cat([state.last_hidden.unsqueeze(1), hidden], dim=1)
+        n_pred = -(-series.shape[1] // p)
+        return origins[:, :n_pred], EncoderState(enc, last, series[:, n_tok * p :]), r
+
+    def initial_state(self, batch: int, channels: int, device: torch.device) -> EncoderState:
+        return EncoderState(None, self.start.to(device).expand(batch * channels, -1),
+                            torch.zeros(batch, 0, channels, self.n_features, device=device))
+
+
+def _per_step(out: Tensor, batch: int, n_out: int, steps_per_token: int) -> Tensor:
+    """Head output (B*C, k, S*n_out), step-major -> (B, k*S, C, n_out)."""
+    bc, k, _ = out.shape
+    channels = bc // batch
+    out = out.reshape(batch, channels, k * steps_per_token, n_out)
+    return out.permute(0, 2, 1, 3)
+
+
+def _standardised(y: Tensor, pred: Gaussian) -> Tensor:
+    """(y - mean) / sd with NaN where y is missing, and no NaN gradient: the missing entries
+    are filled before the arithmetic, then marked again."""
+    observed = ~y.isnan()
+    filled = torch.where(observed, y, pred.mean.detach())
+    z = (filled - pred.mean) / pred.var.sqrt()
+    return torch.where(observed, z, torch.full_like(z, float("nan")))
+
+
+def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
+    lin = nn.Linear(d_in, d_out)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+class _HybridBase(nn.Module):
+    """What both hybrids share: the Kalman part, the encoder, the horizon head, validation."""
+
+    training_input = "windows"
+
+    def __init__(self, n_channels: int, horizon: int, input_len: int, kalman: dict | None,
+                 n_step_features: int, n_horizon_features: int, d_model: int, n_layers: int,
+                 d_state: int, d_conv: int, expand: int, patch_len: int, step_patch_len: int,
+                 dropout: float, head_dropout: float, linear_skip: bool, scan_backend: str,
+                 em_iters: int) -> None:
+        super().__init__()
+        _positive_int("n_channels", n_channels)
+        _positive_int("horizon", horizon)
+        _positive_int("input_len", input_len)
+        _positive_int("patch_len", patch_len)
+        _positive_int("step_patch_len", step_patch_len)
+        if not 0.0 <= head_dropout < 1.0:
+            raise ConfigError(f"model.head_dropout must be in [0, 1), got {head_dropout!r}")
+        if not isinstance(em_iters, int) or em_iters < 0:
+            raise ConfigError(f"model.em_iters must be an integer >= 0, got {em_iters!r}")
+        self.n_channels, self.horizon, self.input_len = n_channels, horizon, input_len
+        self.patch_len, self.step_patch_len = patch_len, step_patch_len
+        self.linear_skip, self.em_iters = bool(linear_skip), em_iters
+        kalman = dict(kalman or {})
+        kalman.pop("_target_", None)
+        comps = list(kalman.get("components", ["level", "seasonal"]))
+        if "seasonal" in comps and kalman.get("seasonal_period") is None:
+            comps.remove("seasonal")  # the data has no seasonal period (see KalmanPart)
+        kalman["components"] = comps
+        try:
+            self.kalman = KalmanForecaster(n_channels, **kalman)
+        except TypeError as err:
+            raise ConfigError(f"model.kalman: {err}") from err
+        self.config = MambaConfig(d_model=d_model, n_layers=n_layers, d_state=d_state,
+                                  d_conv=d_conv, expand=expand, dropout=dropout,
+                                  scan_backend=scan_backend)
+        # One-step path: a causal encoder over patches of step_patch_len steps (1: terms for
+        # every step from everything before it); its head emits 2 terms per step.
+        self.step_encoder = ChannelPatchEncoder(n_step_features, step_patch_len, self.config)
+        self.step_head = _zero_linear(d_model, step_patch_len * 2)
+        # Horizon path: its own encoder over the patches of the normalised context.
+        self.encoder = ChannelPatchEncoder(n_horizon_features, patch_len, self.config,
+                                           causal=False)
+        n_tok = -(-input_len // patch_len)  # a partial first patch is padded with missing steps
+        self.head_dropout = nn.Dropout(head_dropout)
+        #: horizon terms (3 per lead time) from every patch of the context, flattened
+        self.horizon_head = _zero_linear(n_tok * d_model, 3 * horizon)
+        if self.linear_skip:  # RLinear: normalised context -> horizon means (of the residual)
+            self.skip = _zero_linear(input_len, horizon)
+        #: weight of the filter's own horizon mean per lead time (normalised units)
+        self.kalman_weight = nn.Parameter(torch.ones(horizon))
+        self.var_calibration = HorizonVarianceScale(horizon)
+
+    # ------------------------------------------------------------------ shared helpers
+
+    @torch.no_grad()
+    def initialize(self, y: Tensor) -> None:
+        """Data-based start of the Kalman part from training streams y (B, T, C): moment
+        estimates, then ``em_iters`` EM iterations (variance-only structures)."""
+        self.kalman.initialize(y)
+        if self.em_iters:
+            self.kalman.fit_em([y.to(self.kalman.compute_dtype)], n_iter=self.em_iters)
+
+    def _check_series(self, y: Tensor, name: str) -> Tensor:
+        if not isinstance(y, Tensor) or y.ndim != 3 or y.shape[-1] != self.n_channels:
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise DataError(
+                f"{name} must be a tensor (batch, time, {self.n_channels} channels), got {shape}")
+        if not y.is_floating_point():
+            raise DataError(f"{name} must be floating point (NaN marks missing), got {y.dtype}")
+        if torch.isinf(y).any():
+            raise DataError(f"{name} contains ±inf; mark missing observations with NaN")
+        return y.to(self.encoder.embed.weight.dtype)
+
+    def _check_horizon(self, horizon: int, state: Any) -> None:
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or not (
+                1 <= horizon <= self.horizon):
+            raise ModelError(
+                f"forecast horizon must be an integer in [1, {self.horizon}] (the model's "
+                f"horizon), got {horizon!r}; retrain with a larger model.horizon for longer ones")
+        if state is not None:
+            raise ModelError(
+                "the hybrid's horizon forecast reads the last input_len context steps "
+                "themselves: pass the full context with state=None")
+
+    def _check_state(self, state: HybridState | None, y: Tensor) -> HybridState | None:
+        if state is None:
+            return None
+        if not isinstance(state, HybridState):
+            raise ModelError(f"state must be a HybridState returned by one_step, got "
+                             f"{type(state).__name__}")
+        if state.batch_size != y.shape[0]:
+            raise ModelError(f"state was built for batch {state.batch_size} but the input has "
+                             f"batch {y.shape[0]}; carry one state per set of streams")
+        return state
+
+    def _horizon_terms(self, context: Tensor, extra: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The flatten head over the last input_len steps: RevIN-normalised values (and
+        ``extra`` features (B, T, C, F') aligned with the context) -> per lead time
+        (delta, log-scale 1, log-scale 2) each (B, H, C), plus loc, scale (B, 1, C)."""
+        window = _last_window(context, self.input_len)  # (B, L, C)
+        loc, scale = _observed_mean_std(window)
+        x = (window - loc) / scale
+        feats = [x.unsqueeze(-1)]
+        if extra is not None:
+            feats.append(_last_window(extra, self.input_len))
+        n_steps = -(-self.input_len // self.patch_len) * self.patch_len
+        feats = _last_window(torch.cat(feats, dim=-1), n_steps)  # whole patches, NaN-padded
+        hidden, _ = self.encoder(feats)  # (B*C, n_tok, d)
+        out = self.horizon_head(self.head_dropout(hidden.flatten(1)))  # (B*C, 3H)
+        batch = context.shape[0]
+        out = out.reshape(batch, self.n_channels, 3, self.horizon).permute(2, 0, 3, 1)
+        delta, g1, g2 = out.unbind(0)  # (B, H, C) each
+        if self.linear_skip:
+            delta = delta + self.skip(x.nan_to_num(0.0).transpose(1, 2)).transpose(1, 2)
+        return delta, g1, g2, loc, scale
+
+    def _as_kalman(self, y: Tensor) -> Tensor:
+        """(B, T, C) -> (B, C, T, 1) in the Kalman dtype."""
+        return y.to(self.kalman.compute_dtype).transpose(1, 2).unsqueeze(-1)
+
+    def _kalman_matrices(self) -> LinearGaussianSSM:
+        k = self.kalman
+        return k.structure.to_ssm(k.theta.to(k.compute_dtype))
+
+    def _combine_mean(self, kalman_mean: Tensor, delta: Tensor, loc: Tensor, scale: Tensor,
+                      horizon: int) -> Tensor:
+        """mean_k = loc + scale (w_k (m_k - loc) / scale + delta_k) = w_k m_k + (1-w_k) loc +
+        scale delta_k, in data units, (B, h, C)."""
+        w = self.kalman_weight[:horizon].view(1, horizon, 1)
+        return w * kalman_mean + (1.0 - w) * loc + scale * delta[:, :horizon]
+
+    def predict_window(self, context: Tensor, horizon: int) -> tuple[Gaussian, Gaussian]:
+        """One-step predictions over ``context`` (B, L, C) and the horizon forecast after it,
+        sharing one filter pass (what a training window needs)."""
+        one, fc = self._one_step_and_forecast(context, horizon)
+        return one, fc
+
+    def forecast(self, context: Tensor, horizon: int, state: Any = None) -> Gaussian:
+        """Predictive distribution (B, horizon, C) of the steps after ``context`` (B, L, C)."""
+        self._check_horizon(horizon, state)
+        return self._one_step_and_forecast(context, horizon)[1]
+
+    def no_weight_decay(self) -> set[str]:
+        return {name for name, p in self.named_parameters()
+                if name.rsplit(".", 1)[-1] in ("A_log", "D", "bias", "start", "theta",
+                                               "kalman_weight") or p.ndim < 2}
+
+
+# --------------------------------------------------------------- Kalman baseline + correction
+
+
+class KalmanMambaResidual(_HybridBase):
+    """Structural Kalman forecast, corrected in mean and variance by a Mamba encoder over the
+    series and the filter's standardised innovations (see the module docstring)."""
+
+    def __init__(self, n_channels: int, horizon: int = 96, input_len: int = 96,
+                 kalman: dict | None = None, d_model: int = 64, n_layers: int = 2,
+                 d_state: int = 16, d_conv: int = 4, expand: int = 2, patch_len: int = 16,
+                 step_patch_len: int = 1, dropout: float = 0.0, head_dropout: float = 0.0,
+                 linear_skip: bool = True, scan_backend: str = "auto", em_iters: int = 0
+                 ) -> None:
+        super().__init__(n_channels, horizon, input_len, kalman, 2, 2, d_model, n_layers,
+                         d_state, d_conv, expand, patch_len, step_patch_len, dropout,
+                         head_dropout, linear_skip, scan_backend, em_iters)
+
+    def _features(self, y: Tensor, pred: Gaussian) -> Tensor:
+        """(values, standardised innovations) (B, T, C, 2); NaN where y is missing."""
+        return torch.stack([y, _standardised(y, pred)], dim=-1)
+
+    def _corrected_one_step(self, y: Tensor, kpred: Gaussian, enc_state: EncoderState
+                            ) -> tuple[Gaussian, EncoderState]:
+        origins, new_enc, r = self.step_encoder.causal(self._features(y, kpred), enc_state)
+        terms = _per_step(self.step_head(origins), y.shape[0], 2, self.step_patch_len)
+        terms = terms[:, r : r + y.shape[1]].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
+        delta, gamma = terms.unbind(-1)  # (B, T, C)
+        mean = kpred.mean + delta * kpred.var.sqrt()
+        var = kpred.var * gamma.exp() + MIN_VAR
+        return Gaussian(mean, var), new_enc
+
+    def one_step(self, y: Tensor, state: HybridState | None = None
+                 ) -> tuple[Gaussian, HybridState]:
+        """Predictive distribution of y[:, t] given y[:, :t] (and ``state``) for every t."""
+        y = self._check_series(y, "y")
+        state = self._check_state(state, y)
+        kpred, kstate = self.kalman.one_step(y, None if state is None else state.kalman)
+        enc_state = (self.step_encoder.initial_state(y.shape[0], self.n_channels, y.device)
+                     if state is None else state.encoder)
+        dist, new_enc = self._corrected_one_step(y, kpred, enc_state)
+        return dist, HybridState(kstate, new_enc)
+
+    def _one_step_and_forecast(self, context: Tensor, horizon: int) -> tuple[Gaussian, Gaussian]:
+        context = self._check_series(context, "context")
+        kpred, kstate = self.kalman.one_step(context)
+        enc0 = self.step_encoder.initial_state(context.shape[0], self.n_channels,
+                                               context.device)
+        one, _ = self._corrected_one_step(context, kpred, enc0)
+        k_mean, k_var = self._kalman_forecast(kstate, horizon)  # (B, h, C) each
+        z = _standardised(context, kpred)
+        delta, gamma, _, loc, scale = self._horizon_terms(context, z.unsqueeze(-1))
+        mean = self._combine_mean(k_mean, delta, loc, scale, horizon)
+        gamma = gamma[:, :horizon].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
+        var = self.var_calibration(k_var * gamma.exp(), MIN_VAR)
+        return one, Gaussian(mean, var)
+
+    def _kalman_forecast(self, kstate: KalmanState, horizon: int) -> tuple[Tensor, Tensor]:
+        ssm = self._kalman_matrices()
+        try:
+            fc = forecast_invariant(ssm, kstate.mean, kstate.cov, horizon)
+            mean, cov = fc.mean, fc.cov
+        except ModelError:  # a structure with intercepts: the step-by-step forecast
+            fc = kalman_forecast(ssm, (kstate.mean, kstate.cov), horizon)
+            mean, cov = fc.obs_mean, fc.obs_cov
+        dtype = self.encoder.embed.weight.dtype
+        return (mean[..., 0].transpose(1, 2).to(dtype),
+                cov[..., 0, 0].transpose(1, 2).to(dtype))
+
+
+# ------------------------------------------------------------ Mamba-parameterised Kalman filter
+
+
+class MambaKalmanFilter(_HybridBase):
+    """Deep state space model: a Mamba encoder emits the filter's noise levels at every step,
+    the exact Kalman filter runs with them (see the module docstring)."""
+
+    def __init__(self, n_channels: int, horizon: int = 96, input_len: int = 96,
+                 kalman: dict | None = None, d_model: int = 64, n_layers: int = 2,
+                 d_state: int = 16, d_conv: int = 4, expand: int = 2, patch_len: int = 16,
+                 step_patch_len: int = 1, dropout: float = 0.0, head_dropout: float = 0.0,
+                 linear_skip: bool = True, scan_backend: str = "auto", em_iters: int = 0
+                 ) -> None:
+        super().__init__(n_channels, horizon, input_len, kalman, 1, 1, d_model, n_layers,
+                         d_state, d_conv, expand, patch_len, step_patch_len, dropout,
+                         head_dropout, linear_skip, scan_backend, em_iters)
+
+    # ------------------------------------------------------------------ the filter
+
+    def _noise_terms(self, y: Tensor, enc_state: EncoderState, last: Tensor | None
+                     ) -> tuple[Tensor, EncoderState]:
+        """(a_t, b_t) (B, T, C, 2): log-scales of Q and R at every step, from y[:, :t].
+
+        The encoder reads the first differences y_t - y_(t-1) (NaN when either is missing):
+        the local volatility that noise levels follow, free of the level itself (a network that
+        reads levels learns them by heart). ``last`` (B, C): y of the step before this call."""
+        prev = y.new_full(y[:, :1].shape, float("nan")) if last is None else last.unsqueeze(1)
+        diff = y - torch.cat([prev.to(y.dtype), y[:, :-1]], dim=1)  # (B, T, C)
+        origins, new_enc, r = self.step_encoder.causal(diff.unsqueeze(-1), enc_state)
+        terms = _per_step(self.step_head(origins), y.shape[0], 2, self.step_patch_len)
+        terms = terms[:, r : r + y.shape[1]].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
+        return terms, new_enc
+
+    def filter_ssm(self, terms: Tensor, kstate: KalmanState | None) -> LinearGaussianSSM:
+        """The time-varying model of a call: batch (B, C), T steps, Q_t and R_t scaled by
+        exp(terms). The prior is the Kalman part's (state None) or the carried state moved one
+        step with this call's first Q."""
+        k = self.kalman
+        dt = k.compute_dtype
+        base = self._kalman_matrices()  # (C, ...) time-invariant
+        scales = terms.to(dt).exp().transpose(1, 2)  # (B, C, T, 2)
+        Q = base.Q.unsqueeze(-3) * scales[..., 0, None, None]  # (B, C, T, n, n)
+        R = base.R.unsqueeze(-3) * scales[..., 1, None, None]  # (B, C, T, 1, 1)
+        if kstate is None:
+            prior = k.ssm()
+            m0, P0 = prior.m0, prior.P0
+        else:
+            m, P = kstate.mean.to(dt), kstate.cov.to(dt)
+            m0 = (base.F @ m.unsqueeze(-1)).squeeze(-1)
+            P0 = symmetrize(base.F @ P @ base.F.mT + Q[..., 0, :, :])
+        return LinearGaussianSSM(base.F, base.H, Q, R, m0, P0, time_varying=("Q", "R"))
+
+    def _filter(self, y: Tensor, state: HybridState | None
+                ) -> tuple[Gaussian, HybridState]:
+        enc_state = (self.step_encoder.initial_state(y.shape[0], self.n_channels, y.device)
+                     if state is None else state.encoder)
+        terms, new_enc = self._noise_terms(y, enc_state, None if state is None else state.last)
+        ssm = self.filter_ssm(terms, None if state is None else state.kalman)
+        res = kalman_filter(ssm, self._as_kalman(y), method=self.kalman.method,
+                            covariances="last")
+        mean = res.predicted_obs_mean[..., 0].transpose(1, 2).to(y.dtype)  # (B, T, C)
+        var = res.predicted_obs_cov[..., 0, 0].transpose(1, 2).to(y.dtype)
+        kstate = KalmanState(res.filtered_mean[..., -1, :], res.filtered_cov[..., -1, :, :])
+        return Gaussian(mean, var), HybridState(kstate, new_enc, y[:, -1])
+
+    def one_step(self, y: Tensor, state: HybridState | None = None
+                 ) -> tuple[Gaussian, HybridState]:
+        """Predictive distribution of y[:, t] given y[:, :t] (and ``state``) for every t: the
+        filter's, with the encoder's noise levels. Its NLL is the exact negative
+        log-likelihood."""
+        y = self._check_series(y, "y")
+        state = self._check_state(state, y)
+        if y.shape[1] == 0:
+            raise DataError("y has no time steps")
+        return self._filter(y, state)
+
+    def noise_scales(self, y: Tensor) -> Tensor:
+        """exp(a_t), exp(b_t) (B, T, C, 2): the factors on Q and R the encoder chose for every
+        step of y (for inspection: the noise pattern the model recovered)."""
+        y = self._check_series(y, "y")
+        enc0 = self.step_encoder.initial_state(y.shape[0], self.n_channels, y.device)
+        return self._noise_terms(y, enc0, None)[0].exp()
+
+    # ------------------------------------------------------------------ the horizon
+
+    def _one_step_and_forecast(self, context: Tensor, horizon: int) -> tuple[Gaussian, Gaussian]:
+        context = self._check_series(context, "context")
+        one, state = self._filter(context, None)
+        delta, a, b, loc, scale = self._horizon_terms(context)
+        a = a[:, :horizon].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
+        b = b[:, :horizon].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
+        k_mean, k_var = self._filter_forecast(state.kalman, a, b, horizon)
+        mean = self._combine_mean(k_mean, delta, loc, scale, horizon)
+        var = self.var_calibration(k_var, MIN_VAR)
+        return one, Gaussian(mean, var)
+
+    def _filter_forecast(self, kstate: KalmanState, a: Tensor, b: Tensor, horizon: int
+                         ) -> tuple[Tensor, Tensor]:
+        """The filter's horizon moments with the future noise scales exp(a_k), exp(b_k)
+        (B, h, C): all lead times at once (time-invariant F and H, see the module docstring)."""
+        dt = self.kalman.compute_dtype
+        base = self._kalman_matrices()
+        h = base.H[..., 0, :]  # (C, n)
+        G = (h.unsqueeze(-2).unsqueeze(-2) @ transition_powers(base.F, horizon))[..., 0, :]
+        # G (C, h, n): H F^1 .. H F^h; Gq: H F^0 .. H F^(h-1)
+        m, P = kstate.mean.to(dt), kstate.cov.to(dt)  # (B, C, n), (B, C, n, n)
+        mean = torch.einsum("chn,bcn->bch", G, m)
+        state_var = torch.einsum("chn,bcnm,chm->bch", G, P, G)
+        Gq = torch.cat([h.unsqueeze(-2), G[:, :-1]], dim=-2)  # (C, h, n)
+        q = torch.einsum("chn,cnm,chm->ch", Gq, base.Q, Gq)  # (C, h): noise of lag k
+        lag = torch.arange(horizon, device=q.device)
+        lags = lag.view(-1, 1) - lag.view(1, -1)  # (h, h): k - j
+        toeplitz = torch.where(lags >= 0, q[:, lags.clamp(min=0)], q.new_zeros(()))  # (C,h,h)
+        ea = a.to(dt).exp().transpose(1, 2)  # (B, C, h): scale on Q leading into step j
+        noise_var = torch.einsum("ckj,bcj->bck", toeplitz, ea)
+        r = base.R[..., 0, 0]  # (C,)
+        obs_var = r.view(1, -1, 1) * b.to(dt).exp().transpose(1, 2)
+        var = state_var + noise_var + obs_var  # (B, C, h)
+        dtype = self.encoder.embed.weight.dtype
+        return mean.transpose(1, 2).to(dtype), var.transpose(1, 2).to(dtype)
+
