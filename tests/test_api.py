@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -176,8 +177,8 @@ def test_dataframe_training_is_kept_by_content(tmp_path, tracking_overrides, mlf
     rng = np.random.default_rng(0)
     n = 400
     frame = pl.DataFrame({
-        "ts": pl.datetime_range(pl.datetime(2026, 1, 1), pl.datetime(2026, 1, 1, 0, n - 1),
-                                "1m", eager=True),
+        "ts": pl.datetime_range(datetime(2026, 1, 1), datetime(2026, 1, 1) + timedelta(
+            minutes=n - 1), "1m", eager=True),
         "a": np.sin(np.arange(n) / 9) + 0.1 * rng.standard_normal(n),
         "b": np.cos(np.arange(n) / 5) + 0.1 * rng.standard_normal(n),
     })
