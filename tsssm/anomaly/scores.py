@@ -131,3 +131,22 @@ def anomaly_scores(y: Tensor, pred: Gaussian, kind: str = "nis", fill: float = 0
                 "input scaling, and the model's parameters)"
             )
     return score
+
+
+def score_contributions(y: Tensor, pred: Gaussian, kind: str = "nis") -> Tensor:
+    """Each channel's additive share of :func:`anomaly_scores` (B, T, C).
+
+    The score of a step is a mean over its observed channels of per-entry terms, so channel
+    ``c``'s share is its term divided by the number of observed channels: the shares of a step
+    sum to its score (up to float rounding), a missing channel's share is 0, and a step with no
+    observed channel has all shares 0 (its score is the ``fill`` 0.0).
+    """
+    if kind not in SCORE_KINDS:
+        raise ConfigError(f"anomaly score kind must be one of {SCORE_KINDS}; got {kind!r}")
+    _check_shapes(y, pred)
+    with torch.no_grad():
+        z2, log_var, observed = _entry_terms(y, pred)
+        per_entry = z2 if kind == "nis" else 0.5 * (z2 + log_var) + _HALF_LOG_2PI
+        per_entry = torch.where(observed, per_entry, torch.zeros_like(per_entry))
+        n_obs = observed.sum(dim=-1, keepdim=True).clamp_min(1)  # (B, T, 1)
+        return per_entry / n_obs
