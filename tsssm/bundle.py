@@ -46,6 +46,12 @@ class Bundle:
     threshold: Threshold | None
     score_kind: str
     data_config: dict[str, Any]
+    #: the full score spec (tsssm.anomaly.scores.ScoreSpec.to_dict: kind, window, window kind,
+    #: align); None: the one-step score of ``score_kind`` (bundles written before windows)
+    score: dict[str, Any] | None = None
+    #: "pooled": ``threshold`` flags every stream; "per_stream": a stream is flagged by the same
+    #: rule refitted on its own first ``data_config["train_rows"]`` rows' scores
+    threshold_scope: str = "pooled"
 
 
 def _umask() -> int:
@@ -86,6 +92,8 @@ def save_bundle(bundle: Bundle, folder: str | Path) -> Path:
             "threshold": None if bundle.threshold is None else bundle.threshold.to_dict(),
             "score_kind": bundle.score_kind,
             "data_config": bundle.data_config,
+            "score": bundle.score,
+            "threshold_scope": bundle.threshold_scope,
         }
         (tmp / META).write_text(json.dumps(meta, indent=2))
         for f in tmp.iterdir():  # safetensors writes its file 0600
@@ -211,4 +219,6 @@ def load_bundle(folder: str | Path) -> Bundle:
         threshold=threshold,
         score_kind=score_kind,
         data_config=data_config,
+        score=meta.get("score"),
+        threshold_scope=meta.get("threshold_scope", "pooled"),
     )

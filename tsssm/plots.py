@@ -152,18 +152,43 @@ def anomaly_figure(
     title: str = "Anomaly score",
     log_y: bool = False,
     max_points: int = 4000,
+    contributions: Any = None,
+    channel_names: Sequence[str] | None = None,
+    max_channels: int = 5,
 ) -> go.Figure:
     """The anomaly score with its threshold, labelled anomalies shaded, flagged points marked.
 
     score: (T,); labels, flags: (T,) binary or None. With ``log_y`` non-positive scores are not
     drawn (use it for NIS, which is >= 0 and spans orders of magnitude).
+    contributions: optional (T, C) additive per-channel shares of the score: drawn below it as
+    stacked areas of the ``max_channels`` channels with the largest total (the rest summed as
+    "other"), so every flag shows which sensors raised it.
     """
     s = _np(score).astype(np.float64).reshape(-1)
     T = s.size
     t = _time_axis(time, T)
     keep, starts = _bucket_max(s, max_points)
     x = t[keep]
-    fig = go.Figure()
+    if contributions is not None:
+        contrib = _as_2d(contributions, "contributions", T)
+        names = (list(channel_names) if channel_names is not None
+                 else [f"ch{c}" for c in range(contrib.shape[1])])
+        if len(names) != contrib.shape[1]:
+            raise DataError(f"{len(names)} channel names for {contrib.shape[1]} contributions")
+        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.6, 0.4],
+                            vertical_spacing=0.06,
+                            subplot_titles=("", "contribution of each channel to the score"))
+        order = np.argsort(-np.nan_to_num(contrib).sum(axis=0), kind="stable")
+        shown = order[:max_channels]
+        layers = [(names[j], contrib[keep, j]) for j in shown]
+        if contrib.shape[1] > len(shown):
+            layers.append(("other", contrib[keep][:, order[max_channels:]].sum(axis=1)))
+        for name, values in layers:
+            fig.add_trace(go.Scatter(x=x, y=values, mode="lines", stackgroup="contrib",
+                                     name=name, line={"width": 0.5}), row=2, col=1)
+    else:
+        fig = go.Figure()
+    panel: dict[str, int] = {"row": 1, "col": 1} if contributions is not None else {}
     if labels is not None:
         lab = _np(labels).reshape(-1).astype(bool)
         if lab.size != T:
@@ -172,27 +197,31 @@ def anomaly_figure(
         bucket_end = np.append(starts[1:] - 1, T - 1) if starts.size else starts
         for first, last in _runs(lab_b):
             fig.add_vrect(x0=t[starts[first]], x1=t[bucket_end[last]], fillcolor=LABEL_COLOR,
-                          line_width=0, layer="below")
+                          line_width=0, layer="below", **panel)
         # A legend entry for the shading (shapes have none).
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="labelled anomaly",
-                                 marker={"symbol": "square", "size": 12, "color": LABEL_COLOR}))
+                                 marker={"symbol": "square", "size": 12, "color": LABEL_COLOR}),
+                      **panel)
     fig.add_trace(go.Scatter(x=x, y=s[keep], mode="lines", name="score",
-                             line={"color": SCORE_COLOR, "width": 1}))
+                             line={"color": SCORE_COLOR, "width": 1}), **panel)
     if threshold is not None and T:
         fig.add_trace(go.Scatter(x=[t[0], t[-1]], y=[threshold, threshold], mode="lines",
                                  name=f"threshold ({threshold:.4g})",
-                                 line={"color": THRESHOLD_COLOR, "dash": "dash", "width": 1.5}))
+                                 line={"color": THRESHOLD_COLOR, "dash": "dash", "width": 1.5}),
+                      **panel)
     if flags is not None:
         fl = _np(flags).reshape(-1).astype(bool)
         if fl.size != T:
             raise DataError(f"flags have {fl.size} steps but the score has {T}")
         fl_b = _bucket_any(fl, starts)
         fig.add_trace(go.Scatter(x=x[fl_b], y=s[keep][fl_b], mode="markers", name="flagged",
-                                 marker={"color": FLAG_COLOR, "size": 5, "symbol": "x"}))
-    fig.update_layout(title=title, template="plotly_white", height=380, hovermode="x",
+                                 marker={"color": FLAG_COLOR, "size": 5, "symbol": "x"}),
+                      **panel)
+    fig.update_layout(title=title, template="plotly_white",
+                      height=380 if contributions is None else 600, hovermode="x",
                       margin={"l": 60, "r": 20, "t": 60, "b": 40})
     if log_y:
-        fig.update_yaxes(type="log")
+        fig.update_yaxes(type="log", **panel)
     return fig
 
 

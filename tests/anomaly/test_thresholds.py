@@ -87,7 +87,14 @@ def test_factory_and_errors():
     with pytest.raises(DataError, match="no training scores"):
         MaxThreshold().fit([])
     with pytest.raises(DataError, match="at least"):
-        POTThreshold(level=0.98).fit(np.arange(100.0))  # only 2 excesses
+        POTThreshold(level=0.98).fit(np.arange(8.0))  # too few scores for 5 excesses
+    with pytest.raises(DataError, match="at least"):
+        POTThreshold(level=0.9).fit(np.ones(100))  # ties: no score above the level
+    # 100 scores leave 2 excesses above the 0.98 quantile: the initial threshold moves down to
+    # leave 5 (the tail needs a handful of points), and says so
+    small = POTThreshold(q=1e-3, level=0.98).fit(np.arange(100.0))
+    assert small.to_dict()["state"]["level_used"] == pytest.approx(0.95)
+    assert small.to_dict()["state"]["n_excesses"] == 5
     with pytest.raises(NumericalError):
         QuantileThreshold().fit([1.0, 2.0]).flags([np.nan])
 

@@ -9,15 +9,16 @@ from pathlib import Path
 import polars as pl
 from omegaconf import DictConfig
 
+from tsssm.anomaly.scores import ScoreSpec
 from tsssm.baselines import build_baseline
 from tsssm.commands.common import (
-    fit_threshold,
+    evaluation_options,
     format_table,
     load_trained,
     staging,
     write_parquet,
 )
-from tsssm.config import flatten, option_value, to_plain
+from tsssm.config import flatten, to_plain
 from tsssm.data.datasets import PreparedData, build_dataset
 from tsssm.errors import ConfigError, ModelError
 from tsssm.tasks.evaluate import evaluate
@@ -26,7 +27,8 @@ from tsssm.tracking import Tracker
 log = logging.getLogger("tsssm")
 
 COLUMNS = ["method", "kind", "test/mae", "test/mse", "h_mae", "h_mse", "test/precision",
-           "test/recall", "test/f1", "test/far", "test/mar", "test/auc_pr"]
+           "test/recall", "test/f1", "test/far", "test/mar", "test/auc_pr", "test/vus_pr",
+           "test/event_f1", "test/nab_standard"]
 
 
 def _trained(cfg: DictConfig, tracker: Tracker) -> list[tuple[str, object]]:
@@ -43,20 +45,27 @@ def _trained(cfg: DictConfig, tracker: Tracker) -> list[tuple[str, object]]:
     return out
 
 
-def _baselines(cfg: DictConfig, data: PreparedData) -> list[tuple[str, object]]:
-    out = []
-    y_train = data.padded("train")  # (B, T, C)
+def _baselines(cfg: DictConfig, data: PreparedData) -> tuple[list[tuple[str, object]],
+                                                               list[str]]:
+    """Every comparator fitted on the real training rows of every stream (no padding: the
+    same rows the models are trained on), and a note for each one skipped."""
+    out, notes = [], []
+    y_train = data.split_arrays("train")  # [(T_i, C)]
     for name in cfg.task.baselines:
         kwargs = {}
         if name == "seasonal_naive":
             if not cfg.data.seasonal_period:
-                log.info("compare: seasonal_naive skipped (data.seasonal_period is not set)")
+                note = ("seasonal_naive skipped: data.seasonal_period is not set (this data has "
+                        "no known seasonal period; set it in rows to compare a seasonal random "
+                        "walk)")
+                print(f"compare: {note}", flush=True)
+                notes.append(note)
                 continue
             kwargs["period"] = cfg.data.seasonal_period
         baseline = build_baseline(name, **kwargs)
         baseline.fit(y_train)
         out.append((name, baseline))
-    return out
+    return out, notes
 
 
 def compare(cfg: DictConfig) -> str:
@@ -71,19 +80,25 @@ def compare(cfg: DictConfig) -> str:
         pooled = [b for _, b in trained if not b.per_stream_scaling]
         data = build_dataset(cfg.data).load(scaler=pooled[0].scaler if pooled else None)
         horizon = cfg.data.horizon
-        common = dict(score_kind=option_value(cfg.task.score),
-                      context=cfg.data.input_len, horizon=horizon,
-                      eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size)
+        common = dict(context=cfg.data.input_len, horizon=horizon,
+                      eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size,
+                      **evaluation_options(cfg.task))
         rows = []
         methods = [(label, b.model, "model", b) for label, b in trained]
-        methods += [(label, m, "baseline", None) for label, m in _baselines(cfg, data)]
+        fitted, notes = _baselines(cfg, data)
+        methods += [(label, m, "baseline", None) for label, m in fitted]
         for label, model, kind, bundle in methods:
             if bundle is not None and bundle.channels != data.channels:
                 raise ModelError(f"{label} was trained on channels {bundle.channels}, "
                                  f"data={cfg.data.name} has {data.channels}")
             print(f"compare: evaluating {label} ...", flush=True)
-            ev = evaluate(model, data, make_threshold=lambda s: fit_threshold(cfg.task, s),
-                          **common)
+            # a trained model is scored as it was trained (its own score spec and threshold
+            # scope); the comparators with the task's
+            options = dict(common)
+            if bundle is not None and bundle.score:
+                options["score_kind"] = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
+                options["scope"] = bundle.threshold_scope
+            ev = evaluate(model, data, **options)
             row = {"method": label, "kind": kind, **ev.metrics}
             row["h_mae"] = ev.metrics.get(f"test/h{horizon}_mae", float("nan"))
             row["h_mse"] = ev.metrics.get(f"test/h{horizon}_mse", float("nan"))
@@ -95,8 +110,10 @@ def compare(cfg: DictConfig) -> str:
         with staging(cfg.tracking.output_dir, run.run_id) as folder:
             frame = pl.DataFrame([{c: r.get(c) for c in columns} for r in rows])
             write_parquet(frame, folder / "tables" / "compare.parquet")
+            notes_md = "".join(f"\n- {n}" for n in notes)
             (folder / "tables" / "compare.md").write_text(
-                f"# {cfg.data.name}: test split (h = {horizon})\n\n```\n{table}\n```\n")
+                f"# {cfg.data.name}: test split (h = {horizon})\n\n```\n{table}\n```\n"
+                + (f"\nNot compared:{notes_md}\n" if notes else ""))
             from tsssm import plots
 
             (folder / "figures").mkdir()
@@ -106,5 +123,7 @@ def compare(cfg: DictConfig) -> str:
         print(f"\n{cfg.data.name}, test split; forecast errors on the normalised scale, "
               f"h_* over horizon {horizon}:")
         print(table)
+        for note in notes:
+            print(f"  {note}")
         print(f"\n  MLflow run {run.run_id} in {tracker.uri}")
         return run.run_id

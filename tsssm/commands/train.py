@@ -17,9 +17,11 @@ from tsssm import checkpoints
 from tsssm.bundle import Bundle, build_net, save_bundle
 from tsssm.commands.common import (
     MAX_FIGURES,
+    evaluation_options,
     figures_for_stream,
-    fit_threshold,
     forecast_frame,
+    interval_frame,
+    score_spec,
     seed_everything,
     staging,
     stream_frame,
@@ -134,26 +136,27 @@ def fit_by_em(cfg: DictConfig, net, dm: SeriesDataModule, tracker: Tracker):
 def log_evaluation(cfg: DictConfig, net, data: PreparedData, tracker: Tracker, folder: Path,
                    title: str) -> Evaluation:
     """Evaluate on every split, log the metrics, and stage scores, forecasts and figures."""
-    ev = evaluate(net, data, score_kind=option_value(cfg.task.score),
-                  context=cfg.data.input_len, horizon=cfg.data.horizon,
+    ev = evaluate(net, data, context=cfg.data.input_len, horizon=cfg.data.horizon,
                   eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size,
-                  make_threshold=lambda s: fit_threshold(cfg.task, s))
+                  **evaluation_options(cfg.task))
     tracker.log_metrics(ev.metrics)
     for name, curve in ev.by_lead.items():  # step = lead time 1..H
         tracker.log_series(name, curve, first_step=1)
-    frames, fc_frames = [], []
-    scored = [(p, pr) for p, pr in zip(data.parts, ev.preds) if p.split is not None]
-    for i, (p, pr) in enumerate(scored):
+    frames, fc_frames, intervals = [], [], []
+    scored = [(p, pr, t, f) for p, pr, t, f in zip(data.parts, ev.preds, ev.thresholds, ev.flags)
+              if p.split is not None]
+    for i, (p, pr, threshold, flags) in enumerate(scored):
         rows = (p.rows("train")[0], p.rows("test")[1])
-        flags = ev.threshold.flags(pr.score)
-        frames.append(stream_frame(p, pr, flags, rows).with_columns(
+        frames.append(stream_frame(p, pr, flags, rows, threshold).with_columns(
             pl.Series("split", _split_names(p, rows))))
+        intervals.append(interval_frame(p, pr, flags, p.rows("test")))
         fc_frames.append(forecast_frame(p, pr, p.rows("test")))
         if i < MAX_FIGURES:
-            figures_for_stream(folder / "figures", p, pr, ev.threshold, flags, p.rows("test"),
+            figures_for_stream(folder / "figures", p, pr, threshold, flags, p.rows("test"),
                                title)
     if frames:
         write_parquet(pl.concat(frames), folder / "scores" / "scores.parquet")
+        write_parquet(pl.concat(intervals), folder / "scores" / "intervals.parquet")
         write_parquet(pl.concat(fc_frames), folder / "forecasts" / "test_one_step.parquet")
     return ev
 
@@ -196,6 +199,8 @@ def train(cfg: DictConfig) -> str:
                 per_stream_scaling=cfg.data.scaler == "per_stream", threshold=ev.threshold,
                 score_kind=option_value(cfg.task.score),
                 data_config=to_plain(cfg.data),
+                score=score_spec(cfg.task).to_dict(),
+                threshold_scope=cfg.task.threshold.scope,
             )
             staged = save_bundle(bundle, folder / "model")
             for sub in ("scores", "forecasts", "figures"):
@@ -214,7 +219,8 @@ def headline_keys(task: str, horizon: int) -> list[str]:
     """The metrics a run is judged by, most important first: the benchmark's own."""
     h = f"test/h{horizon}_"
     forecast = [h + k for k in ("mse", "mae", "crps", "coverage95")]
-    detection = ["test/f1", "test/far", "test/mar", "test/auc_pr"]
+    detection = ["test/f1", "test/far", "test/mar", "test/auc_pr", "test/vus_pr",
+                 "test/nab_standard"]
     return forecast + detection if task == "forecast" else detection + forecast
 
 
