@@ -283,7 +283,10 @@ class SPOTThreshold(POTThreshold):
     starts from the same training fit). A score above the current threshold is flagged and not
     added to the tail; a score between the initial and the current threshold is a new peak, and
     the GPD is refitted (by moments, O(1) per peak: the recursion must keep up with a live stream;
-    the initial fit uses ``method``).
+    the initial fit uses ``method``). Leaving flagged scores out of the tail censors it slightly,
+    so over a long normal stream the threshold creeps down (measured: -11% after 50,000
+    exponential scores at risk 1e-3, i.e. a false-alarm rate of 2e-3 instead of 1e-3); refit
+    from training data now and then.
     """
 
     name = "spot"

@@ -98,6 +98,7 @@ class IsolationForestDetector:
         self.std = np.sqrt(var.numpy())
         self.n_channels = int(streams[0].shape[-1])
         features = np.concatenate([self._features(st) for st in streams])
+        self.n_train_rows = sum(st.shape[1] for st in streams)  # real rows, no padding
         self.forest = IsolationForest(
             n_estimators=self.n_estimators,
             max_samples=self.max_samples,

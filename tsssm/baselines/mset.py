@@ -73,6 +73,7 @@ class MSETDetector:
         self.mean, self.std = mean.numpy(), np.sqrt(var.numpy())
         self.n_channels = C = int(streams[0].shape[-1])
         rows = np.concatenate([self._standardise(st)[0] for st in streams])
+        self.n_train_rows = sum(st.shape[1] for st in streams)  # real rows, no padding
         if len(rows) < 2:
             raise DataError("mset needs at least two training rows")
         chosen = list(dict.fromkeys([*rows.argmin(0).tolist(), *rows.argmax(0).tolist()]))

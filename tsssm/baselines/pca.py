@@ -86,6 +86,7 @@ class PCAT2QDetector:
         self.mean, self.std = mean.numpy(), np.sqrt(var.numpy())
         self.n_channels = int(streams[0].shape[-1])
         rows = np.concatenate([self._standardise(st)[0] for st in streams])
+        self.n_train_rows = sum(st.shape[1] for st in streams)  # real rows, no padding
         if len(rows) <= self.n_channels:
             raise DataError(f"pca_t2q needs more than {self.n_channels} training rows; got "
                             f"{len(rows)}")

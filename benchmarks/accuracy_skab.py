@@ -1,0 +1,221 @@
+"""The SKAB suite of benchmarks/accuracy.py: anomaly detection under SKAB's own protocol.
+
+Protocol (waico/SKAB ``core/utils.py`` and the notebooks): the 34 fault files, each scaled by
+its own first 400 rows (assumed normal) and tested on the rest; ``anomaly-free.csv`` is extra
+normal training data. Point-wise F1, FAR and MAR of the ``anomaly`` label pooled over every test
+row of every file (no point adjustment); AUC-PR (scikit-learn's average precision) and VUS-PR
+threshold-free; the change-point task scored on the ``changepoint`` label with SKAB's NAB score
+(60 s window to the right of each change point; the predicted change points are the rows where the
+flags change, as SKAB derives them). Thresholds are fitted on scores of rows before the test
+split only (``task.threshold.fit_on``): no label of any file is used for a threshold, a score
+normaliser or a model setting. One run per figure, seed 0.
+
+Trained models run through the user's own command, ``tsssm train data=skab model=<m>
+task=anomaly``, one process and tracking store each (the record's ``command`` is that exact
+command, and rerunning it gives the same figures); the comparators (PCA T²+Q, MSET, Isolation
+Forest, EWMA, last value) are fitted in process on the same real training rows and scored by
+the same evaluation code, with the same threshold rule.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from records import commit, device_name, merge_records
+
+#: trained through `tsssm train` (conf/model/<name>.yaml); any other model config given with
+#: --models (e.g. a hybrid) is trained the same way
+TRAINED = ["var_kalman", "kalman", "mamba"]
+#: fitted in process (closed-form or scikit-learn fits on the training rows)
+COMPARATORS = ["pca_t2q", "mset", "isolation_forest", "ewma", "last_value"]
+KEY = ("dataset", "task", "model")
+REPO = Path(__file__).resolve().parents[1]
+
+#: what the benchmark adds to `tsssm train` per model (visible in each record's command); a
+#: model's SKAB settings belong in its config, these are only what differs
+MODEL_OVERRIDES: dict[str, list[str]] = {}
+#: --small: three files and a short training (a smoke run, never a benchmark figure)
+SMALL_FILES = "[data/valve1/0.csv,data/valve2/0.csv,data/other/9.csv]"
+SMALL = [f"data.files={SMALL_FILES}", "trainer.max_epochs=1", "trainer.limit_train_batches=0.2"]
+
+#: SKAB's published leaderboards (README of waico/SKAB at commit b2c0d46, "Proposed
+#: Leaderboard", test rows only, NAB window 60 s to the right): outlier detection F1, FAR %,
+#: MAR %; change-point detection NAB standard, low FP, low FN.
+PUBLISHED_OUTLIER = {
+    "Conv-AE": (0.78, 13.55, 28.02), "MSET": (0.78, 39.73, 14.13),
+    "T-squared+Q (PCA)": (0.76, 26.62, 24.92), "LSTM-AE": (0.74, 29.96, 25.92),
+    "T-squared": (0.66, 19.21, 42.6), "LSTM-VAE": (0.56, 9.13, 55.03),
+    "Vanilla LSTM": (0.54, 12.54, 59.53), "MSCRED": (0.36, 49.94, 69.88),
+    "Vanilla AE": (0.39, 2.59, 75.15), "Isolation forest": (0.29, 2.56, 82.89),
+    "Null detector": (0.0, 0.0, 100.0),
+}
+PUBLISHED_CPD = {  # NAB standard, low FP, low FN, missed change points, false positives
+    "MSCRED": (32.42, 16.53, 40.28, 55, 342), "Isolation forest": (26.16, 19.5, 30.82, 76, 135),
+    "T-squared+Q (PCA)": (25.35, 14.51, 31.33, 72, 232), "Conv-AE": (23.61, 21.54, 27.55, 82, 23),
+    "LSTM-AE": (23.51, 20.11, 25.91, 88, 69), "T-squared": (19.54, 10.2, 24.31, 70, 106),
+    "MSET": (13.84, 10.22, 17.37, 96, 66), "Vanilla AE": (11.41, 6.53, 13.91, 103, 106),
+    "Vanilla LSTM": (11.31, -3.8, 17.25, 90, 342), "ArimaFD": (-0.09, -0.17, -0.06, 127, 2),
+}
+
+_FIELDS = {  # record field: metric key
+    "f1": "test/f1", "far": "test/far", "mar": "test/mar", "precision": "test/precision",
+    "recall": "test/recall", "auc_pr": "test/auc_pr", "vus_pr": "test/vus_pr",
+    "nab_standard": "test/nab_standard", "nab_low_fp": "test/nab_low_fp",
+    "nab_low_fn": "test/nab_low_fn", "nab_missed": "test/nab_missed", "nab_fp": "test/nab_fp",
+    "event_recall": "test/event_recall", "event_precision": "test/event_precision",
+    "event_f1": "test/event_f1", "delay_mean": "test/delay_mean",
+    "threshold": "train/threshold",
+}
+
+
+def _record(m: dict[str, float]) -> dict:
+    return {"dataset": "skab", "task": "anomaly",
+            **{k: m.get(v, math.nan) for k, v in _FIELDS.items()}}
+
+
+def _store_uri(args, job_dir: Path) -> str:
+    if getattr(args, "store", "sqlite") == "file":
+        return (job_dir / "mlruns").resolve().as_uri()
+    return f"sqlite:///{job_dir.resolve()}/mlflow.db"
+
+
+def train_command(args, model: str, job_dir: Path) -> list[str]:
+    overrides = [
+        "data=skab", f"data.root={Path(args.root).resolve()}", f"model={model}", "task=anomaly",
+        f"trainer={args.accelerator}", "seed=0", f"tracking.uri={_store_uri(args, job_dir)}",
+        f"tracking.artifact_root={job_dir}/artifacts", f"tracking.output_dir={job_dir}",
+        "trainer.enable_progress_bar=false",
+        *MODEL_OVERRIDES.get(model, []), *(SMALL if args.small else []), *args.set,
+    ]
+    return ["tsssm", "train", *overrides]
+
+
+def _run_trained(args, model: str) -> dict:
+    from tsssm.tracking import Tracker
+
+    logs = Path(args.logs) if args.logs else Path(tempfile.gettempdir()) / "tsssm-accuracy"
+    job_dir = logs / f"skab-{model}"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    command = train_command(args, model, job_dir)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    started = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(job_dir / "log.txt", "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "tsssm.cli", *command[1:]], cwd=REPO,
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the whole command (user + system): what it costs whatever else runs on
+    # the machine (with --jobs > 1 the children overlap and this is approximate)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    tail = (job_dir / "log.txt").read_text().strip().splitlines()[-3:]
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}): {' | '.join(tail)}")
+    tracker = Tracker(_store_uri(args, job_dir), "tsssm")
+    metrics = tracker.run_metrics(tracker.latest_run("train"))
+    print(f"  skab {model}: {tail[-3] if len(tail) >= 3 else tail}", flush=True)
+    return {**_record(metrics), "model": model, "train_s": round(elapsed, 1),
+            "train_cpu_s": round(cpu, 1), "command": " ".join(command)}
+
+
+def comparator_config(args):
+    """The composed config the comparators are evaluated under (the trained models' task)."""
+    from tsssm.cli import compose
+
+    return compose(["data=skab", f"data.root={Path(args.root).resolve()}", "task=anomaly",
+                    *([f"data.files={SMALL_FILES}"] if args.small else []),
+                    *[s for s in args.set if s.startswith(("data.", "task."))]])
+
+
+def _run_comparator(args, name: str, cfg=None, data=None) -> dict:
+    from tsssm.baselines import build_baseline
+    from tsssm.commands.common import evaluation_options
+    from tsssm.data.datasets import build_dataset
+    from tsssm.tasks.evaluate import evaluate
+
+    cfg = cfg if cfg is not None else comparator_config(args)
+    data = data if data is not None else build_dataset(cfg.data).load()
+    started = time.perf_counter()
+    model = build_baseline(name)
+    model.fit(data.split_arrays("train"))  # the real training rows of every stream, no padding
+    fit_s = time.perf_counter() - started
+    ev = evaluate(model, data, context=cfg.data.input_len, horizon=cfg.data.horizon,
+                  eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size,
+                  **evaluation_options(cfg.task))
+    command = (f"python benchmarks/accuracy.py --suite skab --root {args.root} --models {name}"
+               + (" --small" if args.small else ""))
+    return {**_record(ev.metrics), "model": name, "train_s": round(fit_s, 1),
+            "eval_s": round(time.perf_counter() - started - fit_s, 1), "command": command}
+
+
+def run(args) -> list[dict]:
+    models = args.models or (TRAINED + COMPARATORS)
+    common = {"device": device_name(args.accelerator), "commit": commit(), "runs": 1, "seed": 0}
+    records: list[dict] = []
+    cheap = [m for m in models if m in COMPARATORS]
+    if cheap:
+        from tsssm.data.datasets import build_dataset
+
+        cfg = comparator_config(args)
+        data = build_dataset(cfg.data).load()
+        for name in cheap:
+            records.append({**_run_comparator(args, name, cfg, data), **common,
+                            "device": device_name("cpu")})
+            r = records[-1]
+            print(f"  skab {name}: f1 {r['f1']:.3f} far {r['far']:.3f} mar {r['mar']:.3f} "
+                  f"auc_pr {r['auc_pr']:.3f} nab {r['nab_standard']:.1f}", flush=True)
+    jobs = [m for m in models if m not in COMPARATORS]
+    failures = []
+    with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(_run_trained, args, m): m for m in jobs}
+        for fut in cf.as_completed(futures):
+            try:
+                records.append({**fut.result(), **common})
+            except RuntimeError as err:
+                failures.append(str(err))
+                print(f"  FAILED {futures[fut]}: {err}", flush=True)
+    merge_records(args.out, records, KEY)
+    for line in failures:
+        print(f"failed: {line}", file=sys.stderr)
+    return records
+
+
+def _pct(x: float) -> str:
+    return "–" if x != x else f"{100 * x:.2f}"
+
+
+def table(path: Path, only: list[dict] | None = None) -> str:
+    """Markdown: our detectors (best F1 first) beside SKAB's two published leaderboards."""
+    records = only if only is not None else (json.loads(Path(path).read_text())
+                                             if Path(path).exists() else [])
+    rows = sorted((r for r in records if r.get("dataset") == "skab"
+                   and r.get("task") == "anomaly"), key=lambda r: -r.get("f1", 0.0))
+    out = ["\n#### SKAB outlier detection (test rows of the 34 files, pooled; FAR/MAR in %)\n",
+           "| method | F1 | FAR % | MAR % | AUC-PR | VUS-PR | event F1 | mean delay (rows) "
+           "| train s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| tsssm {r['model']} | {r['f1']:.3f} | {_pct(r['far'])} | {_pct(r['mar'])} "
+                   f"| {r['auc_pr']:.3f} | {r['vus_pr']:.3f} | {r['event_f1']:.2f} "
+                   f"| {r['delay_mean']:.0f} | {r['train_s']:.0f} |")
+    for name, (f1, far, mar) in PUBLISHED_OUTLIER.items():
+        out.append(f"| {name} (published) | {f1:.2f} | {far:.2f} | {mar:.2f} | – | – | – | – "
+                   "| – |")
+    out += ["\n#### SKAB change-point detection (NAB, 60 s window to the right; 127 change "
+            "points)\n", "| method | NAB standard | NAB low FP | NAB low FN | missed CPs | FPs |",
+            "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: -r.get("nab_standard", -1e9)):
+        out.append(f"| tsssm {r['model']} | {r['nab_standard']:.2f} | {r['nab_low_fp']:.2f} "
+                   f"| {r['nab_low_fn']:.2f} | {r['nab_missed']:.0f} | {r['nab_fp']:.0f} |")
+    for name, (std, low_fp, low_fn, missed, fps) in PUBLISHED_CPD.items():
+        out.append(f"| {name} (published) | {std:.2f} | {low_fp:.2f} | {low_fn:.2f} | {missed} "
+                   f"| {fps} |")
+    return "\n".join(out)
