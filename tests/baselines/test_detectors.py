@@ -79,3 +79,18 @@ def test_compare_fits_comparators_on_the_real_training_rows():
     with_period = OmegaConf.merge(cfg, {"data": {"seasonal_period": 60}})
     fitted, notes = _baselines(with_period, data)
     assert "seasonal_naive" in [n for n, _ in fitted] and not notes
+
+
+def test_per_stream_detector_fits_each_stream_on_its_own_first_rows():
+    a = _correlated(T=900, seed=2)
+    b = 10.0 + 3.0 * _correlated(T=900, seed=3)  # another operating point and scale
+    b[600:700, 2] += 15.0
+    y = torch.from_numpy(np.stack([a, b]))
+    det = build_baseline("pca_t2q_file", train_rows=400).fit([a[:400], b[:400]])
+    score = det.score(y)
+    ref = PCAT2QDetector().fit(torch.from_numpy(b[None, :400])).score(torch.from_numpy(b[None]))
+    np.testing.assert_allclose(score[1], ref[0])  # stream b: its own model, its first rows only
+    assert score[1, 600:700].mean() > 5 * np.median(score[1, 400:600])
+    np.testing.assert_allclose(det.contributions(y).sum(-1), score, rtol=1e-10)
+    with pytest.raises(Exception, match="rows"):
+        det.score(y[:, :300])
