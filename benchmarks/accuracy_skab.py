@@ -15,7 +15,8 @@ task=anomaly``, one process and tracking store each (the record's ``command`` is
 command, and rerunning it gives the same figures); the comparators (PCA T²+Q, MSET, Isolation
 Forest, EWMA, last value) are fitted in process on the same real training rows and scored by
 the same evaluation code, with the same threshold rule; ``*_file`` comparators fit one model per
-file on its own first 400 rows, as SKAB's published baselines do.
+file on its own first rows, as SKAB's published baselines do (its first 320: the 80 validation
+rows the threshold is fitted on stay held out, as for every other method).
 """
 
 from __future__ import annotations
@@ -141,13 +142,15 @@ def comparator_config(args):
 def _run_comparator(args, name: str, cfg=None, data=None) -> dict:
     from tsssm.baselines import build_baseline
     from tsssm.commands.common import evaluation_options
+    from tsssm.commands.compare import per_stream_train_rows
     from tsssm.data.datasets import build_dataset
     from tsssm.tasks.evaluate import evaluate
 
     cfg = cfg if cfg is not None else comparator_config(args)
     data = data if data is not None else build_dataset(cfg.data).load()
     started = time.perf_counter()
-    model = build_baseline(name)
+    model = build_baseline(name, **({"train_rows": per_stream_train_rows(data)}
+                                    if name.endswith("_file") else {}))
     model.fit(data.split_arrays("train"))  # the real training rows of every stream, no padding
     fit_s = time.perf_counter() - started
     ev = evaluate(model, data, context=cfg.data.input_len, horizon=cfg.data.horizon,

@@ -62,10 +62,23 @@ def _baselines(cfg: DictConfig, data: PreparedData) -> tuple[list[tuple[str, obj
                 notes.append(note)
                 continue
             kwargs["period"] = cfg.data.seasonal_period
+        if name.endswith("_file"):
+            kwargs["train_rows"] = per_stream_train_rows(data)
         baseline = build_baseline(name, **kwargs)
         baseline.fit(y_train)
         out.append((name, baseline))
     return out, notes
+
+
+def per_stream_train_rows(data: PreparedData) -> int:
+    """Rows a per-file comparator fits each stream on: the training split of the scored streams
+    (SKAB: 320, its first 400 rows less the validation rows), so that a threshold fitted on
+    validation rows sees held-out scores for it as for every other method."""
+    rows = {p.rows("train")[1] - p.rows("train")[0] for p in data.parts if p.split is not None}
+    if len(rows) != 1:
+        raise ConfigError(f"per-file comparators need one training length for every stream; the "
+                          f"streams have {sorted(rows)}")
+    return rows.pop()
 
 
 def compare(cfg: DictConfig) -> str:
