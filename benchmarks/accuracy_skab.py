@@ -194,6 +194,13 @@ def run(args) -> list[dict]:
     return records
 
 
+def _label(model: str) -> str:
+    if model in COMPARATORS:
+        how = "one per file" if model.endswith("_file") else "pooled fit"
+        return f"{model} (comparator, {how})"
+    return f"**tsssm {model}**"
+
+
 def _pct(x: float) -> str:
     return "–" if x != x else f"{100 * x:.2f}"
 
@@ -208,7 +215,7 @@ def table(path: Path, only: list[dict] | None = None) -> str:
            "| method | F1 | FAR % | MAR % | AUC-PR | VUS-PR | event F1 | mean delay (rows) "
            "| train s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| tsssm {r['model']} | {r['f1']:.3f} | {_pct(r['far'])} | {_pct(r['mar'])} "
+        out.append(f"| {_label(r['model'])} | {r['f1']:.3f} | {_pct(r['far'])} | {_pct(r['mar'])} "
                    f"| {r['auc_pr']:.3f} | {r['vus_pr']:.3f} | {r['event_f1']:.2f} "
                    f"| {r['delay_mean']:.0f} | {r['train_s']:.0f} |")
     for name, (f1, far, mar) in PUBLISHED_OUTLIER.items():
@@ -218,7 +225,7 @@ def table(path: Path, only: list[dict] | None = None) -> str:
             "points)\n", "| method | NAB standard | NAB low FP | NAB low FN | missed CPs | FPs |",
             "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -r.get("nab_standard", -1e9)):
-        out.append(f"| tsssm {r['model']} | {r['nab_standard']:.2f} | {r['nab_low_fp']:.2f} "
+        out.append(f"| {_label(r['model'])} | {r['nab_standard']:.2f} | {r['nab_low_fp']:.2f} "
                    f"| {r['nab_low_fn']:.2f} | {r['nab_missed']:.0f} | {r['nab_fp']:.0f} |")
     for name, (std, low_fp, low_fn, missed, fps) in PUBLISHED_CPD.items():
         out.append(f"| {name} (published) | {std:.2f} | {low_fp:.2f} | {low_fn:.2f} | {missed} "
