@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from records import commit, device_name, merge_records
 
 #: trained through `tsssm train` (conf/model/<name>.yaml); any other model config given with
@@ -40,9 +41,20 @@ TRAINED = ["var_kalman", "kalman", "mamba"]
 #: fitted in process (closed-form or scikit-learn fits on the training rows)
 COMPARATORS = ["pca_t2q_file", "mset_file", "pca_t2q", "mset", "isolation_forest", "ewma",
                "last_value"]
-KEY = ("dataset", "task", "model")
+#: "gaps" keeps the gaps suite's SKAB records (accuracy_gaps.py, same dataset and task) apart
+KEY = ("dataset", "task", "model", "gaps")
 REPO = Path(__file__).resolve().parents[1]
 
+#: the score windows (rows) and POT risks every trained detector's setting is chosen from,
+#: leave-one-group-out (tsssm.anomaly.selection): for each of SKAB's three experiment folders
+#: (valve1, valve2, other), the setting with the best F1 on the *other two* folders' files, and the
+#: folder's own files flagged with it; no file's labels choose its own setting
+GRID_WINDOWS = (1, 5, 10, 20, 30, 60)
+GRID_RISKS = (1e-2, 1e-3, 1e-4)
+#: the headline choice only takes settings whose FAR on the other folders is at most the FAR of
+#: the leader of SKAB's table (Conv-AE, 13.55%): the issue's target is to beat it on F1, FAR and
+#: MAR at once, so that FAR is the declared budget (the "f1" variant has none)
+MAX_FAR = 0.1355
 #: what the benchmark adds to `tsssm train` per model (visible in each record's command); a
 #: model's SKAB settings belong in its config, these are only what differs
 MODEL_OVERRIDES: dict[str, list[str]] = {}
@@ -124,10 +136,12 @@ def _run_trained(args, model: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}): {' | '.join(tail)}")
     tracker = Tracker(_store_uri(args, job_dir), "tsssm")
-    metrics = tracker.run_metrics(tracker.latest_run("train"))
+    run_id = tracker.latest_run("train")
+    metrics = tracker.run_metrics(run_id)
     print(f"  skab {model}: {tail[-3] if len(tail) >= 3 else tail}", flush=True)
     return {**_record(metrics), "model": model, "train_s": round(elapsed, 1),
-            "train_cpu_s": round(cpu, 1), "command": " ".join(command)}
+            "train_cpu_s": round(cpu, 1), "command": " ".join(command),
+            "bundle": str(job_dir / "models" / run_id)}
 
 
 def comparator_config(args):
@@ -184,7 +198,12 @@ def run(args) -> list[dict]:
         futures = {pool.submit(_run_trained, args, m): m for m in jobs}
         for fut in cf.as_completed(futures):
             try:
-                records.append({**fut.result(), **common})
+                record = fut.result()
+                bundle = record.pop("bundle")
+                records.append({**record, **common})
+                if not args.small:  # three files are too few groups to choose anything on
+                    records += [{**r, **common} for r in grouped_choice(
+                        args, record["model"], bundle, record["command"])]
             except RuntimeError as err:
                 failures.append(str(err))
                 print(f"  FAILED {futures[fut]}: {err}", flush=True)
@@ -192,6 +211,111 @@ def run(args) -> list[dict]:
     for line in failures:
         print(f"failed: {line}", file=sys.stderr)
     return records
+
+
+def _group(part) -> str:
+    """SKAB's experiment folder of a file (valve1, valve2, other)."""
+    return Path(part.stream.path).parent.name
+
+
+def grid_cells(bundle, data, cfg) -> list[tuple[tuple[int, float], list, list]]:
+    """[((window, risk), preds, flags)] of a trained detector over GRID_WINDOWS x GRID_RISKS:
+    scored with its own score kind, window kind and alignment, the POT threshold fitted as in
+    training (validation rows' scores, the bundle's scope). No label is read here."""
+    from tsssm.anomaly.scores import ScoreSpec
+    from tsssm.anomaly.thresholds import build_threshold
+    from tsssm.tasks.evaluate import fit_thresholds, predict_stream
+
+    base = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
+    cells = []
+    for w in GRID_WINDOWS:
+        spec = ScoreSpec(base.kind, w, base.window_kind, base.align).check()
+        preds = [predict_stream(bundle.model, p.stream.values, spec, cfg.score.chunk_size,
+                                exog=p.exog()) for p in data.parts]
+        for risk in GRID_RISKS:
+            _, thresholds = fit_thresholds(
+                data, preds, lambda s, r=risk: build_threshold(
+                    "pot", q=r, level=cfg.task.threshold.level).fit(s),
+                scope=bundle.threshold_scope, fit_on=cfg.task.threshold.fit_on)
+            cells.append(((w, risk), preds,
+                          [t.flags(pr.score) for t, pr in zip(thresholds, preds)]))
+    return cells
+
+
+def grouped_choice(args, model: str, bundle_dir: str, command: str) -> list[dict]:
+    """Records of ``model`` with its score window and POT risk chosen leave-one-group-out over
+    SKAB's folders (GRID_WINDOWS x GRID_RISKS; tsssm.anomaly.selection): ``<model>[logo]`` (best
+    F1 on the other folders within MAX_FAR), ``<model>[logo-f1]`` (best F1) and
+    ``<model>[logo-nab]`` (best NAB standard, for the change-point table). The headline record
+    also holds the whole grid's pooled test metrics (``grid``), in-sample, for the reader."""
+    from tsssm.anomaly.events import nab_score
+    from tsssm.anomaly.selection import choose_by_group, choose_by_group_with, stream_counts
+    from tsssm.bundle import load_bundle
+    from tsssm.data.datasets import build_dataset
+    from tsssm.tasks.evaluate import detection_metrics, range_metrics
+
+    started = time.perf_counter()
+    cfg = comparator_config(args)
+    bundle = load_bundle(bundle_dir)
+    data = build_dataset(cfg.data).load(
+        scaler=None if bundle.per_stream_scaling else bundle.scaler,
+        input_scaler=None if bundle.per_stream_scaling else bundle.input_scaler)
+    cells = grid_cells(bundle, data, cfg)
+    idx = [i for i, p in enumerate(data.parts)
+           if p.split is not None and p.stream.labels is not None]
+    rows = [slice(*data.parts[i].rows("test")) for i in idx]
+    groups = [_group(data.parts[i]) for i in idx]
+    lab = [data.parts[i].stream.labels[r] for i, r in zip(idx, rows)]
+    cps = [data.parts[i].stream.changepoints[r] for i, r in zip(idx, rows)]
+    tms = [data.parts[i].stream.time[r] for i, r in zip(idx, rows)]
+
+    def test_of(k: int, what: str) -> list[np.ndarray]:
+        _, preds, flags = cells[k]
+        return [(flags if what == "flags" else [p.score for p in preds])[i][r]
+                for i, r in zip(idx, rows)]
+
+    counts = np.stack([stream_counts(lab, test_of(k, "flags")) for k in range(len(cells))])
+
+    def nab_of(k: int, mask: np.ndarray) -> float:
+        keep = np.flatnonzero(mask)
+        flags = test_of(k, "flags")
+        return nab_score([cps[j] for j in keep], [flags[j] for j in keep],
+                         [tms[j] for j in keep], cfg.task.nab_window)["nab_standard"]
+
+    def metrics_of(choice: dict[str, int] | int) -> dict[str, float]:
+        pick = [choice if isinstance(choice, int) else choice[g] for g in groups]
+        flg = [test_of(k, "flags")[j] for j, k in enumerate(pick)]
+        sco = [test_of(k, "scores")[j] for j, k in enumerate(pick)]
+        m = detection_metrics(np.concatenate(lab), np.concatenate(sco), np.concatenate(flg))
+        m.update(range_metrics(lab, sco, flg, cps, tms, cfg.task.nab_window,
+                               cfg.task.vus_max_buffer))
+        return {f"test/{k}": v for k, v in m.items()}
+
+    choices = {
+        "logo": choose_by_group(counts, groups, MAX_FAR),
+        "logo-f1": choose_by_group(counts, groups),
+        "logo-nab": choose_by_group_with(len(cells), groups, nab_of),
+    }
+    grid = []
+    for k, ((w, risk), _, _) in enumerate(cells):
+        m = metrics_of(k)
+        grid.append({"window": w, "risk": risk, "f1": m["test/f1"], "far": m["test/far"],
+                     "mar": m["test/mar"], "auc_pr": m["test/auc_pr"],
+                     "nab_standard": m["test/nab_standard"]})
+    out = []
+    for how, choice in choices.items():
+        rec = {**_record(metrics_of(choice)), "model": f"{model}[{how}]",
+               "choice": {g: {"window": cells[k][0][0], "risk": cells[k][0][1]}
+                          for g, k in choice.items()},
+               "train_s": math.nan, "command": command,
+               "selection_s": round(time.perf_counter() - started, 1)}
+        if how == "logo":
+            rec["grid"] = grid
+        print(f"  skab {rec['model']}: f1 {rec['f1']:.3f} far {rec['far']:.3f} "
+              f"mar {rec['mar']:.3f} nab {rec['nab_standard']:.1f} choice {rec['choice']}",
+              flush=True)
+        out.append(rec)
+    return out
 
 
 def _label(model: str) -> str:
@@ -210,7 +334,8 @@ def table(path: Path, only: list[dict] | None = None) -> str:
     records = only if only is not None else (json.loads(Path(path).read_text())
                                              if Path(path).exists() else [])
     rows = sorted((r for r in records if r.get("dataset") == "skab"
-                   and r.get("task") == "anomaly"), key=lambda r: -r.get("f1", 0.0))
+                   and r.get("task") == "anomaly" and "gaps" not in r),
+                  key=lambda r: -r.get("f1", 0.0))
     out = ["\n#### SKAB outlier detection (test rows of the 34 files, pooled; FAR/MAR in %)\n",
            "| method | F1 | FAR % | MAR % | AUC-PR | VUS-PR | event F1 | mean delay (rows) "
            "| train s |", "|---|---|---|---|---|---|---|---|---|"]

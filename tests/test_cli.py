@@ -46,7 +46,7 @@ def test_unknown_command(capsys):
         ("data.colour=red", "unknown config key 'data.colour'"),
         ("data.input_len=many", "bad value in 'data.input_len=many'"),
         ("data.input_len=0", "'data.input_len' must be a positive integer"),
-        ("data.gaps=sometimes", "expected one of [keep, mask, fill]"),
+        ("data.gaps=sometimes", "expected one of [keep, mask, fill, time]"),
         ("task.threshold.q=1.5", "'task.threshold.q' must lie in (0, 1)"),
         ("model.optimizer.name=sgd", "'model.optimizer.name' is 'sgd'"),
     ],

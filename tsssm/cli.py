@@ -30,7 +30,13 @@ COMMANDS: dict[str, str] = {
            "and compare them with the classical comparators (one MLflow run per step).",
     "data": "Fetch the benchmark datasets (SKAB, ETT) from their upstream repositories into the "
             "cache folder that data.root defaults to: tsssm data fetch skab|ett [--to DIR].",
+    "dashboard": "Look at the runs in a browser: runs table, forecasts, anomaly scores with a "
+                 "threshold slider, comparisons, benchmark tables (tracking.uri=... picks the "
+                 "store; --port N, default 8050; --host H, default 127.0.0.1).",
 }
+
+#: options that take a value, and the commands that have them
+VALUE_OPTIONS = {"--port": "dashboard", "--host": "dashboard"}
 
 EXAMPLES = """examples:
   tsssm run                                          # the bundled SKAB sample, end to end
@@ -39,7 +45,7 @@ EXAMPLES = """examples:
   tsssm score data.path=/my/stream.parquet model.checkpoint=tsssm_runs/models/<run id>
   tsssm compare compare.runs=[<run id>,<run id>]
   tsssm train --cfg model=mamba                      # print the composed config and exit
-view the runs: mlflow ui --backend-store-uri sqlite:///tsssm_runs/mlflow.db"""
+  tsssm dashboard --port 8050                        # look at the runs in a browser"""
 
 log = logging.getLogger("tsssm")
 
@@ -72,9 +78,11 @@ def usage(command: str | None = None) -> str:
     if command is None:
         lines.append("usage: tsssm <command> [--help] [--verbose] [--cfg] [key=value ...]\n")
         lines.append("commands:")
-        lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+        width = max(map(len, COMMANDS))
+        lines += [f"  {name:<{width}} {text}" for name, text in COMMANDS.items()]
     else:
-        lines.append(f"usage: tsssm {command} [--verbose] [--cfg] [key=value ...]\n")
+        extra = "".join(f" [{o} ...]" for o, c in VALUE_OPTIONS.items() if c == command)
+        lines.append(f"usage: tsssm {command} [--verbose] [--cfg]{extra} [key=value ...]\n")
         lines.append(COMMANDS[command])
     lines.append("\nconfig groups (choose with group=option; defaults in conf/config.yaml):")
     defaults = default_options()
@@ -201,13 +209,31 @@ def _runner(command: str) -> Callable:
         from tsssm.commands.compare import compare
 
         return compare
+    if command == "dashboard":
+        from tsssm.commands.dashboard import dashboard
+
+        return dashboard
     from tsssm.commands.run import run
 
     return run
 
 
+def _value_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``--port 8050`` / ``--port=8050`` taken out of argv: (rest, {"--port": "8050"})."""
+    rest, found = [], {}
+    it = iter(argv)
+    for a in it:
+        name, eq, value = a.partition("=")
+        if name in VALUE_OPTIONS:
+            found[name] = value if eq else next(it, "")
+        else:
+            rest.append(a)
+    return rest, found
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, values = _value_options(argv)
     flags = {a for a in argv if a.startswith("-")}
     args = [a for a in argv if not a.startswith("-")]
     verbose = bool(flags & {"-v", "--verbose"}) or "verbose=true" in args
@@ -231,11 +257,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown option {sorted(unknown)[0]}; see `tsssm {command} --help`",
               file=sys.stderr)
         return 2
+    for name, value in values.items():
+        if VALUE_OPTIONS[name] != command:
+            print(f"error: {name} is an option of `tsssm {VALUE_OPTIONS[name]}`, not of "
+                  f"`tsssm {command}`", file=sys.stderr)
+            return 2
+        if not value or (name == "--port" and not value.isdigit()):
+            print(f"error: {name} needs a value, e.g. {name} "
+                  f"{'8050' if name == '--port' else '127.0.0.1'}", file=sys.stderr)
+            return 2
     _setup_logging(verbose)
     handlers = _install_interrupts()
     flushed = _flush_denormals()
     try:
-        return _main(command, overrides, flags, verbose)
+        return _main(command, overrides, flags, verbose, values)
     finally:
         # process state back as it was, for callers that run main() in-process
         for signum, handler in handlers.items():
@@ -269,7 +304,8 @@ def _install_interrupts() -> dict:
     return {s: h for s, h in previous.items() if h is not None}
 
 
-def _main(command: str, overrides: list[str], flags: set[str], verbose: bool) -> int:
+def _main(command: str, overrides: list[str], flags: set[str], verbose: bool,
+          values: dict[str, str] | None = None) -> int:
     from tsssm.errors import TsssmError
 
     try:
@@ -281,6 +317,12 @@ def _main(command: str, overrides: list[str], flags: set[str], verbose: bool) ->
             return 0
         if command == "run":
             _runner(command)(cfg, overrides, compose)
+        elif command == "dashboard":
+            values = values or {}
+            options = {"host": values.get("--host", "127.0.0.1"), "verbose": verbose}
+            if "--port" in values:
+                options["port"] = int(values["--port"])
+            _runner(command)(cfg, **options)
         else:
             _runner(command)(cfg)
         return 0

@@ -6,6 +6,7 @@ dataset, with the model's own scaling and fitted threshold. Writes a Parquet fil
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -22,12 +23,13 @@ from tsssm.commands.common import (
     figures_for_stream,
     interval_frame,
     resolve_bundle,
+    save_figures,
     scored_parts,
     staging,
     stream_frame,
     write_parquet,
 )
-from tsssm.config import flatten, to_plain
+from tsssm.config import flatten, option_value, to_plain
 from tsssm.data.datasets import (
     Part,
     PreparedData,
@@ -36,6 +38,7 @@ from tsssm.data.datasets import (
     prepare_stream,
     resolve_path,
 )
+from tsssm.data.io import time_steps
 from tsssm.data.scaling import StandardScaler
 from tsssm.data.splits import Split
 from tsssm.errors import ConfigError, DataError
@@ -60,6 +63,21 @@ def file_channels(cfg_data, bundle: Bundle, source: str) -> tuple[list[str], str
     return wanted, advice
 
 
+def with_training_preprocessing(cfg_data, bundle: Bundle):
+    """The data config with what the model was trained on: its inputs (data.inputs) and, for a
+    model of real time steps (trained with data.gaps=time), the same time steps."""
+    cfg = copy.deepcopy(cfg_data)
+    if list(cfg.inputs) != list(bundle.inputs):
+        if cfg.inputs:
+            log.warning("data.inputs=%s, but the model was trained with inputs %s; using those",
+                        list(cfg.inputs), bundle.inputs)
+        cfg.inputs = list(bundle.inputs)
+    if bundle.data_config.get("gaps") == "time" and option_value(cfg.gaps) != "time":
+        log.info("the model was trained on the real time steps: scoring with data.gaps=time")
+        cfg.gaps = "time"
+    return cfg
+
+
 def load_file(cfg_data, bundle: Bundle, source: str = "the bundle") -> PreparedData:
     """One file to score whole, read with the model's channels (``data.channels`` mapped in
     order onto them) and scaled as in training."""
@@ -67,12 +85,14 @@ def load_file(cfg_data, bundle: Bundle, source: str = "the bundle") -> PreparedD
     columns, advice = file_channels(cfg_data, bundle, source)
     stream, _ = prepare_stream(path, cfg_data, channels=columns, channel_advice=advice)
     stream.channels = list(bundle.channels)
-    scaler = bundle.scaler
+    scaler, input_scaler = bundle.scaler, bundle.input_scaler
     train_rows = bundle.data_config.get("train_rows", 0)
     if bundle.per_stream_scaling:
         if len(stream) > train_rows:
             # SKAB's protocol: each stream is scaled by its own first rows, assumed normal.
             scaler = StandardScaler.fit([stream.values[:train_rows]], bundle.channels)
+            if stream.inputs is not None:
+                input_scaler = StandardScaler.fit([stream.inputs[:train_rows]], bundle.inputs)
         else:
             log.warning("%s has %d rows, fewer than the %d the model scales each stream by; "
                         "using the training scaler", path, len(stream), train_rows)
@@ -80,10 +100,14 @@ def load_file(cfg_data, bundle: Bundle, source: str = "the bundle") -> PreparedD
     with np.errstate(over="ignore"):
         stream.values = scaler.transform(raw)
     check_scaled(stream, raw, scaler)
+    if stream.inputs is not None:
+        stream.inputs = input_scaler.transform(stream.inputs)
     n = len(stream)
-    part = Part(stream, Split((0, 0), (0, 0), (0, n)), scaler)
+    part = Part(stream, Split((0, 0), (0, 0), (0, n)), scaler, input_scaler,
+                time_steps(stream.time, option_value(cfg_data.gaps) == "time"))
     return PreparedData(stream.name, bundle.channels, [part], bundle.scaler,
-                        stream.labels is not None)
+                        stream.labels is not None, inputs=list(bundle.inputs),
+                        input_scaler=bundle.input_scaler)
 
 
 def score(cfg: DictConfig) -> str:
@@ -102,14 +126,17 @@ def score(cfg: DictConfig) -> str:
                           "tsssm.source_run": source_run or source})
         if bundle.threshold is None:
             raise DataError(f"the model from {source} has no fitted threshold")
+        cfg_data = with_training_preprocessing(cfg.data, bundle)
         if cfg.data.path:
-            data = load_file(cfg.data, bundle, source)
+            data = load_file(cfg_data, bundle, source)
         else:
-            columns, _ = file_channels(cfg.data, bundle, source)
-            read_cfg = cfg.data.copy()
+            columns, _ = file_channels(cfg_data, bundle, source)
+            read_cfg = cfg_data.copy()
             read_cfg.channels = columns
+            pooled = not bundle.per_stream_scaling
             data = build_dataset(read_cfg).load(
-                scaler=None if bundle.per_stream_scaling else bundle.scaler)
+                scaler=bundle.scaler if pooled else None,
+                input_scaler=bundle.input_scaler if pooled else None)
             data.channels = list(bundle.channels)
             for part in data.parts:
                 part.stream.channels = list(bundle.channels)
@@ -117,6 +144,7 @@ def score(cfg: DictConfig) -> str:
         spec = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
         train_rows = int(bundle.data_config.get("train_rows", 0))
         frames, interval_frames, labels, scores, flags_all, cps, times = [], [], [], [], [], [], []
+        figures = []
         metrics: dict[str, float] = {}
         with staging(cfg.tracking.output_dir, run.run_id) as folder:
             for i, part in enumerate(scored_parts(data)):
@@ -124,7 +152,8 @@ def score(cfg: DictConfig) -> str:
                 # The rows before the test split are history: they warm the state up.
                 pred = predict_stream(bundle.model, part.stream.values[: rows[1]], spec,
                                       cfg.score.chunk_size, progress=True,
-                                      desc=f"scoring {part.stream.name}")
+                                      desc=f"scoring {part.stream.name}",
+                                      exog=part.exog(0, rows[1]))
                 threshold = stream_threshold(bundle, pred.score, train_rows, part.stream.name)
                 flags = threshold.flags(pred.score)
                 frames.append(stream_frame(part, pred, flags, rows, threshold))
@@ -136,9 +165,11 @@ def score(cfg: DictConfig) -> str:
                     times.append(part.stream.time[slice(*rows)])
                     if part.stream.changepoints is not None:
                         cps.append(part.stream.changepoints[slice(*rows)])
-                if i < MAX_FIGURES:
-                    figures_for_stream(folder / "figures", part, pred, threshold, flags,
-                                       rows, f"{bundle.model_name} ({source})")
+                if cfg.score.figures and i < MAX_FIGURES:
+                    figures += figures_for_stream(part, pred, threshold, flags, rows,
+                                                  f"{bundle.model_name} ({source})")
+            save_figures(figures, folder / "figures", f"{bundle.model_name} ({source}): "
+                         f"scores of {target}")
             table = pl.concat(frames)
             intervals = pl.concat(interval_frames)
             elapsed = time.perf_counter() - started

@@ -7,7 +7,7 @@ the file, the column (and row, where it helps) and what to do about it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,9 @@ class Stream:
     values: np.ndarray  # (T, C) float32, NaN = missing
     channels: list[str]
     labels: np.ndarray | None = None  # (T,) int8 in {0, 1}
+    #: (T, K) float32 input columns (data.inputs), held: never missing; None without inputs
+    inputs: np.ndarray | None = None
+    input_names: list[str] = field(default_factory=list)
     #: (T,) int8 in {0, 1}: change-point labels (SKAB's ``changepoint`` column), when read
     changepoints: np.ndarray | None = None
 
@@ -44,6 +47,8 @@ class Stream:
             values=self.values[start:stop],
             channels=self.channels,
             labels=None if self.labels is None else self.labels[start:stop],
+            inputs=None if self.inputs is None else self.inputs[start:stop],
+            input_names=self.input_names,
             changepoints=None if self.changepoints is None else self.changepoints[start:stop],
         )
 
@@ -65,6 +70,7 @@ class ReadSpec:
     sort: bool = False
     #: what to tell the user when a channel column is missing
     channel_advice: str = "set data.channels"
+    inputs: tuple[str, ...] = ()  # input columns (held: forward-filled), not channels
     #: an optional second 0/1 label column: change points (SKAB's ``changepoint``)
     changepoint_column: str | None = None
 
@@ -149,12 +155,19 @@ def read_stream(path: str | Path, spec: ReadSpec, name: str | None = None) -> St
         )
     for column in spec.channels:
         need(column, spec.channel_advice)
-    skip = {spec.time_column, spec.label_column, spec.changepoint_column, *spec.ignore_columns}
+    for column in spec.inputs:
+        need(column, "data.inputs")
+    skip = {spec.time_column, spec.label_column, spec.changepoint_column, *spec.ignore_columns,
+            *spec.inputs}
     channels = list(spec.channels) or [c for c in columns if c not in skip]
     if not channels:
         raise DataError(
-            f"{path}: no channel columns left after the time and label columns (set data.channels)"
+            f"{path}: no channel columns left after the time, label and input columns (set "
+            "data.channels)"
         )
+    for column in set(channels) & set(spec.inputs):
+        raise DataError(f"{path}: column '{column}' is named as a channel and as an input; "
+                        "a column is an output (data.channels) or an input (data.inputs)")
 
     time = _parse_time(frame, path, spec)
     values = np.empty((frame.height, len(channels)), dtype=np.float32)
@@ -165,12 +178,23 @@ def read_stream(path: str | Path, spec: ReadSpec, name: str | None = None) -> St
     # the label columns travel with their rows when rows are sorted or merged
     marks = [m for m in (labels, changepoints) if m is not None]
     stacked = np.stack(marks, axis=1) if marks else None  # (T, n_marks)
-    time, values, stacked = _order_rows(path, spec, time, values, stacked)
+    # inputs ride along as extra columns while rows are sorted or duplicates merged, then
+    # are held (zero-order hold) in the final row order
+    raw = np.stack([_numeric(frame, c, path) for c in spec.inputs], 1).astype(np.float32) \
+        if spec.inputs else np.empty((frame.height, 0), np.float32)
+    k = values.shape[1]
+    time, both, stacked = _order_rows(path, spec, time, np.concatenate([values, raw], 1), stacked)
+    values, raw = np.ascontiguousarray(both[:, :k]), both[:, k:]
     if labels is not None:
         labels = stacked[:, 0]
     if changepoints is not None:
         changepoints = stacked[:, -1]
-    return Stream(name or path.stem, str(path), time, values, channels, labels, changepoints)
+    inputs = None
+    if spec.inputs:
+        inputs = np.stack([_held_input(raw[:, j].astype(np.float64), c, path)
+                           for j, c in enumerate(spec.inputs)], 1).astype(np.float32)
+    return Stream(name or path.stem, str(path), time, values, channels, labels, inputs,
+                  list(spec.inputs), changepoints)
 
 
 def _label(frame: pl.DataFrame, column: str | None, path: Path) -> np.ndarray | None:
@@ -186,6 +210,18 @@ def _label(frame: pl.DataFrame, column: str | None, path: Path) -> np.ndarray | 
         raise DataError(f"{path}: label column '{column}' must hold 0/1 values "
                         f"(row {row + 1} holds {raw[row]:g})")
     return raw.astype(np.int8)
+
+
+def _held_input(raw: np.ndarray, column: str, path: Path) -> np.ndarray:
+    """An input column with its empty cells holding the last value (zero-order hold); leading
+    empty cells take the first value. An input must hold at least one value."""
+    ok = ~np.isnan(raw)
+    if not ok.any():
+        raise DataError(f"{path}: input column '{column}' (data.inputs) is empty; inputs must "
+                        "be recorded (a held value may be left empty after its first reading)")
+    filled = forward_fill(raw[:, None])[:, 0]
+    filled[: int(np.argmax(ok))] = raw[int(np.argmax(ok))]
+    return filled
 
 
 def _check_parquet_integrity(path: Path, frame: pl.DataFrame) -> None:
@@ -204,6 +240,16 @@ def _check_parquet_integrity(path: Path, frame: pl.DataFrame) -> None:
                         "Parquet file?") from err
     if meta.num_rows != frame.height:
         raise DataError(corrupt.format(f"the row count ({frame.height} read)"))
+    try:
+        _compare_with_footer(meta, frame, corrupt)
+    except DataError:
+        raise
+    except Exception as err:  # the footer itself is damaged (undecodable names, statistics)
+        raise DataError(f"{path} is corrupt: its metadata cannot be decoded "
+                        f"({type(err).__name__}); restore the file from its source") from err
+
+
+def _compare_with_footer(meta, frame: pl.DataFrame, corrupt: str) -> None:
     offset = 0
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)
@@ -400,35 +446,60 @@ def regularise(stream: Stream, mode: str, gap_factor: float) -> tuple[Stream, Ga
     median = float(np.median(step))
     is_gap = step > gap_factor * median
     report = GapReport(median, int(is_gap.sum()), float(step.max()), 0)
-    if report.n_gaps == 0 or mode == "keep":
+    if report.n_gaps == 0 or mode in ("keep", "time"):
         return stream, report
-    # Insert the missing grid points of each gap as NaN rows (labels 0: nothing was observed).
-    pieces_t, pieces_v = [], []
+    # Insert the missing grid points of each gap as NaN rows (labels 0: nothing was observed;
+    # inputs hold their last value).
+    pieces_t, pieces_v, pieces_u = [], [], []
     marks = {"labels": stream.labels, "changepoints": stream.changepoints}
     pieces_m: dict[str, list[np.ndarray]] = {k: [] for k, v in marks.items() if v is not None}
     start = 0
     for i in np.flatnonzero(is_gap):
         pieces_t.append(ordinal[start : i + 1])
         pieces_v.append(stream.values[start : i + 1])
+        if stream.inputs is not None:
+            pieces_u.append(stream.inputs[start : i + 1])
         missing = np.arange(ordinal[i] + median, ordinal[i + 1] - median / 2, median)
         missing = missing.astype(np.int64)
         pieces_t.append(missing)
         pieces_v.append(np.full((len(missing), stream.values.shape[1]), np.nan, np.float32))
         for k in pieces_m:
             pieces_m[k] += [marks[k][start : i + 1], np.zeros(len(missing), np.int8)]
+        if stream.inputs is not None:
+            pieces_u.append(np.repeat(stream.inputs[i : i + 1], len(missing), axis=0))
         report.rows_inserted += len(missing)
         start = i + 1
     pieces_t.append(ordinal[start:])
     pieces_v.append(stream.values[start:])
     for k in pieces_m:
         pieces_m[k].append(marks[k][start:])
+    if stream.inputs is not None:
+        pieces_u.append(stream.inputs[start:])
     values = np.concatenate(pieces_v)
     if mode == "fill":
         values = forward_fill(values)
     time = np.concatenate(pieces_t).astype(stream.time.dtype)
     joined = {k: np.concatenate(v) for k, v in pieces_m.items()}
+    inputs = np.concatenate(pieces_u) if stream.inputs is not None else None
     return Stream(stream.name, stream.path, time, values, stream.channels, joined.get("labels"),
-                  joined.get("changepoints")), report
+                  inputs, stream.input_names, joined.get("changepoints")), report
+
+
+def time_steps(time: np.ndarray, real: bool) -> np.ndarray:
+    """Time since the previous row (T,) float64, in seconds for timestamps and in the column's
+    own unit for integer time; the first row gets the median step. ``real=False`` (the
+    evenly spaced modes keep, mask, fill): every row gets the median step."""
+    ordinal = time.astype("int64")
+    if len(ordinal) < 2:
+        return np.ones(len(ordinal))
+    unit = 1e-9 if np.issubdtype(time.dtype, np.datetime64) else 1.0
+    if np.issubdtype(time.dtype, np.datetime64) and np.datetime_data(time.dtype)[0] != "ns":
+        ordinal = time.astype("datetime64[ns]").astype("int64")
+    step = np.diff(ordinal).astype(np.float64) * unit
+    median = float(np.median(step))
+    if not real:
+        return np.full(len(ordinal), median)
+    return np.concatenate([[median], step])
 
 
 def forward_fill(values: np.ndarray) -> np.ndarray:
