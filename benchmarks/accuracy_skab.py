@@ -257,6 +257,8 @@ def grouped_choice(args, model: str, bundle_dir: str, command: str) -> list[dict
     started = time.perf_counter()
     cfg = comparator_config(args)
     bundle = load_bundle(bundle_dir)
+    if args.accelerator == "gpu" and hasattr(bundle.model, "to"):
+        bundle.model.to("cuda")  # scoring the grid on the device the model trained on
     data = build_dataset(cfg.data).load(
         scaler=None if bundle.per_stream_scaling else bundle.scaler,
         input_scaler=None if bundle.per_stream_scaling else bundle.input_scaler)
