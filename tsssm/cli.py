@@ -10,8 +10,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import signal
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +67,11 @@ def group_options() -> dict[str, list[str]]:
     }
 
 
+def _width() -> int:
+    """The terminal's width for wrapped help (60..120 columns)."""
+    return max(60, min(shutil.get_terminal_size((100, 20)).columns, 120))
+
+
 def default_options() -> dict[str, str]:
     """{group: default option} from conf/config.yaml's defaults list."""
     import yaml
@@ -73,7 +80,9 @@ def default_options() -> dict[str, str]:
     return {k: v for e in entries if isinstance(e, dict) for k, v in e.items()}
 
 
-def usage(command: str | None = None) -> str:
+def usage(command: str | None = None, overrides: list[str] | None = None) -> str:
+    """The help text; for a command, with the keys it takes (composed with ``overrides``, so
+    `tsssm train --help model=mamba` shows the Mamba model's keys)."""
     lines = []
     if command is None:
         lines.append("usage: tsssm <command> [--help] [--verbose] [--cfg] [key=value ...]\n")
@@ -83,36 +92,60 @@ def usage(command: str | None = None) -> str:
     else:
         extra = "".join(f" [{o} ...]" for o, c in VALUE_OPTIONS.items() if c == command)
         lines.append(f"usage: tsssm {command} [--verbose] [--cfg]{extra} [key=value ...]\n")
-        lines.append(COMMANDS[command])
+        lines += textwrap.wrap(COMMANDS[command], width=_width())
+        lines.append("")
+        lines += _keys_help(command, overrides or [])
     lines.append("\nconfig groups (choose with group=option; defaults in conf/config.yaml):")
     defaults = default_options()
-    for group, options in group_options().items():
+    groups = group_options()
+    pad = max(map(len, groups)) + 1
+    for group, options in groups.items():
         shown = ", ".join(f"{o}*" if defaults.get(group) == o else o for o in options)
-        lines.append(f"  {group:<9} {shown}")
-    lines.append("  (* = default) any key can be set: data.input_len=96 model.epochs=20 "
-                 "trainer.max_epochs=3 tracking.uri=sqlite:///runs.db")
+        lines += textwrap.wrap(shown, width=_width(), initial_indent=f"  {group:<{pad}}",
+                               subsequent_indent=" " * (pad + 2))
+    lines += textwrap.wrap("(* = default) any key can be set: data.input_len=96 "
+                           "model.epochs=20 trainer.max_epochs=3 tracking.uri=sqlite:///runs.db",
+                           width=_width(), initial_indent="  ", subsequent_indent="  ")
     lines.append("\noptions:\n  -h, --help     this help\n  -v, --verbose  full tracebacks "
                  "and library logs\n  --cfg          print the composed config and exit\n")
     lines.append(EXAMPLES)
     return "\n".join(lines)
 
 
-def compose(overrides: list[str]):
-    """The validated config for these overrides; ConfigError with one clear line otherwise."""
+def _compose_unchecked(overrides: list[str]):
+    """The composed config, typed but not yet checked for missing keys and ranges."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
 
-    from tsssm.config import register_schemas, validate
+    from tsssm.config import register_schemas
 
     register_schemas()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=overrides)
+            return hydra_compose("config", overrides=overrides)
     except Exception as err:
         raise _config_error(err, overrides) from err
+
+
+def _keys_help(command: str, overrides: list[str]) -> list[str]:
+    from tsssm.confighelp import command_help
+    from tsssm.errors import TsssmError
+
+    try:
+        return command_help(_compose_unchecked(overrides), command)
+    except TsssmError as err:  # a bad override: say so, still show the rest of the help
+        return [f"(the keys cannot be listed for these overrides: {err})"]
+
+
+def compose(overrides: list[str]):
+    """The validated config for these overrides; ConfigError with one clear line otherwise."""
+    from omegaconf import OmegaConf
+
+    from tsssm.config import validate
+
+    cfg = _compose_unchecked(overrides)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         from tsssm.errors import ConfigError
@@ -164,8 +197,9 @@ def _config_error(err: Exception, overrides: list[str]):
     return ConfigError(f"invalid config: {detail}")
 
 
-def _setup_logging(verbose: bool) -> None:
-    import lightning  # noqa: F401 - it sets its loggers' levels on import; ours must come after
+def _setup_logging(verbose: bool, lightning: bool = True) -> None:
+    if lightning:
+        import lightning as _  # noqa: F401 - it sets its loggers' levels on import; ours after
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     quiet = logging.INFO if verbose else logging.WARNING
@@ -250,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return data_main(argv[argv.index("data") + 1 :])
     if flags & {"-h", "--help"}:
-        print(usage(command))
+        print(usage(command, overrides))
         return 0
     unknown = flags - {"-h", "--help", "-v", "--verbose", "--cfg"}
     if unknown:
@@ -266,18 +300,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {name} needs a value, e.g. {name} "
                   f"{'8050' if name == '--port' else '127.0.0.1'}", file=sys.stderr)
             return 2
-    _setup_logging(verbose)
+    # The dashboard only reads the tracking store: it starts without torch and Lightning.
+    computes = command != "dashboard"
+    _setup_logging(verbose, lightning=computes)
     handlers = _install_interrupts()
-    flushed = _flush_denormals()
+    flushed = _flush_denormals() if computes else None
     try:
         return _main(command, overrides, flags, verbose, values)
     finally:
         # process state back as it was, for callers that run main() in-process
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-        import torch
+        if flushed is not None:
+            import torch
 
-        torch.set_flush_denormal(flushed)
+            torch.set_flush_denormal(flushed)
 
 
 def _flush_denormals() -> bool:
