@@ -250,9 +250,16 @@ def _nothing_unpickled(d: Path, ctx, err: str) -> None:
 
 
 def _scores_written(d: Path, ctx, err: str) -> None:
-    (scores,) = (d / "out" / "scores").glob("*.parquet")
+    # the scores Parquet and, beside it, the flagged intervals with the sensors that caused them
+    files = sorted((d / "out" / "scores").glob("*.parquet"))
+    (scores,) = [f for f in files if not f.name.endswith(".intervals.parquet")]
+    (intervals,) = [f for f in files if f.name.endswith(".intervals.parquet")]
     frame = pl.read_parquet(scores)
     assert frame.height == N_ROWS and frame["score"].is_finite().all()
+    assert intervals.name == f"{scores.stem}.intervals.parquet"
+    found = pl.read_parquet(intervals)
+    assert {"stream", "start", "end", "rows", "peak_score", "top"} <= set(found.columns)
+    assert found["rows"].sum() == int(frame["flag"].sum())
 
 
 CASES: list[Case] = [

@@ -71,6 +71,8 @@ class DataConfig:
     #: channel columns; empty means every column except time and labels
     channels: list[str] = field(default_factory=list)
     label_column: str | None = None
+    #: an optional 0/1 column of change points (SKAB's ``changepoint``): scored with NAB
+    changepoint_column: str | None = None
     #: columns present in the files that are neither channels nor the label
     ignore_columns: list[str] = field(default_factory=list)
     protocol: Protocol = Protocol.fractions
@@ -173,6 +175,17 @@ class KalmanModelConfig(ModelConfig):
 
 
 @dataclass
+class VARKalmanNet:
+    _target_: str = "tsssm.models.var_kalman.VARKalmanForecaster"
+    #: VAR order p (lags of every channel in the state)
+    order: int = 1
+    #: white observation noise on top of the VAR (a VARMA(p, p)-like process)
+    obs_noise: bool = True
+    method: str = "sequential"
+    dtype: str = "float64"
+
+
+@dataclass
 class PhysicalConfig:
     """A continuous-time model written out: matrices as lists of rows whose entries are numbers
     or expressions of the named parameters (see tsssm.kalman.physical). Used when A is set
@@ -211,6 +224,11 @@ class KalmanCTNet:
     n_starts: int = 9
     prior_scale: float = 10.0
     dtype: str = "float64"
+
+
+@dataclass
+class VARKalmanModelConfig(ModelConfig):
+    net: VARKalmanNet = field(default_factory=VARKalmanNet)
 
 
 @dataclass
@@ -310,22 +328,56 @@ class HybridDSSMModelConfig(ModelConfig):
 
 
 class ScoreKind(str, Enum):
-    nis = "nis"
-    nll = "nll"
+    nis = "nis"  # per-channel normalised innovation squared, averaged over channels
+    nll = "nll"  # negative log predictive density per channel
+    mahalanobis = "mahalanobis"  # joint: e' cov^-1 e / C with the model's full covariance
+
+
+class WindowKind(str, Enum):
+    mean = "mean"  # mean of the step scores over the window
+    shift = "shift"  # squared norm of the window's summed whitened innovations (mean shifts)
+
+
+class WindowAlign(str, Enum):
+    trailing = "trailing"  # rows t-w+1..t: causal, as a live stream
+    centered = "centered"  # rows around t: batch scoring only
+
+
+@dataclass
+class WindowConfig:
+    #: rows per score window (1: the one-step score)
+    size: int = 1
+    kind: WindowKind = WindowKind.mean
+    align: WindowAlign = WindowAlign.trailing
 
 
 @dataclass
 class ThresholdConfig:
-    name: str = "quantile"  # quantile | max | pot
+    name: str = "quantile"  # quantile | max | pot | spot | dspot
+    #: quantile rule: the q-quantile of the training scores
     q: float = 0.99
+    #: max rule: this factor times the largest training score
     factor: float = 1.0
+    #: pot/spot/dspot: the risk, the probability that a normal score exceeds the threshold
+    risk: float = 1e-3
+    #: pot/spot/dspot: the initial threshold (quantile of the training scores) above which the
+    #: tail is fitted
     level: float = 0.98
+    #: dspot: the number of preceding scores whose mean is subtracted (drift)
+    depth: int = 10
+    #: pooled: one threshold for every stream; per_stream: each stream's own, fitted on its own
+    #: rows before the test split (SKAB's per-file protocol; for a new file, its first
+    #: data.train_rows rows)
+    scope: str = "pooled"
+    #: which rows' scores fit it: train, val or train_val (the rows before the test split)
+    fit_on: str = "train"
 
 
 @dataclass
 class TaskConfig:
     name: str = MISSING  # forecast | anomaly
     score: ScoreKind = ScoreKind.nis
+    window: WindowConfig = field(default_factory=WindowConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     #: weight of the one-step NLL over every position (the rest is the horizon NLL)
     one_step_weight: float = 1.0
@@ -345,9 +397,15 @@ class TaskConfig:
     #: per-lead-time variance factor fitted on validation windows after training: "coverage"
     #: (the ±1.96 sd band covers 95% there), "nll" (maximum likelihood) or "none"
     calibration: str = "coverage"
+    #: SKAB's change-point task: detection window (seconds; rows for integer time) to the right
+    #: of each change point, for the NAB score
+    nab_window: float = 60.0
+    #: VUS-PR: the largest buffer (rows) of the range-based PR surface
+    vus_max_buffer: int = 60
     #: classical comparators for `tsssm compare`
     baselines: list[str] = field(
-        default_factory=lambda: ["last_value", "seasonal_naive", "ewma", "isolation_forest"]
+        default_factory=lambda: ["last_value", "seasonal_naive", "ewma", "isolation_forest",
+                                 "pca_t2q", "mset"]
     )
 
 
@@ -433,6 +491,7 @@ def register_schemas() -> None:
     cs.store(group="model", name="mamba_schema", node=MambaModelConfig)
     cs.store(group="model", name="hybrid_residual_schema", node=HybridResidualModelConfig)
     cs.store(group="model", name="hybrid_dssm_schema", node=HybridDSSMModelConfig)
+    cs.store(group="model", name="var_kalman_schema", node=VARKalmanModelConfig)
     cs.store(group="model", name="kalman_ct_schema", node=KalmanCTModelConfig)
     cs.store(group="task", name="task_schema", node=TaskConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
@@ -447,7 +506,9 @@ def _check(cond: bool, key: str, problem: str) -> None:
 _CHOICES = {
     "model.optimizer.name": ("adamw", "adam", "lbfgs"),
     "task.name": ("forecast", "anomaly"),
-    "task.threshold.name": ("quantile", "max", "pot"),
+    "task.threshold.name": ("quantile", "max", "pot", "spot", "dspot"),
+    "task.threshold.scope": ("pooled", "per_stream"),
+    "task.threshold.fit_on": ("train", "val", "train_val"),
     "trainer.accelerator": ("cpu", "gpu", "cuda", "auto"),
     "task.variance_loss": ("joint", "detached"),
     "task.calibration": ("coverage", "nll", "none"),
@@ -497,6 +558,11 @@ def validate(cfg: DictConfig) -> None:
     _check(0 < t.threshold.q < 1, "task.threshold.q", "must lie in (0, 1)")
     _check(t.threshold.factor > 0, "task.threshold.factor", "must be > 0")
     _check(0 < t.threshold.level < 1, "task.threshold.level", "must lie in (0, 1)")
+    _check(0 < t.threshold.risk < 1 - t.threshold.level or t.threshold.name not in
+           ("pot", "spot", "dspot"), "task.threshold.risk",
+           f"must lie in (0, 1 - task.threshold.level) = (0, {1 - t.threshold.level:g})")
+    _check(t.threshold.depth >= 1, "task.threshold.depth", "must be >= 1")
+    _check(t.window.size >= 1, "task.window.size", "must be >= 1")
     _check(t.one_step_weight >= 0 and t.horizon_weight >= 0, "task.one_step_weight",
            "and task.horizon_weight must be >= 0")
     tr = cfg.trainer

@@ -15,10 +15,13 @@ import numpy as np
 import polars as pl
 from omegaconf import DictConfig
 
+from tsssm.anomaly.scores import ScoreSpec
+from tsssm.anomaly.thresholds import threshold_from_dict
 from tsssm.bundle import Bundle
 from tsssm.commands.common import (
     MAX_FIGURES,
     figures_for_stream,
+    interval_frame,
     resolve_bundle,
     save_figures,
     scored_parts,
@@ -39,7 +42,7 @@ from tsssm.data.io import time_steps
 from tsssm.data.scaling import StandardScaler
 from tsssm.data.splits import Split
 from tsssm.errors import ConfigError, DataError
-from tsssm.tasks.evaluate import detection_metrics, predict_stream
+from tsssm.tasks.evaluate import detection_metrics, predict_stream, range_metrics
 from tsssm.tracking import Tracker, writable_dir
 
 log = logging.getLogger("tsssm")
@@ -138,47 +141,99 @@ def score(cfg: DictConfig) -> str:
             for part in data.parts:
                 part.stream.channels = list(bundle.channels)
         started = time.perf_counter()
-        frames, labels, scores, flags_all, figures = [], [], [], [], []
+        spec = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
+        train_rows = int(bundle.data_config.get("train_rows", 0))
+        frames, interval_frames, labels, scores, flags_all, cps, times = [], [], [], [], [], [], []
+        figures = []
         metrics: dict[str, float] = {}
         with staging(cfg.tracking.output_dir, run.run_id) as folder:
             for i, part in enumerate(scored_parts(data)):
                 rows = part.rows("test")
                 # The rows before the test split are history: they warm the state up.
-                pred = predict_stream(bundle.model, part.stream.values[: rows[1]],
-                                      bundle.score_kind, cfg.score.chunk_size, progress=True,
+                pred = predict_stream(bundle.model, part.stream.values[: rows[1]], spec,
+                                      cfg.score.chunk_size, progress=True,
                                       desc=f"scoring {part.stream.name}",
                                       exog=part.exog(0, rows[1]))
-                flags = bundle.threshold.flags(pred.score)
-                frames.append(stream_frame(part, pred, flags, rows))
+                threshold = stream_threshold(bundle, pred.score, train_rows, part.stream.name)
+                flags = threshold.flags(pred.score)
+                frames.append(stream_frame(part, pred, flags, rows, threshold))
+                interval_frames.append(interval_frame(part, pred, flags, rows))
                 if part.stream.labels is not None:
                     labels.append(part.stream.labels[slice(*rows)])
                     scores.append(pred.score[slice(*rows)])
                     flags_all.append(flags[slice(*rows)])
+                    times.append(part.stream.time[slice(*rows)])
+                    if part.stream.changepoints is not None:
+                        cps.append(part.stream.changepoints[slice(*rows)])
                 if cfg.score.figures and i < MAX_FIGURES:
-                    figures += figures_for_stream(part, pred, bundle.threshold, flags, rows,
+                    figures += figures_for_stream(part, pred, threshold, flags, rows,
                                                   f"{bundle.model_name} ({source})")
             save_figures(figures, folder / "figures", f"{bundle.model_name} ({source}): "
                          f"scores of {target}")
             table = pl.concat(frames)
+            intervals = pl.concat(interval_frames)
             elapsed = time.perf_counter() - started
             metrics["test/rows"] = float(table.height)
             metrics["test/flagged"] = float(table["flag"].sum())
+            metrics["test/intervals"] = float(intervals.height)
             metrics["test/rows_per_s"] = table.height / max(elapsed, 1e-9)
             if labels:
                 metrics.update({f"test/{k}": v for k, v in detection_metrics(
                     np.concatenate(labels), np.concatenate(scores),
                     np.concatenate(flags_all)).items()})
+                metrics.update({f"test/{k}": v for k, v in range_metrics(
+                    labels, scores, flags_all, cps if len(cps) == len(labels) else None,
+                    times if len(cps) == len(labels) else None,
+                    float(cfg.task.nab_window), int(cfg.task.vus_max_buffer)).items()})
             tracker.log_metrics(metrics)
             write_parquet(table, folder / "scores" / "scores.parquet")
+            write_parquet(intervals, folder / "scores" / "intervals.parquet")
             tracker.log_dir(folder / "scores", "scores")
             if (folder / "figures").exists():
                 tracker.log_dir(folder / "figures", "figures")
             write_parquet(table, output)
+            write_parquet(intervals, output.with_name(f"{output.stem}.intervals.parquet"))
         shown = ", ".join(f"{k.split('/')[1]}={metrics[k]:.4f}" for k in
-                          ("test/f1", "test/far", "test/mar", "test/auc_pr") if k in metrics)
+                          ("test/f1", "test/far", "test/mar", "test/auc_pr", "test/vus_pr",
+                           "test/nab_standard") if k in metrics)
         print(f"scored {table.height} rows of {target} with {bundle.model_name} ({source}): "
-              f"{int(metrics['test/flagged'])} flagged (threshold {bundle.threshold.value:.3g})"
+              f"{int(metrics['test/flagged'])} flagged in {intervals.height} intervals "
+              f"(threshold {bundle.threshold.value:.3g}"
+              f"{', per stream' if bundle.threshold_scope == 'per_stream' else ''})"
               + (f"; {shown}" if shown else ""))
+        print_intervals(intervals)
         print(f"  scores: {output}")
+        print(f"  flagged intervals: {output.with_name(f'{output.stem}.intervals.parquet')}")
         print(f"  MLflow run {run.run_id} in {tracker.uri}")
         return run.run_id
+
+
+#: flagged intervals printed by `tsssm score` (all are in the intervals Parquet)
+MAX_PRINTED_INTERVALS = 20
+
+
+def print_intervals(intervals: pl.DataFrame) -> None:
+    """The flagged intervals, longest first, each with the sensors that caused it."""
+    if intervals.height == 0:
+        return
+    shown = intervals.sort("rows", descending=True).head(MAX_PRINTED_INTERVALS)
+    more = intervals.height - shown.height
+    print(f"  flagged intervals (longest {shown.height}"
+          f"{f' of {intervals.height}' if more else ''}; which sensors caused each):")
+    for r in shown.sort(["stream", "start"]).iter_rows(named=True):
+        print(f"    {r['stream']}  {r['start']} .. {r['end']}  ({r['rows']} rows, peak "
+              f"{r['peak_score']:.3g}): {r['top'] or 'no attribution'}")
+
+
+def stream_threshold(bundle: Bundle, scores: np.ndarray, train_rows: int, name: str):
+    """The bundle's threshold, or with per-stream scope the same rule refitted on this stream's
+    own first ``train_rows`` rows (assumed normal, as its scaler; never on labels)."""
+    if bundle.threshold_scope != "per_stream":
+        return bundle.threshold
+    if len(scores) <= train_rows:
+        log.warning("%s has %d rows, not more than the %d its own threshold is fitted on; using "
+                    "the pooled training threshold", name, len(scores), train_rows)
+        return bundle.threshold
+    rule = bundle.threshold.to_dict()
+    return threshold_from_dict({"name": rule["name"], "params": rule["params"]}).fit(
+        scores[:train_rows])

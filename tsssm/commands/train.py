@@ -17,12 +17,14 @@ from tsssm import checkpoints
 from tsssm.bundle import Bundle, build_net, save_bundle
 from tsssm.commands.common import (
     MAX_FIGURES,
+    evaluation_options,
     figures_for_stream,
-    fit_threshold,
     forecast_frame,
     format_table,
+    interval_frame,
     labelled_training_rows,
     save_figures,
+    score_spec,
     seed_everything,
     staging,
     stream_frame,
@@ -258,28 +260,29 @@ def log_parameters(net, data: PreparedData, dm_streams, tracker: Tracker, folder
 def log_evaluation(cfg: DictConfig, net, data: PreparedData, tracker: Tracker, folder: Path,
                    title: str) -> Evaluation:
     """Evaluate on every split, log the metrics, and stage scores, forecasts and figures."""
-    ev = evaluate(net, data, score_kind=option_value(cfg.task.score),
-                  context=cfg.data.input_len, horizon=cfg.data.horizon,
+    ev = evaluate(net, data, context=cfg.data.input_len, horizon=cfg.data.horizon,
                   eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size,
-                  make_threshold=lambda s: fit_threshold(cfg.task, s),
                   future_inputs=option_value(cfg.data.future_inputs),
-                  exclude_labelled=cfg.task.exclude_labelled_train)
+                  exclude_labelled=cfg.task.exclude_labelled_train,
+                  **evaluation_options(cfg.task))
     tracker.log_metrics(ev.metrics)
     for name, curve in ev.by_lead.items():  # step = lead time 1..H
         tracker.log_series(name, curve, first_step=1)
-    frames, fc_frames, figures = [], [], []
-    scored = [(p, pr) for p, pr in zip(data.parts, ev.preds) if p.split is not None]
-    for i, (p, pr) in enumerate(scored):
+    frames, fc_frames, intervals, figures = [], [], [], []
+    scored = [(p, pr, t, f) for p, pr, t, f in zip(data.parts, ev.preds, ev.thresholds, ev.flags)
+              if p.split is not None]
+    for i, (p, pr, threshold, flags) in enumerate(scored):
         rows = (p.rows("train")[0], p.rows("test")[1])
-        flags = ev.threshold.flags(pr.score)
-        frames.append(stream_frame(p, pr, flags, rows).with_columns(
+        frames.append(stream_frame(p, pr, flags, rows, threshold).with_columns(
             pl.Series("split", _split_names(p, rows))))
+        intervals.append(interval_frame(p, pr, flags, p.rows("test")))
         fc_frames.append(forecast_frame(p, pr, p.rows("test")))
         if i < MAX_FIGURES:
-            figures += figures_for_stream(p, pr, ev.threshold, flags, p.rows("test"), title)
+            figures += figures_for_stream(p, pr, threshold, flags, p.rows("test"), title)
     save_figures(figures, folder / "figures", f"{title}: test split")
     if frames:
         write_parquet(pl.concat(frames), folder / "scores" / "scores.parquet")
+        write_parquet(pl.concat(intervals), folder / "scores" / "intervals.parquet")
         write_parquet(pl.concat(fc_frames), folder / "forecasts" / "test_one_step.parquet")
     return ev
 
@@ -332,6 +335,8 @@ def train(cfg: DictConfig) -> str:
                 per_stream_scaling=cfg.data.scaler == "per_stream", threshold=ev.threshold,
                 score_kind=option_value(cfg.task.score),
                 data_config=to_plain(cfg.data),
+                score=score_spec(cfg.task).to_dict(),
+                threshold_scope=cfg.task.threshold.scope,
                 inputs=list(data.inputs), input_scaler=data.input_scaler,
             )
             staged = save_bundle(bundle, folder / "model")
@@ -356,7 +361,8 @@ def headline_keys(task: str, horizon: int) -> list[str]:
     """The metrics a run is judged by, most important first: the benchmark's own."""
     h = f"test/h{horizon}_"
     forecast = [h + k for k in ("mse", "mae", "crps", "coverage95")]
-    detection = ["test/f1", "test/far", "test/mar", "test/auc_pr"]
+    detection = ["test/f1", "test/far", "test/mar", "test/auc_pr", "test/vus_pr",
+                 "test/nab_standard"]
     return forecast + detection if task == "forecast" else detection + forecast
 
 

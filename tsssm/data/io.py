@@ -33,6 +33,8 @@ class Stream:
     #: (T, K) float32 input columns (data.inputs), held: never missing; None without inputs
     inputs: np.ndarray | None = None
     input_names: list[str] = field(default_factory=list)
+    #: (T,) int8 in {0, 1}: change-point labels (SKAB's ``changepoint`` column), when read
+    changepoints: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.time)
@@ -47,6 +49,7 @@ class Stream:
             labels=None if self.labels is None else self.labels[start:stop],
             inputs=None if self.inputs is None else self.inputs[start:stop],
             input_names=self.input_names,
+            changepoints=None if self.changepoints is None else self.changepoints[start:stop],
         )
 
 
@@ -68,6 +71,8 @@ class ReadSpec:
     #: what to tell the user when a channel column is missing
     channel_advice: str = "set data.channels"
     inputs: tuple[str, ...] = ()  # input columns (held: forward-filled), not channels
+    #: an optional second 0/1 label column: change points (SKAB's ``changepoint``)
+    changepoint_column: str | None = None
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -152,7 +157,8 @@ def read_stream(path: str | Path, spec: ReadSpec, name: str | None = None) -> St
         need(column, spec.channel_advice)
     for column in spec.inputs:
         need(column, "data.inputs")
-    skip = {spec.time_column, spec.label_column, *spec.ignore_columns, *spec.inputs}
+    skip = {spec.time_column, spec.label_column, spec.changepoint_column, *spec.ignore_columns,
+            *spec.inputs}
     channels = list(spec.channels) or [c for c in columns if c not in skip]
     if not channels:
         raise DataError(
@@ -167,30 +173,43 @@ def read_stream(path: str | Path, spec: ReadSpec, name: str | None = None) -> St
     values = np.empty((frame.height, len(channels)), dtype=np.float32)
     for j, column in enumerate(channels):
         values[:, j] = _numeric(frame, column, path)
-    labels = None
-    if spec.label_column is not None and spec.label_column in columns:
-        raw = _numeric(frame, spec.label_column, path)
-        if np.isnan(raw).any():
-            row = int(np.flatnonzero(np.isnan(raw))[0])
-            raise DataError(f"{path}: label column '{spec.label_column}' is empty at row {row + 1}")
-        if not np.isin(raw, (0.0, 1.0)).all():
-            row = int(np.flatnonzero(~np.isin(raw, (0.0, 1.0)))[0])
-            raise DataError(f"{path}: label column '{spec.label_column}' must hold 0/1 values "
-                            f"(row {row + 1} holds {raw[row]:g})")
-        labels = raw.astype(np.int8)
+    labels = _label(frame, spec.label_column, path)
+    changepoints = _label(frame, spec.changepoint_column, path)
+    # the label columns travel with their rows when rows are sorted or merged
+    marks = [m for m in (labels, changepoints) if m is not None]
+    stacked = np.stack(marks, axis=1) if marks else None  # (T, n_marks)
     # inputs ride along as extra columns while rows are sorted or duplicates merged, then
     # are held (zero-order hold) in the final row order
     raw = np.stack([_numeric(frame, c, path) for c in spec.inputs], 1).astype(np.float32) \
         if spec.inputs else np.empty((frame.height, 0), np.float32)
     k = values.shape[1]
-    time, both, labels = _order_rows(path, spec, time, np.concatenate([values, raw], 1), labels)
+    time, both, stacked = _order_rows(path, spec, time, np.concatenate([values, raw], 1), stacked)
     values, raw = np.ascontiguousarray(both[:, :k]), both[:, k:]
+    if labels is not None:
+        labels = stacked[:, 0]
+    if changepoints is not None:
+        changepoints = stacked[:, -1]
     inputs = None
     if spec.inputs:
         inputs = np.stack([_held_input(raw[:, j].astype(np.float64), c, path)
                            for j, c in enumerate(spec.inputs)], 1).astype(np.float32)
     return Stream(name or path.stem, str(path), time, values, channels, labels, inputs,
-                  list(spec.inputs))
+                  list(spec.inputs), changepoints)
+
+
+def _label(frame: pl.DataFrame, column: str | None, path: Path) -> np.ndarray | None:
+    """A 0/1 label column as int8, or None when it is not configured or not in the file."""
+    if column is None or column not in frame.columns:
+        return None
+    raw = _numeric(frame, column, path)
+    if np.isnan(raw).any():
+        row = int(np.flatnonzero(np.isnan(raw))[0])
+        raise DataError(f"{path}: label column '{column}' is empty at row {row + 1}")
+    if not np.isin(raw, (0.0, 1.0)).all():
+        row = int(np.flatnonzero(~np.isin(raw, (0.0, 1.0)))[0])
+        raise DataError(f"{path}: label column '{column}' must hold 0/1 values "
+                        f"(row {row + 1} holds {raw[row]:g})")
+    return raw.astype(np.int8)
 
 
 def _held_input(raw: np.ndarray, column: str, path: Path) -> np.ndarray:
@@ -431,39 +450,39 @@ def regularise(stream: Stream, mode: str, gap_factor: float) -> tuple[Stream, Ga
         return stream, report
     # Insert the missing grid points of each gap as NaN rows (labels 0: nothing was observed;
     # inputs hold their last value).
-    pieces_t, pieces_v, pieces_l, pieces_u = [], [], [], []
+    pieces_t, pieces_v, pieces_u = [], [], []
+    marks = {"labels": stream.labels, "changepoints": stream.changepoints}
+    pieces_m: dict[str, list[np.ndarray]] = {k: [] for k, v in marks.items() if v is not None}
     start = 0
     for i in np.flatnonzero(is_gap):
         pieces_t.append(ordinal[start : i + 1])
         pieces_v.append(stream.values[start : i + 1])
-        if stream.labels is not None:
-            pieces_l.append(stream.labels[start : i + 1])
         if stream.inputs is not None:
             pieces_u.append(stream.inputs[start : i + 1])
         missing = np.arange(ordinal[i] + median, ordinal[i + 1] - median / 2, median)
         missing = missing.astype(np.int64)
         pieces_t.append(missing)
         pieces_v.append(np.full((len(missing), stream.values.shape[1]), np.nan, np.float32))
-        if stream.labels is not None:
-            pieces_l.append(np.zeros(len(missing), np.int8))
+        for k in pieces_m:
+            pieces_m[k] += [marks[k][start : i + 1], np.zeros(len(missing), np.int8)]
         if stream.inputs is not None:
             pieces_u.append(np.repeat(stream.inputs[i : i + 1], len(missing), axis=0))
         report.rows_inserted += len(missing)
         start = i + 1
     pieces_t.append(ordinal[start:])
     pieces_v.append(stream.values[start:])
-    if stream.labels is not None:
-        pieces_l.append(stream.labels[start:])
+    for k in pieces_m:
+        pieces_m[k].append(marks[k][start:])
     if stream.inputs is not None:
         pieces_u.append(stream.inputs[start:])
     values = np.concatenate(pieces_v)
     if mode == "fill":
         values = forward_fill(values)
     time = np.concatenate(pieces_t).astype(stream.time.dtype)
-    labels = np.concatenate(pieces_l) if stream.labels is not None else None
+    joined = {k: np.concatenate(v) for k, v in pieces_m.items()}
     inputs = np.concatenate(pieces_u) if stream.inputs is not None else None
-    return Stream(stream.name, stream.path, time, values, stream.channels, labels, inputs,
-                  stream.input_names), report
+    return Stream(stream.name, stream.path, time, values, stream.channels, joined.get("labels"),
+                  inputs, stream.input_names, joined.get("changepoints")), report
 
 
 def time_steps(time: np.ndarray, real: bool) -> np.ndarray:

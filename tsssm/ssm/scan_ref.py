@@ -337,7 +337,11 @@ def chunked_scan_backward(
         g = _linear_scan(alpha, c, p, inner, reverse=True)  # (T, b, d, N)
         h_prev = torch.cat([h_start[None], hs[:-1]])  # h_{t-1}
         w = g * a_keep * h_prev  # ∂loss/∂(Δ_t A)  (T, b, d, N)
-        dA += torch.einsum("tbdn,tbd->dn", w, dtT[s:e])
+        # sum over t, b of w * Δ as one batched product per channel d (einsum's CPU path for
+        # this contraction is ~4x slower on 2 cores)
+        T_c = e - s
+        dA += torch.bmm(w.permute(2, 3, 0, 1).reshape(dim, -1, T_c * batch),
+                        dtT[s:e].permute(2, 0, 1).reshape(dim, T_c * batch, 1)).squeeze(-1)
         gB = (_per_group(g, G) * B_c).sum(-1).flatten(2)  # (T, b, d)
         ddtT[s:e] = (w * A).sum(-1) + gB * uT[s:e]
         duT[s:e] = gB * dtT[s:e]
