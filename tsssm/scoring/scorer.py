@@ -1,0 +1,279 @@
+"""Score one stream incrementally with a trained model: a chunk of rows, or a single sample.
+
+A :class:`Scorer` holds a loaded model bundle (tsssm.bundle), the scaler it applies, the fitted
+threshold, and the model's recurrent state, so a stream fed in pieces of any size - a file read in
+row batches, or a live sensor sample by sample - gets exactly the scores and flags of the whole
+stream scored at once (``tsssm score``). Work and memory per row are constant: nothing about the
+stream's past is kept but the model's state.
+
+It works with any forecaster of the tsssm.models.base.Forecaster protocol (``one_step(y, state)``
+with chunked calls equal to one call). For the Kalman forecaster on the CPU it runs the filter in
+numpy (tsssm.scoring.kalman_steady): a single live sample then costs a few microseconds instead
+of the ~100 torch ops of a torch step.
+
+Per-stream scaling (SKAB's protocol, ``bundle.per_stream_scaling``): a stream is scaled by its own
+first ``train_rows`` rows, as in training. Those rows are held until the stream has more rows than
+that (as batch scoring requires), then scored together; a stream that ends first is scaled by the
+training scaler (:meth:`Scorer.finish`), again as in batch scoring.
+
+    scorer = Scorer.load("tsssm_runs/models/<run id>")   # or an MLflow run id
+    score, flag = scorer.update([0.1, 2.3, 4.5])        # one sample, the model's channel order
+    batch = scorer.update_many(rows)                     # (n, C) rows -> ScoredRows
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from tsssm.anomaly.scores import MIN_VAR, SCORE_KINDS, anomaly_scores
+from tsssm.bundle import Bundle
+from tsssm.data.scaling import StandardScaler
+from tsssm.errors import ConfigError, DataError, ModelError, NumericalError
+from tsssm.models.base import Gaussian
+
+log = logging.getLogger("tsssm")
+
+#: rows per model call: longer chunks are split (bounds the model's working memory)
+MAX_ROWS_PER_CALL = 65_536
+
+_HALF_LOG_2PI = np.float32(0.5 * math.log(2.0 * math.pi))
+
+
+class ScoredRows(NamedTuple):
+    """Scores of consecutive rows of a stream: rows ``start .. start + len(score) - 1``."""
+
+    start: int  # index of the first row in the stream (0-based, after any inserted gap rows)
+    score: np.ndarray  # (n,) float32 anomaly score
+    flag: np.ndarray  # (n,) bool: score above the model's threshold
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+
+def numpy_scores(y: np.ndarray, mean: np.ndarray, var: np.ndarray, kind: str) -> np.ndarray:
+    """:func:`tsssm.anomaly.scores.anomaly_scores` in numpy, float32: (n, C) -> (n,).
+
+    The mean over the observed channels of ``(y - mean)^2 / var`` ("nis") or of the Gaussian
+    negative log density ("nll"); 0 where no channel is observed; NumericalError if not finite.
+    """
+    observed = ~np.isnan(y)
+    var = np.maximum(var, np.float32(MIN_VAR))
+    d = np.where(observed, y - mean, np.float32(0.0))
+    z2 = d * d / var
+    if kind == "nll":
+        z2 = np.float32(0.5) * (z2 + np.log(var)) + _HALF_LOG_2PI
+        z2 = np.where(observed, z2, np.float32(0.0))
+    n_obs = observed.sum(-1).astype(np.float32)
+    score = z2.sum(-1, dtype=np.float32) / np.maximum(n_obs, np.float32(1.0))
+    score = np.where(n_obs > 0, score, np.float32(0.0)).astype(np.float32)
+    if not np.isfinite(score).all():
+        raise NumericalError(
+            f"{int((~np.isfinite(score)).sum())} anomaly scores are not finite: the model's "
+            "predictive mean or variance, or the data, is NaN/inf at those steps (check the "
+            "input scaling and the model's parameters)"
+        )
+    return score
+
+
+class Scorer:
+    """Scores and flags of one stream, fed in any pieces, with a trained model's bundle.
+
+    ``engine``: "auto" (numpy for a float64 Kalman forecaster on the CPU, torch otherwise),
+    "numpy" or "torch". ``device``: where a torch model runs ("cpu", "cuda", ...; default: the
+    CPU). ``per_stream_scaling``: override the bundle's choice (None: the bundle's).
+    """
+
+    def __init__(self, bundle: Bundle, *, device: str | torch.device | None = None,
+                 engine: str = "auto", per_stream_scaling: bool | None = None) -> None:
+        if bundle.threshold is None:
+            raise ModelError(f"the {bundle.model_name} model has no fitted threshold; train it "
+                             "with task=anomaly to score streams")
+        if bundle.score_kind not in SCORE_KINDS:
+            raise ModelError(f"the bundle's score kind {bundle.score_kind!r} is not one of "
+                             f"{', '.join(SCORE_KINDS)}")
+        if engine not in ("auto", "numpy", "torch"):
+            raise ConfigError(f"score engine must be auto, numpy or torch, got {engine!r}")
+        self.bundle = bundle
+        self.device = torch.device(device or "cpu")
+        self.model = bundle.model.to(self.device).eval()
+        self.channels: list[str] = list(bundle.channels)
+        self.threshold = bundle.threshold
+        self.score_kind = bundle.score_kind
+        per_stream = bundle.per_stream_scaling if per_stream_scaling is None else per_stream_scaling
+        #: rows a per-stream scaler is fitted on (0: the bundle's training scaler is used)
+        self.calibration_rows = int(bundle.data_config.get("train_rows", 0)) if per_stream else 0
+        self._threshold_value = float(self.threshold.value)
+        self._kalman = self._numpy_engine(engine)
+        self.engine = "numpy" if self._kalman is not None else "torch"
+        self.reset()
+
+    def _numpy_engine(self, engine: str):
+        from tsssm.models.kalman import KalmanForecaster
+        from tsssm.scoring.kalman_steady import KalmanSteadyFilter
+
+        fits = (isinstance(self.model, KalmanForecaster) and self.device.type == "cpu"
+                and self.model.compute_dtype == torch.float64)
+        if engine == "numpy" and not fits:
+            raise ConfigError("score engine=numpy runs the float64 Kalman forecaster on the CPU "
+                              f"only; this model is {type(self.model).__name__} on {self.device}")
+        if engine == "torch" or not fits:
+            return None
+        return KalmanSteadyFilter.from_forecaster(self.model)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, source: str | Path | Bundle, *, tracking_uri: str | None = None,
+             experiment: str = "tsssm", **kwargs: Any) -> Scorer:
+        """A scorer from a bundle folder (``tsssm_runs/models/<run id>``), a Bundle, or the
+        run id of a ``tsssm train`` run in MLflow (``tracking_uri``, default the local store
+        ``sqlite:///tsssm_runs/mlflow.db``). Keyword arguments go to :class:`Scorer`."""
+        if isinstance(source, Bundle):
+            return cls(source, **kwargs)
+        from tsssm.bundle import load_bundle
+
+        path = Path(source).expanduser()
+        if path.exists():
+            return cls(load_bundle(path), **kwargs)
+        from tsssm.commands.common import load_trained
+        from tsssm.tracking import Tracker
+
+        tracker = Tracker(tracking_uri or "sqlite:///tsssm_runs/mlflow.db", experiment)
+        bundle, _ = load_trained(str(source), tracker)
+        return cls(bundle, **kwargs)
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Start a new stream: the model's prior state, no rows seen."""
+        self._state: Any = None
+        if self._kalman is not None:
+            self._kalman.reset()
+        self._rows_in = 0  # rows received
+        self._rows_out = 0  # rows scored
+        self._held: list[np.ndarray] = []  # raw rows waiting for the per-stream scaler
+        self._n_held = 0
+        self.scaler: StandardScaler | None = None if self.calibration_rows else self.bundle.scaler
+
+    @property
+    def rows_scored(self) -> int:
+        return self._rows_out
+
+    @property
+    def calibrating(self) -> bool:
+        """True while rows are held to fit the stream's own scaler (see the module docstring)."""
+        return self.scaler is None
+
+    # ------------------------------------------------------------------ scoring
+    def update(self, sample: Sequence[float] | np.ndarray | Mapping[str, float]
+               ) -> tuple[float, bool] | None:
+        """Score one sample (C values in the model's channel order, or {channel: value}; NaN or
+        None = missing). Returns (score, flag), or None while the scorer is calibrating (the held
+        rows' scores then come out of :meth:`update_many` or :meth:`finish`)."""
+        row = self._row(sample)
+        if self.scaler is None or self._kalman is None:
+            out = self.update_many(row[None])
+            if len(out) == 0:
+                return None
+            return float(out.score[-1]), bool(out.flag[-1])
+        # the hot path: one Kalman step in numpy, no per-row allocation beyond (C,) arrays
+        y = (row - self.scaler.mean) / self.scaler.std  # float32, as StandardScaler.transform
+        mean, var = self._kalman.step(y.astype(np.float64))
+        score = numpy_scores(y[None], mean.astype(np.float32)[None],
+                             np.asarray(var, np.float32)[None], self.score_kind)
+        self._rows_in += 1
+        self._rows_out += 1
+        value = float(score[0])
+        return value, value > self._threshold_value
+
+    def update_many(self, rows: np.ndarray | Sequence[Sequence[float]]) -> ScoredRows:
+        """Score rows (n, C) (raw units, the model's channel order, NaN = missing), continuing
+        the stream. Returns the scores of every row that became ready: normally exactly these
+        rows; while calibrating none, then the held rows together with these."""
+        values = np.asarray(rows, dtype=np.float32)
+        if values.ndim != 2 or values.shape[1] != len(self.channels):
+            raise DataError(f"rows must be (n, {len(self.channels)}) for the channels "
+                            f"{self.channels}; got shape {values.shape}")
+        if np.isinf(values).any():
+            row, col = np.argwhere(np.isinf(values))[0]
+            raise DataError(f"row {self._rows_in + row + 1}, channel '{self.channels[col]}' is "
+                            "infinite; send NaN for a missing reading")
+        self._rows_in += len(values)
+        if self.scaler is None:
+            self._held.append(values)
+            self._n_held += len(values)
+            if self._n_held <= self.calibration_rows:
+                return self._empty()
+            held = np.concatenate(self._held)
+            self._held, self._n_held = [], 0
+            self.scaler = StandardScaler.fit([held[: self.calibration_rows]], self.channels)
+            values = held
+        return self._score(values)
+
+    def finish(self) -> ScoredRows:
+        """End of the stream: score rows still held for calibration (the stream was not longer
+        than the calibration rows: they are scaled by the training scaler, as batch scoring
+        does, with a warning). Afterwards the scorer can take a new stream (``reset``)."""
+        if self.scaler is not None or not self._held:
+            return self._empty()
+        held = np.concatenate(self._held)
+        self._held, self._n_held = [], 0
+        log.warning("the stream has %d rows, not more than the %d the model scales each stream "
+                    "by; using the training scaler", len(held), self.calibration_rows)
+        self.scaler = self.bundle.scaler
+        return self._score(held)
+
+    # ------------------------------------------------------------------ internals
+    def _empty(self) -> ScoredRows:
+        return ScoredRows(self._rows_out, np.empty(0, np.float32), np.empty(0, bool))
+
+    def _row(self, sample) -> np.ndarray:
+        if isinstance(sample, Mapping):
+            unknown = set(sample) - set(self.channels)
+            if unknown:
+                raise DataError(f"unknown channel {sorted(unknown)[0]!r}; the model's channels "
+                                f"are {', '.join(self.channels)}")
+            sample = [sample.get(c) for c in self.channels]
+        row = np.array([np.nan if v is None else v for v in sample], dtype=np.float32) \
+            if not isinstance(sample, np.ndarray) else sample.astype(np.float32, copy=False)
+        if row.shape != (len(self.channels),):
+            raise DataError(f"a sample needs {len(self.channels)} values for the channels "
+                            f"{self.channels}; got {row.shape[0] if row.ndim else 1}")
+        if np.isinf(row).any():
+            col = int(np.flatnonzero(np.isinf(row))[0])
+            raise DataError(f"row {self._rows_in + 1}, channel '{self.channels[col]}' is "
+                            "infinite; send NaN for a missing reading")
+        return row
+
+    def _score(self, values: np.ndarray) -> ScoredRows:
+        """Scale and score raw rows (n, C) from the current state."""
+        start = self._rows_out
+        y = self.scaler.transform(values)  # (n, C) float32
+        scores = np.empty(len(y), np.float32)
+        for a in range(0, len(y), MAX_ROWS_PER_CALL):
+            chunk = y[a : a + MAX_ROWS_PER_CALL]
+            scores[a : a + len(chunk)] = self._score_scaled(chunk)
+        self._rows_out += len(y)
+        return ScoredRows(start, scores, scores > self._threshold_value)
+
+    def _score_scaled(self, y: np.ndarray) -> np.ndarray:
+        """Scores (n,) of scaled rows y (n, C) float32, advancing the model's state."""
+        if self._kalman is not None:
+            from threadpoolctl import threadpool_limits
+
+            # small matrix products: extra BLAS threads only wait on each other (and on shared
+            # cores cost ~10x)
+            with threadpool_limits(1, "blas"):
+                mean, var = self._kalman.filter(y.astype(np.float64))
+            return numpy_scores(y, mean.astype(np.float32), var.astype(np.float32),
+                                self.score_kind)
+        with torch.no_grad():
+            t = torch.from_numpy(np.ascontiguousarray(y)).to(self.device).unsqueeze(0)
+            pred, self._state = self.model.one_step(t, self._state)
+            pred = Gaussian(pred.mean.float(), pred.var.float())
+            return anomaly_scores(t, pred, kind=self.score_kind)[0].cpu().numpy()
