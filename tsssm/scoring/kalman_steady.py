@@ -327,7 +327,7 @@ def _lti_states(A: np.ndarray, u: np.ndarray, x0: np.ndarray, block: int = 16) -
     same recurrence with A^block (recursively): O(log N) levels instead of N Python steps.
     """
     C, steps, n = u.shape
-    if steps <= 4 * block:
+    if steps <= block:
         out = np.empty_like(u)
         x = x0
         for k in range(steps):
