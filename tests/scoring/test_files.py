@@ -66,7 +66,14 @@ def test_streamed_file_equals_whole_file(tmp_path, family, suffix, gaps, batch_r
     assert (got["flag"].to_numpy()[clear] == flags[clear]).all()
     assert set(got["stream"].unique()) == {"s"}
     assert result.counts["tp"] + result.counts["fn"] == int(part.stream.labels.sum())
-    assert 0 <= result.auc_pr <= 1
+    from tsssm.anomaly.metrics import anomaly_metrics
+    from tsssm.scoring.files import detection_summary
+
+    want = anomaly_metrics(part.stream.labels, got["flag"].to_numpy(), pred.score)
+    summary = detection_summary([result])
+    for key in ("f1", "far", "mar", "tp", "fp", "n_positive"):
+        assert summary[key] == pytest.approx(want[key])
+    assert summary["auc_pr"] == pytest.approx(want["auc_pr"], abs=1e-3)
     assert (result.gap_note is not None) == True  # noqa: E712 - the time gap is reported
     assert not list(out.parent.glob(".*tmp"))
 

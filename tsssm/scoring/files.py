@@ -31,7 +31,7 @@ log = logging.getLogger("tsssm")
 
 #: a progress bar is shown for streams of at least this many rows
 PROGRESS_MIN_ROWS = 10_000
-#: labelled rows kept for AUC-PR (5 bytes a row); beyond, the threshold-free metric is skipped
+#: labelled rows read back for AUC-PR (5 bytes a row); beyond, the threshold-free metric is skipped
 METRIC_MAX_ROWS = 20_000_000
 #: streams up to this many rows keep what their figures need (values, forecasts, scores)
 FIGURE_MAX_ROWS = 200_000
@@ -55,8 +55,6 @@ class FileResult:
     seconds: float = 0.0
     #: labelled files: point-wise tp, fp, tn, fn of flags against labels
     counts: dict[str, int] | None = None
-    #: labelled files: average precision of the scores (None when too long to keep)
-    auc_pr: float | None = None
     gap_note: str | None = None
     error: str | None = None
     #: small streams with figures=True: what tsssm.plots needs (time, scaled values, mean, var,
@@ -132,15 +130,13 @@ def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | P
     result = FileResult(str(reader.path), str(output), reader.name)
     labelled = reader.has_labels
     counts = np.zeros(4, np.int64)  # tp, fp, tn, fn
-    kept: list[tuple[np.ndarray, np.ndarray]] = []  # (score, label) for AUC-PR
-    keep_for_auc = labelled
     figure: dict[str, list] | None = {k: [] for k in (
         "time", "scaled", "mean", "var", "score", "flag", "label")} if figures else None
     waiting: deque[Batch] = deque()  # rows read whose scores have not come out yet
     bar = _Progress(reader.total_rows, f"scoring {reader.name}", progress)
 
     def emit(out: ScoredRows, writer: ParquetStreamWriter) -> None:
-        nonlocal keep_for_auc, figure
+        nonlocal figure
         done = 0
         while done < len(out):  # the scores cover the oldest waiting rows, in order
             batch = waiting[0]
@@ -157,13 +153,6 @@ def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | P
                               np.count_nonzero(~lab & part.flag),
                               np.count_nonzero(~lab & ~part.flag),
                               np.count_nonzero(lab & ~part.flag)]
-                if keep_for_auc:
-                    kept.append((part.score.copy(), labels.copy()))
-                    if sum(len(k[0]) for k in kept) > METRIC_MAX_ROWS:
-                        keep_for_auc = False
-                        kept.clear()
-                        log.warning("%s: more than %d labelled rows; auc_pr is not computed",
-                                    reader.name, METRIC_MAX_ROWS)
             if figure is not None:
                 if out.start + done + take > FIGURE_MAX_ROWS:
                     figure = None
@@ -196,13 +185,6 @@ def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | P
     result.seconds = clock.perf_counter() - started
     if labelled:
         result.counts = dict(zip(("tp", "fp", "tn", "fn"), counts.tolist()))
-        if keep_for_auc and kept:
-            from tsssm.anomaly.metrics import anomaly_metrics
-
-            scores = np.concatenate([k[0] for k in kept])
-            labels = np.concatenate([k[1] for k in kept])
-            flags = np.zeros(len(scores), bool)  # AUC-PR does not depend on the flags
-            result.auc_pr = anomaly_metrics(labels, flags, scores)["auc_pr"]
     report = reader.gap_report
     if report is not None and report.n_gaps:
         result.gap_note = (f"{reader.name}: {report.n_gaps} gaps longer than {gap_factor:g}x the "
@@ -214,3 +196,33 @@ def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | P
         result.figure["scaler"] = scorer.scaler
         result.figure["channels"] = scorer.channels
     return result
+
+
+def detection_summary(results: list[FileResult]) -> dict[str, float]:
+    """Detection metrics pooled over the labelled files (SKAB's protocol: counts summed), with
+    AUC-PR from the written scores when they are not too many to read back."""
+    labelled = [r for r in results if r.counts is not None and r.error is None]
+    if not labelled:
+        return {}
+    from tsssm.anomaly.metrics import anomaly_metrics
+
+    tp, fp, tn, fn = (sum(r.counts[k] for r in labelled) for k in ("tp", "fp", "tn", "fn"))
+    out = {"precision": tp / (tp + fp) if tp + fp else 0.0,
+           "recall": tp / (tp + fn) if tp + fn else 0.0,
+           "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+           "far": fp / (fp + tn) if fp + tn else 0.0,
+           "mar": fn / (fn + tp) if fn + tp else 0.0,
+           "tp": float(tp), "fp": float(fp), "tn": float(tn), "fn": float(fn),
+           "n": float(tp + fp + tn + fn), "n_positive": float(tp + fn),
+           "n_flagged": float(tp + fp)}
+    if out["n"] <= METRIC_MAX_ROWS:
+        import polars as pl
+
+        frame = pl.concat([pl.read_parquet(r.output, columns=["score", "label"])
+                           for r in labelled])
+        scores, labels = frame["score"].to_numpy(), frame["label"].to_numpy()
+        out["auc_pr"] = anomaly_metrics(labels, np.zeros(len(scores), bool), scores)["auc_pr"]
+    else:
+        log.warning("%d labelled rows: auc_pr is not computed (more than %d)", int(out["n"]),
+                    METRIC_MAX_ROWS)
+    return out
