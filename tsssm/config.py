@@ -192,6 +192,9 @@ class TaskConfig:
 class TrainerConfig:
     accelerator: str = "cpu"
     devices: int = 1
+    #: Lightning strategy: auto (one device), ddp (one process per device, see trainer=ddp)
+    strategy: str = "auto"
+    num_nodes: int = 1
     precision: str = "32-true"
     #: overrides the model's `epochs` when set
     max_epochs: int | None = None
@@ -318,6 +321,9 @@ def validate(cfg: DictConfig) -> None:
     _check(tr.checkpoint_every_n_epochs >= 1, "trainer.checkpoint_every_n_epochs", "must be >= 1")
     _check(tr.checkpoint_every_n_steps is None or tr.checkpoint_every_n_steps >= 1,
            "trainer.checkpoint_every_n_steps", "must be >= 1 (or null: every n epochs)")
+    _check(tr.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+    _check(tr.strategy in ("auto", "ddp", "ddp_find_unused_parameters_true"), "trainer.strategy",
+           f"is {tr.strategy!r}; use auto or ddp")
     _check(cfg.score.chunk_size >= 1, "score.chunk_size", "must be >= 1")
 
 
