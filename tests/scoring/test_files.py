@@ -4,11 +4,10 @@ output file."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import polars as pl
 import pytest
+from omegaconf import OmegaConf
 
 from tsssm.commands.score import load_file
 from tsssm.data.io import ReadSpec
@@ -33,9 +32,10 @@ def write_stream(tmp_path, rows=3000, suffix=".parquet", seed=0, labels=True):
 
 
 def data_cfg(path, gaps="keep"):
-    return SimpleNamespace(path=str(path), time_column="ts", channels=[], label_column="label",
-                           ignore_columns=[], separator=",", time_format=None, gaps=gaps,
-                           gap_factor=3.0, fill="none")
+    return OmegaConf.create(dict(
+        path=str(path), time_column="ts", channels=[], label_column="label", ignore_columns=[],
+        separator=",", time_format=None, gaps=gaps, gap_factor=3.0, fill="none",
+        duplicates="error", sort=False))
 
 
 SPEC = ReadSpec(time_column="ts", channels=("a", "b", "c"), label_column="label")
@@ -120,3 +120,23 @@ def test_unwritable_output_fails_before_scoring(tmp_path):
     with pytest.raises(DataError, match="cannot create the folder of .*a-file/s.parquet"):
         score_file(path, Scorer(make_bundle("kalman")), SPEC, tmp_path / "a-file" / "s.parquet",
                    progress=False)
+
+
+def test_a_reading_that_overflows_once_scaled_fails_as_in_memory(tmp_path):
+    bundle = make_bundle("kalman")
+    bundle.scaler.std[1] = 0.01  # a quiet channel in training: 3e38 / 0.01 overflows
+    path = write_stream(tmp_path, rows=2000, suffix=".csv", labels=False)
+    text = path.read_text().splitlines()
+    cells = text[1500].split(",")
+    cells[2] = "3e38"  # row 1500 of the file, channel b
+    text[1500] = ",".join(cells)
+    path.write_text("\n".join(text) + "\n")
+    c = data_cfg(path)
+    c.label_column = None
+    with pytest.raises(DataError) as whole:
+        load_file(c, bundle)
+    with pytest.raises(DataError) as streamed:
+        score_file(path, Scorer(bundle), ReadSpec(time_column="ts", channels=("a", "b", "c")),
+                   tmp_path / "o.parquet", batch_rows=256, progress=False)
+    assert str(streamed.value) == str(whole.value)
+    assert "row 1500" in str(whole.value)

@@ -4,13 +4,12 @@ whole file)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import polars as pl
 import pytest
+from omegaconf import OmegaConf
 
-from tsssm.data.datasets import prepare_stream
+from tsssm.data.datasets import prepare_stream, read_spec
 from tsssm.data.io import ReadSpec, read_stream
 from tsssm.errors import DataError
 from tsssm.scoring.reader import StreamReader
@@ -18,15 +17,14 @@ from tsssm.scoring.reader import StreamReader
 
 def cfg(**kw):
     base = dict(time_column="ts", channels=[], label_column="label", ignore_columns=[],
-                separator=",", time_format=None, gaps="keep", gap_factor=3.0, fill="none")
+                separator=",", time_format=None, gaps="keep", gap_factor=3.0, fill="none",
+                duplicates="error", sort=False)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return OmegaConf.create(base)
 
 
 def spec_of(c) -> ReadSpec:
-    return ReadSpec(time_column=c.time_column, channels=tuple(c.channels),
-                    label_column=c.label_column, ignore_columns=tuple(c.ignore_columns),
-                    separator=c.separator, time_format=c.time_format)
+    return read_spec(c)
 
 
 def table(rows: int = 400, seed: int = 0, datetime: bool = True) -> pl.DataFrame:
@@ -143,3 +141,96 @@ def test_header_problems_are_found_before_reading_rows(tmp_path):
     (tmp_path / "e.csv").write_text("ts,a\n")
     with pytest.raises(DataError, match="has a header but no rows"):
         list(StreamReader(tmp_path / "e.csv", ReadSpec(time_column="ts")))
+
+
+def _catalogue_cases():
+    """The data-file cases of the bad-input catalogue (tests/test_catalogue.py) that read one
+    file with `data=csv`: every one must fail (or pass) alike read whole or in batches."""
+    from ..test_catalogue import CASES
+
+    for case in CASES:
+        if not case.files or case.command != "train" or "data=csv" not in case.args:
+            continue
+        yield case
+
+
+def _spec_from_args(args, d) -> tuple[ReadSpec, str]:
+    keys = {"time_column": "ts", "label_column": "label"}
+    path = None
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if not key.startswith("data."):
+            continue
+        key = key[5:]
+        value = value.replace("{d}", str(d)).strip("'")
+        if key == "path":
+            path = value
+        elif key in ("channels", "ignore_columns"):
+            keys[key] = tuple(v for v in value.strip("[]").split(",") if v)
+        elif key == "sort":
+            keys[key] = value == "true"
+        elif key in ("time_column", "label_column", "duplicates", "time_format", "separator"):
+            keys[key] = value
+    return ReadSpec(**keys), path
+
+
+@pytest.mark.parametrize("case", list(_catalogue_cases()), ids=lambda c: c.id)
+def test_the_catalogue_reads_alike_whole_and_in_batches(tmp_path, case):
+    for name, content in case.files:
+        data = content(tmp_path) if callable(content) else content
+        (tmp_path / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    spec, path = _spec_from_args(case.args, tmp_path)
+    try:
+        whole = read_stream(path, spec)
+    except DataError as err:
+        whole = err
+    for batch_rows in (7, 64):
+        try:
+            reader = StreamReader(path, spec, batch_rows=batch_rows)
+            batches = list(reader)
+        except DataError as err:
+            assert isinstance(whole, DataError), f"only the batched read failed: {err}"
+            if case.id == "parquet-corrupt":  # found on the first damaged batch, not group
+                assert "is corrupt" in str(err) and "column 'a'" in str(err)
+            else:
+                assert str(err) == str(whole)
+            continue
+        assert not isinstance(whole, DataError), f"only the whole read failed: {whole}"
+        np.testing.assert_array_equal(np.concatenate([b.time for b in batches]), whole.time)
+        np.testing.assert_array_equal(np.concatenate([b.values for b in batches]),
+                                      whole.values)
+
+
+@pytest.mark.parametrize("how", ["first", "last", "mean"])
+@pytest.mark.parametrize("batch_rows", [1, 2, 5, 6, 1000])
+def test_duplicates_merged_across_batch_borders(tmp_path, how, batch_rows):
+    # time stamps 0,1,1,2,2,2,3,4,4,...: groups of equal stamps straddle every batch size
+    ticks = np.repeat(np.arange(40), np.tile([1, 2, 3], 14)[:40])
+    rng = np.random.default_rng(0)
+    frame = pl.DataFrame({"ts": ticks, "a": rng.standard_normal(len(ticks)),
+                          "label": (rng.random(len(ticks)) < 0.2).astype(np.int64)})
+    frame = frame.with_columns(pl.when(pl.int_range(pl.len()) % 4 == 0).then(None)
+                               .otherwise(pl.col("a")).alias("a"))
+    path = tmp_path / "d.csv"
+    frame.write_csv(path)
+    spec = ReadSpec(time_column="ts", label_column="label", duplicates=how)
+    whole = read_stream(path, spec)
+    time, values, labels = read_all(StreamReader(path, spec, batch_rows=batch_rows))
+    np.testing.assert_array_equal(time, whole.time)
+    np.testing.assert_array_equal(values, whole.values)
+    np.testing.assert_array_equal(labels, whole.labels)
+    assert len(np.unique(time)) == len(time) == 40
+
+
+def test_sort_reads_the_file_whole(tmp_path):
+    frame = table(datetime=False).sample(fraction=1.0, shuffle=True, seed=1)
+    path = write(frame, tmp_path, ".parquet")
+    spec = ReadSpec(time_column="ts", label_column="label", sort=True)
+    whole = read_stream(path, spec)
+    time, values, labels = read_all(StreamReader(path, spec, batch_rows=33, gaps="mask"))
+    assert (np.diff(time) > 0).all()
+    c = cfg(gaps="mask", sort=True)
+    want, _ = prepare_stream(path, c)
+    np.testing.assert_array_equal(time, want.time)
+    np.testing.assert_array_equal(values, want.values)
+    assert len(want.time) > len(whole.time)  # the gaps were filled with rows

@@ -274,16 +274,18 @@ class ParquetIntegrity:
                         lo, hi = vals.min(), vals.max()
                         acc[1] = lo if acc[1] is None else min(acc[1], lo)
                         acc[2] = hi if acc[2] is None else max(acc[2], hi)
-                if b == self.starts[g + 1]:  # the group is complete: check it
-                    self._check(g, j, name, acc)
+                # a part of a group can already break its record; all of it must match it
+                self._check(g, j, name, acc, complete=b == self.starts[g + 1])
             g += 1
 
-    def _check(self, g: int, j: int, name: str, acc: list) -> None:
+    def _check(self, g: int, j: int, name: str, acc: list, complete: bool) -> None:
         stats = self.meta.row_group(g).column(j).statistics
-        if stats.null_count is not None and acc[0] != stats.null_count:
+        if stats.null_count is not None and (acc[0] != stats.null_count if complete
+                                             else acc[0] > stats.null_count):
             raise self._corrupt(f"column '{name}' (missing values)")
-        if stats.has_min_max and acc[1] is not None and (acc[1] != stats.min
-                                                         or acc[2] != stats.max):
+        if stats.has_min_max and acc[1] is not None and (
+                (acc[1] != stats.min or acc[2] != stats.max) if complete
+                else (acc[1] < stats.min or acc[2] > stats.max)):
             raise self._corrupt(f"column '{name}' (range {acc[1]}..{acc[2]} read, "
                                 f"{stats.min}..{stats.max} recorded)")
 

@@ -125,7 +125,7 @@ def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | P
 
         raise DataError(f"{reader.path}: channels {reader.channels} do not match the model's "
                         f"{scorer.channels}")
-    scorer.reset()
+    scorer.reset(source=str(reader.path))
     scorer.moments = figures
     result = FileResult(str(reader.path), str(output), reader.name)
     labelled = reader.has_labels

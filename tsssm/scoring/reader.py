@@ -1,7 +1,10 @@
 """Read one CSV or Parquet stream lazily, in row batches, validated as tsssm.data.io validates a
 whole file - the same checks and messages, naming the row's number in the whole file.
 
-Memory is one batch (plus polars' read-ahead), whatever the file's length. Gaps in time are
+Memory is one batch (plus polars' read-ahead), whatever the file's length. Parquet files are
+checked against their footer's statistics row group by row group (tsssm.data.io.ParquetIntegrity);
+rows sharing a time stamp are merged across batch borders (``data.duplicates``); only
+``data.sort=true`` needs the whole file, so with it the file is read whole. Gaps in time are
 handled as ``tsssm.data.io.regularise`` handles them for a whole stream: the median step it needs
 comes from a first pass over the time column alone (``data.gaps=mask|fill``), or, with
 ``data.gaps=keep``, from counting the steps on the way (for the report only). Missing rows are
@@ -21,13 +24,19 @@ import polars as pl
 
 from tsssm.data.io import (
     GapReport,
+    ParquetIntegrity,
     ReadSpec,
+    Rows,
+    TimeState,
     check_columns,
     check_file,
-    check_order,
     convert_rows,
     forward_fill,
+    is_parquet,
+    order_rows,
+    read_stream,
     scan_table,
+    unreadable,
 )
 from tsssm.errors import ConfigError, DataError
 
@@ -115,6 +124,13 @@ class StreamReader:
         self.batch_rows = batch_rows
         self.name = name or self.path.stem
         self._lazy, columns = scan_table(self.path, spec)
+        if not is_parquet(self.path):  # a file that is not text at all fails as read whole
+            try:
+                self._lazy.head(64).collect()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as err:
+                raise unreadable(self.path, err) from err
         self.channels = check_columns(self.path, columns, spec)
         self.has_labels = spec.label_column is not None and spec.label_column in columns
         self._columns = [spec.time_column, *self.channels] + (
@@ -122,10 +138,11 @@ class StreamReader:
         self.total_rows = self._count_rows()
         self.rows_read = 0
         self.gap_report: GapReport | None = None
+        self._whole = None  # data.sort=true: the file, read whole once
 
     def _count_rows(self) -> int | None:
         """Exact for Parquet (its footer), estimated for CSV from the first 64 KiB."""
-        if self.path.suffix.lower() in (".parquet", ".pq"):
+        if is_parquet(self.path):
             try:
                 import pyarrow.parquet as pq
 
@@ -151,26 +168,77 @@ class StreamReader:
                 return
             except DataError:
                 raise
-            except Exception as err:  # polars' parse errors (a malformed row, a bad page)
-                first = str(err).splitlines()[0] if str(err) else type(err).__name__
-                raise DataError(f"{self.path}: cannot be read ({first})") from err
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as err:  # polars' parse errors (a malformed row, a bad page)
+                raise unreadable(self.path, err) from err
             if frame.height:
                 yield frame
 
+    def _rows(self, columns: list[str]) -> Iterator[Rows]:
+        """Validated rows in file order (duplicates merged, as data.duplicates says), in
+        batches; ``self.rows_read`` counts the file's rows."""
+        spec, path = self.spec, self.path
+        channels = [c for c in columns[1:] if c != spec.label_column]
+        if spec.sort:  # sorting needs every row at once: read the file whole
+            if self._whole is None:
+                log.info("%s: data.sort=true reads the whole file into memory", path)
+                self._whole = read_stream(path, ReadSpec(**{**spec.__dict__,
+                                                            "channels": tuple(self.channels)}))
+            whole = self._whole
+            self.rows_read = len(whole.time)
+            keep = [self.channels.index(c) for c in channels]
+            for a in range(0, len(whole.time), self.batch_rows):
+                b = a + self.batch_rows
+                labels = None if whole.labels is None or spec.label_column not in columns \
+                    else whole.labels[a:b]
+                yield Rows(whole.time[a:b], whole.values[a:b][:, keep], labels)
+            return
+        integrity = ParquetIntegrity(path) if is_parquet(path) else None
+        state = TimeState()
+        first_row = 0  # 0-based file row of the next frame's first row
+        held: Rows | None = None  # the last time stamp's rows, merged with the next batch's
+        held_from = 0
+        previous: np.ndarray | None = None  # time of the last row handed out
+        merging = spec.duplicates != "error"
+        for frame in self._frames(columns):
+            if integrity is not None:  # a damaged page first, before its values are judged
+                integrity.update(frame, first_row)
+            rows = convert_rows(frame, path, spec, channels, first_row, state)
+            start = first_row
+            first_row += frame.height
+            if held is not None:
+                rows = _concat(held, rows)
+                start = held_from
+                held = None
+            if merging:  # rows of the last time stamp may continue in the next batch
+                ordinal = rows.time.astype("int64")
+                cut = int(np.flatnonzero(ordinal != ordinal[-1])[-1]) + 1 \
+                    if (ordinal != ordinal[-1]).any() else 0
+                held, held_from = _take(rows, slice(cut, None)), start + cut
+                rows = _take(rows, slice(0, cut))
+                if len(rows.time) == 0:
+                    continue
+            ordered = order_rows(path, spec, rows, start, previous)
+            previous = rows.time[-1:]
+            yield ordered
+        if held is not None:
+            yield order_rows(path, spec, held, held_from, previous)
+        if integrity is not None:
+            integrity.finish(first_row)
+        self.rows_read = first_row
+
     def _median_step(self) -> tuple[StepCounts, int]:
         """First pass over the time column: the steps' counts and the number of rows."""
-        counts, first_row, kind, previous = StepCounts(), 0, None, None
-        time_only = ReadSpec(**{**self.spec.__dict__, "label_column": None})
-        for frame in self._frames([self.spec.time_column]):
-            rows, kind = convert_rows(frame, self.path, time_only, [], first_row, kind)
-            check_order(self.path, self.spec.time_column, rows.time, first_row, previous)
+        counts, previous, n = StepCounts(), None, 0
+        for rows in self._rows([self.spec.time_column]):
             counts.add(rows.time.astype("int64"), previous)
             previous = rows.time[-1:]
-            first_row += frame.height
-        return counts, first_row
+            n += len(rows.time)
+        return counts, n
 
     def __iter__(self) -> Iterator[Batch]:
-        spec, path = self.spec, self.path
+        path = self.path
         median = None
         counts = StepCounts()
         if self.gaps != "keep":
@@ -181,13 +249,11 @@ class StreamReader:
             elif counts.overflow:
                 log.warning("%s: more than %d distinct time steps; gaps are kept as they are",
                             path, MAX_STEP_VALUES)
-        first_row, out_row, kind = 0, 0, None
+        out_row = 0
         previous: np.ndarray | None = None  # the last row's time (before this batch)
         carry: np.ndarray | None = None  # the last row's values after filling (forward fill)
         inserted = 0
-        for frame in self._frames(self._columns):
-            rows, kind = convert_rows(frame, path, spec, self.channels, first_row, kind)
-            check_order(path, spec.time_column, rows.time, first_row, previous)
+        for rows in self._rows(self._columns):
             if self.gaps == "keep":
                 counts.add(rows.time.astype("int64"), previous)
             time, values, labels = rows.time, rows.values, rows.labels
@@ -203,12 +269,10 @@ class StreamReader:
                 values = np.nan_to_num(values, nan=0.0)
             previous = rows.time[-1:]
             carry = values[-1]
-            first_row += frame.height
             yield Batch(out_row, time, values, labels)
             out_row += len(time)
-        if first_row == 0:
+        if self.rows_read == 0:
             raise DataError(f"{path} has a header but no rows")
-        self.rows_read = first_row
         report = counts.report(self.gap_factor)
         report.rows_inserted = inserted
         self.gap_report = report
@@ -217,6 +281,15 @@ class StreamReader:
                      "data.gaps=%s, %d rows inserted", self.name, report.n_gaps,
                      self.gap_factor, report.longest / max(report.median_step, 1), self.gaps,
                      inserted)
+
+
+def _take(rows: Rows, sl: slice) -> Rows:
+    return Rows(rows.time[sl], rows.values[sl], None if rows.labels is None else rows.labels[sl])
+
+
+def _concat(a: Rows, b: Rows) -> Rows:
+    labels = None if a.labels is None else np.concatenate([a.labels, b.labels])
+    return Rows(np.concatenate([a.time, b.time]), np.concatenate([a.values, b.values]), labels)
 
 
 def _insert_gaps(time: np.ndarray, values: np.ndarray, labels: np.ndarray | None,

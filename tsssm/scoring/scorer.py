@@ -172,8 +172,10 @@ class Scorer:
         return cls(bundle, **kwargs)
 
     # ------------------------------------------------------------------ state
-    def reset(self) -> None:
-        """Start a new stream: the model's prior state, no rows seen."""
+    def reset(self, source: str = "the stream") -> None:
+        """Start a new stream (``source``: what messages call it, e.g. its file): the model's
+        prior state, no rows seen."""
+        self.source = source
         self._state: Any = None
         if self._kalman is not None:
             self._kalman.reset()
@@ -205,7 +207,10 @@ class Scorer:
                 return None
             return float(out.score[-1]), bool(out.flag[-1])
         # the hot path: one Kalman step in numpy, no per-row allocation beyond (C,) arrays
-        y = (row - self.scaler.mean) / self.scaler.std  # float32, as StandardScaler.transform
+        with np.errstate(over="ignore"):
+            y = (row - self.scaler.mean) / self.scaler.std  # float32, as .transform does
+        if np.isinf(y).any():
+            self._overflow(row[None], y[None], self._rows_out)
         mean, var = self._kalman.step(y.astype(np.float64))
         score = numpy_scores(y[None], mean.astype(np.float32)[None],
                              np.asarray(var, np.float32)[None], self.score_kind)
@@ -280,7 +285,10 @@ class Scorer:
         scaled, means, variances = [], [], []
         step = NUMPY_ROWS_PER_CALL if self._kalman is not None else MAX_ROWS_PER_CALL
         for a in range(0, len(values), step):
-            chunk = self.scaler.transform(values[a : a + step])  # (n, C) float32
+            with np.errstate(over="ignore"):
+                chunk = self.scaler.transform(values[a : a + step])  # (n, C) float32
+            if np.isinf(chunk).any():
+                self._overflow(values[a : a + step], chunk, start + a)
             scores[a : a + len(chunk)], mean, var = self._score_scaled(chunk)
             if self.moments:
                 scaled.append(chunk)
@@ -292,6 +300,16 @@ class Scorer:
                               np.concatenate(scaled), np.concatenate(means),
                               np.concatenate(variances))
         return ScoredRows(start, scores, scores > self._threshold_value)
+
+    def _overflow(self, raw: np.ndarray, scaled: np.ndarray, first: int) -> None:
+        """A reading far outside the scaler's range overflows float32 (as check_scaled)."""
+        i, col = (int(k[0]) for k in np.nonzero(np.isinf(scaled)))
+        raise DataError(
+            f"{self.source}: column '{self.channels[col]}' row {first + i + 1} holds "
+            f"{raw[i, col]:g}, which overflows float32 once scaled by the training rows "
+            f"(mean {self.scaler.mean[col]:g}, std {self.scaler.std[col]:g}); blank or fix the "
+            "reading, or leave the column out of data.channels"
+        )
 
     def _score_scaled(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores (n,), mean (n, C), var (n, C)) of scaled rows y (n, C) float32, advancing
