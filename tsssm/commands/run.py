@@ -40,7 +40,8 @@ def run(cfg: DictConfig, overrides: list[str], compose: Callable[[list[str]], Di
         run_id = train(step)
         trained.append(run_id)
         print(f"\n== tsssm score model={name} ==", flush=True)
-        score(compose([*base, f"model={name}", f"model.run_id={run_id}"]))
+        step = [*base, f"model={name}", f"model.run_id={run_id}"]
+        score(compose(step), step)
     print("\n== tsssm compare ==", flush=True)
     compare(compose([*base, f"compare.runs=[{','.join(trained)}]"]))
     print("\nall runs are in MLflow: mlflow ui --backend-store-uri "

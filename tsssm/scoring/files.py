@@ -120,11 +120,12 @@ def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | P
     started = clock.perf_counter()
     reader = StreamReader(path, spec, gaps=gaps, gap_factor=gap_factor, fill=fill,
                           batch_rows=batch_rows, name=name)
-    if reader.channels != scorer.channels:
+    if len(reader.channels) != len(scorer.channels):  # read in order as the model's channels
         from tsssm.errors import DataError
 
-        raise DataError(f"{reader.path}: channels {reader.channels} do not match the model's "
-                        f"{scorer.channels}")
+        raise DataError(f"{reader.path}: {len(reader.channels)} channel columns "
+                        f"{reader.channels}, the model has {len(scorer.channels)} "
+                        f"{scorer.channels}; name them with data.channels=[...]")
     scorer.reset(source=str(reader.path))
     scorer.moments = figures
     result = FileResult(str(reader.path), str(output), reader.name)

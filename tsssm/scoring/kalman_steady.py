@@ -199,16 +199,17 @@ class KalmanSteadyFilter:
             self.at_fixed_point, self.P = True, None
 
     # ------------------------------------------------------------------ one step
-    def step(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Advance by one observation y (C,) (NaN = missing): predictive (mean, var) (C,)."""
-        if self.at_fixed_point:
-            observed = y == y  # no NaN: cheaper than np.isnan(...).all() for small C
-            if observed.all():
-                ss = self.steady
-                Fm = _mv(self.F, self.m)
-                pred = (self.h * Fm).sum(-1)
-                self.m = Fm + ss.K * (y - pred)[:, None]
-                return pred, ss.S
+    def step(self, y: np.ndarray, observed: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Advance by one observation y (C,) (NaN = missing; ``observed=True``: the caller knows
+        there is none): predictive (mean, var) (C,), float64 (var is ``steady.S`` itself at the
+        fixed point)."""
+        if self.at_fixed_point and (observed or (observed is None and not np.isnan(y).any())):
+            ss = self.steady
+            Fm = np.matmul(self.F, self.m[..., None])[..., 0]
+            pred = np.einsum("cn,cn->c", self.h, Fm)
+            Fm += ss.K * (y - pred)[:, None]
+            self.m = Fm
+            return pred, ss.S
         return self._general_step(np.asarray(y, np.float64))
 
     def _general_step(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -110,19 +110,21 @@ def score_task(task: FileTask, bundle: Bundle, progress: bool = False,
 _WORKER: dict[str, Bundle] = {}  # the bundle of this worker process (set by _init_worker)
 
 
-def _init_worker(bundle: Bundle) -> None:
+def _init_worker(bundle: Bundle, device: str | None) -> None:
     import torch
 
     torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
     _WORKER["bundle"] = bundle
+    _WORKER["device"] = device
 
 
 def _run_in_worker(task: FileTask) -> FileResult:
-    return score_task(task, _WORKER["bundle"])
+    return score_task(task, _WORKER["bundle"], device=_WORKER["device"])
 
 
 def run_local(tasks: list[FileTask], bundle: Bundle, workers: int = 0,
-              on_done: Callable[[FileResult], None] | None = None) -> list[FileResult]:
+              on_done: Callable[[FileResult], None] | None = None,
+              device: str | None = None) -> list[FileResult]:
     """Score ``tasks`` in worker processes (``workers``: 0 = one per core); results in order."""
     workers = min(len(tasks), workers or os.cpu_count() or 1)
     if workers <= 1:
@@ -133,7 +135,7 @@ def run_local(tasks: list[FileTask], bundle: Bundle, workers: int = 0,
         try:
             results = []
             for task in tasks:
-                results.append(score_task(task, bundle))
+                results.append(score_task(task, bundle, device=device))
                 if on_done is not None:
                     on_done(results[-1])
             return results
@@ -144,7 +146,7 @@ def run_local(tasks: list[FileTask], bundle: Bundle, workers: int = 0,
 
     # spawn, not fork: torch and polars hold threads that a forked child would inherit dead
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker, initargs=(bundle,)) as pool:
+                             initializer=_init_worker, initargs=(bundle, device)) as pool:
         futures = {pool.submit(_run_in_worker, t): i for i, t in enumerate(tasks)}
         results: list[FileResult | None] = [None] * len(tasks)
         for future in as_completed(futures):
@@ -161,8 +163,8 @@ def run_local(tasks: list[FileTask], bundle: Bundle, workers: int = 0,
 
 # ---------------------------------------------------------------------------------- dask
 def run_dask(tasks: list[FileTask], bundle: Bundle, address: str | None = None,
-             workers: int = 0, on_done: Callable[[FileResult], None] | None = None
-             ) -> list[FileResult]:
+             workers: int = 0, on_done: Callable[[FileResult], None] | None = None,
+             device: str | None = None) -> list[FileResult]:
     """Score ``tasks`` on a Dask cluster: the scheduler at ``address``, or a LocalCluster of
     ``workers`` processes (0 = one per core) for the duration of the call."""
     try:
@@ -183,7 +185,7 @@ def run_dask(tasks: list[FileTask], bundle: Bundle, address: str | None = None,
         client = Client(cluster)
     try:
         shared = client.scatter(bundle, broadcast=True)  # each worker deserialises it once
-        futures = client.map(score_task, tasks, bundle=shared, pure=False)
+        futures = client.map(score_task, tasks, bundle=shared, device=device, pure=False)
         index = {f.key: i for i, f in enumerate(futures)}
         results: list[FileResult | None] = [None] * len(tasks)
         for future in as_completed(futures):
@@ -203,7 +205,8 @@ def run_dask(tasks: list[FileTask], bundle: Bundle, address: str | None = None,
 
 
 def run_tasks(tasks: list[FileTask], bundle: Bundle, engine: str = "local", workers: int = 0,
-              address: str | None = None, progress: bool = True) -> list[FileResult]:
+              address: str | None = None, progress: bool = True,
+              device: str | None = None) -> list[FileResult]:
     """Score every task with the chosen engine; a progress bar over the files."""
     if engine not in ENGINES:
         raise ConfigError(f"score.engine={engine!r}: choose one of {', '.join(ENGINES)}")
@@ -219,7 +222,7 @@ def run_tasks(tasks: list[FileTask], bundle: Bundle, engine: str = "local", work
 
     try:
         if engine == "dask":
-            return run_dask(tasks, bundle, address, workers, done)
-        return run_local(tasks, bundle, workers, done)
+            return run_dask(tasks, bundle, address, workers, done, device)
+        return run_local(tasks, bundle, workers, done, device)
     finally:
         bar.close()
