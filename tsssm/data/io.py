@@ -380,6 +380,17 @@ def _merge_duplicates(ordinal, time, values, labels, how: str):
 
 def _numeric(frame: pl.DataFrame, column: str, path: Path, first_row: int = 0) -> np.ndarray:
     series = frame.get_column(column)
+    if series.dtype == pl.Float32 and series.null_count() == 0:
+        # float32 without nulls (Parquet written by a sensor logger): no copy, and nothing can
+        # be beyond the float32 range; only inf is to be refused
+        out32 = series.to_numpy()
+        if np.isinf(out32).any():
+            row = int(np.flatnonzero(np.isinf(out32))[0])
+            raise DataError(
+                f"{path}: column '{column}' holds an infinite value at row "
+                f"{first_row + row + 1}; replace it by an empty cell (missing) or a real reading"
+            )
+        return out32
     if series.dtype == pl.String:
         stripped = series.str.strip_chars()
         empty = stripped.is_null() | (stripped == "") | stripped.str.to_lowercase().is_in(

@@ -244,14 +244,19 @@ class KalmanSteadyFilter:
     # ------------------------------------------------------------------ many steps
     def filter(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predictive (mean, var) (T, C) of every row of y (T, C) (NaN = missing), in order;
-        the state carries on to the next call."""
+        the state carries on to the next call. A chunk wholly at the fixed point gets its one
+        variance as a read-only broadcast view."""
         y = np.asarray(y, np.float64)
         T, width = y.shape
         if width != self.n_channels:
             raise ModelError(f"expected {self.n_channels} channels, got {width}")
         mean = np.empty((T, width))
-        var = np.empty((T, width))
         gaps = np.flatnonzero(np.isnan(y).any(1))  # rows that leave the fixed point
+        if self.at_fixed_point and len(gaps) == 0 and T:
+            # the whole chunk at the fixed point: one variance for every row (a read-only view)
+            self._steady_run(y, mean, None)
+            return mean, np.broadcast_to(self.steady.S, (T, width))
+        var = np.empty((T, width))
         t, g = 0, 0
         while t < T:
             if self.at_fixed_point:
@@ -266,20 +271,22 @@ class KalmanSteadyFilter:
             t += 1
         return mean, var
 
-    def _steady_run(self, y: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:
-        """Rows y (T, C), all observed, from the fixed point: outputs into mean/var (T, C)."""
+    def _steady_run(self, y: np.ndarray, mean: np.ndarray, var: np.ndarray | None) -> None:
+        """Rows y (T, C), all observed, from the fixed point: outputs into mean/var (T, C)
+        (var None: the caller needs no copy of the constant variance)."""
         ss = self.steady
-        var[:] = ss.S
+        if var is not None:
+            var[:] = ss.S
         T = len(y)
         L = BLOCK
         nb = T // L if T >= 4 * L else 0
         s = self.m
         if nb:
-            O, M, Cc, AL = self._block_matrices(L)
+            O, M, Cc, carries = self._block_matrices(L)
             main = nb * L
             Yb = np.ascontiguousarray(y[:main].T).reshape(self.n_channels, nb, L)  # (C, nb, L)
             U = np.matmul(Yb, Cc)  # (C, nb, n): each block's end state from a zero start
-            ends = _lti_states(AL, U, s)  # (C, nb, n) filtered state at each block's end
+            ends = carries.states(U, s)  # (C, nb, n) the filtered state at each block's end
             starts = np.concatenate([s[:, None, :], ends[:, :-1]], axis=1)
             pred = np.matmul(Yb, M) + np.matmul(starts, O)  # (C, nb, L)
             mean[:main] = pred.reshape(self.n_channels, main).T
@@ -296,8 +303,8 @@ class KalmanSteadyFilter:
     def _block_matrices(self, L: int) -> tuple[np.ndarray, ...]:
         """For blocks of L rows from the fixed point, with s the state before the block:
         pred (L,) = y_block @ M + s @ O; state after it = A^L s + y_block @ Cc.
-        O (C, n, L), M (C, L, L) strictly upper (pred_i from y_j, j < i), Cc (C, L, n),
-        A^L (C, n, n)."""
+        O (C, n, L), M (C, L, L) strictly upper (pred_i from y_j, j < i), Cc (C, L, n), and
+        the recurrence of the block ends (by A^L)."""
         if L in self._blocks:
             return self._blocks[L]
         ss = self.steady
@@ -314,47 +321,60 @@ class KalmanSteadyFilter:
         M = np.where(lag >= 0, markov[:, np.clip(lag, 0, L - 2)], 0.0)  # (C, L, L)
         # Cc[:, j] = A^(L-1-j) K
         Cc = np.einsum("icjk,ck->cij", powers[L - 1 :: -1][:L], ss.K)  # (C, L, n)
+        AL = np.ascontiguousarray(powers[L])
         out = (np.ascontiguousarray(O), np.ascontiguousarray(M), np.ascontiguousarray(Cc),
-               np.ascontiguousarray(powers[L]))
+               ConstantRecurrence(AL))
         self._blocks[L] = out
         return out
 
 
-def _lti_states(A: np.ndarray, u: np.ndarray, x0: np.ndarray, block: int = 16) -> np.ndarray:
-    """All states of x_k = A x_{k-1} + u_k, k = 0..N-1, x_{-1} = x0.
+class ConstantRecurrence:
+    """All states of x_k = A x_{k-1} + u_k, k = 0..N-1, x_{-1} = x0, for a constant A (C, n, n).
 
-    A (C, n, n) constant; u (C, N, n); x0 (C, n) -> (C, N, n). Blocks of ``block`` steps are
-    solved by one product with the block Toeplitz matrix of powers of A, their carries by the
-    same recurrence with A^block (recursively): O(log N) levels instead of N Python steps.
+    Blocks of ``block`` steps are solved by one product with the block Toeplitz matrix of powers
+    of A, their carries by the same recurrence with A^block (recursively, built on first use):
+    O(log N) levels instead of N Python steps. The matrices are built once per A.
     """
-    C, steps, n = u.shape
-    if steps <= block:
+
+    def __init__(self, A: np.ndarray, block: int = 16) -> None:
+        C, n, _ = A.shape
+        L = block
+        self.A, self.block = A, block
+        powers = np.empty((L + 1, C, n, n))
+        powers[0] = np.eye(n)
+        for i in range(1, L + 1):
+            powers[i] = np.matmul(A, powers[i - 1])
+        # row-vector form: x_row_block = u_row_block @ W, W[(j, a), (i, b)] = (A^(i-j))[b, a]
+        lag = np.arange(L)[None, :] - np.arange(L)[:, None]  # [j, i] -> i - j
+        Pt = np.swapaxes(powers, -1, -2)  # (L+1, C, n, n): (A^k)'
+        W = Pt[np.clip(lag, 0, L)] * (lag >= 0)[:, :, None, None, None]  # [j, i, C, a, b]
+        self.W = np.ascontiguousarray(W.transpose(2, 0, 3, 1, 4).reshape(C, L * n, L * n))
+        # V[(a), (i, b)] = (A^(i+1))[b, a]: the state before a block, into its steps
+        self.V = np.ascontiguousarray(Pt[1:].transpose(1, 2, 0, 3).reshape(C, n, L * n))
+        self.AL = np.ascontiguousarray(powers[L])
+        self._carry: ConstantRecurrence | None = None
+
+    def states(self, u: np.ndarray, x0: np.ndarray) -> np.ndarray:
+        """u (C, N, n), x0 (C, n) -> (C, N, n)."""
+        C, steps, n = u.shape
+        L = self.block
+        if steps <= L:
+            out = np.empty_like(u)
+            x = x0
+            for k in range(steps):
+                x = _mv(self.A, x) + u[:, k]
+                out[:, k] = x
+            return out
+        nb = steps // L
+        main = nb * L
+        local = np.matmul(u[:, :main].reshape(C, nb, L * n), self.W).reshape(C, nb, L, n)
+        if self._carry is None:
+            self._carry = ConstantRecurrence(self.AL, L)
+        ends = self._carry.states(np.ascontiguousarray(local[:, :, -1]), x0)
+        before = np.concatenate([x0[:, None, :], ends[:, :-1]], axis=1)  # (C, nb, n)
+        x = local + np.matmul(before, self.V).reshape(C, nb, L, n)
         out = np.empty_like(u)
-        x = x0
-        for k in range(steps):
-            x = _mv(A, x) + u[:, k]
-            out[:, k] = x
+        out[:, :main] = x.reshape(C, main, n)
+        if main < steps:
+            out[:, main:] = self.states(u[:, main:], out[:, main - 1])
         return out
-    L = block
-    powers = np.empty((L + 1, C, n, n))
-    powers[0] = np.eye(n)
-    for i in range(1, L + 1):
-        powers[i] = np.matmul(A, powers[i - 1])
-    # row-vector form: x_row_block = u_row_block @ W, W[(j, a), (i, b)] = (A^(i-j))[b, a], j <= i
-    lag = np.arange(L)[None, :] - np.arange(L)[:, None]  # [j, i] -> i - j
-    Pt = np.swapaxes(powers, -1, -2)  # (L+1, C, n, n): (A^k)'
-    W = Pt[np.clip(lag, 0, L)]  # (L, L, C, n, n) indexed [j, i]
-    W = W * (lag >= 0)[:, :, None, None, None]
-    W = W.transpose(2, 0, 3, 1, 4).reshape(C, L * n, L * n)
-    nb = steps // L
-    main = nb * L
-    local = np.matmul(u[:, :main].reshape(C, nb, L * n), W).reshape(C, nb, L, n)
-    ends = _lti_states(powers[L], np.ascontiguousarray(local[:, :, -1]), x0, block)
-    before = np.concatenate([x0[:, None, :], ends[:, :-1]], axis=1)  # (C, nb, n)
-    V = Pt[1:].transpose(1, 2, 0, 3).reshape(C, n, L * n)  # [(a), (i, b)] = (A^(i+1))[b, a]
-    x = local + np.matmul(before, V).reshape(C, nb, L, n)
-    out = np.empty_like(u)
-    out[:, :main] = x.reshape(C, main, n)
-    if main < steps:
-        out[:, main:] = _lti_states(A, u[:, main:], out[:, main - 1], block)
-    return out

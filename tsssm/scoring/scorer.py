@@ -43,6 +43,8 @@ log = logging.getLogger("tsssm")
 
 #: rows per model call: longer chunks are split (bounds the model's working memory)
 MAX_ROWS_PER_CALL = 65_536
+#: rows per model call on a GPU (the per-call overhead is large, the memory too)
+GPU_ROWS_PER_CALL = 1 << 20
 #: rows per call of the numpy Kalman engine: its temporaries then stay in the CPU's cache
 #: (measured on 8 channels: 4096 rows ~1.7x faster a row than 65536 or 8192)
 NUMPY_ROWS_PER_CALL = 4096
@@ -67,7 +69,8 @@ class ScoredRows(NamedTuple):
 
 
 def numpy_scores(y: np.ndarray, mean: np.ndarray, var: np.ndarray, kind: str) -> np.ndarray:
-    """:func:`tsssm.anomaly.scores.anomaly_scores` in numpy, float32: (n, C) -> (n,).
+    """:func:`tsssm.anomaly.scores.anomaly_scores` in numpy, float32: (n, C) -> (n,) (var may
+    be (C,), one for every row).
 
     The mean over the observed channels of ``(y - mean)^2 / var`` ("nis") or of the Gaussian
     negative log density ("nll"); 0 where no channel is observed; NumericalError if not finite.
@@ -152,7 +155,8 @@ class Scorer:
                               f"only; this model is {type(self.model).__name__} on {self.device}")
         if engine == "torch" or not fits:
             return None
-        return KalmanSteadyFilter.from_forecaster(self.model)
+        with _one_blas_thread():  # the Riccati solve: tiny matrices
+            return KalmanSteadyFilter.from_forecaster(self.model)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -306,7 +310,8 @@ class Scorer:
         start = self._rows_out
         scores = np.empty(len(values), np.float32)
         scaled, means, variances = [], [], []
-        step = NUMPY_ROWS_PER_CALL if self._kalman is not None else MAX_ROWS_PER_CALL
+        step = (NUMPY_ROWS_PER_CALL if self._kalman is not None else
+                MAX_ROWS_PER_CALL if self.device.type == "cpu" else GPU_ROWS_PER_CALL)
         for a in range(0, len(values), step):
             with np.errstate(over="ignore"):
                 chunk = self.scaler.transform(values[a : a + step])  # (n, C) float32
@@ -340,7 +345,11 @@ class Scorer:
         if self._kalman is not None:
             with _one_blas_thread():
                 mean, var = self._kalman.filter(y)
-            mean, var = mean.astype(np.float32), var.astype(np.float32)
+            mean = mean.astype(np.float32)
+            if var.strides[0] == 0 and not self.moments:  # one variance for every row
+                return numpy_scores(y, mean, var[0].astype(np.float32), self.score_kind), \
+                    mean, None
+            var = var.astype(np.float32)
             return numpy_scores(y, mean, var, self.score_kind), mean, var
         with torch.no_grad(), _few_torch_threads(len(y)):
             t = torch.from_numpy(np.ascontiguousarray(y)).to(self.device).unsqueeze(0)

@@ -1,0 +1,300 @@
+"""Scoring throughput and memory, file to file: `tsssm score`'s streaming path (read in batches,
+score with the state carried, write row groups) on one long stream of 8 channels, and on a fleet
+of many short streams sharded across worker processes or a local Dask cluster; beside the bound
+of just reading the same Parquet file (a polars scan of every column, no model).
+
+Every measurement runs in a fresh process, so its peak RSS (the operating system's accounting of
+the finished child, imports included) is that of one `tsssm score`; rows/s is the median over
+--repeats runs of the time from opening the input to the renamed output (model loading
+excluded). Inputs are generated once, in batches (never whole in memory), under --workdir and
+deleted at the end unless --keep-data.
+
+    python benchmarks/scoring.py                      # the CPU table (long: 10^8 rows)
+    python benchmarks/scoring.py --device cuda --sizes kalman=1e6,1e7 mamba=1e6,1e7,1e8 \\
+        --fleet 0 --repeats 1                         # the GPU table
+    python benchmarks/scoring.py --sizes kalman=1e6 --fleet 50 --repeats 1   # a quick check
+
+The hybrid forecasters of the forecasting issue are measured once they are on main
+(--sizes hybrid=...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHANNELS = 8
+DEFAULT_SIZES = {"kalman": [10**6, 10**7, 10**8], "mamba": [10**5]}
+
+
+# ------------------------------------------------------------------------------ inputs
+def generate(path: Path, rows: int, seed: int = 0, channels: int = CHANNELS,
+             group: int = 1 << 20) -> Path:
+    """A random-walk-plus-noise stream to Parquet, row group by row group (flat memory)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.exists():
+        return path
+    rng = np.random.default_rng(seed)
+    names = [f"c{i}" for i in range(channels)]
+    schema = pa.schema([("ts", pa.int64())] + [(n, pa.float32()) for n in names])
+    level = np.zeros(channels)
+    tmp = path.with_suffix(".tmp")
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, rows, group):
+            n = min(group, rows - start)
+            steps = rng.standard_normal((n, channels)) * 0.01
+            walk = level + np.cumsum(steps, axis=0)
+            level = walk[-1]
+            values = (walk + rng.standard_normal((n, channels))).astype(np.float32)
+            cols = [pa.array(np.arange(start, start + n, dtype=np.int64))]
+            cols += [pa.array(values[:, j]) for j in range(channels)]
+            writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+    os.replace(tmp, path)
+    return path
+
+
+def fleet(folder: Path, n: int, rows: int) -> Path:
+    """n short streams (one Parquet file each) in ``folder``."""
+    if folder.exists() and len(list(folder.glob("*.parquet"))) == n:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        generate(folder / f"s{i:05d}.parquet", rows, seed=i, group=rows)
+    return folder
+
+
+def make_bundle(model: str, folder: Path, device: str) -> Path:
+    """An untrained model of the default size (throughput does not depend on the weights),
+    with a threshold fitted on its own scores of a short normal stretch."""
+    import numpy as np
+    import torch
+
+    from tsssm.anomaly.thresholds import QuantileThreshold
+    from tsssm.bundle import Bundle, save_bundle
+    from tsssm.data.scaling import StandardScaler
+    from tsssm.tasks.evaluate import predict_stream
+
+    path = folder / f"bundle-{model}"
+    if path.exists():
+        return path
+    torch.manual_seed(0)
+    channels = [f"c{i}" for i in range(CHANNELS)]
+    if model == "kalman":
+        from tsssm.models.kalman import KalmanForecaster
+
+        config = {"_target_": "tsssm.models.kalman.KalmanForecaster",
+                  "components": ["level", "trend"]}
+        net = KalmanForecaster(CHANNELS)
+    elif model == "mamba":
+        from tsssm.models.mamba_forecaster import MambaForecaster
+
+        config = {"_target_": "tsssm.models.mamba_forecaster.MambaForecaster", "d_model": 64,
+                  "n_layers": 2, "d_state": 16, "horizon": 24}
+        net = MambaForecaster(CHANNELS, d_model=64, n_layers=2, d_state=16, horizon=24)
+    else:
+        raise SystemExit(f"unknown model {model!r} (kalman, mamba; hybrids once on main)")
+    net.eval()
+    rng = np.random.default_rng(1)
+    normal = (rng.standard_normal((2000, CHANNELS)).cumsum(0) * 0.01
+              + rng.standard_normal((2000, CHANNELS))).astype(np.float32)
+    scaler = StandardScaler.fit([normal], channels)
+    pred = predict_stream(net, scaler.transform(normal), "nis")
+    bundle = Bundle(net, config, model, channels, scaler, False,
+                    QuantileThreshold(0.99).fit(pred.score), "nis",
+                    {"time_column": "ts", "channels": channels, "separator": ",",
+                     "label_column": None})
+    return save_bundle(bundle, path)
+
+
+# ------------------------------------------------------------------------------ children
+def child(argv: list[str]) -> None:
+    """One measurement in this (fresh) process; prints one JSON line."""
+    kind, rest = argv[0], argv[1:]
+    if kind == "read":
+        import polars as pl
+
+        (path,) = rest
+        started, cpu = time.perf_counter(), time.process_time()
+        frame = pl.scan_parquet(path).select(pl.all().sum()).collect(engine="streaming")
+        rows = int(pl.scan_parquet(path).select(pl.len()).collect().item())
+        seconds = time.perf_counter() - started
+        assert frame.height == 1
+    elif kind == "score":
+        path, bundle, device, batch = rest
+        from tsssm.bundle import load_bundle
+        from tsssm.data.io import ReadSpec
+        from tsssm.scoring.files import score_file
+        from tsssm.scoring.scorer import Scorer
+
+        scorer = Scorer(load_bundle(bundle), device=device)
+        spec = ReadSpec(time_column="ts", channels=tuple(scorer.channels))
+        out = Path(path).with_name(Path(path).stem + f".scores-{os.getpid()}.parquet")
+        started, cpu = time.perf_counter(), time.process_time()
+        result = score_file(path, scorer, spec, out, batch_rows=int(batch), progress=False)
+        seconds = time.perf_counter() - started
+        rows = result.rows
+        out.unlink()
+    elif kind == "many":
+        folder, bundle, engine, workers = rest
+        from tsssm.bundle import load_bundle
+        from tsssm.data.io import ReadSpec
+        from tsssm.scoring.many import expand_inputs, plan, run_tasks
+
+        loaded = load_bundle(bundle)
+        spec = ReadSpec(time_column="ts", channels=tuple(loaded.channels))
+        out = Path(folder).with_name(Path(folder).name + f".scores-{os.getpid()}")
+        started, cpu = time.perf_counter(), time.process_time()
+        files, root = expand_inputs(folder)
+        results = run_tasks(plan(files, root, out, spec), loaded, engine=engine,
+                            workers=int(workers), progress=False)
+        seconds = time.perf_counter() - started
+        failed = [r.error for r in results if r.error]
+        if failed:
+            raise SystemExit(f"{len(failed)} files failed: {failed[0]}")
+        rows = sum(r.rows for r in results)
+        shutil.rmtree(out)
+    else:
+        raise SystemExit(f"unknown child {kind}")
+    import resource
+
+    workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"rows": rows, "seconds": seconds, "cpu_s": time.process_time() - cpu,
+                      "workers_rss_mb": workers_rss}))
+
+
+def run_child(argv: list[str]) -> dict:
+    """One child's JSON plus its peak RSS in MB (the kernel's rusage of that process, read by
+    wait4: imports and all)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", *argv], stdout=w,
+                            stderr=subprocess.PIPE, env=env)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    err = proc.stderr.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"child {argv} failed:\n{err[-3000:]}")
+    record = json.loads(out.strip().splitlines()[-1])
+    record["peak_rss_mb"] = usage.ru_maxrss / 1024
+    return record
+
+
+# ------------------------------------------------------------------------------ table
+def summarise(label: dict, runs: list[dict]) -> dict:
+    rates = [r["rows"] / r["seconds"] for r in runs]
+    return {**label, "rows": runs[0]["rows"], "runs": len(runs),
+            "rows_per_s": statistics.median(rates), "rows_per_s_min": min(rates),
+            "rows_per_s_max": max(rates),
+            "cpu_rows_per_s": statistics.median(r["rows"] / max(r["cpu_s"], 1e-9)
+                                                for r in runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "workers_rss_mb": max(r["workers_rss_mb"] for r in runs)}
+
+
+def table(records: list[dict]) -> str:
+    head = ("| device | what | rows | rows/s (median) | min..max | vs read | rows per CPU-s |"
+            " peak RSS MB | workers' peak MB |")
+    lines = [head, "|" + "---|" * 9]
+    bound = {(r["device"], r["rows"]): r["rows_per_s"] for r in records if r["what"] == "read"}
+    for r in records:
+        ref = bound.get((r["device"], r["rows"]))
+        vs = "" if r["what"] == "read" or ref is None else f"{r['rows_per_s'] / ref:.0%}"
+        workers = f"{r['workers_rss_mb']:.0f}" if r["what"].startswith("fleet") else ""
+        lines.append(f"| {r['device']} | {r['what']} | {r['rows']:.0e} | "
+                     f"{r['rows_per_s']:,.0f} | {r['rows_per_s_min']:,.0f}.."
+                     f"{r['rows_per_s_max']:,.0f} | {vs} | {r['cpu_rows_per_s']:,.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {workers} |")
+    return "\n".join(lines)
+
+
+def parse_sizes(items: list[str] | None) -> dict[str, list[int]]:
+    if not items:
+        return DEFAULT_SIZES
+    out = {}
+    for item in items:
+        model, _, sizes = item.partition("=")
+        out[model] = [int(float(s)) for s in sizes.split(",") if s]
+    return out
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2:])
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the model's device)")
+    p.add_argument("--sizes", nargs="*", help="model=rows,rows ... (default: kalman=1e6,1e7,"
+                   "1e8 mamba=1e5; Mamba's CPU scan is too slow for more here)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-rows", type=int, default=None,
+                   help="rows per batch (default 100000 on the CPU, 1048576 on a GPU)")
+    p.add_argument("--fleet", type=int, default=1000, help="streams in the fleet (0: none)")
+    p.add_argument("--fleet-rows", type=int, default=10_000)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--engines", nargs="*", default=["local", "dask"])
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/tsssm-scoring-bench"))
+    p.add_argument("--keep-data", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scoring.json")
+    args = p.parse_args()
+    sizes = parse_sizes(args.sizes)
+    batch = args.batch_rows or (100_000 if args.device == "cpu" else 1 << 20)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    records = []
+    started = time.perf_counter()
+    try:
+        for rows in sorted({n for ns in sizes.values() for n in ns}):
+            path = generate(args.workdir / f"stream-{rows:.0e}.parquet", rows)
+            runs = [run_child(["read", str(path)]) for _ in range(args.repeats)]
+            records.append(summarise({"device": args.device, "what": "read"}, runs))
+            print(table(records[-1:]).splitlines()[-1], flush=True)
+            for model, ns in sizes.items():
+                if rows not in ns:
+                    continue
+                bundle = make_bundle(model, args.workdir, args.device)
+                runs = [run_child(["score", str(path), str(bundle), args.device, str(batch)])
+                        for _ in range(args.repeats)]
+                records.append(summarise({"device": args.device, "what": model}, runs))
+                print(table(records[-1:]).splitlines()[-1], flush=True)
+        if args.fleet:
+            folder = fleet(args.workdir / f"fleet-{args.fleet}", args.fleet, args.fleet_rows)
+            bundle = make_bundle("kalman", args.workdir, args.device)
+            for engine in args.engines:
+                runs = [run_child(["many", str(folder), str(bundle), engine,
+                                   str(args.workers)]) for _ in range(args.repeats)]
+                what = f"fleet {args.fleet}x{args.fleet_rows:.0e} kalman, {engine} x{args.workers}"
+                records.append(summarise({"device": args.device, "what": what}, runs))
+                print(table(records[-1:]).splitlines()[-1], flush=True)
+    finally:
+        if not args.keep_data:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    print()
+    print(table(records))
+    print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
+          f"{time.perf_counter() - started:.0f} s, batch {batch} rows, repeats {args.repeats}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else []
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    args.out.write_text(json.dumps(previous + [{**r, "date": stamp, "batch_rows": batch,
+                                                "command": " ".join(sys.argv)}
+                                               for r in records], indent=1))
+
+
+if __name__ == "__main__":
+    main()
