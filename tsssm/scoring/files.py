@@ -12,6 +12,7 @@ Output columns (the scores Parquet of the project's conventions): ``stream``, ``
 
 from __future__ import annotations
 
+import functools
 import logging
 import time as clock
 from collections import deque
@@ -99,12 +100,22 @@ def scores_table(name: str, time: np.ndarray, rows: ScoredRows,
                  labels: np.ndarray | None) -> pa.Table:
     """One batch of the scores Parquet (columns as tsssm.commands.common.stream_frame)."""
     n = len(rows)
-    stream = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([name]))
-    columns = {"stream": stream, "time": pa.array(time),
+    stream = pa.DictionaryArray.from_arrays(_zeros(n), pa.array([name]), safe=False)
+    if time.dtype.kind == "M":  # datetime64[ns]: its int64 as arrow timestamps, no copy
+        stamps = pa.array(time.view(np.int64)).view(pa.timestamp("ns"))
+    else:
+        stamps = pa.array(time)
+    columns = {"stream": stream, "time": stamps,
                "score": pa.array(rows.score, pa.float32()), "flag": pa.array(rows.flag)}
     if labels is not None:
-        columns["label"] = pa.array(labels.astype(np.int8))
+        columns["label"] = pa.array(labels.astype(np.int8, copy=False))
     return pa.table(columns)
+
+
+@functools.lru_cache(maxsize=4)
+def _zeros(n: int) -> pa.Array:
+    """Dictionary indices of a batch (every row: entry 0), made once per batch length."""
+    return pa.array(np.zeros(n, np.int32))
 
 
 def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | Path, *,
