@@ -3,15 +3,16 @@ score with the state carried, write row groups) on one long stream of 8 channels
 of many short streams sharded across worker processes or a local Dask cluster; beside the bound
 of just reading the same Parquet file (a polars scan of every column, no model).
 
-Every measurement runs in a fresh process, so its peak RSS (the operating system's accounting of
-the finished child, imports included) is that of one `tsssm score`; rows/s is the median over
+Every measurement runs in a fresh process, so its peak RSS (the process's own high-water mark,
+VmHWM, imports included) is that of one `tsssm score`; with workers, the largest total of the
+process and its workers is sampled too. rows/s is the median over
 --repeats runs of the time from opening the input to the renamed output (model loading
 excluded). Inputs are generated once, in batches (never whole in memory), under --workdir and
 deleted at the end unless --keep-data.
 
     python benchmarks/scoring.py                      # the CPU table (long: 10^8 rows)
     python benchmarks/scoring.py --device cuda --sizes kalman=1e6,1e7 mamba=1e6,1e7,1e8 \\
-        --fleet 0 --repeats 1                         # the GPU table
+        --engines local --repeats 1                   # the GPU table
     python benchmarks/scoring.py --sizes kalman=1e6 --fleet 50 --repeats 1   # a quick check
 
 The hybrid forecasters of the forecasting issue are measured once they are on main
@@ -21,6 +22,7 @@ The hybrid forecasters of the forecasting issue are measured once they are on ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -147,8 +149,17 @@ def child(argv: list[str]) -> None:
         seconds = time.perf_counter() - started
         rows = result.rows
         out.unlink()
+    elif kind == "live":
+        bundle, n = rest
+        record = live(bundle, int(n))
+        print(json.dumps({**record, "peak_rss_mb": high_water_mb(), "tree_rss_mb": 0.0}))
+        return
+    elif kind == "bundle":
+        model, folder, device = rest
+        print(json.dumps({"path": str(make_bundle(model, Path(folder), device))}))
+        return
     elif kind == "many":
-        folder, bundle, engine, workers = rest
+        folder, bundle, engine, workers, device = rest
         from tsssm.bundle import load_bundle
         from tsssm.data.io import ReadSpec
         from tsssm.scoring.many import expand_inputs, plan, run_tasks
@@ -156,11 +167,14 @@ def child(argv: list[str]) -> None:
         loaded = load_bundle(bundle)
         spec = ReadSpec(time_column="ts", channels=tuple(loaded.channels))
         out = Path(folder).with_name(Path(folder).name + f".scores-{os.getpid()}")
+        sampler = TreeSampler()
         started, cpu = time.perf_counter(), time.process_time()
         files, root = expand_inputs(folder)
         results = run_tasks(plan(files, root, out, spec), loaded, engine=engine,
-                            workers=int(workers), progress=False)
+                            workers=int(workers), progress=False,
+                            device=None if device == "cpu" else device)
         seconds = time.perf_counter() - started
+        tree = sampler.stop()
         failed = [r.error for r in results if r.error]
         if failed:
             raise SystemExit(f"{len(failed)} files failed: {failed[0]}")
@@ -168,31 +182,92 @@ def child(argv: list[str]) -> None:
         shutil.rmtree(out)
     else:
         raise SystemExit(f"unknown child {kind}")
-    import resource
-
-    workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"rows": rows, "seconds": seconds, "cpu_s": time.process_time() - cpu,
-                      "workers_rss_mb": workers_rss}))
+                      "peak_rss_mb": high_water_mb(),
+                      "tree_rss_mb": tree if kind == "many" else 0.0}))
+
+
+def high_water_mb() -> float:
+    """This process's peak resident set (VmHWM: of its own memory image, unlike ru_maxrss,
+    which after exec still counts the image of the process that forked it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class TreeSampler:
+    """The largest total resident set of this process and all its descendants (the workers),
+    sampled every 0.2 s on a thread."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self.peak = 0.0
+        self._stop = threading.Event()
+        me = psutil.Process()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                total = 0
+                for p in [me, *me.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):  # a worker that just ended
+                        total += p.memory_info().rss
+                self.peak = max(self.peak, total / 2**20)
+                self._stop.wait(0.2)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def live(bundle: str, n: int) -> dict:
+    """One stream sample by sample through Scorer.update on one CPU core: samples/s and the
+    latency of each update."""
+    import numpy as np
+    import torch
+
+    from tsssm.bundle import load_bundle
+    from tsssm.scoring.scorer import Scorer
+
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
+    torch.set_num_threads(1)
+    scorer = Scorer(load_bundle(bundle))
+    rng = np.random.default_rng(2)
+    raw = (rng.standard_normal((n + 1000, CHANNELS)).cumsum(0) * 0.01
+           + rng.standard_normal((n + 1000, CHANNELS))).astype(np.float32)
+    for row in raw[:1000]:  # past the filter's start-up
+        scorer.update(row)
+    latency = np.empty(n)
+    clock = time.perf_counter
+    started, cpu = clock(), time.process_time()
+    for i in range(n):
+        t = clock()
+        scorer.update(raw[1000 + i])
+        latency[i] = clock() - t
+    seconds = clock() - started
+    return {"rows": n, "seconds": seconds, "cpu_s": time.process_time() - cpu,
+            "p50_us": float(np.percentile(latency, 50) * 1e6),
+            "p99_us": float(np.percentile(latency, 99) * 1e6),
+            "max_us": float(latency.max() * 1e6)}
 
 
 def run_child(argv: list[str]) -> dict:
-    """One child's JSON plus its peak RSS in MB (the kernel's rusage of that process, read by
-    wait4: imports and all)."""
+    """One measurement in a fresh process: its JSON line (with its own peak RSS)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    r, w = os.pipe()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", *argv], stdout=w,
-                            stderr=subprocess.PIPE, env=env)
-    os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read()
-    err = proc.stderr.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.Popen([sys.executable, __file__, "--child", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out, err = (x.decode(errors="replace") for x in proc.communicate())
+    proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"child {argv} failed:\n{err[-3000:]}")
-    record = json.loads(out.strip().splitlines()[-1])
-    record["peak_rss_mb"] = usage.ru_maxrss / 1024
-    return record
+    return json.loads(out.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------ table
@@ -204,18 +279,23 @@ def summarise(label: dict, runs: list[dict]) -> dict:
             "cpu_rows_per_s": statistics.median(r["rows"] / max(r["cpu_s"], 1e-9)
                                                 for r in runs),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-            "workers_rss_mb": max(r["workers_rss_mb"] for r in runs)}
+            "tree_rss_mb": max(r["tree_rss_mb"] for r in runs),
+            **({k: statistics.median(r[k] for r in runs) for k in ("p50_us", "p99_us")}
+               if "p99_us" in runs[0] else {}),
+            **({"max_us": max(r["max_us"] for r in runs)} if "max_us" in runs[0] else {})}
 
 
 def table(records: list[dict]) -> str:
     head = ("| device | what | rows | rows/s (median) | min..max | vs read | rows per CPU-s |"
-            " peak RSS MB | workers' peak MB |")
+            " peak RSS MB | with workers MB |")
     lines = [head, "|" + "---|" * 9]
     bound = {(r["device"], r["rows"]): r["rows_per_s"] for r in records if r["what"] == "read"}
     for r in records:
         ref = bound.get((r["device"], r["rows"]))
         vs = "" if r["what"] == "read" or ref is None else f"{r['rows_per_s'] / ref:.0%}"
-        workers = f"{r['workers_rss_mb']:.0f}" if r["what"].startswith("fleet") else ""
+        workers = f"{r['tree_rss_mb']:.0f}" if r["what"].startswith("fleet") else ""
+        if "p99_us" in r:  # live: latency instead of the read comparison
+            vs = f"p50 {r['p50_us']:.0f} us, p99 {r['p99_us']:.0f} us, max {r['max_us']:.0f} us"
         lines.append(f"| {r['device']} | {r['what']} | {r['rows']:.0e} | "
                      f"{r['rows_per_s']:,.0f} | {r['rows_per_s_min']:,.0f}.."
                      f"{r['rows_per_s_max']:,.0f} | {vs} | {r['cpu_rows_per_s']:,.0f} | "
@@ -248,6 +328,8 @@ def main() -> None:
     p.add_argument("--fleet-rows", type=int, default=10_000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--engines", nargs="*", default=["local", "dask"])
+    p.add_argument("--live", type=int, default=200_000,
+                   help="samples of the live (one core, sample by sample) run; 0: none")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/tsssm-scoring-bench"))
     p.add_argument("--keep-data", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scoring.json")
@@ -267,20 +349,28 @@ def main() -> None:
             for model, ns in sizes.items():
                 if rows not in ns:
                     continue
-                bundle = make_bundle(model, args.workdir, args.device)
+                bundle = run_child(["bundle", model, str(args.workdir), args.device])["path"]
                 runs = [run_child(["score", str(path), str(bundle), args.device, str(batch)])
                         for _ in range(args.repeats)]
                 records.append(summarise({"device": args.device, "what": model}, runs))
                 print(table(records[-1:]).splitlines()[-1], flush=True)
         if args.fleet:
             folder = fleet(args.workdir / f"fleet-{args.fleet}", args.fleet, args.fleet_rows)
-            bundle = make_bundle("kalman", args.workdir, args.device)
+            bundle = run_child(["bundle", "kalman", str(args.workdir), args.device])["path"]
             for engine in args.engines:
                 runs = [run_child(["many", str(folder), str(bundle), engine,
-                                   str(args.workers)]) for _ in range(args.repeats)]
+                                   str(args.workers), args.device])
+                        for _ in range(args.repeats)]
                 what = f"fleet {args.fleet}x{args.fleet_rows:.0e} kalman, {engine} x{args.workers}"
                 records.append(summarise({"device": args.device, "what": what}, runs))
                 print(table(records[-1:]).splitlines()[-1], flush=True)
+        if args.live and args.device == "cpu":
+            bundle = run_child(["bundle", "kalman", str(args.workdir), "cpu"])["path"]
+            runs = [run_child(["live", str(bundle), str(args.live)])
+                    for _ in range(args.repeats)]
+            records.append(summarise({"device": "cpu (1 core)", "what": "live kalman, "
+                                      "Scorer.update per sample"}, runs))
+            print(table(records[-1:]).splitlines()[-1], flush=True)
     finally:
         if not args.keep_data:
             shutil.rmtree(args.workdir, ignore_errors=True)

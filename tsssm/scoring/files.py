@@ -138,6 +138,8 @@ def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | P
                         f"{reader.channels}, the model has {len(scorer.channels)} "
                         f"{scorer.channels}; name them with data.channels=[...]")
     scorer.reset(source=str(reader.path))
+    # figures need every row's forecast: only for streams short enough to draw
+    figures = figures and (reader.total_rows or 0) <= FIGURE_MAX_ROWS
     scorer.moments = figures
     result = FileResult(str(reader.path), str(output), reader.name)
     labelled = reader.has_labels
@@ -166,8 +168,9 @@ def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | P
                               np.count_nonzero(~lab & ~part.flag),
                               np.count_nonzero(lab & ~part.flag)]
             if figure is not None:
-                if out.start + done + take > FIGURE_MAX_ROWS:
+                if out.start + done + take > FIGURE_MAX_ROWS:  # longer than its estimate
                     figure = None
+                    scorer.moments = False
                 else:
                     sl = slice(done, done + take)
                     for key, value in (("time", time), ("scaled", out.scaled[sl]),

@@ -4,7 +4,9 @@ without losing the others.
 Engines (``score.engine``):
 
 - ``local`` (default): worker processes on this machine (``score.workers``, default one per core),
-  each with its own single-threaded model; the bundle is sent to every worker once.
+  each with its own single-threaded model; the bundle is sent to every worker once. With
+  ``score.device=cuda`` one process instead stacks the files into batched calls on the GPU
+  (tsssm.scoring.batched).
 - ``dask``: the tasks of a Dask cluster (``pip install "tsssm[cluster]"``): a scheduler at
   ``score.address`` (``tcp://host:8786``), or a ``distributed.LocalCluster`` of ``score.workers``
   processes started for the command. Inputs and outputs must be on a filesystem every worker sees.
@@ -223,6 +225,11 @@ def run_tasks(tasks: list[FileTask], bundle: Bundle, engine: str = "local", work
     try:
         if engine == "dask":
             return run_dask(tasks, bundle, address, workers, done, device)
+        if device is not None and str(device).startswith("cuda"):
+            # one process on the GPU, files stacked into its model calls (tsssm.scoring.batched)
+            from tsssm.scoring.batched import run_batched
+
+            return run_batched(tasks, bundle, device, on_done=done)
         return run_local(tasks, bundle, workers, done, device)
     finally:
         bar.close()
