@@ -130,18 +130,26 @@ def child(argv: list[str]) -> None:
 
         (path,) = rest
         started, cpu = time.perf_counter(), time.process_time()
-        frame = pl.scan_parquet(path).select(pl.all().sum()).collect(engine="streaming")
+        query = pl.scan_parquet(path).select(pl.all().sum())
+        try:
+            frame = query.collect(engine="streaming")
+        except (TypeError, ValueError):  # polars before the new streaming engine
+            frame = query.collect(streaming=True)
         rows = int(pl.scan_parquet(path).select(pl.len()).collect().item())
         seconds = time.perf_counter() - started
         assert frame.height == 1
     elif kind == "score":
         path, bundle, device, batch = rest
+        import numpy as np
+
         from tsssm.bundle import load_bundle
         from tsssm.data.io import ReadSpec
         from tsssm.scoring.files import score_file
         from tsssm.scoring.scorer import Scorer
 
         scorer = Scorer(load_bundle(bundle), device=device)
+        scorer.update_many(np.zeros((4096, CHANNELS), np.float32))  # compile kernels, not timed
+        scorer.reset()
         spec = ReadSpec(time_column="ts", channels=tuple(scorer.channels))
         out = Path(path).with_name(Path(path).stem + f".scores-{os.getpid()}.parquet")
         started, cpu = time.perf_counter(), time.process_time()

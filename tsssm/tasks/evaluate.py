@@ -40,8 +40,10 @@ def predict_stream(model, values: np.ndarray, score_kind: str, chunk_size: int =
     device = _device_of(model)
     state = None
     means, variances, scores = [], [], []
-    starts = range(0, len(values), chunk_size)
-    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, unit="chunk"):
+    # rows/s and the ETA for streams of 10^4 rows or more
+    bar = tqdm(total=len(values), desc=desc, unit="rows", unit_scale=True, leave=False,
+               disable=not progress or len(values) < 10_000)
+    for start in range(0, len(values), chunk_size):
         y = torch.from_numpy(np.ascontiguousarray(values[start : start + chunk_size]))
         y = y.to(device=device, dtype=torch.float32).unsqueeze(0)  # (1, T, C)
         pred, state = model.one_step(y, state)
@@ -49,6 +51,8 @@ def predict_stream(model, values: np.ndarray, score_kind: str, chunk_size: int =
         means.append(pred.mean[0].float().cpu().numpy())
         variances.append(pred.var[0].float().cpu().numpy())
         scores.append(score[0].float().cpu().numpy())
+        bar.update(y.shape[1])
+    bar.close()
     return StreamPrediction(np.concatenate(means), np.concatenate(variances),
                             np.concatenate(scores))
 
