@@ -230,7 +230,8 @@ class ScoreConfig:
     output: str | None = None
     #: many files: local (worker processes) or dask (a Dask cluster; pip install tsssm[cluster])
     engine: str = "local"
-    #: worker processes (local) or LocalCluster workers (dask); 0: one per CPU core
+    #: worker processes (local) or LocalCluster workers (dask); 0: one per CPU core; with
+    #: score.device=cuda the GPUs the files are sharded over (0: every visible GPU)
     workers: int = 0
     #: a running Dask scheduler, e.g. tcp://host:8786 (default: a local cluster for the command)
     address: str | None = None

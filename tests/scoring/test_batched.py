@@ -50,3 +50,39 @@ def test_a_group_equals_each_file_alone(tmp_path, family, per_stream):
         np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=tol,
                                    atol=tol)
         assert result.counts == alone.counts
+
+
+def test_sharded_over_two_processes_equals_one(tmp_path):
+    """score.device=cuda with several GPUs: one process per device, each a contiguous share
+    of the files; run here with two CPU processes in place of two GPUs."""
+    from tsssm.scoring.many import run_sharded
+
+    bundle = make_bundle("kalman")
+    paths = [write(tmp_path / f"s{i}.parquet", 120 + 40 * i, seed=i) for i in range(5)]
+    tasks = [FileTask(str(p), str(tmp_path / d / f"{p.stem}.parquet"), p.stem, SPEC,
+                      batch_rows=64) for d in ("one", "two") for p in paths]
+    done = []
+    one = run_sharded(tasks[:5], bundle, ["cpu"])
+    two = run_sharded(tasks[5:], bundle, ["cpu", "cpu"], on_done=done.append)
+    assert sorted(r.name for r in done) == sorted(p.stem for p in paths)
+    for a, b in zip(one, two):
+        assert a.error is None and b.error is None and a.rows == b.rows and a.name == b.name
+        np.testing.assert_array_equal(pl.read_parquet(a.output)["score"].to_numpy(),
+                                      pl.read_parquet(b.output)["score"].to_numpy())
+
+
+def test_gpu_devices_without_a_gpu(monkeypatch):
+    import torch
+
+    from tsssm.errors import ConfigError
+    from tsssm.scoring.many import gpu_devices
+
+    assert gpu_devices("cuda:1") == ["cuda:1"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ConfigError, match="no CUDA device is visible"):
+        gpu_devices("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert gpu_devices("cuda") == ["cuda:0", "cuda:1"]
+    assert gpu_devices("cuda", 1) == ["cuda:0"]
+    with pytest.raises(ConfigError, match="score.workers=4 GPUs"):
+        gpu_devices("cuda", 4)

@@ -5,8 +5,9 @@ Engines (``score.engine``):
 
 - ``local`` (default): worker processes on this machine (``score.workers``, default one per core),
   each with its own single-threaded model; the bundle is sent to every worker once. With
-  ``score.device=cuda`` one process instead stacks the files into batched calls on the GPU
-  (tsssm.scoring.batched).
+  ``score.device=cuda`` the files are instead stacked into batched calls on the GPU
+  (tsssm.scoring.batched), sharded over the visible GPUs (``score.workers`` of them; 0: all),
+  one process per GPU (:func:`run_sharded`).
 - ``dask``: the tasks of a Dask cluster (``pip install "tsssm[cluster]"``): a scheduler at
   ``score.address`` (``tcp://host:8786``), or a ``distributed.LocalCluster`` of ``score.workers``
   processes started for the command. Inputs and outputs must be on a filesystem every worker sees.
@@ -163,6 +164,63 @@ def run_local(tasks: list[FileTask], bundle: Bundle, workers: int = 0,
     return results  # type: ignore[return-value]
 
 
+# ---------------------------------------------------------------------------------- GPUs
+def gpu_devices(device: str, workers: int = 0) -> list[str]:
+    """The devices ``score.device=cuda`` shards files over: ``cuda:0 .. cuda:N-1`` for the
+    first ``workers`` visible GPUs (0: all of them); a numbered device (``cuda:1``) alone."""
+    import torch
+
+    if ":" in device:
+        return [device]
+    visible = torch.cuda.device_count()
+    if visible == 0:
+        raise ConfigError("score.device=cuda, but no CUDA device is visible; leave score.device "
+                          "unset to score on the CPU")
+    if workers > visible:
+        raise ConfigError(f"score.workers={workers} GPUs asked for, {visible} visible")
+    return [f"cuda:{i}" for i in range(workers or visible)]
+
+
+def _run_shard(tasks: list[FileTask], bundle: Bundle, device: str) -> list[FileResult]:
+    from tsssm.scoring.batched import run_batched
+
+    return run_batched(tasks, bundle, device)
+
+
+def run_sharded(tasks: list[FileTask], bundle: Bundle, devices: list[str],
+                on_done: Callable[[FileResult], None] | None = None) -> list[FileResult]:
+    """Score ``tasks`` stacked into batched model calls (tsssm.scoring.batched), sharded over
+    ``devices``: one process per device, each with a contiguous share of the files (files of
+    similar length stay together). One device: in this process. Results in order."""
+    from tsssm.scoring.batched import run_batched
+
+    if len(devices) <= 1 or len(tasks) <= 1:
+        return run_batched(tasks, bundle, devices[0] if devices else None, on_done=on_done)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    n = min(len(devices), len(tasks))
+    bounds = [len(tasks) * k // n for k in range(n + 1)]
+    shards = [(bounds[k], bounds[k + 1]) for k in range(n)]
+    results: list[FileResult | None] = [None] * len(tasks)
+    with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_shard, tasks[a:b], bundle, devices[k]): (a, b, devices[k])
+                   for k, (a, b) in enumerate(shards)}
+        for future in as_completed(futures):
+            a, b, device = futures[future]
+            try:
+                shard = future.result()
+            except Exception as err:  # the process died (out of memory, a signal)
+                shard = [FileResult(t.path, None, t.name,
+                                    error=f"the process scoring on {device} failed: {err}")
+                         for t in tasks[a:b]]
+            for i, result in enumerate(shard):
+                results[a + i] = result
+                if on_done is not None:
+                    on_done(result)
+    return results  # type: ignore[return-value]
+
+
 # ---------------------------------------------------------------------------------- dask
 def run_dask(tasks: list[FileTask], bundle: Bundle, address: str | None = None,
              workers: int = 0, on_done: Callable[[FileResult], None] | None = None,
@@ -226,10 +284,8 @@ def run_tasks(tasks: list[FileTask], bundle: Bundle, engine: str = "local", work
         if engine == "dask":
             return run_dask(tasks, bundle, address, workers, done, device)
         if device is not None and str(device).startswith("cuda"):
-            # one process on the GPU, files stacked into its model calls (tsssm.scoring.batched)
-            from tsssm.scoring.batched import run_batched
-
-            return run_batched(tasks, bundle, device, on_done=done)
+            # files stacked into batched model calls, one process per GPU
+            return run_sharded(tasks, bundle, gpu_devices(str(device), workers), done)
         return run_local(tasks, bundle, workers, done, device)
     finally:
         bar.close()
