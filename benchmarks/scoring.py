@@ -11,8 +11,8 @@ excluded). Inputs are generated once, in batches (never whole in memory), under 
 deleted at the end unless --keep-data.
 
     python benchmarks/scoring.py                      # the CPU table (long: 10^8 rows)
-    python benchmarks/scoring.py --device cuda --sizes kalman=1e6,1e7 mamba=1e6,1e7,1e8 \\
-        --engines local --repeats 1                   # the GPU table
+    python benchmarks/scoring.py --device cuda --sizes kalman=1e6 mamba=1e6,1e7,1e8 \\
+        --engines local --workers 1 2 --fleet-models kalman mamba --repeats 1   # the GPU table
     python benchmarks/scoring.py --sizes kalman=1e6 --fleet 50 --repeats 1   # a quick check
 
 The hybrid forecasters of the forecasting issue are measured once they are on main
@@ -211,10 +211,15 @@ class TreeSampler:
     def __init__(self) -> None:
         import threading
 
-        import psutil
-
         self.peak = 0.0
         self._stop = threading.Event()
+        try:
+            import psutil
+        except ImportError:  # not installed (a bare GPU machine): no total
+            self.peak = float("nan")
+            self._thread = threading.Thread(target=lambda: None)
+            self._thread.start()
+            return
         me = psutil.Process()
 
         def sample() -> None:
@@ -266,12 +271,32 @@ def live(bundle: str, n: int) -> dict:
             "max_us": float(latency.max() * 1e6)}
 
 
+_CHILDREN: list[subprocess.Popen] = []
+
+
+def _stop_on_sigterm() -> None:
+    """A `timeout` around the benchmark ends the measurement in flight too, and the table of
+    what was measured so far is still written."""
+    import signal
+
+    def stop(signum, frame):
+        for proc in _CHILDREN:
+            proc.kill()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run_child(argv: list[str]) -> dict:
     """One measurement in a fresh process: its JSON line (with its own peak RSS)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, __file__, "--child", *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    out, err = (x.decode(errors="replace") for x in proc.communicate())
+    _CHILDREN.append(proc)
+    try:
+        out, err = (x.decode(errors="replace") for x in proc.communicate())
+    finally:
+        _CHILDREN.remove(proc)
     proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"child {argv} failed:\n{err[-3000:]}")
@@ -334,7 +359,10 @@ def main() -> None:
                    help="rows per batch (default 100000 on the CPU, 1048576 on a GPU)")
     p.add_argument("--fleet", type=int, default=1000, help="streams in the fleet (0: none)")
     p.add_argument("--fleet-rows", type=int, default=10_000)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--fleet-models", nargs="+", default=["kalman"],
+                   help="the models the fleet is scored with")
+    p.add_argument("--workers", type=int, nargs="+", default=[2],
+                   help="worker processes of the fleet runs (with --device cuda: GPUs), each")
     p.add_argument("--engines", nargs="*", default=["local", "dask"])
     p.add_argument("--live", type=int, default=200_000,
                    help="samples of the live (one core, sample by sample) run; 0: none")
@@ -342,6 +370,7 @@ def main() -> None:
     p.add_argument("--keep-data", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scoring.json")
     args = p.parse_args()
+    _stop_on_sigterm()
     sizes = parse_sizes(args.sizes)
     batch = args.batch_rows or (100_000 if args.device == "cpu" else 1 << 20)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -364,14 +393,17 @@ def main() -> None:
                 print(table(records[-1:]).splitlines()[-1], flush=True)
         if args.fleet:
             folder = fleet(args.workdir / f"fleet-{args.fleet}", args.fleet, args.fleet_rows)
-            bundle = run_child(["bundle", "kalman", str(args.workdir), args.device])["path"]
-            for engine in args.engines:
-                runs = [run_child(["many", str(folder), str(bundle), engine,
-                                   str(args.workers), args.device])
-                        for _ in range(args.repeats)]
-                what = f"fleet {args.fleet}x{args.fleet_rows:.0e} kalman, {engine} x{args.workers}"
-                records.append(summarise({"device": args.device, "what": what}, runs))
-                print(table(records[-1:]).splitlines()[-1], flush=True)
+            for model in args.fleet_models:
+                bundle = run_child(["bundle", model, str(args.workdir), args.device])["path"]
+                for engine, workers in ((e, w) for e in args.engines for w in args.workers):
+                    runs = [run_child(["many", str(folder), str(bundle), engine,
+                                       str(workers), args.device])
+                            for _ in range(args.repeats)]
+                    where = f"{workers} GPU(s)" if args.device == "cuda" and engine == "local" \
+                        else f"{engine} x{workers}"
+                    what = f"fleet {args.fleet}x{args.fleet_rows:.0e} {model}, {where}"
+                    records.append(summarise({"device": args.device, "what": what}, runs))
+                    print(table(records[-1:]).splitlines()[-1], flush=True)
         if args.live and args.device == "cpu":
             bundle = run_child(["bundle", "kalman", str(args.workdir), "cpu"])["path"]
             runs = [run_child(["live", str(bundle), str(args.live)])
@@ -382,16 +414,31 @@ def main() -> None:
     finally:
         if not args.keep_data:
             shutil.rmtree(args.workdir, ignore_errors=True)
-    print()
-    print(table(records))
-    print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
-          f"{time.perf_counter() - started:.0f} s, batch {batch} rows, repeats {args.repeats}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(args.out.read_text()) if args.out.exists() else []
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    args.out.write_text(json.dumps(previous + [{**r, "date": stamp, "batch_rows": batch,
-                                                "command": " ".join(sys.argv)}
-                                               for r in records], indent=1))
+        print()
+        print(table(records))
+        print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, "
+              f"{time.perf_counter() - started:.0f} s, batch {batch} rows, repeats "
+              f"{args.repeats}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(args.out.read_text()) if args.out.exists() else []
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        args.out.write_text(json.dumps(previous + [
+            {**r, "date": stamp, "batch_rows": batch, "machine": machine(),
+             "command": " ".join(sys.argv)} for r in records], indent=1))
+
+
+def machine() -> str:
+    """CPU cores and memory, and the GPU where one is visible."""
+    text = f"{os.cpu_count()} cores"
+    with contextlib.suppress(OSError, ValueError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        text += f", {kb / 2**20:.0f} GiB"
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            text += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return text
 
 
 if __name__ == "__main__":

@@ -48,6 +48,15 @@ def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path, tracking_override
     losses = [[m.value for m in client.get_metric_history(r.info.run_id, "train/loss")]
               for r in found]
     assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-6)
+    # throughput counts every rank's share: as many streams and rows an epoch as one process
+    for name in ("samples", "rows"):
+        counts = []
+        for r in found:
+            rate, seconds = (client.get_metric_history(r.info.run_id, f"train/{k}")
+                             for k in (f"{name}_per_s", "epoch_seconds"))
+            assert len(rate) == 2 and all(m.value > 0 for m in rate)
+            counts.append([a.value * b.value for a, b in zip(rate, seconds)])
+        assert counts[0] == pytest.approx(counts[1], rel=1e-9)
     thetas = [load_bundle(tmp_path / "out" / "models" / r.info.run_id).model.theta.detach()
               for r in found]
     torch.testing.assert_close(thetas[0], thetas[1], rtol=1e-6, atol=1e-8)

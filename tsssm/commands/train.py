@@ -31,7 +31,7 @@ from tsssm.data.datamodule import SeriesDataModule
 from tsssm.data.datasets import PreparedData, build_dataset
 from tsssm.distributed import NullTracker, is_distributed, is_secondary, launch_workers_as
 from tsssm.errors import ConfigError, ModelError
-from tsssm.tasks.callbacks import InterruptWatch, RngState, TrackerCallback
+from tsssm.tasks.callbacks import InterruptWatch, RngState, Throughput, TrackerCallback
 from tsssm.tasks.checkpoint_io import AtomicCheckpointIO
 from tsssm.tasks.evaluate import Evaluation, evaluate
 from tsssm.tasks.forecast import ForecastTask
@@ -79,6 +79,7 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
             enable_version_counter=False, every_n_train_steps=every_steps,
             every_n_epochs=None if every_steps else cfg.trainer.checkpoint_every_n_epochs),
         TrackerCallback(tracker),
+        Throughput(tracker),
         RngState(),
         watch,
     ]
