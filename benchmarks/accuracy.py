@@ -10,6 +10,8 @@ One command trains and evaluates the models and the classical baselines and merg
     python benchmarks/accuracy.py --suite ett --root /path/to/ETT-small --small
     # SKAB: every detector on the 34 fault files (see benchmarks/accuracy_skab.py)
     python benchmarks/accuracy.py --suite skab --root /path/to/SKAB
+    # SKAB with the real time steps (data.gaps=time) beside data.gaps=keep (accuracy_gaps.py)
+    python benchmarks/accuracy.py --suite gaps --root /path/to/SKAB
 
 Neural and Kalman models run through the user's own command, ``tsssm train experiment=ett ...``,
 each in its own process with its own tracking store (``--jobs`` of them at once); the record's
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling suite mo
 
 from records import RESULTS  # noqa: E402
 
-SUITES = {"ett": "accuracy_ett", "skab": "accuracy_skab"}
+SUITES = {"ett": "accuracy_ett", "skab": "accuracy_skab", "gaps": "accuracy_gaps"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -193,13 +193,13 @@ def artifact_store_fills_up(monkeypatch) -> None:
 
 
 def output_dir_fills_up(monkeypatch) -> None:
-    """The output folder runs out of space while a figure is written."""
+    """The output folder runs out of space while the figure report is written."""
     from tsssm import plots
 
-    def save_html(fig, path):
+    def save_report(figures, path, title=""):
         _half_then_full(Path(path), b"<html>" + b"x" * 1000)
 
-    monkeypatch.setattr(plots, "save_html", save_html)
+    monkeypatch.setattr(plots, "save_report", save_report)
 
 
 def stdin_with_a_bad_row(monkeypatch) -> None:
@@ -283,7 +283,8 @@ CASES: list[Case] = [
     # config: composition and validation (no run is made)
     Case("unknown-command", "fly", (), status=None, words=("unknown command 'fly'",)),
     Case("unknown-group-option", "train", ("model=lstm",), status=None,
-         words=("unknown option 'lstm' for config group 'model'", "kalman, mamba")),
+         words=("unknown option 'lstm' for config group 'model'",
+                "kalman, kalman_ct, mamba, spring")),
     Case("unknown-key", "train", ("data.colour=red",), status=None,
          words=("unknown config key 'data.colour'",)),
     Case("bad-type", "train", ("data.input_len=many",), status=None,
@@ -291,7 +292,7 @@ CASES: list[Case] = [
     Case("bad-range", "train", ("data.input_len=0",), status=None,
          words=("'data.input_len' must be a positive integer",)),
     Case("bad-enum", "train", ("data.gaps=sometimes",), status=None,
-         words=("expected one of [keep, mask, fill]",)),
+         words=("expected one of [keep, mask, fill, time]",)),
     Case("bad-duplicates-option", "train", ("data.duplicates=median",), status=None,
          words=("data.duplicates=median", "[error, first, last, mean]")),
     Case("threshold-q", "train", ("task.threshold.q=1.5",), status=None,
@@ -351,6 +352,16 @@ CASES: list[Case] = [
          words=("{d}/s.csv", "column 'a' row 271", "3e+38", "overflows float32 once scaled")),
     Case("huge-but-finite-in-training", "train", (*CSV, *EM), code=0, status="FINISHED",
          files=_file("s.csv", csv(edit={20: "20,3e38,1,0"})), check=_scaler_is_finite),
+    # inputs and physical models (continuous time, issue 14)
+    Case("input-missing", "train", (*CSV, *EM, "data.inputs=[u]"), files=GOOD,
+         words=("s.csv", "column 'u' not found (set data.inputs)")),
+    Case("input-also-a-channel", "train", (*CSV, *EM, "data.channels=[a,b]", "data.inputs=[b]"),
+         status=None, words=("data.inputs", "both name ['b']")),
+    Case("physical-expression-refused", "train",
+         (*CSV, "data.channels=[a]", "model=kalman_ct", "model.net.physical.A=[['os.getcwd()']]",
+          "model.net.physical.C=[[1]]", "model.net.physical.Qc=[[1]]",
+          "model.net.physical.R=[[1]]", "+model.net.physical.params.k=1"), files=GOOD,
+         words=("model.net.physical.A[0][0]", "calling this is not allowed")),
     Case("too-short", "train", (*CSV, *EM, "data.input_len=250"), files=GOOD,
          words=("{d}/s.csv", "data.input_len + data.horizon = 250 + 4")),
     Case("too-few-rows-for-split", "train", (*CSV, *EM), files=_file("s.csv", csv(n=2)),

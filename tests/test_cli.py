@@ -34,6 +34,42 @@ def test_help_lists_groups(capsys, command):
     assert "data" in out and "skab_sample*" in out and "kalman*" in out
 
 
+@pytest.mark.parametrize(("command", "keys"), [
+    ("score", ["score.output=", "score.chunk_size=", "model.run_id=", "model.checkpoint="]),
+    ("compare", ["compare.runs="]),
+    ("run", ["run.models="]),
+    ("train", ["trainer.resume=", "model.epochs=", "data.input_len="]),
+])
+def test_help_lists_the_commands_keys(capsys, command, keys):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and "=" in line]
+    for key in keys:
+        assert any(entry.startswith(key) for entry in listed), (key, out)
+    # the keys a command does not read are not listed
+    if command == "score":
+        assert not any(entry.startswith("trainer.") for entry in listed)
+
+
+def test_help_follows_overrides_and_wraps(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "72")
+    code, out, _ = run_cli(capsys, "train", "--help", "model=mamba")
+    assert code == 0
+    assert "model.net.d_model=" in out
+    # meanings come from the schema's comments, wrapped to the terminal
+    assert any(line.startswith("  data.input_len=") and "context length" in line
+               for line in out.splitlines()), out
+    keys_section = out.split("keys of `tsssm train`")[1].split("\nexamples:")[0]
+    wrapped = [line for line in keys_section.splitlines() if " " in line.strip()]
+    assert all(len(line) <= 72 for line in wrapped), [ln for ln in wrapped if len(ln) > 72]
+
+
+def test_help_with_a_bad_override_still_helps(capsys):
+    code, out, _ = run_cli(capsys, "train", "--help", "model=lstm")
+    assert code == 0
+    assert "cannot be listed" in out and "unknown option 'lstm'" in out
+
+
 def test_unknown_command(capsys):
     code, _, err = run_cli(capsys, "fly")
     assert code == 2 and "unknown command 'fly'" in err
@@ -46,7 +82,7 @@ def test_unknown_command(capsys):
         ("data.colour=red", "unknown config key 'data.colour'"),
         ("data.input_len=many", "bad value in 'data.input_len=many'"),
         ("data.input_len=0", "'data.input_len' must be a positive integer"),
-        ("data.gaps=sometimes", "expected one of [keep, mask, fill]"),
+        ("data.gaps=sometimes", "expected one of [keep, mask, fill, time]"),
         ("task.threshold.q=1.5", "'task.threshold.q' must lie in (0, 1)"),
         ("model.optimizer.name=sgd", "'model.optimizer.name' is 'sgd'"),
     ],

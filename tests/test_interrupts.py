@@ -93,7 +93,8 @@ def start_and_stop(args: list[str], out: Path, signum: int) -> tuple[int, str, i
     written; returns (exit code, stderr, the epoch its last checkpoint completed)."""
     proc = subprocess.Popen([sys.executable, "-m", "tsssm.cli", "train", *args], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+    # generous: a loaded 2-core machine is slow, a hang still ends
+    deadline = time.monotonic() + 900
     progress = None
     while time.monotonic() < deadline and proc.poll() is None:
         found = list((out / "checkpoints").glob("*/last.json"))

@@ -40,10 +40,11 @@ def test_run_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db, experim
         assert r.data.params["data.name"] == "skab_sample"
         assert artifacts(client, r.info.run_id, "model") == ["meta.json", "model.safetensors"]
         assert "scores.parquet" in artifacts(client, r.info.run_id, "scores")
-        assert any(a.startswith("anomaly_") for a in artifacts(client, r.info.run_id, "figures"))
+        assert artifacts(client, r.info.run_id, "figures") == ["report.html"]  # one plotly.js
 
     for r in by_command["score"]:
         assert r.data.metrics["test/rows"] == 747 + 745 + 725
+        assert artifacts(client, r.info.run_id, "figures") == []  # train logged them already
         local = client.download_artifacts(r.info.run_id, "scores/scores.parquet", str(tmp_path))
         frame = pl.read_parquet(local)
         assert {"stream", "time", "score", "flag", "label"} <= set(frame.columns)
@@ -51,6 +52,10 @@ def test_run_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db, experim
 
     (cmp,) = by_command["compare"]
     assert artifacts(client, cmp.info.run_id, "tables") == ["compare.md", "compare.parquet"]
+    assert artifacts(client, cmp.info.run_id, "figures") == ["report.html"]
+    # the last line is the one command that opens the dashboard over this store
+    assert out.strip().splitlines()[-1].strip() == \
+        f"tsssm dashboard tracking.uri={mlflow_db}"
     table = (Path(client.download_artifacts(cmp.info.run_id, "tables/compare.md",
                                             str(tmp_path)))).read_text()
     for method in ("kalman", "mamba", "last_value", "ewma", "isolation_forest"):
@@ -64,6 +69,9 @@ def test_run_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db, experim
     assert code == 0, capsys.readouterr().err
     scored = pl.read_parquet(tmp_path / "s.parquet")
     assert scored.height == 1145 and scored["flag"].dtype == pl.Boolean
+    newest = client.search_runs([exp.experiment_id], "tags.`tsssm.command` = 'score'",
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert artifacts(client, newest.info.run_id, "figures") == ["report.html"]  # a new stream
 
 
 def test_interrupted_training_resumes(capsys, tmp_path, tracking_overrides, mlflow_db,

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,9 @@ class Bundle:
     threshold: Threshold | None
     score_kind: str
     data_config: dict[str, Any]
+    #: input columns (data.inputs) the model was trained with, and their pooled scaler
+    inputs: list[str] = field(default_factory=list)
+    input_scaler: StandardScaler | None = None
 
 
 def _umask() -> int:
@@ -86,6 +89,8 @@ def save_bundle(bundle: Bundle, folder: str | Path) -> Path:
             "threshold": None if bundle.threshold is None else bundle.threshold.to_dict(),
             "score_kind": bundle.score_kind,
             "data_config": bundle.data_config,
+            "inputs": bundle.inputs,
+            "input_scaler": None if bundle.input_scaler is None else bundle.input_scaler.to_dict(),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2))
         for f in tmp.iterdir():  # safetensors writes its file 0600
@@ -186,6 +191,9 @@ def load_bundle(folder: str | Path) -> Bundle:
         threshold = threshold_from_dict(meta["threshold"]) if meta["threshold"] else None
         fields = (meta["model_name"], meta["per_stream_scaling"], meta["score_kind"],
                   meta["data_config"])
+        inputs = list(meta.get("inputs") or [])  # bundles without inputs have no such keys
+        input_scaler = (StandardScaler.from_dict(meta["input_scaler"])
+                        if meta.get("input_scaler") else None)
     except (KeyError, TypeError, ValueError) as err:
         raise ModelError(f"{meta_path} lacks or garbles {err}; the bundle is corrupt: copy it "
                          "again or retrain") from err
@@ -211,4 +219,6 @@ def load_bundle(folder: str | Path) -> Bundle:
         threshold=threshold,
         score_kind=score_kind,
         data_config=data_config,
+        inputs=inputs,
+        input_scaler=input_scaler,
     )

@@ -10,8 +10,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import signal
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +32,13 @@ COMMANDS: dict[str, str] = {
            "and compare them with the classical comparators (one MLflow run per step).",
     "data": "Fetch the benchmark datasets (SKAB, ETT) from their upstream repositories into the "
             "cache folder that data.root defaults to: tsssm data fetch skab|ett [--to DIR].",
+    "dashboard": "Look at the runs in a browser: runs table, forecasts, anomaly scores with a "
+                 "threshold slider, comparisons, benchmark tables (tracking.uri=... picks the "
+                 "store; --port N, default 8050; --host H, default 127.0.0.1).",
 }
+
+#: options that take a value, and the commands that have them
+VALUE_OPTIONS = {"--port": "dashboard", "--host": "dashboard"}
 
 EXAMPLES = """examples:
   tsssm run                                          # the bundled SKAB sample, end to end
@@ -39,7 +47,7 @@ EXAMPLES = """examples:
   tsssm score data.path=/my/stream.parquet model.checkpoint=tsssm_runs/models/<run id>
   tsssm compare compare.runs=[<run id>,<run id>]
   tsssm train --cfg model=mamba                      # print the composed config and exit
-view the runs: mlflow ui --backend-store-uri sqlite:///tsssm_runs/mlflow.db"""
+  tsssm dashboard --port 8050                        # look at the runs in a browser"""
 
 log = logging.getLogger("tsssm")
 
@@ -59,6 +67,11 @@ def group_options() -> dict[str, list[str]]:
     }
 
 
+def _width() -> int:
+    """The terminal's width for wrapped help (60..120 columns)."""
+    return max(60, min(shutil.get_terminal_size((100, 20)).columns, 120))
+
+
 def default_options() -> dict[str, str]:
     """{group: default option} from conf/config.yaml's defaults list."""
     import yaml
@@ -67,44 +80,72 @@ def default_options() -> dict[str, str]:
     return {k: v for e in entries if isinstance(e, dict) for k, v in e.items()}
 
 
-def usage(command: str | None = None) -> str:
+def usage(command: str | None = None, overrides: list[str] | None = None) -> str:
+    """The help text; for a command, with the keys it takes (composed with ``overrides``, so
+    `tsssm train --help model=mamba` shows the Mamba model's keys)."""
     lines = []
     if command is None:
         lines.append("usage: tsssm <command> [--help] [--verbose] [--cfg] [key=value ...]\n")
         lines.append("commands:")
-        lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+        width = max(map(len, COMMANDS))
+        lines += [f"  {name:<{width}} {text}" for name, text in COMMANDS.items()]
     else:
-        lines.append(f"usage: tsssm {command} [--verbose] [--cfg] [key=value ...]\n")
-        lines.append(COMMANDS[command])
+        extra = "".join(f" [{o} ...]" for o, c in VALUE_OPTIONS.items() if c == command)
+        lines.append(f"usage: tsssm {command} [--verbose] [--cfg]{extra} [key=value ...]\n")
+        lines += textwrap.wrap(COMMANDS[command], width=_width())
+        lines.append("")
+        lines += _keys_help(command, overrides or [])
     lines.append("\nconfig groups (choose with group=option; defaults in conf/config.yaml):")
     defaults = default_options()
-    for group, options in group_options().items():
+    groups = group_options()
+    pad = max(map(len, groups)) + 1
+    for group, options in groups.items():
         shown = ", ".join(f"{o}*" if defaults.get(group) == o else o for o in options)
-        lines.append(f"  {group:<9} {shown}")
-    lines.append("  (* = default) any key can be set: data.input_len=96 model.epochs=20 "
-                 "trainer.max_epochs=3 tracking.uri=sqlite:///runs.db")
+        lines += textwrap.wrap(shown, width=_width(), initial_indent=f"  {group:<{pad}}",
+                               subsequent_indent=" " * (pad + 2))
+    lines += textwrap.wrap("(* = default) any key can be set: data.input_len=96 "
+                           "model.epochs=20 trainer.max_epochs=3 tracking.uri=sqlite:///runs.db",
+                           width=_width(), initial_indent="  ", subsequent_indent="  ")
     lines.append("\noptions:\n  -h, --help     this help\n  -v, --verbose  full tracebacks "
                  "and library logs\n  --cfg          print the composed config and exit\n")
     lines.append(EXAMPLES)
     return "\n".join(lines)
 
 
-def compose(overrides: list[str]):
-    """The validated config for these overrides; ConfigError with one clear line otherwise."""
+def _compose_unchecked(overrides: list[str]):
+    """The composed config, typed but not yet checked for missing keys and ranges."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
 
-    from tsssm.config import register_schemas, validate
+    from tsssm.config import register_schemas
 
     register_schemas()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=overrides)
+            return hydra_compose("config", overrides=overrides)
     except Exception as err:
         raise _config_error(err, overrides) from err
+
+
+def _keys_help(command: str, overrides: list[str]) -> list[str]:
+    from tsssm.confighelp import command_help
+    from tsssm.errors import TsssmError
+
+    try:
+        return command_help(_compose_unchecked(overrides), command)
+    except TsssmError as err:  # a bad override: say so, still show the rest of the help
+        return [f"(the keys cannot be listed for these overrides: {err})"]
+
+
+def compose(overrides: list[str]):
+    """The validated config for these overrides; ConfigError with one clear line otherwise."""
+    from omegaconf import OmegaConf
+
+    from tsssm.config import validate
+
+    cfg = _compose_unchecked(overrides)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         from tsssm.errors import ConfigError
@@ -156,8 +197,9 @@ def _config_error(err: Exception, overrides: list[str]):
     return ConfigError(f"invalid config: {detail}")
 
 
-def _setup_logging(verbose: bool) -> None:
-    import lightning  # noqa: F401 - it sets its loggers' levels on import; ours must come after
+def _setup_logging(verbose: bool, lightning: bool = True) -> None:
+    if lightning:
+        import lightning as _  # noqa: F401 - it sets its loggers' levels on import; ours after
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     quiet = logging.INFO if verbose else logging.WARNING
@@ -201,9 +243,26 @@ def _runner(command: str) -> Callable:
         from tsssm.commands.compare import compare
 
         return compare
+    if command == "dashboard":
+        from tsssm.commands.dashboard import dashboard
+
+        return dashboard
     from tsssm.commands.run import run
 
     return run
+
+
+def _value_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``--port 8050`` / ``--port=8050`` taken out of argv: (rest, {"--port": "8050"})."""
+    rest, found = [], {}
+    it = iter(argv)
+    for a in it:
+        name, eq, value = a.partition("=")
+        if name in VALUE_OPTIONS:
+            found[name] = value if eq else next(it, "")
+        else:
+            rest.append(a)
+    return rest, found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if argv[:1] == [WORKER_COMMAND]:  # a DDP rank > 0, started by rank 0's trainer
         return _ddp_worker(argv[1:])
+    argv, values = _value_options(argv)
     flags = {a for a in argv if a.startswith("-")}
     args = [a for a in argv if not a.startswith("-")]
     verbose = bool(flags & {"-v", "--verbose"}) or "verbose=true" in args
@@ -228,25 +288,37 @@ def main(argv: list[str] | None = None) -> int:
 
         return data_main(argv[argv.index("data") + 1 :])
     if flags & {"-h", "--help"}:
-        print(usage(command))
+        print(usage(command, overrides))
         return 0
     unknown = flags - {"-h", "--help", "-v", "--verbose", "--cfg"}
     if unknown:
         print(f"error: unknown option {sorted(unknown)[0]}; see `tsssm {command} --help`",
               file=sys.stderr)
         return 2
-    _setup_logging(verbose)
+    for name, value in values.items():
+        if VALUE_OPTIONS[name] != command:
+            print(f"error: {name} is an option of `tsssm {VALUE_OPTIONS[name]}`, not of "
+                  f"`tsssm {command}`", file=sys.stderr)
+            return 2
+        if not value or (name == "--port" and not value.isdigit()):
+            print(f"error: {name} needs a value, e.g. {name} "
+                  f"{'8050' if name == '--port' else '127.0.0.1'}", file=sys.stderr)
+            return 2
+    # The dashboard only reads the tracking store: it starts without torch and Lightning.
+    computes = command != "dashboard"
+    _setup_logging(verbose, lightning=computes)
     handlers = _install_interrupts()
-    flushed = _flush_denormals()
+    flushed = _flush_denormals() if computes else None
     try:
-        return _main(command, overrides, flags, verbose)
+        return _main(command, overrides, flags, verbose, values)
     finally:
         # process state back as it was, for callers that run main() in-process
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-        import torch
+        if flushed is not None:
+            import torch
 
-        torch.set_flush_denormal(flushed)
+            torch.set_flush_denormal(flushed)
 
 
 def _flush_denormals() -> bool:
@@ -273,7 +345,8 @@ def _install_interrupts() -> dict:
     return {s: h for s, h in previous.items() if h is not None}
 
 
-def _main(command: str, overrides: list[str], flags: set[str], verbose: bool) -> int:
+def _main(command: str, overrides: list[str], flags: set[str], verbose: bool,
+          values: dict[str, str] | None = None) -> int:
     from tsssm.errors import TsssmError
 
     try:
@@ -287,6 +360,12 @@ def _main(command: str, overrides: list[str], flags: set[str], verbose: bool) ->
             _runner(command)(cfg, overrides, compose)
         elif command == "score":  # it tells the keys a user set from those the bundle gives
             _runner(command)(cfg, overrides)
+        elif command == "dashboard":
+            values = values or {}
+            options = {"host": values.get("--host", "127.0.0.1"), "verbose": verbose}
+            if "--port" in values:
+                options["port"] = int(values["--port"])
+            _runner(command)(cfg, **options)
         else:
             _runner(command)(cfg)
         return 0

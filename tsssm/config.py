@@ -21,6 +21,12 @@ class Gaps(str, Enum):
     keep = "keep"  # report gaps, leave the rows as they are
     mask = "mask"  # insert the missing timestamps as NaN rows (models skip them)
     fill = "fill"  # insert the missing timestamps and forward-fill them
+    time = "time"  # leave the rows as they are and give models the real time steps (dt)
+
+
+class FutureInputs(str, Enum):
+    known = "known"  # horizon forecasts get the inputs of the forecast rows (setpoints)
+    unknown = "unknown"  # they get the context's inputs only: models hold the last one
 
 
 class Fill(str, Enum):
@@ -82,6 +88,11 @@ class DataConfig:
     duplicates: Duplicates = Duplicates.error
     #: sort rows by time instead of refusing a file whose rows are out of order
     sort: bool = False
+    #: input columns (the u of dx/dt = A x + B u: setpoints, drive signals): models that use
+    #: inputs get them (scaled like the channels, held between changes); others ignore them
+    inputs: list[str] = field(default_factory=list)
+    #: whether horizon forecasts may use the inputs of the rows they forecast
+    future_inputs: FutureInputs = FutureInputs.known
     #: the data's seasonal period in rows (e.g. a day), for seasonal models and baselines
     seasonal_period: int | None = None
     #: context length: the rows a forecast sees before its origin (a training window is
@@ -138,6 +149,55 @@ class KalmanModelConfig(ModelConfig):
     #: maximisation from smoother statistics (variance-only components)
     fit: str = "mle"
     em_iters: int = 50
+
+
+@dataclass
+class PhysicalConfig:
+    """A continuous-time model written out: matrices as lists of rows whose entries are numbers
+    or expressions of the named parameters (see tsssm.kalman.physical). Used when A is set
+    (then C, Qc, R and params are required)."""
+
+    A: Any = None  # (n, n) drift
+    C: Any = None  # (p, n) observation
+    Qc: Any = None  # (n, n) diffusion of the state noise
+    R: Any = None  # (p, p) observation noise covariance
+    B: Any = None  # (n, k) how the inputs drive the states
+    D: Any = None  # (p, k) feedthrough
+    a: Any = None  # (n,) constant drift
+    d: Any = None  # (p,) observation offset
+    m0: Any = None  # (n,) prior mean of the first state (default: stationary or 0)
+    P0: Any = None  # (n, n) its covariance (default: stationary or diffuse)
+    #: name -> {init: x, positive: bool} (fitted) or {value: x} / a number (fixed)
+    params: dict[str, Any] = field(default_factory=dict)
+    #: name -> expression of the parameters, reported with a standard error (e.g. k/m)
+    derived: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class KalmanCTNet:
+    _target_: str = "tsssm.models.kalman_ct.KalmanCTForecaster"
+    #: per-channel continuous-time components: level, trend, oscillator, ou
+    components: list[str] = field(default_factory=lambda: ["level"])
+    #: set by `tsssm train` from data.inputs
+    n_inputs: int = 0
+    #: components the inputs drive (default: oscillator and ou if present, else the level)
+    inputs_drive: list[str] | None = None
+    #: a direct gain from each input to the output as well
+    feedthrough: bool = False
+    #: a physical model instead of the components (one model over all channels; set its A)
+    physical: PhysicalConfig = field(default_factory=PhysicalConfig)
+    #: starting frequencies tried for an oscillator (its likelihood is multimodal)
+    n_starts: int = 9
+    prior_scale: float = 10.0
+    dtype: str = "float64"
+
+
+@dataclass
+class KalmanCTModelConfig(ModelConfig):
+    net: KalmanCTNet = field(default_factory=KalmanCTNet)
+    #: mle: maximum likelihood by L-BFGS on the whole training streams, to convergence
+    #: (model.optimizer.max_iter iterations at most), then standard errors
+    fit: str = "mle"
 
 
 @dataclass
@@ -245,6 +305,9 @@ class ScoreConfig:
     #: scores with at most this many rows are also logged to MLflow (scores/); longer ones
     #: stay at score.output, named by the run's tsssm.scores tag
     artifact_max_rows: int = 5_000_000
+    #: log the scored streams' figures (`tsssm run` turns it off: its train step has logged
+    #: the same test split's figures already)
+    figures: bool = True
 
 
 @dataclass
@@ -286,6 +349,7 @@ def register_schemas() -> None:
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="model", name="kalman_schema", node=KalmanModelConfig)
     cs.store(group="model", name="mamba_schema", node=MambaModelConfig)
+    cs.store(group="model", name="kalman_ct_schema", node=KalmanCTModelConfig)
     cs.store(group="task", name="task_schema", node=TaskConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
@@ -320,10 +384,19 @@ def validate(cfg: DictConfig) -> None:
            + ("; a ';' or '|' must be quoted for the shell and Hydra: 'data.separator=\";\"'"
               if not d.separator else ""))
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    inputs = list(OmegaConf.select(cfg, "data.inputs", default=[]) or [])
+    _check(len(set(inputs)) == len(inputs), "data.inputs", f"names a column twice: {inputs}")
+    both = sorted(set(inputs) & set(d.channels))
+    _check(not both, "data.inputs", f"and data.channels both name {both}; a column is an "
+           "output (channel) or an input, not both")
     m = cfg.model
     _check(m.epochs >= 1, "model.epochs", "must be >= 1")
     fit = OmegaConf.select(cfg, "model.fit", default="mle")
     _check(fit in ("mle", "em"), "model.fit", f"is {fit!r}; use mle or em")
+    continuous = str(OmegaConf.select(cfg, "model.net._target_", default="")).endswith(
+        "KalmanCTForecaster")
+    _check(not (continuous and fit != "mle"), "model.fit",
+           f"is {fit!r}; the continuous-time model fits by maximum likelihood: use mle")
     _check(OmegaConf.select(cfg, "model.em_iters", default=1) >= 1, "model.em_iters",
            "must be >= 1")
     _check(m.optimizer.lr > 0, "model.optimizer.lr", "must be > 0")

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 from mlflow.entities import RunStatus
@@ -430,3 +430,138 @@ class Tracker:
             shutil.rmtree(target, ignore_errors=True)
             raise ModelError(f"run {run_id} has no '{folder}' artifact: {err}") from err
         return Path(local)
+
+
+# -- reading runs (the dashboard) -----------------------------------------------------------------
+class RunRecord(NamedTuple):
+    """One run as a viewer shows it. Times are milliseconds since the epoch (end None while the
+    run is RUNNING); metrics are each key's latest value."""
+
+    run_id: str
+    name: str
+    experiment: str
+    status: str  # RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
+    start_time: int | None
+    end_time: int | None
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    params: dict[str, str]
+
+    @property
+    def command(self) -> str:
+        return self.tags.get("tsssm.command", "")
+
+
+class RunStore:
+    """Read-only access to every run of a tracking store (all experiments): the only way the
+    dashboard sees MLflow. A local SQLite file that does not exist yet is an empty store (it
+    is not created)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = _absolute_sqlite_path(uri)
+        self._client: MlflowClient | None = None
+        self._names: dict[str, str] = {}
+        self._cache = Path(tempfile.mkdtemp(prefix="tsssm-dashboard-"))
+
+    @property
+    def missing(self) -> bool:
+        """True for a local SQLite store whose file does not exist (nothing logged yet)."""
+        prefix = "sqlite:///"
+        return self.uri.startswith(prefix) and not Path(self.uri[len(prefix):]).exists()
+
+    def _mlflow(self) -> MlflowClient:
+        if self._client is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._client = MlflowClient(self.uri)
+        return self._client
+
+    @staticmethod
+    def _record(run, experiments: dict[str, str]) -> RunRecord:
+        info, data = run.info, run.data
+        return RunRecord(
+            run_id=info.run_id, name=info.run_name or info.run_id[:8],
+            experiment=experiments.get(info.experiment_id, info.experiment_id),
+            status=info.status, start_time=info.start_time, end_time=info.end_time,
+            tags={k: v for k, v in data.tags.items() if not k.startswith("mlflow.")},
+            metrics=dict(data.metrics), params=dict(data.params),
+        )
+
+    def _experiments(self, needed: str | None = None) -> dict[str, str]:
+        """{experiment id: name}, read again when ``needed`` is not among them."""
+        if needed is None or needed not in self._names:
+            self._names = {e.experiment_id: e.name for e in self._mlflow().search_experiments()}
+        return self._names
+
+    def runs(self, max_results: int = 5000) -> list[RunRecord]:
+        """Every run of every experiment, newest first."""
+        if self.missing:
+            return []
+        experiments = self._experiments()
+        if not experiments:
+            return []
+        found, token = [], None
+        while len(found) < max_results:
+            page = self._mlflow().search_runs(
+                list(experiments), order_by=["attributes.start_time DESC"],
+                max_results=min(1000, max_results - len(found)), page_token=token)
+            found += [self._record(r, experiments) for r in page]
+            token = page.token
+            if not token:
+                break
+        return found
+
+    def run(self, run_id: str) -> RunRecord:
+        """One run; ModelError naming the id and the store if there is none."""
+        if self.missing:
+            raise ModelError(f"no run {run_id}: the store {self.uri} does not exist yet")
+        try:
+            run = self._mlflow().get_run(run_id)
+        except Exception as err:
+            raise ModelError(f"no run {run_id} in {self.uri} "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+                             ) from err
+        return self._record(run, self._experiments(run.info.experiment_id))
+
+    def artifacts(self, run_id: str, folder: str = "") -> list[str]:
+        """Paths of the files under ``folder`` of a run's artifacts, recursively."""
+        out, todo = [], [folder or None]
+        while todo:
+            for f in self._mlflow().list_artifacts(run_id, todo.pop()):
+                (todo if f.is_dir else out).append(f.path)
+        return sorted(out)
+
+    def fetch(self, run_id: str, path: str, refresh: bool = False) -> Path:
+        """A local copy of one artifact file (downloaded once per viewer process; ``refresh``
+        downloads again, for runs that are still RUNNING). ModelError if the run has none."""
+        target = self._cache / run_id / path
+        if target.exists() and not refresh:
+            return target
+        folder = Path(tempfile.mkdtemp(prefix="fetch-", dir=self._cache))
+        try:
+            local = Path(self._mlflow().download_artifacts(run_id, path, str(folder)))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(local, target)
+        except Exception as err:
+            raise ModelError(f"run {run_id} has no artifact '{path}' in {self.uri} "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+                             ) from err
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return target
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """[(step, value)] of one metric, in step order."""
+        history = self._mlflow().get_metric_history(run_id, key)
+        return sorted((m.step, m.value) for m in history)
+
+    def close(self) -> None:
+        shutil.rmtree(self._cache, ignore_errors=True)
+
+
+def _absolute_sqlite_path(uri: str) -> str:
+    """``sqlite:///relative.db`` made absolute, without creating anything."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri

@@ -23,7 +23,7 @@ from tsssm.tasks.evaluate import StreamPrediction
 
 log = logging.getLogger("tsssm")
 
-#: streams drawn as figures per run (each HTML file inlines plotly.js, ~4 MB)
+#: streams drawn in a run's figure report (figures/report.html, one copy of plotly.js)
 MAX_FIGURES = 3
 
 
@@ -103,33 +103,43 @@ def forecast_frame(part: Part, pred: StreamPrediction, rows: tuple[int, int]) ->
     })
 
 
-def figures_for_stream(folder: Path, part: Part, pred: StreamPrediction,
-                       threshold: Threshold | None, flags: np.ndarray | None,
-                       rows: tuple[int, int], title: str) -> None:
+def figures_for_stream(part: Part, pred: StreamPrediction, threshold: Threshold | None,
+                       flags: np.ndarray | None, rows: tuple[int, int],
+                       title: str) -> list[tuple[str, object]]:
+    """[(name, figure)]: the one-step forecast and the anomaly score of one stream's rows."""
     from tsssm import plots
 
     start, stop = rows
     s = part.stream
-    safe = s.name.replace("/", "_").replace(":", "_")
     scaler = part.scaler
-    fig = plots.forecast_figure(
-        s.time[start:stop],
-        scaler.inverse_mean(s.values[start:stop]),
-        scaler.inverse_mean(pred.mean[start:stop]),
-        scaler.inverse_std(np.sqrt(pred.var[start:stop])),
-        s.channels,
-        title=f"{title}: one-step forecast, {s.name}",
-    )
-    plots.save_html(fig, folder / f"forecast_{safe}.html")
-    fig = plots.anomaly_figure(
+    out: list[tuple[str, object]] = []
+    if np.isfinite(pred.mean[start:stop]).any():  # detectors forecast nothing
+        out.append((f"forecast {s.name}", plots.forecast_figure(
+            s.time[start:stop],
+            scaler.inverse_mean(s.values[start:stop]),
+            scaler.inverse_mean(pred.mean[start:stop]),
+            scaler.inverse_std(np.sqrt(pred.var[start:stop])),
+            s.channels,
+            title=f"{title}: one-step forecast, {s.name}",
+        )))
+    anomaly = plots.anomaly_figure(
         s.time[start:stop],
         pred.score[start:stop],
-        threshold.value if threshold is not None else float("nan"),
+        threshold.value if threshold is not None else None,
         None if s.labels is None else s.labels[start:stop],
         None if flags is None else flags[start:stop],
         title=f"{title}: anomaly score, {s.name}",
     )
-    plots.save_html(fig, folder / f"anomaly_{safe}.html")
+    out.append((f"anomaly score {s.name}", anomaly))
+    return out
+
+
+def save_figures(figures: list[tuple[str, object]], folder: Path, title: str) -> None:
+    """A run's figures as one report (one copy of plotly.js): ``folder/report.html``."""
+    from tsssm import plots
+
+    if figures:
+        plots.save_report(figures, folder / "report.html", title=title)
 
 
 def scored_parts(data: PreparedData) -> list[Part]:

@@ -20,6 +20,7 @@ from tsssm.commands.common import (
 from tsssm.config import flatten, option_value, to_plain
 from tsssm.data.datasets import PreparedData, build_dataset
 from tsssm.errors import ConfigError, ModelError
+from tsssm.models.base import uses_exog
 from tsssm.tasks.evaluate import evaluate
 from tsssm.tracking import Tracker
 
@@ -59,6 +60,15 @@ def _baselines(cfg: DictConfig, data: PreparedData) -> list[tuple[str, object]]:
     return out
 
 
+def _data_for(bundle, data: PreparedData, gaps: str) -> PreparedData:
+    """The data with the time steps the model was trained with (keep and time differ only in
+    them, so both kinds of model compare on the same rows)."""
+    trained = None if bundle is None else bundle.data_config.get("gaps")
+    if gaps in ("keep", "time") and trained in ("keep", "time") and trained != gaps:
+        return data.with_time_steps(real=trained == "time")
+    return data
+
+
 def compare(cfg: DictConfig) -> str:
     """Run `tsssm compare`; returns the MLflow run id."""
     tracker = Tracker.from_config(cfg.tracking)
@@ -69,7 +79,9 @@ def compare(cfg: DictConfig) -> str:
         if not trained and not cfg.task.baselines:
             raise ConfigError("nothing to compare: no trained model and task.baselines is empty")
         pooled = [b for _, b in trained if not b.per_stream_scaling]
-        data = build_dataset(cfg.data).load(scaler=pooled[0].scaler if pooled else None)
+        data = build_dataset(cfg.data).load(
+            scaler=pooled[0].scaler if pooled else None,
+            input_scaler=pooled[0].input_scaler if pooled else None)
         horizon = cfg.data.horizon
         common = dict(score_kind=option_value(cfg.task.score),
                       context=cfg.data.input_len, horizon=horizon,
@@ -81,9 +93,13 @@ def compare(cfg: DictConfig) -> str:
             if bundle is not None and bundle.channels != data.channels:
                 raise ModelError(f"{label} was trained on channels {bundle.channels}, "
                                  f"data={cfg.data.name} has {data.channels}")
+            if bundle is not None and uses_exog(model) and bundle.inputs != data.inputs:
+                raise ModelError(f"{label} was trained with inputs {bundle.inputs}; set "
+                                 f"data.inputs=[{','.join(bundle.inputs)}]")
             print(f"compare: evaluating {label} ...", flush=True)
-            ev = evaluate(model, data, make_threshold=lambda s: fit_threshold(cfg.task, s),
-                          **common)
+            ev = evaluate(model, _data_for(bundle, data, option_value(cfg.data.gaps)),
+                          make_threshold=lambda s: fit_threshold(cfg.task, s),
+                          future_inputs=option_value(cfg.data.future_inputs), **common)
             row = {"method": label, "kind": kind, **ev.metrics}
             row["h_mae"] = ev.metrics.get(f"test/h{horizon}_mae", float("nan"))
             row["h_mse"] = ev.metrics.get(f"test/h{horizon}_mse", float("nan"))
@@ -99,8 +115,11 @@ def compare(cfg: DictConfig) -> str:
                 f"# {cfg.data.name}: test split (h = {horizon})\n\n```\n{table}\n```\n")
             from tsssm import plots
 
-            (folder / "figures").mkdir()
-            plots.save_html(plots.comparison_figure(rows), folder / "figures" / "compare.html")
+            figure = plots.comparison_figure(
+                rows, metrics=("test/f1", "test/auc_pr", "test/mae", "h_mae"),
+                title=f"{cfg.data.name}: test split (h = {horizon})")
+            plots.save_report([("method comparison", figure)], folder / "figures" / "report.html",
+                              title=f"tsssm compare: {cfg.data.name}")
             tracker.log_dir(folder / "tables", "tables")
             tracker.log_dir(folder / "figures", "figures")
         print(f"\n{cfg.data.name}, test split; forecast errors on the normalised scale, "

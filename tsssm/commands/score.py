@@ -20,6 +20,7 @@ are the model's, or ``data.channels=[...]`` mapped in order onto them."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -36,6 +37,7 @@ from tsssm.commands.common import (
     MAX_FIGURES,
     figures_for_stream,
     resolve_bundle,
+    save_figures,
     scored_parts,
     staging,
     stream_frame,
@@ -51,7 +53,7 @@ from tsssm.data.datasets import (
     read_spec,
     resolve_path,
 )
-from tsssm.data.io import ReadSpec, Stream
+from tsssm.data.io import ReadSpec, Stream, time_steps
 from tsssm.data.scaling import StandardScaler
 from tsssm.data.splits import Split
 from tsssm.errors import ConfigError, DataError
@@ -109,6 +111,21 @@ def file_spec(cfg_data, bundle: Bundle, source: str) -> ReadSpec:
     return ReadSpec(**{**spec.__dict__, "channels": tuple(columns), "channel_advice": advice})
 
 
+def with_training_preprocessing(cfg_data, bundle: Bundle):
+    """The data config with what the model was trained on: its inputs (data.inputs) and, for a
+    model of real time steps (trained with data.gaps=time), the same time steps."""
+    cfg = copy.deepcopy(cfg_data)
+    if list(cfg.inputs) != list(bundle.inputs):
+        if cfg.inputs:
+            log.warning("data.inputs=%s, but the model was trained with inputs %s; using those",
+                        list(cfg.inputs), bundle.inputs)
+        cfg.inputs = list(bundle.inputs)
+    if bundle.data_config.get("gaps") == "time" and option_value(cfg.gaps) != "time":
+        log.info("the model was trained on the real time steps: scoring with data.gaps=time")
+        cfg.gaps = "time"
+    return cfg
+
+
 def load_file(cfg_data, bundle: Bundle, source: str = "the bundle") -> PreparedData:
     """One file read whole, with the model's channels (``data.channels`` mapped in order onto
     them) and scaled as in training (the in-memory path; ``tsssm score`` streams instead)."""
@@ -116,12 +133,14 @@ def load_file(cfg_data, bundle: Bundle, source: str = "the bundle") -> PreparedD
     columns, advice = file_channels(cfg_data, bundle, source)
     stream, _ = prepare_stream(path, cfg_data, channels=columns, channel_advice=advice)
     stream.channels = list(bundle.channels)
-    scaler = bundle.scaler
+    scaler, input_scaler = bundle.scaler, bundle.input_scaler
     train_rows = bundle.data_config.get("train_rows", 0)
     if bundle.per_stream_scaling:
         if len(stream) > train_rows:
             # SKAB's protocol: each stream is scaled by its own first rows, assumed normal.
             scaler = StandardScaler.fit([stream.values[:train_rows]], bundle.channels)
+            if stream.inputs is not None:
+                input_scaler = StandardScaler.fit([stream.inputs[:train_rows]], bundle.inputs)
         else:
             log.warning("%s has %d rows, fewer than the %d the model scales each stream by; "
                         "using the training scaler", path, len(stream), train_rows)
@@ -129,10 +148,14 @@ def load_file(cfg_data, bundle: Bundle, source: str = "the bundle") -> PreparedD
     with np.errstate(over="ignore"):
         stream.values = scaler.transform(raw)
     check_scaled(stream, raw, scaler)
+    if stream.inputs is not None:
+        stream.inputs = input_scaler.transform(stream.inputs)
     n = len(stream)
-    part = Part(stream, Split((0, 0), (0, 0), (0, n)), scaler)
+    part = Part(stream, Split((0, 0), (0, 0), (0, n)), scaler, input_scaler,
+                time_steps(stream.time, option_value(cfg_data.gaps) == "time"))
     return PreparedData(stream.name, bundle.channels, [part], bundle.scaler,
-                        stream.labels is not None)
+                        stream.labels is not None, inputs=list(bundle.inputs),
+                        input_scaler=bundle.input_scaler)
 
 
 def scorer_options(cfg_data: DictConfig, bundle: Bundle, explicit: set[str]) -> dict:
@@ -174,8 +197,16 @@ def score(cfg: DictConfig, overrides: Sequence[str] | None = None) -> str:
         if bundle.threshold is None:
             raise DataError(f"the model from {source} has no fitted threshold")
         explicit = explicit_keys(overrides)
+        cfg_data = with_training_preprocessing(cfg.data, bundle)
         if cfg.data.path:
-            data_cfg = model_data(cfg.data, bundle, explicit)
+            data_cfg = model_data(cfg_data, bundle, explicit)
+            if not streams_in_batches(data_cfg, bundle):
+                if live or many:
+                    raise ConfigError(
+                        f"the model from {source} takes inputs (data.inputs) or real time "
+                        "steps (data.gaps=time): it scores one file at a time, read whole; "
+                        "live and many-file scoring need a model without them")
+                return _score_in_memory(cfg, data_cfg, bundle, output, tracker, source)
             spec = file_spec(data_cfg, bundle, source)
             options = scorer_options(cfg.data, bundle, explicit)
             if live:
@@ -184,7 +215,17 @@ def score(cfg: DictConfig, overrides: Sequence[str] | None = None) -> str:
                 return _score_many(cfg, data_cfg, spec, bundle, options, output, tracker,
                                    source)
             return _score_one(cfg, data_cfg, spec, bundle, options, output, tracker, source)
-        return _score_dataset(cfg, bundle, output, tracker, source)
+        return _score_in_memory(cfg, cfg_data, bundle, output, tracker, source)
+
+
+def streams_in_batches(data_cfg, bundle: Bundle) -> bool:
+    """Whether a file can be scored in batches (tsssm.scoring): not yet for a model that takes
+    inputs or time steps (exog: continuous-time models, data.inputs, data.gaps=time); those
+    files are read whole, as in training."""
+    from tsssm.models.base import uses_exog
+
+    return (not bundle.inputs and not uses_exog(bundle.model)
+            and option_value(data_cfg.gaps) != "time")
 
 
 def _read_options(data_cfg: DictConfig) -> dict:
@@ -219,7 +260,8 @@ def _score_one(cfg, data_cfg, spec, bundle, options, output, tracker, source) ->
     path = resolve_path(cfg.data.path, "data.path")
     scorer = Scorer(bundle, device=cfg.score.device, **options)
     result = score_file(path, scorer, spec, output, **_read_options(data_cfg),
-                        batch_rows=cfg.score.chunk_size, progress=True, figures=True)
+                        batch_rows=cfg.score.chunk_size, progress=True,
+                        figures=bool(cfg.score.figures))
     metrics = {"test/rows": float(result.rows), "test/flagged": float(result.flagged),
                "test/rows_per_s": result.rows_per_s}
     metrics.update({f"test/{k}": v for k, v in detection_summary([result]).items()})
@@ -228,7 +270,8 @@ def _score_one(cfg, data_cfg, spec, bundle, options, output, tracker, source) ->
         log.info(result.gap_note)
     with staging(cfg.tracking.output_dir, tracker.run_id) as folder:
         if result.figure is not None:
-            _figures(folder / "figures", result, bundle, f"{bundle.model_name} ({source})")
+            _figures(folder / "figures", result, bundle, f"{bundle.model_name} ({source})",
+                     f"scores of {cfg.data.path}")
             tracker.log_dir(folder / "figures", "figures")
         _log_scores(tracker, folder, [output], result.rows, cfg.score.artifact_max_rows)
     print(f"scored {result.rows} rows of {cfg.data.path} with {bundle.model_name} ({source}): "
@@ -239,7 +282,7 @@ def _score_one(cfg, data_cfg, spec, bundle, options, output, tracker, source) ->
     return tracker.run_id
 
 
-def _figures(folder: Path, result, bundle: Bundle, title: str) -> None:
+def _figures(folder: Path, result, bundle: Bundle, title: str, what: str) -> None:
     """The forecast and anomaly figures of one scored stream (FileResult.figure)."""
     f = result.figure
     stream = Stream(result.name, result.path, f["time"], f["scaled"], list(bundle.channels),
@@ -247,7 +290,8 @@ def _figures(folder: Path, result, bundle: Bundle, title: str) -> None:
     n = len(f["time"])
     part = Part(stream, Split((0, 0), (0, 0), (0, n)), f["scaler"])
     pred = StreamPrediction(f["mean"], f["var"], f["score"])
-    figures_for_stream(folder, part, pred, bundle.threshold, f["flag"], (0, n), title)
+    figures = figures_for_stream(part, pred, bundle.threshold, f["flag"], (0, n), title)
+    save_figures(figures, folder, f"{title}: {what}")
 
 
 def _score_many(cfg, data_cfg, spec, bundle, options, out_dir, tracker, source) -> str:
@@ -323,18 +367,26 @@ def _score_live(cfg, data_cfg, spec, bundle, options, tracker, source) -> str:
     return tracker.run_id
 
 
-def _score_dataset(cfg, bundle, output, tracker, source) -> str:
-    """The test split of the configured dataset, in memory (benchmark datasets are small)."""
-    columns, _ = file_channels(cfg.data, bundle, source)
-    read_cfg = cfg.data.copy()
-    read_cfg.channels = columns
-    data = build_dataset(read_cfg).load(
-        scaler=None if bundle.per_stream_scaling else bundle.scaler)
-    data.channels = list(bundle.channels)
-    for part in data.parts:
-        part.stream.channels = list(bundle.channels)
+def _score_in_memory(cfg, cfg_data, bundle, output, tracker, source) -> str:
+    """One file read whole (a model with inputs or real time steps), or the test split of the
+    configured dataset (benchmark datasets are small): the history before the test split
+    warms the state up."""
+    target = cfg.data.path or cfg.data.name
+    if cfg.data.path:
+        data = load_file(cfg_data, bundle, source)
+    else:
+        columns, _ = file_channels(cfg_data, bundle, source)
+        read_cfg = cfg_data.copy()
+        read_cfg.channels = columns
+        pooled = not bundle.per_stream_scaling
+        data = build_dataset(read_cfg).load(
+            scaler=bundle.scaler if pooled else None,
+            input_scaler=bundle.input_scaler if pooled else None)
+        data.channels = list(bundle.channels)
+        for part in data.parts:
+            part.stream.channels = list(bundle.channels)
     started = time.perf_counter()
-    frames, labels, scores, flags_all = [], [], [], []
+    frames, labels, scores, flags_all, figures = [], [], [], [], []
     metrics: dict[str, float] = {}
     with staging(cfg.tracking.output_dir, tracker.run_id) as folder:
         for i, part in enumerate(scored_parts(data)):
@@ -342,16 +394,19 @@ def _score_dataset(cfg, bundle, output, tracker, source) -> str:
             # The rows before the test split are history: they warm the state up.
             pred = predict_stream(bundle.model, part.stream.values[: rows[1]],
                                   bundle.score_kind, cfg.score.chunk_size, progress=True,
-                                  desc=f"scoring {part.stream.name}")
+                                  desc=f"scoring {part.stream.name}",
+                                  exog=part.exog(0, rows[1]))
             flags = bundle.threshold.flags(pred.score)
             frames.append(stream_frame(part, pred, flags, rows))
             if part.stream.labels is not None:
                 labels.append(part.stream.labels[slice(*rows)])
                 scores.append(pred.score[slice(*rows)])
                 flags_all.append(flags[slice(*rows)])
-            if i < MAX_FIGURES:
-                figures_for_stream(folder / "figures", part, pred, bundle.threshold, flags,
-                                   rows, f"{bundle.model_name} ({source})")
+            if cfg.score.figures and i < MAX_FIGURES:
+                figures += figures_for_stream(part, pred, bundle.threshold, flags, rows,
+                                              f"{bundle.model_name} ({source})")
+        save_figures(figures, folder / "figures", f"{bundle.model_name} ({source}): "
+                     f"scores of {target}")
         table = pl.concat(frames)
         elapsed = time.perf_counter() - started
         metrics["test/rows"] = float(table.height)
@@ -367,9 +422,11 @@ def _score_dataset(cfg, bundle, output, tracker, source) -> str:
         if (folder / "figures").exists():
             tracker.log_dir(folder / "figures", "figures")
         write_parquet(table, output)
-    print(f"scored {table.height} rows of {cfg.data.name} with {bundle.model_name} ({source}): "
+    shown = ", ".join(f"{k.split('/')[1]}={metrics[k]:.4f}" for k in
+                      ("test/f1", "test/far", "test/mar", "test/auc_pr") if k in metrics)
+    print(f"scored {table.height} rows of {target} with {bundle.model_name} ({source}): "
           f"{int(metrics['test/flagged'])} flagged (threshold {bundle.threshold.value:.3g})"
-          + _summary(metrics))
+          + (f"; {shown}" if shown else ""))
     print(f"  scores: {output}")
     print(f"  MLflow run {tracker.run_id} in {tracker.uri}")
     return tracker.run_id

@@ -21,6 +21,8 @@ from tsssm.commands.common import (
     figures_for_stream,
     fit_threshold,
     forecast_frame,
+    format_table,
+    save_figures,
     seed_everything,
     staging,
     stream_frame,
@@ -31,6 +33,7 @@ from tsssm.data.datamodule import SeriesDataModule
 from tsssm.data.datasets import PreparedData, build_dataset
 from tsssm.distributed import NullTracker, is_distributed, is_secondary, launch_workers_as
 from tsssm.errors import ConfigError, ModelError
+from tsssm.models.base import Exog, uses_exog
 from tsssm.tasks.callbacks import InterruptWatch, RngState, Throughput, TrackerCallback
 from tsssm.tasks.checkpoint_io import AtomicCheckpointIO
 from tsssm.tasks.evaluate import Evaluation, evaluate
@@ -46,26 +49,64 @@ def _accelerator(name: str) -> str:
     return "gpu" if name == "cuda" else name
 
 
+def net_config(cfg: DictConfig, data: PreparedData) -> dict:
+    """The net's config as built and saved: with the number of inputs where the net takes
+    inputs (``n_inputs``); a net that does not is told nothing and the inputs are unused."""
+    net_cfg = to_plain(cfg.model.net)
+    if "n_inputs" in net_cfg:
+        net_cfg["n_inputs"] = len(data.inputs)
+    elif data.inputs:
+        log.warning("model=%s does not use inputs: data.inputs=%s are read but not given to it",
+                    cfg.model.name, data.inputs)
+    return net_cfg
+
+
+def fits_itself(cfg: DictConfig) -> bool:
+    """Whether the model fits by its own maximum likelihood (continuous-time Kalman), not
+    through the Lightning loop."""
+    return str(OmegaConf.select(cfg, "model.net._target_", default="")).endswith(
+        "KalmanCTForecaster")
+
+
+def _prepare_net(net, cfg: DictConfig, data: PreparedData) -> None:
+    """Tell the net the data's scaling (physical models) and initialise it from the data."""
+    if getattr(net, "physical", None) is not None:
+        if option_value(cfg.data.scaler) == "per_stream":
+            raise ConfigError("model.net.physical is in physical units and needs one scaling "
+                              "for all streams: set data.scaler=pooled")
+        sc, isc = data.scaler, data.input_scaler
+        net.set_units(sc.mean, sc.std, None if isc is None else isc.mean,
+                      None if isc is None else isc.std)
+    if hasattr(net, "initialize"):
+        if uses_exog(net):
+            net.initialize(data.padded("train"), exog=Exog(*data.padded_exog("train")))
+        else:
+            net.initialize(data.padded("train"))
+
+
 def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
-              resume: checkpoints.Resume | None = None) -> torch.nn.Module:
+              resume: checkpoints.Resume | None = None,
+              net_cfg: dict | None = None) -> torch.nn.Module:
     """Train the configured net through Lightning (from ``resume``'s checkpoint if given,
     checkpointing into this run's folder); returns it in eval mode."""
-    net = build_net(to_plain(cfg.model.net), len(data.channels))
-    if hasattr(net, "initialize"):
-        net.initialize(data.padded("train"))
+    net = build_net(net_cfg or net_config(cfg, data), len(data.channels))
+    _prepare_net(net, cfg, data)
     if net.training_input == "streams" and cfg.trainer.accelerator == "cpu":
         # A filter over whole streams is a long sequence of tiny ops: a second thread only adds
         # synchronisation (10x slower per op where cores are shared).
         torch.set_num_threads(1)
     dm = SeriesDataModule(data, net.training_input, cfg.data.input_len, cfg.data.horizon,
                           cfg.data.stride, cfg.data.batch_size, cfg.data.num_workers,
-                          eval_stride=cfg.data.eval_stride)
+                          eval_stride=cfg.data.eval_stride, exog=uses_exog(net))
     if OmegaConf.select(cfg, "model.fit", default="mle") == "em":
         return fit_by_em(cfg, net, dm, tracker)
+    if hasattr(net, "identify"):
+        return fit_by_identification(cfg, net, dm, tracker)
     optimizer = to_plain(cfg.model.optimizer)
     task = ForecastTask(net, optimizer, horizon=cfg.data.horizon,
                         one_step_weight=cfg.task.one_step_weight,
-                        horizon_weight=cfg.task.horizon_weight)
+                        horizon_weight=cfg.task.horizon_weight,
+                        future_inputs=option_value(cfg.data.future_inputs))
     every_steps = cfg.trainer.checkpoint_every_n_steps
     watch = InterruptWatch()
     callbacks: list = [
@@ -139,17 +180,63 @@ def fit_by_em(cfg: DictConfig, net, dm: SeriesDataModule, tracker: Tracker):
     return net.eval()
 
 
+def training_streams(dm: SeriesDataModule) -> list[tuple[torch.Tensor, Exog | None]]:
+    """The whole training streams as [(y (B_k, T_k, C), Exog)] (one entry per length)."""
+    batch = next(iter(dm.train_dataloader()))
+    us, dts = batch.get("u"), batch.get("dt")
+    return [(y, Exog(None if us is None else us[i], None if dts is None else dts[i]))
+            for i, y in enumerate(batch["y"])]
+
+
+def fit_by_identification(cfg: DictConfig, net, dm: SeriesDataModule, tracker: Tracker):
+    """Models that fit themselves by maximum likelihood on the whole training streams
+    (continuous-time Kalman): L-BFGS to convergence; train/loglik per evaluation, train/loss
+    the final negative log-likelihood per observation."""
+    streams = training_streams(dm)
+    history = net.identify(streams, max_iter=cfg.model.optimizer.max_iter)
+    for i, loglik in enumerate(history):
+        tracker.log_metrics({"train/loglik": loglik}, step=i)
+    n_obs = sum(int((~torch.isnan(y)).sum()) for y, _ in streams)
+    if history:
+        tracker.log_metrics({"train/loss": -history[-1] / max(n_obs, 1)})
+        log.info("maximum likelihood: %d evaluations, log-likelihood %.2f -> %.2f",
+                 len(history), history[0], history[-1])
+    return net.eval()
+
+
+def log_parameters(net, data: PreparedData, dm_streams, tracker: Tracker, folder: Path
+                   ) -> list[dict]:
+    """The fitted parameters with standard errors: metrics fit/<channel>.<parameter>[_se],
+    a table (tables/parameters.md and .parquet), and the rows for the summary."""
+    rows = net.parameter_report(dm_streams, channels=data.channels, inputs=data.inputs)
+    metrics = {}
+    for r in rows:
+        key = f"fit/{r['channel']}.{r['parameter']}"
+        metrics[key] = r["estimate"]
+        if r["se"] == r["se"]:  # no metric for an unidentified one (NaN)
+            metrics[key + "_se"] = r["se"]
+    tracker.log_metrics(metrics)
+    table = format_table(rows, ["channel", "parameter", "estimate", "se"])
+    (folder / "tables").mkdir(parents=True, exist_ok=True)
+    (folder / "tables" / "parameters.md").write_text(
+        "# fitted parameters (maximum likelihood; se: asymptotic standard error)\n\n"
+        f"```\n{table}\n```\n")
+    write_parquet(pl.DataFrame(rows), folder / "tables" / "parameters.parquet")
+    return rows
+
+
 def log_evaluation(cfg: DictConfig, net, data: PreparedData, tracker: Tracker, folder: Path,
                    title: str) -> Evaluation:
     """Evaluate on every split, log the metrics, and stage scores, forecasts and figures."""
     ev = evaluate(net, data, score_kind=option_value(cfg.task.score),
                   context=cfg.data.input_len, horizon=cfg.data.horizon,
                   eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size,
-                  make_threshold=lambda s: fit_threshold(cfg.task, s))
+                  make_threshold=lambda s: fit_threshold(cfg.task, s),
+                  future_inputs=option_value(cfg.data.future_inputs))
     tracker.log_metrics(ev.metrics)
     for name, curve in ev.by_lead.items():  # step = lead time 1..H
         tracker.log_series(name, curve, first_step=1)
-    frames, fc_frames = [], []
+    frames, fc_frames, figures = [], [], []
     scored = [(p, pr) for p, pr in zip(data.parts, ev.preds) if p.split is not None]
     for i, (p, pr) in enumerate(scored):
         rows = (p.rows("train")[0], p.rows("test")[1])
@@ -158,8 +245,8 @@ def log_evaluation(cfg: DictConfig, net, data: PreparedData, tracker: Tracker, f
             pl.Series("split", _split_names(p, rows))))
         fc_frames.append(forecast_frame(p, pr, p.rows("test")))
         if i < MAX_FIGURES:
-            figures_for_stream(folder / "figures", p, pr, ev.threshold, flags, p.rows("test"),
-                               title)
+            figures += figures_for_stream(p, pr, ev.threshold, flags, p.rows("test"), title)
+    save_figures(figures, folder / "figures", f"{title}: test split")
     if frames:
         write_parquet(pl.concat(frames), folder / "scores" / "scores.parquet")
         write_parquet(pl.concat(fc_frames), folder / "forecasts" / "test_one_step.parquet")
@@ -195,25 +282,33 @@ def train(cfg: DictConfig) -> str:
         resume = start_checkpoints(cfg, dataset, tracker)
         for note in data.gap_notes:
             log.info(note)
+        net_cfg = net_config(cfg, data)
         try:
-            net = fit_model(cfg, data, tracker, resume)
+            net = fit_model(cfg, data, tracker, resume, net_cfg)
         except KeyboardInterrupt as err:
             # tells the CLI whether `trainer.resume=last` has something to continue from
             ckpt = checkpoints.checkpoint_dir(cfg.tracking.output_dir, run.run_id) / "last.ckpt"
             err.tsssm_checkpoint = ckpt if ckpt.exists() else None  # type: ignore[attr-defined]
             raise
         with staging(cfg.tracking.output_dir, run.run_id) as folder:
+            params = None
+            if hasattr(net, "parameter_report"):
+                dm = SeriesDataModule(data, net.training_input, cfg.data.input_len,
+                                      cfg.data.horizon, cfg.data.stride, cfg.data.batch_size,
+                                      exog=uses_exog(net))
+                params = log_parameters(net, data, training_streams(dm), tracker, folder)
             ev = log_evaluation(cfg, net, data, tracker, folder,
                                 f"{cfg.model.name} on {cfg.data.name}")
             bundle = Bundle(
-                model=net, net_config=to_plain(cfg.model.net), model_name=cfg.model.name,
+                model=net, net_config=net_cfg, model_name=cfg.model.name,
                 channels=data.channels, scaler=data.scaler,
                 per_stream_scaling=cfg.data.scaler == "per_stream", threshold=ev.threshold,
                 score_kind=option_value(cfg.task.score),
                 data_config=to_plain(cfg.data),
+                inputs=list(data.inputs), input_scaler=data.input_scaler,
             )
             staged = save_bundle(bundle, folder / "model")
-            for sub in ("scores", "forecasts", "figures"):
+            for sub in ("scores", "forecasts", "figures", "tables"):
                 if (folder / sub).exists():
                     tracker.log_dir(folder / sub, sub)
             tracker.log_dir(staged, "model")
@@ -221,8 +316,13 @@ def train(cfg: DictConfig) -> str:
             model_dir = Path(cfg.tracking.output_dir) / "models" / run.run_id
             model_dir.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, model_dir)
-        print_summary(cfg, run.run_id, ev.metrics, model_dir, tracker)
+        print_summary(cfg, run.run_id, ev.metrics, model_dir, tracker, params,
+                      inputs=list(data.inputs) if uses_exog(net) else [])
         return run.run_id
+
+
+#: fitted parameters shown in the summary (all of them are in tables/parameters.md)
+MAX_PARAMETER_LINES = 12
 
 
 def headline_keys(task: str, horizon: int) -> list[str]:
@@ -240,6 +340,10 @@ def start_checkpoints(cfg: DictConfig, dataset, tracker: Tracker) -> checkpoints
     if cfg.trainer.resume is not None and OmegaConf.select(cfg, "model.fit") == "em":
         raise ConfigError("trainer.resume: model.fit=em trains without checkpoints; run it "
                           "again without trainer.resume")
+    if cfg.trainer.resume is not None and fits_itself(cfg):
+        raise ConfigError(f"trainer.resume: model={cfg.model.name} fits by maximum likelihood "
+                          "in one pass, without checkpoints; run it again without "
+                          "trainer.resume")
     files = [*dataset.files(), *dataset.extra_train_files()]
     fp = checkpoints.fingerprint(cfg, files)
     resume = checkpoints.find_resume(cfg.trainer.resume, cfg.tracking.output_dir, fp)
@@ -255,10 +359,24 @@ def start_checkpoints(cfg: DictConfig, dataset, tracker: Tracker) -> checkpoints
     return resume
 
 
-def print_summary(cfg, run_id, metrics, model_dir, tracker) -> None:
+def print_summary(cfg, run_id, metrics, model_dir, tracker, params: list[dict] | None = None,
+                  inputs: list[str] | None = None) -> None:
     keys = [k for k in headline_keys(cfg.task.name, cfg.data.horizon) if k in metrics]
     shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in keys)
     print(f"trained {cfg.model.name} on {cfg.data.name} (input {cfg.data.input_len}, horizon "
           f"{cfg.data.horizon}): {shown}")
+    if inputs:
+        known = option_value(cfg.data.future_inputs) == "known"
+        print(f"  inputs {inputs}: horizon forecasts " + (
+            "use the known future inputs (data.future_inputs=known)" if known else
+            "hold the last input: future inputs unknown (data.future_inputs=unknown)"))
+    if params:
+        print("  fitted parameters (estimate +- standard error):")
+        for r in params[:MAX_PARAMETER_LINES]:
+            se = f" +- {r['se']:.4g}" if r["se"] == r["se"] else " (not identified)"
+            print(f"    {r['channel']}.{r['parameter']} = {r['estimate']:.6g}{se}")
+        if len(params) > MAX_PARAMETER_LINES:
+            print(f"    ... {len(params) - MAX_PARAMETER_LINES} more in the run's "
+                  "tables/parameters.md")
     print(f"  model bundle: {model_dir}")
     print(f"  MLflow run {run_id} in {tracker.uri} (experiment '{tracker.experiment}')")

@@ -13,9 +13,11 @@ from tsssm.data.windows import StreamDataset, WindowDataset, list_collate
 class SeriesDataModule(L.LightningDataModule):
     def __init__(self, data: PreparedData, training_input: str, input_len: int, horizon: int,
                  stride: int, batch_size: int, num_workers: int = 0,
-                 eval_stride: int | None = None) -> None:
+                 eval_stride: int | None = None, exog: bool = False) -> None:
         super().__init__()
         self.data = data
+        #: batches carry "u" (inputs) and "dt" (time steps) for models that use them
+        self.exog = exog
         self.training_input = training_input
         self.input_len = input_len
         #: a training window: the context and the horizon after it
@@ -26,8 +28,17 @@ class SeriesDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
 
+    def _side(self, rows: list[tuple]) -> tuple[list | None, list | None]:
+        """The inputs and time steps of the parts' rows, when the model uses them."""
+        if not self.exog:
+            return None, None
+        pairs = [part.exog(begin, stop) for part, begin, stop in rows]
+        inputs = [u for u, _ in pairs] if pairs and pairs[0][0] is not None else None
+        steps = [dt for _, dt in pairs] if pairs and pairs[0][1] is not None else None
+        return inputs, steps
+
     def _streams(self, split: str) -> StreamDataset:
-        arrays, ranges = [], []
+        arrays, ranges, rows = [], [], []
         for part in self.data.parts:
             start, stop = part.rows(split)
             if stop > start:
@@ -35,10 +46,11 @@ class SeriesDataModule(L.LightningDataModule):
                 begin = 0 if split == "val" else start
                 arrays.append(part.stream.values[begin:stop])
                 ranges.append((start - begin, stop - begin))
-        return StreamDataset(arrays, ranges)
+                rows.append((part, begin, stop))
+        return StreamDataset(arrays, ranges, *self._side(rows))
 
     def _windows(self, split: str) -> WindowDataset:
-        arrays = []
+        arrays, rows = [], []
         for part in self.data.parts:
             start, stop = part.rows(split)
             if stop > start:
@@ -47,8 +59,9 @@ class SeriesDataModule(L.LightningDataModule):
                 begin = max(0, start - self.input_len) if split == "val" else start
                 if stop - begin >= self.window:
                     arrays.append(part.stream.values[begin:stop])
+                    rows.append((part, begin, stop))
         stride = self.stride if split == "train" else self.eval_stride
-        return WindowDataset(arrays, self.window, stride)
+        return WindowDataset(arrays, self.window, stride, *self._side(rows))
 
     def train_dataloader(self) -> DataLoader:
         if self.training_input == "streams":

@@ -6,6 +6,7 @@ training rows only, and each stream's split ranges.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from tsssm.config import option_value
-from tsssm.data.io import ReadSpec, Stream, forward_fill, read_stream, regularise
+from tsssm.data.io import ReadSpec, Stream, forward_fill, read_stream, regularise, time_steps
 from tsssm.data.scaling import StandardScaler
 from tsssm.data.splits import Split, ett_split, fraction_split, skab_split
 from tsssm.errors import ConfigError, DataError
@@ -59,11 +60,21 @@ class Part:
     stream: Stream
     split: Split | None  # None: extra training data, all of it trains
     scaler: StandardScaler | None = None  # the scaler applied to this stream
+    input_scaler: StandardScaler | None = None  # the scaler applied to its inputs
+    #: (T,) time since the previous row (real steps with data.gaps=time, else the median)
+    dt: np.ndarray | None = None
 
     def rows(self, name: str) -> tuple[int, int]:
         if self.split is None:
             return (0, len(self.stream)) if name == "train" else (0, 0)
         return getattr(self.split, name)
+
+    def exog(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray | None,
+                                                                     np.ndarray | None]:
+        """(inputs (n, K) or None, dt (n,) or None) of rows start:stop."""
+        u = None if self.stream.inputs is None else self.stream.inputs[start:stop]
+        dt = None if self.dt is None else self.dt[start:stop]
+        return u, dt
 
 
 @dataclass
@@ -74,6 +85,9 @@ class PreparedData:
     scaler: StandardScaler
     has_labels: bool
     gap_notes: list[str] = field(default_factory=list)
+    #: input columns (data.inputs) and their pooled training scaler
+    inputs: list[str] = field(default_factory=list)
+    input_scaler: StandardScaler | None = None
 
     def padded(self, name: str) -> torch.Tensor:
         """Every stream's rows of one split, NaN-padded to the longest.  -> (B, T, C)"""
@@ -93,6 +107,30 @@ class PreparedData:
                 out.append(part.stream.values[start:stop])
         return out
 
+    def with_time_steps(self, real: bool) -> PreparedData:
+        """The same data with real time steps (as data.gaps=time gives) or the median step
+        everywhere (keep): the rows are identical, so models trained either way compare on
+        one load. (After mask/fill the inserted rows make every step the median anyway.)"""
+        parts = [dataclasses.replace(p, dt=time_steps(p.stream.time, real)) for p in self.parts]
+        return dataclasses.replace(self, parts=parts)
+
+    def padded_exog(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Inputs (B, T, K) and steps (B, T) aligned with :meth:`padded` (padding repeats each
+        stream's last input and median step; the padded rows of y are NaN)."""
+        rows = [(p, p.rows(name)) for p in self.parts if p.rows(name)[1] > p.rows(name)[0]]
+        longest = max(b - a for _, (a, b) in rows)
+        us, dts = [], []
+        for p, (a, b) in rows:
+            u, dt = p.exog(a, b)
+            pad = longest - (b - a)
+            if u is not None:
+                us.append(np.concatenate([u, np.repeat(u[-1:], pad, 0)]))
+            if dt is not None:
+                dts.append(np.concatenate([dt, np.full(pad, np.median(dt))]))
+        u = torch.from_numpy(np.stack(us)) if us else None
+        dt = torch.from_numpy(np.stack(dts)) if dts else None
+        return u, dt
+
 
 def read_spec(cfg) -> ReadSpec:
     return ReadSpec(
@@ -104,6 +142,7 @@ def read_spec(cfg) -> ReadSpec:
         time_format=cfg.time_format,
         duplicates=option_value(cfg.get("duplicates", "error")),
         sort=bool(cfg.get("sort", False)),
+        inputs=tuple(cfg.get("inputs") or ()),
     )
 
 
@@ -165,9 +204,10 @@ class BaseDataset:
     def split(self, stream: Stream) -> Split:
         raise NotImplementedError
 
-    def load(self, scaler: StandardScaler | None = None) -> PreparedData:
-        """Read, split and normalise. ``scaler``: a pooled scaler fitted earlier (a trained
-        model's), used instead of fitting one here."""
+    def load(self, scaler: StandardScaler | None = None,
+             input_scaler: StandardScaler | None = None) -> PreparedData:
+        """Read, split and normalise. ``scaler``, ``input_scaler``: pooled scalers of the
+        channels and inputs fitted earlier (a trained model's), used instead of fitting them."""
         cfg = self.cfg
         parts: list[Part] = []
         notes: list[str] = []
@@ -194,8 +234,35 @@ class BaseDataset:
             with np.errstate(over="ignore"):
                 p.stream.values = p.scaler.transform(raw)
             check_scaled(p.stream, raw, p.scaler)
+        inputs = list(cfg.get("inputs") or [])
+        input_scaler = self._scale_inputs(parts, inputs, input_scaler, per_stream)
+        real = option_value(cfg.gaps) == "time"
+        for p in parts:
+            p.dt = time_steps(p.stream.time, real)
         has_labels = any(p.stream.labels is not None for p in parts if p.split is not None)
-        return PreparedData(cfg.name, channels, parts, scaler, has_labels, notes)
+        return PreparedData(cfg.name, channels, parts, scaler, has_labels, notes, inputs,
+                            input_scaler)
+
+    @staticmethod
+    def _scale_inputs(parts: list[Part], inputs: list[str], scaler: StandardScaler | None,
+                      per_stream: bool) -> StandardScaler | None:
+        """Standardise the input columns as the channels are (pooled or per stream)."""
+        if not inputs:
+            return None
+        train = [p.stream.inputs[slice(*p.rows("train"))] for p in parts]
+        scaler = scaler or StandardScaler.fit(train, inputs)
+        for p, rows in zip(parts, train):
+            p.input_scaler = StandardScaler.fit([rows], inputs) if per_stream else scaler
+            raw = p.stream.inputs
+            with np.errstate(over="ignore"):
+                p.stream.inputs = p.input_scaler.transform(raw)
+            if np.isinf(p.stream.inputs).any():
+                row, col = (int(i[0]) for i in np.nonzero(np.isinf(p.stream.inputs)))
+                raise DataError(
+                    f"{p.stream.path}: input column '{inputs[col]}' row {row + 1} holds "
+                    f"{raw[row, col]:g}, which overflows float32 once scaled by the training "
+                    "rows; fix the reading or leave the column out of data.inputs")
+        return scaler
 
     def _check_lengths(self, parts: list[Part]) -> None:
         window = self.cfg.input_len + self.cfg.horizon

@@ -7,7 +7,7 @@ the file, the column (and row, where it helps) and what to do about it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,9 @@ class Stream:
     values: np.ndarray  # (T, C) float32, NaN = missing
     channels: list[str]
     labels: np.ndarray | None = None  # (T,) int8 in {0, 1}
+    #: (T, K) float32 input columns (data.inputs), held: never missing; None without inputs
+    inputs: np.ndarray | None = None
+    input_names: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.time)
@@ -42,6 +45,8 @@ class Stream:
             values=self.values[start:stop],
             channels=self.channels,
             labels=None if self.labels is None else self.labels[start:stop],
+            inputs=None if self.inputs is None else self.inputs[start:stop],
+            input_names=self.input_names,
         )
 
 
@@ -62,6 +67,7 @@ class ReadSpec:
     sort: bool = False
     #: what to tell the user when a channel column is missing
     channel_advice: str = "set data.channels"
+    inputs: tuple[str, ...] = ()  # input columns (held: forward-filled), not channels
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -158,12 +164,18 @@ def check_columns(path: Path, columns: list[str], spec: ReadSpec) -> list[str]:
         )
     for column in spec.channels:
         need(column, spec.channel_advice)
-    skip = {spec.time_column, spec.label_column, *spec.ignore_columns}
+    for column in spec.inputs:
+        need(column, "data.inputs")
+    skip = {spec.time_column, spec.label_column, *spec.ignore_columns, *spec.inputs}
     channels = list(spec.channels) or [c for c in columns if c not in skip]
     if not channels:
         raise DataError(
-            f"{path}: no channel columns left after the time and label columns (set data.channels)"
+            f"{path}: no channel columns left after the time, label and input columns (set "
+            "data.channels)"
         )
+    for column in set(channels) & set(spec.inputs):
+        raise DataError(f"{path}: column '{column}' is named as a channel and as an input; "
+                        "a column is an output (data.channels) or an input (data.inputs)")
     return channels
 
 
@@ -224,8 +236,33 @@ def read_stream(path: str | Path, spec: ReadSpec, name: str | None = None) -> St
     channels = check_columns(path, frame.columns, spec)
     if frame.height == 0:
         raise DataError(f"{path} has a header but no rows")
-    rows = order_rows(path, spec, convert_rows(frame, path, spec, channels))
-    return Stream(name or path.stem, str(path), rows.time, rows.values, channels, rows.labels)
+    rows = convert_rows(frame, path, spec, channels)
+    # inputs ride along as extra columns while rows are sorted or duplicates merged, then
+    # are held (zero-order hold) in the final row order
+    raw = np.stack([_numeric(frame, c, path) for c in spec.inputs], 1).astype(np.float32) \
+        if spec.inputs else np.empty((frame.height, 0), np.float32)
+    k = rows.values.shape[1]
+    rows = order_rows(path, spec, Rows(rows.time, np.concatenate([rows.values, raw], 1),
+                                       rows.labels))
+    values, raw = np.ascontiguousarray(rows.values[:, :k]), rows.values[:, k:]
+    inputs = None
+    if spec.inputs:
+        inputs = np.stack([_held_input(raw[:, j].astype(np.float64), c, path)
+                           for j, c in enumerate(spec.inputs)], 1).astype(np.float32)
+    return Stream(name or path.stem, str(path), rows.time, values, channels, rows.labels, inputs,
+                  list(spec.inputs))
+
+
+def _held_input(raw: np.ndarray, column: str, path: Path) -> np.ndarray:
+    """An input column with its empty cells holding the last value (zero-order hold); leading
+    empty cells take the first value. An input must hold at least one value."""
+    ok = ~np.isnan(raw)
+    if not ok.any():
+        raise DataError(f"{path}: input column '{column}' (data.inputs) is empty; inputs must "
+                        "be recorded (a held value may be left empty after its first reading)")
+    filled = forward_fill(raw[:, None])[:, 0]
+    filled[: int(np.argmax(ok))] = raw[int(np.argmax(ok))]
+    return filled
 
 
 class ParquetIntegrity:
@@ -253,6 +290,15 @@ class ParquetIntegrity:
 
     def update(self, frame: pl.DataFrame, first_row: int = 0) -> None:
         """Rows ``first_row ..`` of the file (0-based), any columns of it."""
+        try:
+            self._update(frame, first_row)
+        except DataError:
+            raise
+        except Exception as err:  # the footer itself is damaged (undecodable names, statistics)
+            raise DataError(f"{self.path} is corrupt: its metadata cannot be decoded "
+                            f"({type(err).__name__}); restore the file from its source") from err
+
+    def _update(self, frame: pl.DataFrame, first_row: int) -> None:
         stop = first_row + frame.height
         g = max(int(np.searchsorted(self.starts, first_row, side="right")) - 1, 0)
         while g < self.meta.num_row_groups and self.starts[g] < stop:
@@ -529,34 +575,60 @@ def regularise(stream: Stream, mode: str, gap_factor: float) -> tuple[Stream, Ga
     median = float(np.median(step))
     is_gap = step > gap_factor * median
     report = GapReport(median, int(is_gap.sum()), float(step.max()), 0)
-    if report.n_gaps == 0 or mode == "keep":
+    if report.n_gaps == 0 or mode in ("keep", "time"):
         return stream, report
-    # Insert the missing grid points of each gap as NaN rows (labels 0: nothing was observed).
-    pieces_t, pieces_v, pieces_l = [], [], []
+    # Insert the missing grid points of each gap as NaN rows (labels 0: nothing was observed;
+    # inputs hold their last value).
+    pieces_t, pieces_v, pieces_l, pieces_u = [], [], [], []
     start = 0
     for i in np.flatnonzero(is_gap):
         pieces_t.append(ordinal[start : i + 1])
         pieces_v.append(stream.values[start : i + 1])
         if stream.labels is not None:
             pieces_l.append(stream.labels[start : i + 1])
+        if stream.inputs is not None:
+            pieces_u.append(stream.inputs[start : i + 1])
         missing = np.arange(ordinal[i] + median, ordinal[i + 1] - median / 2, median)
         missing = missing.astype(np.int64)
         pieces_t.append(missing)
         pieces_v.append(np.full((len(missing), stream.values.shape[1]), np.nan, np.float32))
         if stream.labels is not None:
             pieces_l.append(np.zeros(len(missing), np.int8))
+        if stream.inputs is not None:
+            pieces_u.append(np.repeat(stream.inputs[i : i + 1], len(missing), axis=0))
         report.rows_inserted += len(missing)
         start = i + 1
     pieces_t.append(ordinal[start:])
     pieces_v.append(stream.values[start:])
     if stream.labels is not None:
         pieces_l.append(stream.labels[start:])
+    if stream.inputs is not None:
+        pieces_u.append(stream.inputs[start:])
     values = np.concatenate(pieces_v)
     if mode == "fill":
         values = forward_fill(values)
     time = np.concatenate(pieces_t).astype(stream.time.dtype)
     labels = np.concatenate(pieces_l) if stream.labels is not None else None
-    return Stream(stream.name, stream.path, time, values, stream.channels, labels), report
+    inputs = np.concatenate(pieces_u) if stream.inputs is not None else None
+    return Stream(stream.name, stream.path, time, values, stream.channels, labels, inputs,
+                  stream.input_names), report
+
+
+def time_steps(time: np.ndarray, real: bool) -> np.ndarray:
+    """Time since the previous row (T,) float64, in seconds for timestamps and in the column's
+    own unit for integer time; the first row gets the median step. ``real=False`` (the
+    evenly spaced modes keep, mask, fill): every row gets the median step."""
+    ordinal = time.astype("int64")
+    if len(ordinal) < 2:
+        return np.ones(len(ordinal))
+    unit = 1e-9 if np.issubdtype(time.dtype, np.datetime64) else 1.0
+    if np.issubdtype(time.dtype, np.datetime64) and np.datetime_data(time.dtype)[0] != "ns":
+        ordinal = time.astype("datetime64[ns]").astype("int64")
+    step = np.diff(ordinal).astype(np.float64) * unit
+    median = float(np.median(step))
+    if not real:
+        return np.full(len(ordinal), median)
+    return np.concatenate([[median], step])
 
 
 def forward_fill(values: np.ndarray) -> np.ndarray:

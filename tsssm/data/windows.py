@@ -2,7 +2,8 @@
 
 A batch is a dict: ``y`` (B, T, C) float32 with NaN for missing, and ``mask`` (B, T) bool, the
 positions whose predictions count in the loss; for whole streams of different lengths, lists of
-(1, T_i, C) and (1, T_i) tensors.
+(1, T_i, C) and (1, T_i) tensors. With exogenous data, also ``u`` (B, T, K) float32 inputs and
+``dt`` (B, T) float64 time steps, aligned with ``y`` (see tsssm.models.base.Exog).
 """
 
 from __future__ import annotations
@@ -12,11 +13,31 @@ import torch
 from torch.utils.data import Dataset
 
 
-class WindowDataset(Dataset):
-    """Sliding windows of ``length`` rows with ``stride`` over several arrays."""
+def _side(arrays: list[np.ndarray] | None, dtype) -> list[torch.Tensor] | None:
+    if arrays is None:
+        return None
+    return [torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)) for a in arrays]
 
-    def __init__(self, arrays: list[np.ndarray], length: int, stride: int) -> None:
+
+def _with_exog(item: dict[str, torch.Tensor], inputs, steps, i: int, rows: slice
+               ) -> dict[str, torch.Tensor]:
+    if inputs is not None:
+        item["u"] = inputs[i][rows]
+    if steps is not None:
+        item["dt"] = steps[i][rows]
+    return item
+
+
+class WindowDataset(Dataset):
+    """Sliding windows of ``length`` rows with ``stride`` over several arrays (and their inputs
+    (T_i, K) and time steps (T_i,), when given)."""
+
+    def __init__(self, arrays: list[np.ndarray], length: int, stride: int,
+                 inputs: list[np.ndarray] | None = None,
+                 steps: list[np.ndarray] | None = None) -> None:
         self.arrays = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays]
+        self.inputs = _side(inputs, np.float32)
+        self.steps = _side(steps, np.float64)
         self.index = [
             (i, s)
             for i, a in enumerate(arrays)
@@ -30,15 +51,20 @@ class WindowDataset(Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         i, s = self.index[k]
         y = self.arrays[i][s : s + self.length]  # (L, C)
-        return {"y": y, "mask": torch.ones(self.length, dtype=torch.bool)}
+        item = {"y": y, "mask": torch.ones(self.length, dtype=torch.bool)}
+        return _with_exog(item, self.inputs, self.steps, i, slice(s, s + self.length))
 
 
 class StreamDataset(Dataset):
     """Whole streams, each with the row range whose predictions count (history before it)."""
 
-    def __init__(self, arrays: list[np.ndarray], ranges: list[tuple[int, int]]) -> None:
+    def __init__(self, arrays: list[np.ndarray], ranges: list[tuple[int, int]],
+                 inputs: list[np.ndarray] | None = None,
+                 steps: list[np.ndarray] | None = None) -> None:
         self.arrays = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays]
         self.ranges = ranges
+        self.inputs = _side(inputs, np.float32)
+        self.steps = _side(steps, np.float64)
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -47,7 +73,7 @@ class StreamDataset(Dataset):
         y = self.arrays[k]
         mask = torch.zeros(len(y), dtype=torch.bool)
         mask[self.ranges[k][0] : self.ranges[k][1]] = True
-        return {"y": y, "mask": mask}
+        return _with_exog({"y": y, "mask": mask}, self.inputs, self.steps, k, slice(None))
 
 
 def list_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
@@ -58,7 +84,4 @@ def list_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.T
     for it in items:
         by_length.setdefault(len(it["y"]), []).append(it)
     groups = list(by_length.values())
-    return {
-        "y": [torch.stack([it["y"] for it in g]) for g in groups],
-        "mask": [torch.stack([it["mask"] for it in g]) for g in groups],
-    }
+    return {key: [torch.stack([it[key] for it in g]) for g in groups] for key in items[0]}

@@ -13,8 +13,11 @@ from tqdm.auto import tqdm
 from tsssm.anomaly.metrics import anomaly_metrics, forecast_metrics
 from tsssm.anomaly.scores import anomaly_scores
 from tsssm.anomaly.thresholds import Threshold
-from tsssm.models.base import Gaussian
+from tsssm.models.base import Exog, Gaussian, call_forecast, call_one_step, uses_exog
 from tsssm.tasks.forecast_metrics import HorizonAccumulator
+
+#: a stream's inputs (T, K) and time steps (T,) as arrays, either None (see Part.exog)
+ExogArrays = tuple[np.ndarray | None, np.ndarray | None]
 
 
 @dataclass
@@ -33,20 +36,39 @@ def _device_of(model) -> torch.device:
         return torch.device("cpu")
 
 
+def exog_tensors(exog: ExogArrays | None, rows: list[slice], device: torch.device
+                 ) -> Exog | None:
+    """Exog (b, n, K) / (b, n) of the given row slices of one stream's arrays (None if none)."""
+    if exog is None or (exog[0] is None and exog[1] is None):
+        return None
+    u, dt = exog
+
+    def stack(a: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor | None:
+        if a is None:
+            return None
+        return torch.from_numpy(np.stack([a[r] for r in rows])).to(device=device, dtype=dtype)
+
+    return Exog(stack(u, torch.float32), stack(dt, torch.float64))
+
+
 @torch.no_grad()
 def predict_stream(model, values: np.ndarray, score_kind: str, chunk_size: int = 100_000,
-                   progress: bool = False, desc: str = "scoring") -> StreamPrediction:
-    """Run ``model.one_step`` over a whole stream in chunks, carrying the state.  values (T, C)."""
+                   progress: bool = False, desc: str = "scoring",
+                   exog: ExogArrays | None = None) -> StreamPrediction:
+    """Run ``model.one_step`` over a whole stream in chunks, carrying the state.  values (T, C);
+    exog: the stream's inputs and time steps, passed to models that use them."""
     device = _device_of(model)
+    exog = exog if uses_exog(model) else None
     state = None
     means, variances, scores = [], [], []
     # rows/s and the ETA for streams of 10^4 rows or more
     bar = tqdm(total=len(values), desc=desc, unit="rows", unit_scale=True, leave=False,
                disable=not progress or len(values) < 10_000)
     for start in range(0, len(values), chunk_size):
-        y = torch.from_numpy(np.ascontiguousarray(values[start : start + chunk_size]))
+        rows = slice(start, start + chunk_size)
+        y = torch.from_numpy(np.ascontiguousarray(values[rows]))
         y = y.to(device=device, dtype=torch.float32).unsqueeze(0)  # (1, T, C)
-        pred, state = model.one_step(y, state)
+        pred, state = call_one_step(model, y, state, exog_tensors(exog, [rows], device))
         score = anomaly_scores(y, pred, kind=score_kind)  # (1, T)
         means.append(pred.mean[0].float().cpu().numpy())
         variances.append(pred.var[0].float().cpu().numpy())
@@ -69,40 +91,52 @@ def forecast_origin_rows(rows: tuple[int, int], context: int, horizon: int,
 
 @torch.no_grad()
 def iter_forecasts(model, values: np.ndarray, origins: np.ndarray, context: int, horizon: int,
-                   batch_size: int = 256) -> Iterator[tuple[Gaussian, np.ndarray]]:
+                   batch_size: int = 256, exog: ExogArrays | None = None,
+                   future_inputs: str = "known") -> Iterator[tuple[Gaussian, np.ndarray]]:
     """Horizon forecasts from ``origins`` in batches: (Gaussian (b, H, C) on the CPU, targets
-    (b, H, C))."""
+    (b, H, C)). exog: the stream's inputs and time steps for models that use them; the time
+    steps of the forecast rows are always given (forecasts are for those times), their inputs
+    only with ``future_inputs="known"``."""
     device = _device_of(model)
+    exog = exog if uses_exog(model) else None
     series = torch.from_numpy(np.ascontiguousarray(values)).float()
     for i in range(0, len(origins), batch_size):
         idx = origins[i : i + batch_size]
         ctx = torch.stack([series[o - context : o] for o in idx]).to(device)  # (b, L, C)
-        pred = model.forecast(ctx, horizon)
+        ex = exog_tensors(exog, [slice(o - context, o + horizon) for o in idx], device)
+        if ex is not None and ex.u is not None and future_inputs != "known":
+            ex = ex._replace(u=ex.u[:, :context])
+        pred = call_forecast(model, ctx, horizon, None, ex)
         targets = np.stack([values[o : o + horizon] for o in idx])
         yield Gaussian(pred.mean.float().cpu(), pred.var.float().cpu()), targets
 
 
 def forecast_origins(model, values: np.ndarray, rows: tuple[int, int], context: int,
-                     horizon: int, stride: int, batch_size: int = 256
+                     horizon: int, stride: int, batch_size: int = 256,
+                     exog: ExogArrays | None = None, future_inputs: str = "known"
                      ) -> tuple[Gaussian, np.ndarray, np.ndarray] | None:
     """All horizon forecasts of ``rows`` at once (see ``forecast_origin_rows``).
     Returns (Gaussian (N, H, C), targets (N, H, C), origins (N,)), or None without windows."""
     origins = forecast_origin_rows(rows, context, horizon, stride)
     if len(origins) == 0:
         return None
-    batches = list(iter_forecasts(model, values, origins, context, horizon, batch_size))
+    batches = list(iter_forecasts(model, values, origins, context, horizon, batch_size, exog,
+                                  future_inputs))
     return (Gaussian(torch.cat([b[0].mean for b in batches]),
                      torch.cat([b[0].var for b in batches])),
             np.concatenate([b[1] for b in batches]), origins)
 
 
-def horizon_metrics(model, parts_rows: list[tuple[np.ndarray, tuple[int, int]]], context: int,
-                    horizon: int, stride: int) -> HorizonAccumulator:
-    """Horizon-forecast metrics pooled over the windows of several streams' rows."""
+def horizon_metrics(model, parts_rows: list[tuple], context: int, horizon: int, stride: int,
+                    future_inputs: str = "known") -> HorizonAccumulator:
+    """Horizon-forecast metrics pooled over the windows of several streams' rows.
+    parts_rows: (values (T, C), rows) or (values, rows, exog arrays) per stream."""
     acc = HorizonAccumulator(horizon)
-    for values, rows in parts_rows:
+    for values, rows, *exog in parts_rows:
         origins = forecast_origin_rows(rows, context, horizon, stride)
-        for pred, targets in iter_forecasts(model, values, origins, context, horizon):
+        for pred, targets in iter_forecasts(model, values, origins, context, horizon,
+                                            exog=exog[0] if exog else None,
+                                            future_inputs=future_inputs):
             acc.add(targets, pred.mean.numpy(), pred.var.numpy())
     return acc
 
@@ -129,13 +163,14 @@ def predict_detector(detector, values: np.ndarray) -> StreamPrediction:
 
 def evaluate(model, data, *, score_kind: str, context: int, horizon: int, eval_stride: int,
              chunk_size: int, make_threshold: Callable[[np.ndarray], Threshold],
-             threshold: Threshold | None = None) -> Evaluation:
+             threshold: Threshold | None = None, future_inputs: str = "known") -> Evaluation:
     """Score every stream from its start, fit the threshold on the training rows (unless one
-    is given), and compute forecast and detection metrics per split (pooled over streams)."""
+    is given), and compute forecast and detection metrics per split (pooled over streams).
+    Models that use exogenous data get each stream's inputs and time steps."""
     forecaster = hasattr(model, "one_step")
     preds = [
-        predict_stream(model, p.stream.values, score_kind, chunk_size) if forecaster
-        else predict_detector(model, p.stream.values)
+        predict_stream(model, p.stream.values, score_kind, chunk_size, exog=p.exog())
+        if forecaster else predict_detector(model, p.stream.values)
         for p in data.parts
     ]
     if threshold is None:
@@ -154,8 +189,8 @@ def evaluate(model, data, *, score_kind: str, context: int, horizon: int, eval_s
             means = np.concatenate([pr.mean[slice(*r)] for _, pr, r in rows])
             metrics.update({f"{split}/{k}": v for k, v in forecast_metrics(values, means).items()})
         if forecaster and split != "train":
-            acc = horizon_metrics(model, [(p.stream.values, r) for p, _, r in rows], context,
-                                  horizon, eval_stride)
+            acc = horizon_metrics(model, [(p.stream.values, r, p.exog()) for p, _, r in rows],
+                                  context, horizon, eval_stride, future_inputs)
             if acc.windows:
                 prefix = f"{split}/h{horizon}_"
                 metrics.update({prefix + k: v for k, v in acc.result().items()})

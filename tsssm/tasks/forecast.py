@@ -15,6 +15,7 @@ from torch import Tensor
 from tsssm.anomaly.scores import gaussian_nll
 from tsssm.distributed import global_mean
 from tsssm.errors import NumericalError
+from tsssm.models.base import Exog, call_forecast, call_one_step
 
 
 def hide_unscored(y: Tensor, mask: Tensor) -> Tensor:
@@ -22,22 +23,35 @@ def hide_unscored(y: Tensor, mask: Tensor) -> Tensor:
     return y.masked_fill(~mask.unsqueeze(-1), float("nan"))
 
 
+def batch_exog(batch: dict, i: int | None = None) -> Exog | None:
+    """The batch's inputs and time steps (entry i of list batches), or None without them."""
+    u, dt = batch.get("u"), batch.get("dt")
+    if i is not None:
+        u = None if u is None else u[i]
+        dt = None if dt is None else dt[i]
+    return None if u is None and dt is None else Exog(u, dt)
+
+
 class ForecastTask(L.LightningModule):
     def __init__(self, model: torch.nn.Module, optimizer: dict, horizon: int,
-                 one_step_weight: float = 1.0, horizon_weight: float = 1.0) -> None:
+                 one_step_weight: float = 1.0, horizon_weight: float = 1.0,
+                 future_inputs: str = "known") -> None:
         super().__init__()
         self.model = model
+        #: "known": horizon forecasts see the inputs of the forecast rows; "unknown": not
+        self.future_inputs = future_inputs
         self.optimizer_cfg = dict(optimizer)
         self.horizon = horizon
         self.one_step_weight = one_step_weight
         self.horizon_weight = horizon_weight if model.training_input == "windows" else 0.0
         self.save_hyperparameters(ignore=["model"])
 
-    def one_step_nll(self, ys: list[Tensor], masks: list[Tensor]) -> Tensor:
+    def one_step_nll(self, ys: list[Tensor], masks: list[Tensor],
+                     exogs: list[Exog | None] | None = None) -> Tensor:
         """Mean NLL over every scored entry of several (1, T_i, C) streams or one (B, T, C)."""
         total, count = 0.0, 0
-        for y, mask in zip(ys, masks):
-            pred, _ = self.model.one_step(y)
+        for i, (y, mask) in enumerate(zip(ys, masks)):
+            pred, _ = call_one_step(self.model, y, None, None if exogs is None else exogs[i])
             target = hide_unscored(y, mask)
             total = total + gaussian_nll(target, pred, reduction="sum")
             count += int((~torch.isnan(target)).sum())
@@ -47,11 +61,17 @@ class ForecastTask(L.LightningModule):
         y, mask = batch["y"], batch["mask"]  # (B, T, C), (B, T) or lists of (1, T_i, ...)
         out: dict[str, Tensor] = {}
         streams = isinstance(y, list)
-        out["nll_one_step"] = self.one_step_nll(y if streams else [y], mask if streams else [mask])
+        exogs = ([batch_exog(batch, i) for i in range(len(y))] if streams
+                 else [batch_exog(batch)])
+        out["nll_one_step"] = self.one_step_nll(y if streams else [y], mask if streams else [mask],
+                                                exogs)
         loss = self.one_step_weight * out["nll_one_step"]
         if self.horizon_weight > 0 and not streams:
             context, target = y[:, : -self.horizon], y[:, -self.horizon :]
-            fpred = self.model.forecast(context, self.horizon)
+            exog = exogs[0]
+            if exog is not None and self.future_inputs != "known" and exog.u is not None:
+                exog = exog._replace(u=exog.u[:, : -self.horizon])
+            fpred = call_forecast(self.model, context, self.horizon, None, exog)
             out["nll_horizon"] = gaussian_nll(target, fpred)
             out["mse_horizon"] = torch.nanmean((fpred.mean - target).square())
             loss = loss + self.horizon_weight * out["nll_horizon"]
