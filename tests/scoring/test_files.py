@@ -140,3 +140,19 @@ def test_a_reading_that_overflows_once_scaled_fails_as_in_memory(tmp_path):
                    tmp_path / "o.parquet", batch_rows=256, progress=False)
     assert str(streamed.value) == str(whole.value)
     assert "row 1500" in str(whole.value)
+
+
+def test_models_with_inputs_or_time_steps_are_read_whole():
+    """A model that takes inputs or real time steps is not streamed (yet): score reads its file
+    whole, and refuses live or many-file scoring for it."""
+    from types import SimpleNamespace
+
+    from tsssm.commands.score import streams_in_batches
+
+    bundle = make_bundle("kalman")
+    keep, time = OmegaConf.create({"gaps": "keep"}), OmegaConf.create({"gaps": "time"})
+    assert streams_in_batches(keep, bundle)
+    assert not streams_in_batches(time, bundle)
+    assert not streams_in_batches(keep, SimpleNamespace(inputs=["u"], model=bundle.model))
+    exog_model = SimpleNamespace(uses_exog=("dt",))
+    assert not streams_in_batches(keep, SimpleNamespace(inputs=[], model=exog_model))
