@@ -284,7 +284,7 @@ CASES: list[Case] = [
     Case("unknown-command", "fly", (), status=None, words=("unknown command 'fly'",)),
     Case("unknown-group-option", "train", ("model=lstm",), status=None,
          words=("unknown option 'lstm' for config group 'model'",
-                "kalman, kalman_ct, mamba, spring")),
+                "kalman, kalman_ct, kalman_ett, mamba, spring")),
     Case("unknown-key", "train", ("data.colour=red",), status=None,
          words=("unknown config key 'data.colour'",)),
     Case("bad-type", "train", ("data.input_len=many",), status=None,

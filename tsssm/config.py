@@ -140,15 +140,34 @@ class KalmanNet:
     ar_order: int = 1
     method: str = "sequential"
     dtype: str = "float64"
+    #: a (practically) infinite prior variance on the level: forecasts shift with the context
+    #: instead of being drawn toward the training level (used with a fitted prior)
+    diffuse_level: bool = False
 
 
 @dataclass
 class KalmanModelConfig(ModelConfig):
     net: KalmanNet = field(default_factory=KalmanNet)
     #: mle: maximum likelihood by L-BFGS through the filter (Lightning); em: expectation-
-    #: maximisation from smoother statistics (variance-only components)
+    #: maximisation from smoother statistics (then em_polish L-BFGS evaluations);
+    #: multistep: EM (em_iters) as the start, then the parameters and prior that minimise the
+    #: mean squared forecast error over data.horizon steps from contexts of the input length
+    #: on the training windows (exponential smoothing's "amse" criterion)
     fit: str = "mle"
     em_iters: int = 50
+    #: EM / multistep: cut the training streams into segments of this many steps (each
+    #: filtered from the prior; the E-step then costs the same however long the data); null:
+    #: whole streams
+    em_segment: int | None = None
+    #: EM / multistep: also fit the prior (mean and covariance of the first state)
+    em_prior: bool = False
+    #: EM: L-BFGS evaluations of the exact likelihood after the EM iterations (0: none)
+    em_polish: int = 0
+    #: multistep: L-BFGS evaluations of the criterion
+    multistep_iters: int = 200
+    #: scale the forecast variance per channel and lead so that it equals the mean squared
+    #: error of the training windows' forecasts (data.horizon leads)
+    calibrate: bool = False
 
 
 @dataclass
@@ -242,6 +261,11 @@ class TaskConfig:
     #: weight of the one-step NLL over every position (the rest is the horizon NLL)
     one_step_weight: float = 1.0
     horizon_weight: float = 1.0
+    #: fit on normal rows only: the training rows labelled as anomalies (data.label_column) are
+    #: left out of the threshold's fit and, as missing values, out of the model's fit
+    #: (training and validation rows alike); false: every training row counts (a warning says
+    #: how many are labelled)
+    exclude_labelled_train: bool = False
     #: classical comparators for `tsssm compare`
     baselines: list[str] = field(
         default_factory=lambda: ["last_value", "seasonal_naive", "ewma", "isolation_forest"]
@@ -392,13 +416,19 @@ def validate(cfg: DictConfig) -> None:
     m = cfg.model
     _check(m.epochs >= 1, "model.epochs", "must be >= 1")
     fit = OmegaConf.select(cfg, "model.fit", default="mle")
-    _check(fit in ("mle", "em"), "model.fit", f"is {fit!r}; use mle or em")
+    _check(fit in ("mle", "em", "multistep"), "model.fit",
+           f"is {fit!r}; use mle, em or multistep")
     continuous = str(OmegaConf.select(cfg, "model.net._target_", default="")).endswith(
         "KalmanCTForecaster")
     _check(not (continuous and fit != "mle"), "model.fit",
            f"is {fit!r}; the continuous-time model fits by maximum likelihood: use mle")
     _check(OmegaConf.select(cfg, "model.em_iters", default=1) >= 1, "model.em_iters",
            "must be >= 1")
+    seg = OmegaConf.select(cfg, "model.em_segment", default=None)
+    _check(seg is None or seg >= 2, "model.em_segment", f"must be >= 2 or null, got {seg}")
+    for key in ("model.em_polish", "model.multistep_iters"):
+        value = OmegaConf.select(cfg, key, default=0)
+        _check(value >= 0, key, f"must be >= 0, got {value}")
     _check(m.optimizer.lr > 0, "model.optimizer.lr", "must be > 0")
     t = cfg.task
     _check(0 < t.threshold.q < 1, "task.threshold.q", "must lie in (0, 1)")

@@ -59,6 +59,22 @@ def write_parquet(frame: pl.DataFrame, path: Path) -> Path:
     return path
 
 
+def labelled_training_rows(cfg_task, data) -> bool:
+    """Say (one line) how many training rows are labelled as anomalies, and what is done with
+    them; returns whether they are left out of the fits (task.exclude_labelled_train)."""
+    n_train, n_val = data.labelled_rows("train"), data.labelled_rows("val")
+    if n_train + n_val == 0:
+        return False
+    where = f"{n_train} training rows" + (f" and {n_val} validation rows" if n_val else "")
+    if cfg_task.exclude_labelled_train:
+        log.info("task.exclude_labelled_train: %s labelled as anomalies are left out of the "
+                 "threshold and model fits (as missing values)", where)
+        return True
+    log.warning("%s are labelled as anomalies and the threshold and model are fitted on them "
+                "too; task.exclude_labelled_train=true fits on normal rows only", where)
+    return False
+
+
 def fit_threshold(cfg_task, train_scores: np.ndarray) -> Threshold:
     t = cfg_task.threshold
     kwargs = {"quantile": {"q": t.q}, "max": {"factor": t.factor},

@@ -4,6 +4,7 @@ in one table (printed, logged as Parquet/Markdown and as a figure) and as metric
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import polars as pl
@@ -13,6 +14,7 @@ from tsssm.baselines import build_baseline
 from tsssm.commands.common import (
     fit_threshold,
     format_table,
+    labelled_training_rows,
     load_trained,
     staging,
     write_parquet,
@@ -89,17 +91,22 @@ def compare(cfg: DictConfig) -> str:
         rows = []
         methods = [(label, b.model, "model", b) for label, b in trained]
         methods += [(label, m, "baseline", None) for label, m in _baselines(cfg, data)]
-        for label, model, kind, bundle in methods:
+        exclude = labelled_training_rows(cfg.task, data)
+        for i, (label, model, kind, bundle) in enumerate(methods, 1):
             if bundle is not None and bundle.channels != data.channels:
                 raise ModelError(f"{label} was trained on channels {bundle.channels}, "
                                  f"data={cfg.data.name} has {data.channels}")
             if bundle is not None and uses_exog(model) and bundle.inputs != data.inputs:
                 raise ModelError(f"{label} was trained with inputs {bundle.inputs}; set "
                                  f"data.inputs=[{','.join(bundle.inputs)}]")
-            print(f"compare: evaluating {label} ...", flush=True)
+            started = time.perf_counter()
             ev = evaluate(model, _data_for(bundle, data, option_value(cfg.data.gaps)),
                           make_threshold=lambda s: fit_threshold(cfg.task, s),
-                          future_inputs=option_value(cfg.data.future_inputs), **common)
+                          future_inputs=option_value(cfg.data.future_inputs),
+                          exclude_labelled=exclude,
+                          progress=f"compare [{i}/{len(methods)}] {label}", **common)
+            print(f"compare [{i}/{len(methods)}] {label}: evaluated in "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)
             row = {"method": label, "kind": kind, **ev.metrics}
             row["h_mae"] = ev.metrics.get(f"test/h{horizon}_mae", float("nan"))
             row["h_mse"] = ev.metrics.get(f"test/h{horizon}_mse", float("nan"))

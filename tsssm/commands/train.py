@@ -22,6 +22,7 @@ from tsssm.commands.common import (
     fit_threshold,
     forecast_frame,
     format_table,
+    labelled_training_rows,
     save_figures,
     seed_everything,
     staging,
@@ -34,7 +35,13 @@ from tsssm.data.datasets import PreparedData, build_dataset
 from tsssm.distributed import NullTracker, is_distributed, is_secondary, launch_workers_as
 from tsssm.errors import ConfigError, ModelError
 from tsssm.models.base import Exog, uses_exog
-from tsssm.tasks.callbacks import InterruptWatch, RngState, Throughput, TrackerCallback
+from tsssm.tasks.callbacks import (
+    InnerIterations,
+    InterruptWatch,
+    RngState,
+    Throughput,
+    TrackerCallback,
+)
 from tsssm.tasks.checkpoint_io import AtomicCheckpointIO
 from tsssm.tasks.evaluate import Evaluation, evaluate
 from tsssm.tasks.forecast import ForecastTask
@@ -98,7 +105,7 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
     dm = SeriesDataModule(data, net.training_input, cfg.data.input_len, cfg.data.horizon,
                           cfg.data.stride, cfg.data.batch_size, cfg.data.num_workers,
                           eval_stride=cfg.data.eval_stride, exog=uses_exog(net))
-    if OmegaConf.select(cfg, "model.fit", default="mle") == "em":
+    if OmegaConf.select(cfg, "model.fit", default="mle") in ("em", "multistep"):
         return fit_by_em(cfg, net, dm, tracker)
     if hasattr(net, "identify"):
         return fit_by_identification(cfg, net, dm, tracker)
@@ -122,6 +129,7 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
         TrackerCallback(tracker),
         Throughput(tracker),
         RngState(),
+        InnerIterations(),
         watch,
     ]
     has_val = dm.has_val()
@@ -169,14 +177,33 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
 
 
 def fit_by_em(cfg: DictConfig, net, dm: SeriesDataModule, tracker: Tracker):
-    """model.fit=em: closed-form EM on the whole training streams (no gradients, no Lightning
-    loop); the log-likelihood of every iteration is logged as train/loglik."""
+    """model.fit=em / multistep: closed-form EM on the training streams (no gradients, no
+    Lightning loop), optionally polished by L-BFGS, then (multistep) the multi-step criterion
+    and (model.calibrate) the forecast-variance calibration, all on the training split. The
+    log-likelihood of every EM iteration is logged as train/loglik, the criterion of every
+    multi-step evaluation as train/multistep_mse, the fitting time as train/fit_s."""
+    from tsssm.models.kalman import KalmanForecaster, fit_forecaster
+
+    m = cfg.model
+    if not isinstance(net, KalmanForecaster):
+        raise ConfigError(f"model.fit={m.fit} needs the Kalman model (model=kalman...)")
     streams = next(iter(dm.train_dataloader()))["y"]  # [(B_k, T_k, C)]
-    history = net.fit_em(streams, n_iter=cfg.model.em_iters)
-    for i, loglik in enumerate(history):
+    report = fit_forecaster(
+        net, streams, fit=m.fit, em_iters=m.em_iters, em_segment=m.em_segment,
+        em_prior=m.em_prior, em_polish=m.em_polish, multistep_iters=m.multistep_iters,
+        calibrate=m.calibrate, context=cfg.data.input_len,
+        horizon=cfg.data.horizon)
+    for i, loglik in enumerate(report.loglik):
         tracker.log_metrics({"train/loglik": loglik}, step=i)
-    log.info("EM: %d iterations, log-likelihood %.2f -> %.2f", len(history) - 1, history[0],
-             history[-1])
+    for i, value in enumerate(report.multistep_mse):
+        tracker.log_metrics({"train/multistep_mse": value}, step=i)
+    tracker.log_metrics({"train/fit_s": report.seconds})
+    log.info("EM: %d steps, log-likelihood %.2f -> %.2f", len(report.loglik) - 1,
+             report.loglik[0], report.loglik[-1])
+    if report.multistep_mse:
+        log.info("multi-step criterion: %.4f -> %.4f", report.multistep_mse[0],
+                 report.multistep_mse[-1])
+    log.info("fitted in %.1f s", report.seconds)
     return net.eval()
 
 
@@ -232,7 +259,8 @@ def log_evaluation(cfg: DictConfig, net, data: PreparedData, tracker: Tracker, f
                   context=cfg.data.input_len, horizon=cfg.data.horizon,
                   eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size,
                   make_threshold=lambda s: fit_threshold(cfg.task, s),
-                  future_inputs=option_value(cfg.data.future_inputs))
+                  future_inputs=option_value(cfg.data.future_inputs),
+                  exclude_labelled=cfg.task.exclude_labelled_train)
     tracker.log_metrics(ev.metrics)
     for name, curve in ev.by_lead.items():  # step = lead time 1..H
         tracker.log_series(name, curve, first_step=1)
@@ -283,8 +311,11 @@ def train(cfg: DictConfig) -> str:
         for note in data.gap_notes:
             log.info(note)
         net_cfg = net_config(cfg, data)
+        # normal rows only: the labelled anomalies of the training rows become missing values,
+        # which every model skips (the Kalman filter) or masks (Mamba)
+        fit_data = data.without_labelled() if labelled_training_rows(cfg.task, data) else data
         try:
-            net = fit_model(cfg, data, tracker, resume, net_cfg)
+            net = fit_model(cfg, fit_data, tracker, resume, net_cfg)
         except KeyboardInterrupt as err:
             # tells the CLI whether `trainer.resume=last` has something to continue from
             ckpt = checkpoints.checkpoint_dir(cfg.tracking.output_dir, run.run_id) / "last.ckpt"

@@ -114,6 +114,38 @@ class PreparedData:
         parts = [dataclasses.replace(p, dt=time_steps(p.stream.time, real)) for p in self.parts]
         return dataclasses.replace(self, parts=parts)
 
+    def labelled_rows(self, name: str) -> int:
+        """How many rows of one split are labelled as anomalies (0 without labels)."""
+        total = 0
+        for part in self.parts:
+            start, stop = part.rows(name)
+            if part.stream.labels is not None and stop > start:
+                total += int(part.stream.labels[start:stop].sum())
+        return total
+
+    def without_labelled(self, names: tuple[str, ...] = ("train", "val")) -> PreparedData:
+        """The same data with the labelled anomaly rows of these splits set missing (NaN in
+        every channel), for fitting a model on normal rows only; the other rows, the labels
+        and the scalers are unchanged."""
+        parts = []
+        for part in self.parts:
+            labels = part.stream.labels
+            if labels is None:
+                parts.append(part)
+                continue
+            hide = np.zeros(len(labels), dtype=bool)
+            for name in names:
+                start, stop = part.rows(name)
+                hide[start:stop] = labels[start:stop] == 1
+            if not hide.any():
+                parts.append(part)
+                continue
+            values = part.stream.values.copy()
+            values[hide] = np.nan
+            stream = dataclasses.replace(part.stream, values=values)
+            parts.append(dataclasses.replace(part, stream=stream))
+        return dataclasses.replace(self, parts=parts)
+
     def padded_exog(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Inputs (B, T, K) and steps (B, T) aligned with :meth:`padded` (padding repeats each
         stream's last input and median step; the padded rows of y are NaN)."""

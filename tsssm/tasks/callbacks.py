@@ -128,3 +128,36 @@ class InterruptWatch(L.Callback):
                      exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
             self.interrupted = True
+
+
+class InnerIterations(L.Callback):
+    """Shows the inner iterations of an optimizer that evaluates the loss many times per batch
+    (L-BFGS: one epoch on whole streams is one optimizer step of up to ``max_eval`` loss and
+    gradient evaluations): the progress bar's postfix gets ``lbfgs=<evaluations>/<at most>``
+    and ``f=`` the objective of the latest evaluation, refreshed at each of them. Lightning
+    calls ``on_before_backward`` once per closure evaluation."""
+
+    def __init__(self) -> None:
+        self.evaluations = 0  # of the current optimizer step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch,
+                             batch_idx: int) -> None:
+        self.evaluations = 0
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           loss) -> None:
+        import torch
+
+        optimizers = trainer.optimizers
+        if not optimizers or not isinstance(optimizers[0], torch.optim.LBFGS):
+            return
+        self.evaluations += 1
+        bar = trainer.progress_bar_callback
+        tqdm_bar = getattr(bar, "train_progress_bar", None) if bar is not None else None
+        if tqdm_bar is None or not hasattr(bar, "get_metrics"):
+            return
+        most = optimizers[0].defaults["max_eval"]
+        postfix = dict(bar.get_metrics(trainer, pl_module))
+        postfix.update(lbfgs=f"{self.evaluations}/{most}", f=f"{float(loss.detach()):.4g}")
+        postfix.pop("v_num", None)
+        tqdm_bar.set_postfix(postfix, refresh=True)

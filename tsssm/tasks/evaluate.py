@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from tsssm.anomaly.metrics import anomaly_metrics, forecast_metrics
 from tsssm.anomaly.scores import anomaly_scores
 from tsssm.anomaly.thresholds import Threshold
+from tsssm.errors import DataError
 from tsssm.models.base import Exog, Gaussian, call_forecast, call_one_step, uses_exog
 from tsssm.tasks.forecast_metrics import HorizonAccumulator
 
@@ -128,9 +129,11 @@ def forecast_origins(model, values: np.ndarray, rows: tuple[int, int], context: 
 
 
 def horizon_metrics(model, parts_rows: list[tuple], context: int, horizon: int, stride: int,
-                    future_inputs: str = "known") -> HorizonAccumulator:
+                    future_inputs: str = "known",
+                    on_stream: Callable[[], object] | None = None) -> HorizonAccumulator:
     """Horizon-forecast metrics pooled over the windows of several streams' rows.
-    parts_rows: (values (T, C), rows) or (values, rows, exog arrays) per stream."""
+    parts_rows: (values (T, C), rows) or (values, rows, exog arrays) per stream; ``on_stream``
+    is called after each stream (progress)."""
     acc = HorizonAccumulator(horizon)
     for values, rows, *exog in parts_rows:
         origins = forecast_origin_rows(rows, context, horizon, stride)
@@ -138,6 +141,8 @@ def horizon_metrics(model, parts_rows: list[tuple], context: int, horizon: int, 
                                             exog=exog[0] if exog else None,
                                             future_inputs=future_inputs):
             acc.add(targets, pred.mean.numpy(), pred.var.numpy())
+        if on_stream is not None:
+            on_stream()
     return acc
 
 
@@ -163,19 +168,31 @@ def predict_detector(detector, values: np.ndarray) -> StreamPrediction:
 
 def evaluate(model, data, *, score_kind: str, context: int, horizon: int, eval_stride: int,
              chunk_size: int, make_threshold: Callable[[np.ndarray], Threshold],
-             threshold: Threshold | None = None, future_inputs: str = "known") -> Evaluation:
+             threshold: Threshold | None = None, future_inputs: str = "known",
+             exclude_labelled: bool = False, progress: str | None = None) -> Evaluation:
     """Score every stream from its start, fit the threshold on the training rows (unless one
-    is given), and compute forecast and detection metrics per split (pooled over streams).
-    Models that use exogenous data get each stream's inputs and time steps."""
+    is given; ``exclude_labelled``: on those not labelled as anomalies), and compute forecast
+    and detection metrics per split (pooled over streams). Models that use exogenous data get
+    each stream's inputs and time steps. ``progress``: show a bar with this description over
+    the streams' scoring and horizon forecasts."""
     forecaster = hasattr(model, "one_step")
-    preds = [
-        predict_stream(model, p.stream.values, score_kind, chunk_size, exog=p.exog())
-        if forecaster else predict_detector(model, p.stream.values)
-        for p in data.parts
-    ]
+    # one unit per stream scored, and per stream's horizon forecasts of the val and test rows
+    units = len(data.parts) + (sum(p.rows(split)[1] > p.rows(split)[0] for p in data.parts
+                                   for split in ("val", "test")) if forecaster else 0)
+    bar = tqdm(total=units, desc=progress, disable=progress is None, unit="step",
+               leave=False)
+    preds = []
+    for p in data.parts:
+        preds.append(predict_stream(model, p.stream.values, score_kind, chunk_size,
+                                    exog=p.exog())
+                     if forecaster else predict_detector(model, p.stream.values))
+        bar.update()
     if threshold is None:
         train_scores = np.concatenate(
-            [pr.score[slice(*p.rows("train"))] for p, pr in zip(data.parts, preds)])
+            [_threshold_rows(p, pr, exclude_labelled) for p, pr in zip(data.parts, preds)])
+        if not len(train_scores):
+            raise DataError("every training row is labelled as an anomaly: there is nothing "
+                            "to fit the threshold on (task.exclude_labelled_train=true)")
         threshold = make_threshold(train_scores)
     metrics: dict[str, float] = {"train/threshold": threshold.value}
     by_lead: dict[str, np.ndarray] = {}
@@ -190,7 +207,8 @@ def evaluate(model, data, *, score_kind: str, context: int, horizon: int, eval_s
             metrics.update({f"{split}/{k}": v for k, v in forecast_metrics(values, means).items()})
         if forecaster and split != "train":
             acc = horizon_metrics(model, [(p.stream.values, r, p.exog()) for p, _, r in rows],
-                                  context, horizon, eval_stride, future_inputs)
+                                  context, horizon, eval_stride, future_inputs,
+                                  on_stream=bar.update)
             if acc.windows:
                 prefix = f"{split}/h{horizon}_"
                 metrics.update({prefix + k: v for k, v in acc.result().items()})
@@ -201,4 +219,14 @@ def evaluate(model, data, *, score_kind: str, context: int, horizon: int, eval_s
             scores = np.concatenate([pr.score[slice(*r)] for _, pr, r in labelled])
             m = detection_metrics(labels, scores, threshold.flags(scores))
             metrics.update({f"test/{k}": v for k, v in m.items()})
+    bar.close()
     return Evaluation(preds, threshold, metrics, by_lead)
+
+
+def _threshold_rows(part, pred: StreamPrediction, exclude_labelled: bool) -> np.ndarray:
+    """The training rows' scores the threshold is fitted on."""
+    rows = slice(*part.rows("train"))
+    score = pred.score[rows]
+    if exclude_labelled and part.stream.labels is not None:
+        score = score[part.stream.labels[rows] != 1]
+    return score

@@ -45,6 +45,10 @@ class ForecastTask(L.LightningModule):
         self.one_step_weight = one_step_weight
         self.horizon_weight = horizon_weight if model.training_input == "windows" else 0.0
         self.save_hyperparameters(ignore=["model"])
+        #: (global step, batch index) of the last logged training batch
+        self._logged_step: tuple[int, int] | None = None
+        #: this epoch's (sum of batch losses x batch size, sum of batch sizes)
+        self._epoch_loss = (0.0, 0)
 
     def one_step_nll(self, ys: list[Tensor], masks: list[Tensor],
                      exogs: list[Exog | None] | None = None) -> Tensor:
@@ -96,15 +100,30 @@ class ForecastTask(L.LightningModule):
                 f"the training loss became {out['loss'].item()} at epoch {self.current_epoch}; "
                 "lower model.optimizer.lr, or check the data for extreme values"
             )
+        # An optimizer such as L-BFGS calls this step several times per batch (every closure
+        # evaluation, line-search trials included); the batch's loss is the first of them, the
+        # loss at the parameters the optimizer step starts from (what ``optimizer.step``
+        # returns), so that train/loss means the same for every optimizer.
+        key = (self.global_step, batch_idx)
+        if key == self._logged_step:
+            return out["loss"]
+        self._logged_step = key
         # a stream batch is a rank's whole shard: weigh the ranks alike (Lightning weighs the
         # epoch mean by batch_size, and the value already is the mean over every rank)
         bs = 1 if isinstance(batch["y"], list) else len(batch["y"])
         sync = self.trainer.world_size > 1  # epoch metrics averaged over ranks
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False,
                       on_step=False, on_epoch=True, batch_size=bs, sync_dist=sync)
-        self.log("loss", out["loss"].detach(), prog_bar=True, on_step=True, batch_size=bs,
-                 logger=False)
+        # the bar shows the running mean of the epoch's batch losses (weighted as Lightning
+        # weighs train/loss's epoch mean): at the end of an epoch it is that epoch's train/loss
+        self._epoch_loss = (self._epoch_loss[0] + float(out["loss"].detach()) * bs,
+                            self._epoch_loss[1] + bs)
+        self.log("loss", self._epoch_loss[0] / self._epoch_loss[1], prog_bar=True,
+                 on_step=True, on_epoch=False, batch_size=bs, logger=False)
         return out["loss"]
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_loss = (0.0, 0)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self.losses(batch)
