@@ -9,19 +9,22 @@ The Python API (tsssm.api), imported on first use so that ``import tsssm`` stays
 
 __version__ = "0.1.0"
 
-#: names of the Python API, resolved lazily from tsssm.api
-_API = ("train", "load", "compose", "Model")
+#: names of the Python API, resolved lazily: {name: module}
+_LAZY = {"train": "tsssm.api", "load": "tsssm.api", "compose": "tsssm.api", "Model": "tsssm.api",
+         "Scorer": "tsssm.scoring.scorer", "ScoredRows": "tsssm.scoring.scorer"}
 
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
-    if name in _API:
-        from tsssm import api
+    """The API (tsssm.api) and ``tsssm.Scorer`` (tsssm.scoring.scorer), imported on first use:
+    ``import tsssm`` stays light."""
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tsssm' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_API])
+    return sorted([*globals(), *_LAZY])

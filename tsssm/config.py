@@ -413,6 +413,9 @@ class TaskConfig:
 class TrainerConfig:
     accelerator: str = "cpu"
     devices: int = 1
+    #: Lightning strategy: auto (one device), ddp (one process per device, see trainer=ddp)
+    strategy: str = "auto"
+    num_nodes: int = 1
     precision: str = "32-true"
     #: overrides the model's `epochs` when set
     max_epochs: int | None = None
@@ -441,10 +444,28 @@ class TrackingConfig:
 
 @dataclass
 class ScoreConfig:
-    #: rows per chunk when scoring (state carried between chunks)
+    #: rows per batch when scoring (read, scored with the state carried, written)
     chunk_size: int = 100_000
-    #: where the scores Parquet goes; default tsssm_runs/scores/<run id>.parquet
+    #: where the scores Parquet goes; default tsssm_runs/scores/<run id>.parquet (a folder,
+    #: tsssm_runs/scores/<run id>/, when data.path is a folder or glob)
     output: str | None = None
+    #: many files: local (worker processes) or dask (a Dask cluster; pip install tsssm[cluster])
+    engine: str = "local"
+    #: worker processes (local) or LocalCluster workers (dask); 0: one per CPU core; with
+    #: score.device=cuda the GPUs the files are sharded over (0: every visible GPU)
+    workers: int = 0
+    #: a running Dask scheduler, e.g. tcp://host:8786 (default: a local cluster for the command)
+    address: str | None = None
+    #: where the model runs: cpu (default) or cuda
+    device: str | None = None
+    #: live: follow data.path (a CSV file that keeps growing) and print one line per new row
+    #: until Ctrl-C (data.path=- reads standard input instead)
+    follow: bool = False
+    #: seconds between looks at a followed file
+    follow_interval: float = 0.2
+    #: scores with at most this many rows are also logged to MLflow (scores/); longer ones
+    #: stay at score.output, named by the run's tsssm.scores tag
+    artifact_max_rows: int = 5_000_000
     #: log the scored streams' figures (`tsssm run` turns it off: its train step has logged
     #: the same test split's figures already)
     figures: bool = True
@@ -571,7 +592,16 @@ def validate(cfg: DictConfig) -> None:
     _check(tr.checkpoint_every_n_epochs >= 1, "trainer.checkpoint_every_n_epochs", "must be >= 1")
     _check(tr.checkpoint_every_n_steps is None or tr.checkpoint_every_n_steps >= 1,
            "trainer.checkpoint_every_n_steps", "must be >= 1 (or null: every n epochs)")
+    _check(tr.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+    _check(tr.strategy in ("auto", "ddp", "ddp_find_unused_parameters_true"), "trainer.strategy",
+           f"is {tr.strategy!r}; use auto or ddp")
     _check(cfg.score.chunk_size >= 1, "score.chunk_size", "must be >= 1")
+    _check(cfg.score.engine in ("local", "dask"), "score.engine",
+           f"is {cfg.score.engine!r}; use local or dask")
+    _check(cfg.score.workers >= 0, "score.workers", "must be >= 0 (0: one per CPU core)")
+    _check(cfg.score.follow_interval > 0, "score.follow_interval", "must be > 0")
+    _check(cfg.score.device in (None, "cpu", "cuda") or str(cfg.score.device).startswith(
+        "cuda:"), "score.device", f"is {cfg.score.device!r}; use cpu or cuda")
 
 
 def option_value(option: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -33,10 +34,17 @@ from tsssm.commands.common import (
 from tsssm.config import flatten, option_value, to_plain
 from tsssm.data.datamodule import SeriesDataModule
 from tsssm.data.datasets import PreparedData, build_dataset
+from tsssm.distributed import NullTracker, is_distributed, is_secondary, launch_workers_as
 from tsssm.errors import ConfigError, ModelError
 from tsssm.models.base import Exog, uses_exog
 from tsssm.tasks.calibrate import calibrate_horizon_variance
-from tsssm.tasks.callbacks import InnerIterations, InterruptWatch, RngState, TrackerCallback
+from tsssm.tasks.callbacks import (
+    InnerIterations,
+    InterruptWatch,
+    RngState,
+    Throughput,
+    TrackerCallback,
+)
 from tsssm.tasks.checkpoint_io import AtomicCheckpointIO
 from tsssm.tasks.evaluate import Evaluation, evaluate
 from tsssm.tasks.forecast import ForecastTask
@@ -124,6 +132,7 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
             enable_version_counter=False, every_n_train_steps=every_steps,
             every_n_epochs=None if every_steps else cfg.trainer.checkpoint_every_n_epochs),
         TrackerCallback(tracker),
+        Throughput(tracker),
         RngState(),
         InnerIterations(),
         watch,
@@ -136,6 +145,8 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
         max_epochs=cfg.trainer.max_epochs or cfg.model.epochs,
         accelerator=_accelerator(cfg.trainer.accelerator),
         devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
         precision=cfg.trainer.precision,
         gradient_clip_val=None if optimizer["name"] == "lbfgs" else cfg.trainer.gradient_clip_val,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
@@ -149,10 +160,13 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
         num_sanity_val_steps=0,
         plugins=[AtomicCheckpointIO()],
     )
+    ckpt = None if resume is None else str(resume.path)
     try:
-        # weights_only: resuming unpickles nothing but tensors and plain containers
-        trainer.fit(task, datamodule=dm, ckpt_path=None if resume is None else str(resume.path),
-                    weights_only=True)
+        # rank 0 of a DDP fit launches the other ranks as `tsssm _ddp-worker` (tsssm.distributed)
+        with launch_workers_as(cfg, tracker.run_id, ckpt) if is_distributed(cfg.trainer) \
+                else nullcontext():
+            # weights_only: resuming unpickles nothing but tensors and plain containers
+            trainer.fit(task, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     except SystemExit:
         if watch.interrupted:  # Lightning's sys.exit(1) for Ctrl-C / SIGTERM
             raise KeyboardInterrupt from None
@@ -298,6 +312,13 @@ def _split_names(part, rows) -> list[str]:
 def train(cfg: DictConfig) -> str:
     """Run `tsssm train`; returns the MLflow run id."""
     seed_everything(cfg.seed)
+    if is_secondary():  # a rank > 0 started by an external launcher: its part of the fit only
+        dataset = build_dataset(cfg.data)
+        files = [*dataset.files(), *dataset.extra_train_files()]
+        resume = checkpoints.find_resume(cfg.trainer.resume, cfg.tracking.output_dir,
+                                         checkpoints.fingerprint(cfg, files))
+        fit_model(cfg, dataset.load(), NullTracker(), resume)
+        return ""
     tracker = Tracker.from_config(cfg.tracking)
     params = flatten(to_plain(cfg))
     name = cfg.run_name or f"train-{cfg.model.name}-{cfg.data.name}"

@@ -83,8 +83,10 @@ def predict_stream(model, values: np.ndarray, score_kind: ScoreSpec | str,
     exog = exog if uses_exog(model) else None
     state = None
     means, variances, contribs, whitened, observed = [], [], [], [], []
-    starts = range(0, len(values), chunk_size)
-    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, unit="chunk"):
+    # rows/s and the ETA for streams of 10^4 rows or more
+    bar = tqdm(total=len(values), desc=desc, unit="rows", unit_scale=True, leave=False,
+               disable=not progress or len(values) < 10_000)
+    for start in range(0, len(values), chunk_size):
         rows = slice(start, start + chunk_size)
         y = torch.from_numpy(np.ascontiguousarray(values[rows]))
         y = y.to(device=device, dtype=torch.float32).unsqueeze(0)  # (1, T, C)
@@ -95,6 +97,8 @@ def predict_stream(model, values: np.ndarray, score_kind: ScoreSpec | str,
         contribs.append(terms.contrib[0].double().cpu().numpy())
         whitened.append(terms.whitened[0].double().cpu().numpy())
         observed.append(terms.observed[0].cpu().numpy())
+        bar.update(y.shape[1])
+    bar.close()
     terms = StepTerms(np.concatenate(contribs), np.concatenate(whitened), np.concatenate(observed))
     score, contrib = window_scores(terms, spec.window, spec.window_kind, spec.align)
     return StreamPrediction(np.concatenate(means), np.concatenate(variances), score, contrib)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from tsssm.anomaly.scores import gaussian_nll
+from tsssm.distributed import global_mean
 from tsssm.errors import NumericalError
 from tsssm.models.base import Exog, call_forecast, call_one_step
 
@@ -131,8 +132,19 @@ class ForecastTask(L.LightningModule):
         out["loss"] = loss
         return out
 
+    def _weight(self, batch: dict) -> float:
+        """What this rank's loss averages: scored entries (streams) or windows (a batch)."""
+        if isinstance(batch["y"], list):
+            return float(sum(int((~torch.isnan(hide_unscored(y, m))).sum())
+                             for y, m in zip(batch["y"], batch["mask"])))
+        return float(len(batch["y"]))
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.losses(batch)
+        if self.trainer.world_size > 1:
+            # the mean over every rank's shard, the same value on each (L-BFGS's line search
+            # must agree across ranks), with the gradient DDP's averaging makes exact
+            out["loss"] = global_mean(out["loss"], self._weight(batch))
         if not torch.isfinite(out["loss"]):
             raise NumericalError(
                 f"the training loss became {out['loss'].item()} at epoch {self.current_epoch}; "
@@ -146,9 +158,12 @@ class ForecastTask(L.LightningModule):
         if key == self._logged_step:
             return out["loss"]
         self._logged_step = key
-        bs = len(batch["y"])
+        # a stream batch is a rank's whole shard: weigh the ranks alike (Lightning weighs the
+        # epoch mean by batch_size, and the value already is the mean over every rank)
+        bs = 1 if isinstance(batch["y"], list) else len(batch["y"])
+        sync = self.trainer.world_size > 1  # epoch metrics averaged over ranks
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False,
-                      on_step=False, on_epoch=True, batch_size=bs)
+                      on_step=False, on_epoch=True, batch_size=bs, sync_dist=sync)
         # the bar shows the running mean of the epoch's batch losses (weighted as Lightning
         # weighs train/loss's epoch mean): at the end of an epoch it is that epoch's train/loss
         self._epoch_loss = (self._epoch_loss[0] + float(out["loss"].detach()) * bs,
@@ -163,7 +178,7 @@ class ForecastTask(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self.losses(batch)
         self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=True, on_epoch=True,
-                      batch_size=len(batch["y"]))
+                      batch_size=len(batch["y"]), sync_dist=self.trainer.world_size > 1)
 
     def on_validation_epoch_end(self) -> None:
         if not self.restore_best or self.trainer.sanity_checking:
