@@ -2,15 +2,26 @@
 
 Same models, same data, one run, float64 log-likelihood agreement beside every time.
 
-CPU (peers: statsmodels, filterpy, pykalman, simdkalman, a plain vectorised numpy filter)::
+CPU (peers: statsmodels, filterpy, pykalman, simdkalman, dynamax, a plain vectorised numpy
+filter)::
 
     python benchmarks/kalman.py --cpu [--out DIR]
+
+tsssm against dynamax (JAX ``jit(vmap(lgssm_filter))``, compiled before timing) on the CPU,
+1,000 series x 1,000 steps, local linear trend, float64 and float32, paired and repeated (the
+two tools alternate, the ratio is taken pair by pair, medians reported), both for the
+log-likelihood alone (``kalman_loglik`` vs ``lgssm_filter(...).marginal_loglik``) and for the
+per-step outputs (``kalman_filter`` vs dynamax's filtered means and covariances)::
+
+    python benchmarks/kalman.py --vs-dynamax [--reps 21]
 
 Cases 1 x 100,000 steps, 1,000 x 1,000 and 10,000 x 10,000 (series x steps), local linear trend
 (n=2) and a 4-state model (trend + period-3 dummy seasonal). A tool that would take too long on a
 case runs on fewer series (or steps) and its time is scaled linearly to the full case; the table
-marks such figures "extrap." and says what was run. Times are the median of 3 runs, or one run
-where that run took over 10 s.
+marks such figures "extrap." and says what was run. Each tool first runs once untimed (imports,
+the C kernel's build, dynamax's compile); then wall and CPU times (this process, all threads)
+are the median of 3 runs, or one run where that run took over 10 CPU seconds. On a shared
+machine quote the CPU column: wall time there includes the wait for a core.
 
 GPU (one call: correctness tests first, then the timings)::
 
@@ -27,6 +38,7 @@ the script before spending device time. Results: benchmarks/RESULTS.md, "Kalman 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -44,7 +56,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tsssm.kalman import LinearGaussianSSM, kalman_filter  # noqa: E402
+from tsssm.kalman import LinearGaussianSSM, kalman_filter, kalman_loglik  # noqa: E402
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -183,12 +195,71 @@ def run_numpy(M, y):
     return ll
 
 
+_DYNAMAX_CACHE: dict = {}
+
+
+def dynamax_filter(M, dtype: str = "float64", outputs: str = "loglik"):
+    """jit(vmap(lgssm_filter)) for model M: y (S, T) -> log-likelihoods (S,) (``"loglik"``) or
+    (log-likelihoods, filtered means, filtered covariances) (``"all"``). float64 needs JAX's
+    x64 mode, which this switches on (and off again for float32)."""
+    key = (id(M), dtype, outputs)
+    if key in _DYNAMAX_CACHE:
+        return _DYNAMAX_CACHE[key]
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", dtype == "float64")
+    from dynamax.linear_gaussian_ssm import (
+        ParamsLGSSM,
+        ParamsLGSSMDynamics,
+        ParamsLGSSMEmissions,
+        ParamsLGSSMInitial,
+        lgssm_filter,
+    )
+
+    jdt = jnp.float64 if dtype == "float64" else jnp.float32
+    n = M["F"].shape[0]
+
+    def j(a):
+        return jnp.asarray(a, dtype=jdt)
+
+    params = ParamsLGSSM(
+        initial=ParamsLGSSMInitial(mean=j(M["m0"]), cov=j(M["P0"])),
+        dynamics=ParamsLGSSMDynamics(weights=j(M["F"]), bias=j(np.zeros(n)),
+                                     input_weights=j(np.zeros((n, 0))), cov=j(M["Q"])),
+        emissions=ParamsLGSSMEmissions(weights=j(M["H"]), bias=j(np.zeros(1)),
+                                       input_weights=j(np.zeros((1, 0))), cov=j(M["R"])),
+    )
+    if outputs == "loglik":
+        def one(e):
+            return lgssm_filter(params, e).marginal_loglik
+    else:
+        def one(e):
+            post = lgssm_filter(params, e)
+            return post.marginal_loglik, post.filtered_means, post.filtered_covariances
+    fn = jax.jit(jax.vmap(one))
+
+    def run(y):
+        out = fn(jnp.asarray(y[..., None], dtype=jdt))
+        jax.block_until_ready(out)
+        return out
+
+    _DYNAMAX_CACHE[key] = run
+    return run
+
+
+def run_dynamax(M, y):
+    """dynamax's jit(vmap(lgssm_filter)) log-likelihoods, float64 (compiled on first use)."""
+    return np.asarray(dynamax_filter(M, "float64")(y), dtype=np.float64)
+
+
 def run_tsssm(M, y):
+    """kalman_loglik: the log-likelihood of every series, as every peer here computes it."""
     ssm = tsssm_model(M)
     out = []
     for s0 in range(0, len(y), 1000):  # 1,000 series a call keeps memory in check at 10^8
         yt = torch.from_numpy(np.ascontiguousarray(y[s0:s0 + 1000]))[..., None]
-        out.append(kalman_filter(ssm, yt).loglik.numpy())
+        out.append(kalman_loglik(ssm, yt).numpy())
     return np.concatenate(out)
 
 
@@ -199,25 +270,29 @@ PEERS = {
     "simdkalman": run_simdkalman,
     "filterpy": run_filterpy,
     "pykalman": run_pykalman,
+    "dynamax": run_dynamax,
 }
 #: Steps (series x time) each tool may process in one timed run before we scale down; chosen
 #: from its speed so that no single run takes much over ~20 s on the 2-core CPU machine.
 BUDGET = {
     "tsssm": 2e8, "statsmodels": 1.2e7, "numpy": 2e8, "simdkalman": 2e7, "filterpy": 2e4,
-    "pykalman": 5e3,
+    "pykalman": 5e3, "dynamax": 2e8,
 }
 
 
 def timed(fn, *args, reps=3, long_s=10.0):
-    """Median wall time of ``reps`` runs (one run if the first takes over ``long_s``)."""
-    times, out = [], None
+    """Median wall time and median CPU time (this process, all threads) of ``reps`` runs (one
+    run if the first takes over ``long_s`` CPU seconds). On a shared machine the CPU time is
+    the steadier figure: it does not count the time spent waiting for a core."""
+    times, cpus, out = [], [], None
     for _ in range(reps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = fn(*args)
         times.append(time.perf_counter() - t0)
-        if times[0] > long_s:
+        cpus.append(time.process_time() - c0)
+        if cpus[0] > long_s:
             break
-    return statistics.median(times), len(times), out
+    return statistics.median(times), statistics.median(cpus), len(times), out
 
 
 def cpu_bench(out_dir: Path, cases, models, tools) -> list[dict]:
@@ -236,7 +311,10 @@ def cpu_bench(out_dir: Path, cases, models, tools) -> list[dict]:
                 while s_run * t_run > BUDGET[tool] and t_run > 1000:
                     t_run //= 10
                 sub = y[:s_run, :t_run]
-                secs, nrun, ll = timed(PEERS[tool], M, sub)
+                # not timed: imports, the C kernel's build for this model, dynamax's compile
+                # for this shape (it compiles per shape)
+                PEERS[tool](M, sub if tool == "dynamax" else sub[:1, :1000])
+                secs, cpu_secs, nrun, ll = timed(PEERS[tool], M, sub)
                 scale = (S * T) / (s_run * t_run)
                 if tool == "tsssm":
                     ref = (s_run, t_run, ll)
@@ -252,7 +330,8 @@ def cpu_bench(out_dir: Path, cases, models, tools) -> list[dict]:
                 else:
                     agree = float("nan")
                 row = dict(model=model, S=S, T=T, tool=tool, seconds=secs * scale,
-                           measured_seconds=secs, runs=nrun, ran=f"{s_run}x{t_run}",
+                           measured_seconds=secs, cpu_seconds=cpu_secs * scale,
+                           measured_cpu_seconds=cpu_secs, runs=nrun, ran=f"{s_run}x{t_run}",
                            extrapolated=scale != 1.0, rel_diff_vs_tsssm=agree,
                            loglik=float(ll.sum()))
                 rows.append(row)
@@ -263,9 +342,9 @@ def cpu_bench(out_dir: Path, cases, models, tools) -> list[dict]:
 
 def cpu_table(rows) -> str:
     lines = [
-        "| model | case (S x T) | tool | time (s) | tsssm speed-up | loglik rel. diff vs tsssm |"
-        " ran |",
-        "|---|---|---|---|---|---|---|",
+        "| model | case (S x T) | tool | wall (s) | CPU (s) | tool / tsssm, wall | "
+        "tool / tsssm, CPU | loglik rel. diff vs tsssm | ran |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     by_case = {}
     for r in rows:
@@ -274,10 +353,82 @@ def cpu_table(rows) -> str:
         ts = tools.get("tsssm")
         for tool, r in tools.items():
             ratio = r["seconds"] / ts["seconds"] if ts else float("nan")
-            t = f"{r['seconds']:.3g}" + (" (extrap.)" if r["extrapolated"] else "")
+            cpu = r.get("cpu_seconds", float("nan"))
+            cpu_ratio = cpu / ts["cpu_seconds"] if ts and "cpu_seconds" in ts else float("nan")
+            ext = " (extrap.)" if r["extrapolated"] else ""
             agree = "-" if tool == "tsssm" else f"{r['rel_diff_vs_tsssm']:.1e}"
             ran = r["ran"] + ("" if r["runs"] == 3 else f", {r['runs']} run")
-            lines.append(f"| {model} | {S}x{T} | {tool} | {t} | {ratio:.3g}x | {agree} | {ran} |")
+            lines.append(f"| {model} | {S}x{T} | {tool} | {r['seconds']:.3g}{ext} | "
+                         f"{cpu:.3g}{ext} | {ratio:.3g}x | {cpu_ratio:.3g}x | {agree} | {ran} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# tsssm vs dynamax on the CPU, paired
+# --------------------------------------------------------------------------------------------
+
+
+def vs_dynamax(out_dir: Path, S: int = 1000, T: int = 1000, reps: int = 21) -> list[dict]:
+    """Paired timings of tsssm and dynamax (see the module docstring)."""
+    from tsssm.kalman import cpu_kernel
+
+    M = model_matrices("llt")
+    y = simulate(M, S, T, seed=S + T)
+    rows = []
+    for dtype in ("float64", "float32"):
+        tdt = torch.float64 if dtype == "float64" else torch.float32
+        ssm = tsssm_model(M, tdt)
+        yt = torch.from_numpy(y).to(tdt)[..., None]
+        for outputs in ("loglik", "all"):
+            dyn = dynamax_filter(M, dtype, outputs)
+            t0 = time.perf_counter()
+            d_out = dyn(y)  # compile + first run
+            compile_s = time.perf_counter() - t0
+            fn_ours = kalman_loglik if outputs == "loglik" else kalman_filter
+            ours = functools.partial(fn_ours, ssm, yt)
+            d_ll = np.asarray(d_out if outputs == "loglik" else d_out[0], dtype=np.float64)
+            res = ours()  # warm (builds the C kernel on first use)
+            t_ll = (res if outputs == "loglik" else res.loglik).double().numpy()
+            ref = kalman_filter(tsssm_model(M, torch.float64),
+                                torch.from_numpy(y)[..., None]).loglik.numpy()
+            ours_s, dyn_s, ours_cpu, dyn_cpu = [], [], [], []
+            for r in range(reps):
+                pair = [("t", ours), ("d", functools.partial(dyn, y))]
+                for name, fn in (pair if r % 2 == 0 else pair[::-1]):
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    fn()
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    (ours_s if name == "t" else dyn_s).append(wall)
+                    (ours_cpu if name == "t" else dyn_cpu).append(cpu)
+            ratio = [a / b for a, b in zip(ours_s, dyn_s)]
+            row = dict(S=S, T=T, dtype=dtype, outputs=outputs, reps=reps,
+                       tsssm_s=statistics.median(ours_s), dynamax_s=statistics.median(dyn_s),
+                       ratio_median=statistics.median(ratio), ratio_min=min(ratio),
+                       ratio_max=max(ratio), dynamax_compile_s=compile_s,
+                       tsssm_cpu_s=statistics.median(ours_cpu),
+                       dynamax_cpu_s=statistics.median(dyn_cpu),
+                       tsssm_compiled_kernel=cpu_kernel.library(tdt) is not None,
+                       tsssm_rel_diff_vs_f64=float(abs(t_ll.sum() - ref.sum()) / abs(ref.sum())),
+                       dynamax_rel_diff_vs_f64=float(abs(d_ll.sum() - ref.sum())
+                                                     / abs(ref.sum())))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            (out_dir / "kalman_vs_dynamax.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def vs_dynamax_table(rows) -> str:
+    lines = ["| S x T | dtype | outputs | tsssm wall (ms) | dynamax jit wall (ms) | "
+             "tsssm / dynamax wall (median of pairs, min-max) | CPU ms tsssm / dynamax | "
+             "loglik rel. diff vs float64: tsssm / dynamax |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['S']}x{r['T']} | {r['dtype']} | {r['outputs']} | {1e3 * r['tsssm_s']:.1f} | "
+            f"{1e3 * r['dynamax_s']:.1f} | {r['ratio_median']:.2f} ({r['ratio_min']:.2f}-"
+            f"{r['ratio_max']:.2f}) | {1e3 * r['tsssm_cpu_s']:.1f} / "
+            f"{1e3 * r['dynamax_cpu_s']:.1f} | {r['tsssm_rel_diff_vs_f64']:.1e} / "
+            f"{r['dynamax_rel_diff_vs_f64']:.1e} |")
     return "\n".join(lines)
 
 
@@ -506,9 +657,14 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="tsssm vs the CPU peers")
     ap.add_argument("--gpu", action="store_true", help="GPU tests, then GPU timings")
     ap.add_argument("--quick", action="store_true", help="smaller cases (smoke test)")
+    ap.add_argument("--cases", default=None,
+                    help="--cpu cases as SxT,SxT (default 1x100000,1000x1000,10000x10000)")
     ap.add_argument("--no-tests", action="store_true", help="--gpu without the pytest run")
     ap.add_argument("--dry-run", action="store_true",
                     help="--gpu code path on the CPU at tiny sizes (TRITON_INTERPRET=1)")
+    ap.add_argument("--vs-dynamax", action="store_true",
+                    help="tsssm vs dynamax on the CPU, paired timings")
+    ap.add_argument("--reps", type=int, default=21, help="--vs-dynamax pairs")
     ap.add_argument("--tools", default=",".join(PEERS), help="CPU tools, comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks")))
     args = ap.parse_args()
@@ -535,8 +691,15 @@ def main() -> None:
         table = gpu_table(res)
         (out_dir / "kalman_gpu_table.md").write_text(header + "\n\n" + table + "\n")
         print("\n" + table)
+    if args.vs_dynamax:
+        rows = vs_dynamax(out_dir, reps=args.reps)
+        table = vs_dynamax_table(rows)
+        (out_dir / "kalman_vs_dynamax_table.md").write_text(header + "\n\n" + table + "\n")
+        print("\n" + table)
     if args.cpu:
-        if args.quick:
+        if args.cases:
+            cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
+        elif args.quick:
             cases = [(1, 10_000), (100, 1000)]
         else:
             cases = [(1, 100_000), (1000, 1000), (10_000, 10_000)]

@@ -455,6 +455,8 @@ def cpu_benchmark(args):
     batch, dim, n, L = 32, 128, 16, 256  # d_model 64 × expand 2, N 16
     # decaying states and adjoints reach subnormal floats, which x86 handles ~10x slower
     torch.set_flush_denormal(args.flush_denormal)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"CPU threads={torch.get_num_threads()} batch={batch} dim={dim} N={n} L={L} "
           f"flush_denormal={args.flush_denormal}")
     inp = make_inputs(L, torch.float32, device="cpu", batch=batch, dim=dim, n=n, grad=True)
@@ -482,7 +484,7 @@ def cpu_benchmark(args):
     ref = lambda: scan_ref.selective_scan_ref(**inp, delta_softplus=True)  # noqa: E731
     t_ref = timed(fb(ref), args.reps)
     rows.append(("sequential reference", "", t_ref))
-    for inner in ("doubling", "loop"):
+    for inner in ("doubling", "loop", "step"):
         for chunk in (16, 64):
             call = lambda c=chunk, i=inner: selective_scan_torch(  # noqa: E731
                 **inp, delta_softplus=True, chunk=c, inner=i)[0]
@@ -501,6 +503,7 @@ def main():
     p.add_argument("--cpu", action="store_true", help="CPU timing of the small-Mamba shape")
     p.add_argument("--replot", metavar="JSON", help="redraw table and plot from a results file")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="CPU: torch threads (0: default)")
     p.add_argument("--keep-denormals", dest="flush_denormal", action="store_false",
                    help="CPU: do not flush subnormal floats to zero")
     p.add_argument("--budget-s", type=float, default=400,

@@ -202,10 +202,21 @@ def output_dir_fills_up(monkeypatch) -> None:
     monkeypatch.setattr(plots, "save_report", save_report)
 
 
+def stdin_with_a_bad_row(monkeypatch) -> None:
+    """Live scoring from standard input: the third data row holds text in a channel."""
+    import io
+    import sys
+
+    lines = csv().splitlines()
+    lines[3] = "2,0.1,oops,0"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+
+
 FAULTS: dict[str, Callable] = {
     "interrupt": interrupt_in_epoch_1,
     "artifacts_full": artifact_store_fills_up,
     "output_full": output_dir_fills_up,
+    "stdin_bad_row": stdin_with_a_bad_row,
 }
 
 
@@ -249,10 +260,30 @@ def _nothing_unpickled(d: Path, ctx, err: str) -> None:
     assert not (d / "pwned").exists() and not Path("pwned").exists()
 
 
+def fleet_with_a_bad_file(d: Path, ctx) -> None:
+    """A folder of three streams to score, one of them with text in a channel at row 40."""
+    (d / "fleet").mkdir()
+    for name in ("p1", "p2"):
+        (d / "fleet" / f"{name}.csv").write_text(csv())
+    (d / "fleet" / "bad.csv").write_text(csv(edit={39: "39,0.5,broken,0"}))
+
+
+def _fleet_scored(d: Path, ctx, err: str) -> None:
+    assert sorted(p.name for p in (d / "many").iterdir()) == ["p1.parquet", "p2.parquet"]
+    assert "fleet/bad.csv" in err
+
+
 def _scores_written(d: Path, ctx, err: str) -> None:
-    (scores,) = (d / "out" / "scores").glob("*.parquet")
+    # the scores Parquet and, beside it, the flagged intervals with the sensors that caused them
+    files = sorted((d / "out" / "scores").glob("*.parquet"))
+    (scores,) = [f for f in files if not f.name.endswith(".intervals.parquet")]
+    (intervals,) = [f for f in files if f.name.endswith(".intervals.parquet")]
     frame = pl.read_parquet(scores)
     assert frame.height == N_ROWS and frame["score"].is_finite().all()
+    assert intervals.name == f"{scores.stem}.intervals.parquet"
+    found = pl.read_parquet(intervals)
+    assert {"stream", "start", "end", "rows", "peak_score", "top"} <= set(found.columns)
+    assert found["rows"].sum() == int(frame["flag"].sum())
 
 
 CASES: list[Case] = [
@@ -260,7 +291,7 @@ CASES: list[Case] = [
     Case("unknown-command", "fly", (), status=None, words=("unknown command 'fly'",)),
     Case("unknown-group-option", "train", ("model=lstm",), status=None,
          words=("unknown option 'lstm' for config group 'model'",
-                "kalman, kalman_ct, mamba, spring")),
+                "kalman, kalman_ct, kalman_ett, mamba, spring")),
     Case("unknown-key", "train", ("data.colour=red",), status=None,
          words=("unknown config key 'data.colour'",)),
     Case("bad-type", "train", ("data.input_len=many",), status=None,
@@ -461,6 +492,23 @@ CASES: list[Case] = [
     Case("score-pickled-bundle", "score", (*SCORE2[:3], "model.checkpoint={d}/bundle"),
          files=GOOD, setup=pickled_bundle, check=_nothing_unpickled,
          words=("{d}/bundle/model.pt", "cannot be read safely")),
+    Case("score-knows-its-model", "score", ("data.path={d}/s.csv", "model.checkpoint={bundle2}"),
+         code=0, status="FINISHED", files=GOOD, check=_scores_written),
+    Case("score-bad-row-deep-in-a-long-file", "score", SCORE2,
+         files=_file("s.csv", csv(n=20_000, edit={12_344: "12344,0.5,oops,0"})),
+         words=("{d}/s.csv", "column 'b' is not numeric", "row 12345", "'oops'")),
+    Case("score-many-one-bad-file", "score", ("data.path={d}/fleet", "score.workers=1",
+                                              "score.output={d}/many",
+                                              "model.checkpoint={bundle2}"),
+         setup=fleet_with_a_bad_file, check=_fleet_scored,
+         words=("1 of 3 files failed", "{d}/fleet/bad.csv", "row 40", "other files' scores")),
+    Case("score-unknown-engine", "score", (*SCORE2, "score.engine=spark"), status=None,
+         words=("'score.engine' is 'spark'", "local or dask")),
+    Case("score-live-bad-row", "score", ("data.path=-", "model.checkpoint={bundle2}"),
+         fault="stdin_bad_row", words=("standard input", "column 'b' is not numeric",
+                                       "row 3", "'oops'")),
+    Case("train-unknown-strategy", "train", (*CSV, *EM, "trainer.strategy=fsdp"), status=None,
+         words=("'trainer.strategy' is 'fsdp'", "auto or ddp")),
     # compare
     Case("compare-no-such-run", "compare", ("compare.runs=[deadbeef]",),
          words=("compare.runs", "'deadbeef'")),

@@ -108,3 +108,26 @@ def test_kalman_fitted_by_em(capsys, tracking_overrides, mlflow_db, experiment):
     assert len(history) == 6
     assert all(b >= a - 1e-9 * abs(a) for a, b in zip(history, history[1:]))
     assert "test/f1" in run.data.metrics
+
+
+def test_kalman_ett_config_trains_by_the_multistep_criterion(capsys, tmp_path, tracking_overrides,
+                                                             mlflow_db, experiment):
+    """model=kalman_ett on the bundled sample (a seasonal period given by hand): EM with the
+    prior, the multi-step criterion, the calibration; the bundle (with its calibration for
+    data.horizon leads) scores a new file."""
+    small = ["model=kalman_ett", "model.net.seasonal_period=16", "model.net.seasonal_harmonics=2",
+             "model.em_iters=3", "model.multistep_iters=5",
+             "data.eval_stride=64"]
+    assert main(["train", *tracking_overrides, *small]) == 0, capsys.readouterr().err
+    client = MlflowClient(mlflow_db)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    crit = [m.value for m in client.get_metric_history(run.info.run_id, "train/multistep_mse")]
+    assert len(crit) >= 2 and crit[-1] <= crit[0]
+    m = run.data.metrics
+    assert m["train/fit_s"] > 0 and m["test/h8_mse"] == m["test/h8_mse"]
+    bundle = next((tmp_path / "out" / "models").iterdir())
+    sample = Path(__file__).resolve().parents[1] / "data" / "skab" / "valve1" / "1.csv"
+    code = main(["score", *tracking_overrides, f"model.checkpoint={bundle}",
+                 f"data.path={sample}", f"score.output={tmp_path}/s.parquet"])
+    assert code == 0, capsys.readouterr().err
+    assert pl.read_parquet(tmp_path / "s.parquet")["score"].is_finite().all()

@@ -223,3 +223,20 @@ def test_save_html_is_self_contained(tmp_path):
     assert not re.search(r"<script[^>]+src=\"https?://", html)  # nothing fetched from a CDN
     for name in ("score", "threshold (2.5)", "valve1 file 0 score"):
         assert name in html
+
+
+def test_anomaly_figure_shows_each_channels_contribution():
+    T, C = 3000, 7
+    rng = np.random.default_rng(5)
+    contrib = rng.random((T, C)) * 0.1
+    contrib[1000:1200, 4] += 5.0  # the channel that raised the flags
+    score = contrib.sum(1)
+    names = [f"sensor{j}" for j in range(C)]
+    fig = anomaly_figure(_times(T), score, 2.0, None, score > 2.0, contributions=contrib,
+                         channel_names=names, max_channels=3, max_points=1000)
+    stacked = [t for t in fig.data if getattr(t, "stackgroup", None) == "contrib"]
+    assert [t.name for t in stacked][0] == "sensor4" and len(stacked) == 4  # top 3 + "other"
+    assert stacked[-1].name == "other"
+    assert all(len(t.x) <= 1000 for t in fig.data if t.x is not None)
+    with pytest.raises(DataError):
+        anomaly_figure(_times(T), score, 2.0, contributions=contrib, channel_names=names[:2])

@@ -46,6 +46,12 @@ class Bundle:
     threshold: Threshold | None
     score_kind: str
     data_config: dict[str, Any]
+    #: the full score spec (tsssm.anomaly.scores.ScoreSpec.to_dict: kind, window, window kind,
+    #: align); None: the one-step score of ``score_kind`` (bundles written before windows)
+    score: dict[str, Any] | None = None
+    #: "pooled": ``threshold`` flags every stream; "per_stream": a stream is flagged by the same
+    #: rule refitted on its own first ``data_config["train_rows"]`` rows' scores
+    threshold_scope: str = "pooled"
     #: input columns (data.inputs) the model was trained with, and their pooled scaler
     inputs: list[str] = field(default_factory=list)
     input_scaler: StandardScaler | None = None
@@ -89,6 +95,8 @@ def save_bundle(bundle: Bundle, folder: str | Path) -> Path:
             "threshold": None if bundle.threshold is None else bundle.threshold.to_dict(),
             "score_kind": bundle.score_kind,
             "data_config": bundle.data_config,
+            "score": bundle.score,
+            "threshold_scope": bundle.threshold_scope,
             "inputs": bundle.inputs,
             "input_scaler": None if bundle.input_scaler is None else bundle.input_scaler.to_dict(),
         }
@@ -219,6 +227,8 @@ def load_bundle(folder: str | Path) -> Bundle:
         threshold=threshold,
         score_kind=score_kind,
         data_config=data_config,
+        score=meta.get("score"),
+        threshold_scope=meta.get("threshold_scope", "pooled"),
         inputs=inputs,
         input_scaler=input_scaler,
     )

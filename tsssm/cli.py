@@ -267,6 +267,10 @@ def _value_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from tsssm.distributed import WORKER_COMMAND
+
+    if argv[:1] == [WORKER_COMMAND]:  # a DDP rank > 0, started by rank 0's trainer
+        return _ddp_worker(argv[1:])
     argv, values = _value_options(argv)
     flags = {a for a in argv if a.startswith("-")}
     args = [a for a in argv if not a.startswith("-")]
@@ -354,6 +358,8 @@ def _main(command: str, overrides: list[str], flags: set[str], verbose: bool,
             return 0
         if command == "run":
             _runner(command)(cfg, overrides, compose)
+        elif command == "score":  # it tells the keys a user set from those the bundle gives
+            _runner(command)(cfg, overrides)
         elif command == "dashboard":
             values = values or {}
             options = {"host": values.get("--host", "127.0.0.1"), "verbose": verbose}
@@ -384,6 +390,18 @@ def _main(command: str, overrides: list[str], flags: set[str], verbose: bool,
               f"{str(err).splitlines()[0] if str(err) else ''} (run again with --verbose for "
               "the traceback)", file=sys.stderr)
         return 1
+
+
+def _ddp_worker(args: list[str]) -> int:
+    """``tsssm _ddp-worker <config.yaml>`` (internal): its part of a DDP fit, then exit."""
+    _setup_logging(verbose=False)
+    import torch
+
+    from tsssm.distributed import run_worker
+
+    torch.set_flush_denormal(True)
+    run_worker(args[0])
+    return 0
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ class DataConfig:
     #: channel columns; empty means every column except time and labels
     channels: list[str] = field(default_factory=list)
     label_column: str | None = None
+    #: an optional 0/1 column of change points (SKAB's ``changepoint``): scored with NAB
+    changepoint_column: str | None = None
     #: columns present in the files that are neither channels nor the label
     ignore_columns: list[str] = field(default_factory=list)
     protocol: Protocol = Protocol.fractions
@@ -142,15 +144,45 @@ class KalmanNet:
     ar_order: int = 1
     method: str = "sequential"
     dtype: str = "float64"
+    #: a (practically) infinite prior variance on the level: forecasts shift with the context
+    #: instead of being drawn toward the training level (used with a fitted prior)
+    diffuse_level: bool = False
 
 
 @dataclass
 class KalmanModelConfig(ModelConfig):
     net: KalmanNet = field(default_factory=KalmanNet)
     #: mle: maximum likelihood by L-BFGS through the filter (Lightning); em: expectation-
-    #: maximisation from smoother statistics (variance-only components)
+    #: maximisation from smoother statistics (then em_polish L-BFGS evaluations);
+    #: multistep: EM (em_iters) as the start, then the parameters and prior that minimise the
+    #: mean squared forecast error over data.horizon steps from contexts of the input length
+    #: on the training windows (exponential smoothing's "amse" criterion)
     fit: str = "mle"
     em_iters: int = 50
+    #: EM / multistep: cut the training streams into segments of this many steps (each
+    #: filtered from the prior; the E-step then costs the same however long the data); null:
+    #: whole streams
+    em_segment: int | None = None
+    #: EM / multistep: also fit the prior (mean and covariance of the first state)
+    em_prior: bool = False
+    #: EM: L-BFGS evaluations of the exact likelihood after the EM iterations (0: none)
+    em_polish: int = 0
+    #: multistep: L-BFGS evaluations of the criterion
+    multistep_iters: int = 200
+    #: scale the forecast variance per channel and lead so that it equals the mean squared
+    #: error of the training windows' forecasts (data.horizon leads)
+    calibrate: bool = False
+
+
+@dataclass
+class VARKalmanNet:
+    _target_: str = "tsssm.models.var_kalman.VARKalmanForecaster"
+    #: VAR order p (lags of every channel in the state)
+    order: int = 1
+    #: white observation noise on top of the VAR (a VARMA(p, p)-like process)
+    obs_noise: bool = True
+    method: str = "sequential"
+    dtype: str = "float64"
 
 
 @dataclass
@@ -192,6 +224,11 @@ class KalmanCTNet:
     n_starts: int = 9
     prior_scale: float = 10.0
     dtype: str = "float64"
+
+
+@dataclass
+class VARKalmanModelConfig(ModelConfig):
+    net: VARKalmanNet = field(default_factory=VARKalmanNet)
 
 
 @dataclass
@@ -295,26 +332,65 @@ class HybridDSSMModelConfig(ModelConfig):
 
 
 class ScoreKind(str, Enum):
-    nis = "nis"
-    nll = "nll"
+    nis = "nis"  # per-channel normalised innovation squared, averaged over channels
+    nll = "nll"  # negative log predictive density per channel
+    mahalanobis = "mahalanobis"  # joint: e' cov^-1 e / C with the model's full covariance
+
+
+class WindowKind(str, Enum):
+    mean = "mean"  # mean of the step scores over the window
+    shift = "shift"  # squared norm of the window's summed whitened innovations (mean shifts)
+
+
+class WindowAlign(str, Enum):
+    trailing = "trailing"  # rows t-w+1..t: causal, as a live stream
+    centered = "centered"  # rows around t: batch scoring only
+
+
+@dataclass
+class WindowConfig:
+    #: rows per score window (1: the one-step score)
+    size: int = 1
+    kind: WindowKind = WindowKind.mean
+    align: WindowAlign = WindowAlign.trailing
 
 
 @dataclass
 class ThresholdConfig:
-    name: str = "quantile"  # quantile | max | pot
+    name: str = "quantile"  # quantile | max | pot | spot | dspot
+    #: quantile rule: the q-quantile of the training scores
     q: float = 0.99
+    #: max rule: this factor times the largest training score
     factor: float = 1.0
+    #: pot/spot/dspot: the risk, the probability that a normal score exceeds the threshold
+    risk: float = 1e-3
+    #: pot/spot/dspot: the initial threshold (quantile of the training scores) above which the
+    #: tail is fitted
     level: float = 0.98
+    #: dspot: the number of preceding scores whose mean is subtracted (drift)
+    depth: int = 10
+    #: pooled: one threshold for every stream; per_stream: each stream's own, fitted on its own
+    #: rows before the test split (SKAB's per-file protocol; for a new file, its first
+    #: data.train_rows rows)
+    scope: str = "pooled"
+    #: which rows' scores fit it: train, val or train_val (the rows before the test split)
+    fit_on: str = "train"
 
 
 @dataclass
 class TaskConfig:
     name: str = MISSING  # forecast | anomaly
     score: ScoreKind = ScoreKind.nis
+    window: WindowConfig = field(default_factory=WindowConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     #: weight of the one-step NLL over every position (the rest is the horizon NLL)
     one_step_weight: float = 1.0
     horizon_weight: float = 1.0
+    #: fit on normal rows only: the training rows labelled as anomalies (data.label_column) are
+    #: left out of the threshold's fit and, as missing values, out of the model's fit
+    #: (training and validation rows alike); false: every training row counts (a warning says
+    #: how many are labelled)
+    exclude_labelled_train: bool = False
     #: horizon loss: "joint" (Gaussian NLL) or "detached" (squared error for the mean, NLL with
     #: the mean's gradient stopped for the variance)
     variance_loss: str = "joint"
@@ -325,9 +401,15 @@ class TaskConfig:
     #: per-lead-time variance factor fitted on validation windows after training: "coverage"
     #: (the ±1.96 sd band covers 95% there), "nll" (maximum likelihood) or "none"
     calibration: str = "coverage"
+    #: SKAB's change-point task: detection window (seconds; rows for integer time) to the right
+    #: of each change point, for the NAB score
+    nab_window: float = 60.0
+    #: VUS-PR: the largest buffer (rows) of the range-based PR surface
+    vus_max_buffer: int = 60
     #: classical comparators for `tsssm compare`
     baselines: list[str] = field(
-        default_factory=lambda: ["last_value", "seasonal_naive", "ewma", "isolation_forest"]
+        default_factory=lambda: ["last_value", "seasonal_naive", "ewma", "isolation_forest",
+                                 "pca_t2q", "mset"]
     )
 
 
@@ -335,6 +417,9 @@ class TaskConfig:
 class TrainerConfig:
     accelerator: str = "cpu"
     devices: int = 1
+    #: Lightning strategy: auto (one device), ddp (one process per device, see trainer=ddp)
+    strategy: str = "auto"
+    num_nodes: int = 1
     precision: str = "32-true"
     #: overrides the model's `epochs` when set
     max_epochs: int | None = None
@@ -363,10 +448,28 @@ class TrackingConfig:
 
 @dataclass
 class ScoreConfig:
-    #: rows per chunk when scoring (state carried between chunks)
+    #: rows per batch when scoring (read, scored with the state carried, written)
     chunk_size: int = 100_000
-    #: where the scores Parquet goes; default tsssm_runs/scores/<run id>.parquet
+    #: where the scores Parquet goes; default tsssm_runs/scores/<run id>.parquet (a folder,
+    #: tsssm_runs/scores/<run id>/, when data.path is a folder or glob)
     output: str | None = None
+    #: many files: local (worker processes) or dask (a Dask cluster; pip install tsssm[cluster])
+    engine: str = "local"
+    #: worker processes (local) or LocalCluster workers (dask); 0: one per CPU core; with
+    #: score.device=cuda the GPUs the files are sharded over (0: every visible GPU)
+    workers: int = 0
+    #: a running Dask scheduler, e.g. tcp://host:8786 (default: a local cluster for the command)
+    address: str | None = None
+    #: where the model runs: cpu (default) or cuda
+    device: str | None = None
+    #: live: follow data.path (a CSV file that keeps growing) and print one line per new row
+    #: until Ctrl-C (data.path=- reads standard input instead)
+    follow: bool = False
+    #: seconds between looks at a followed file
+    follow_interval: float = 0.2
+    #: scores with at most this many rows are also logged to MLflow (scores/); longer ones
+    #: stay at score.output, named by the run's tsssm.scores tag
+    artifact_max_rows: int = 5_000_000
     #: log the scored streams' figures (`tsssm run` turns it off: its train step has logged
     #: the same test split's figures already)
     figures: bool = True
@@ -413,6 +516,7 @@ def register_schemas() -> None:
     cs.store(group="model", name="mamba_schema", node=MambaModelConfig)
     cs.store(group="model", name="hybrid_residual_schema", node=HybridResidualModelConfig)
     cs.store(group="model", name="hybrid_dssm_schema", node=HybridDSSMModelConfig)
+    cs.store(group="model", name="var_kalman_schema", node=VARKalmanModelConfig)
     cs.store(group="model", name="kalman_ct_schema", node=KalmanCTModelConfig)
     cs.store(group="task", name="task_schema", node=TaskConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
@@ -427,7 +531,9 @@ def _check(cond: bool, key: str, problem: str) -> None:
 _CHOICES = {
     "model.optimizer.name": ("adamw", "adam", "lbfgs"),
     "task.name": ("forecast", "anomaly"),
-    "task.threshold.name": ("quantile", "max", "pot"),
+    "task.threshold.name": ("quantile", "max", "pot", "spot", "dspot"),
+    "task.threshold.scope": ("pooled", "per_stream"),
+    "task.threshold.fit_on": ("train", "val", "train_val"),
     "trainer.accelerator": ("cpu", "gpu", "cuda", "auto"),
     "task.variance_loss": ("joint", "detached"),
     "task.calibration": ("coverage", "nll", "none"),
@@ -458,19 +564,30 @@ def validate(cfg: DictConfig) -> None:
     m = cfg.model
     _check(m.epochs >= 1, "model.epochs", "must be >= 1")
     fit = OmegaConf.select(cfg, "model.fit", default="mle")
-    _check(fit in ("mle", "em"), "model.fit", f"is {fit!r}; use mle or em")
+    _check(fit in ("mle", "em", "multistep"), "model.fit",
+           f"is {fit!r}; use mle, em or multistep")
     continuous = str(OmegaConf.select(cfg, "model.net._target_", default="")).endswith(
         "KalmanCTForecaster")
     _check(not (continuous and fit != "mle"), "model.fit",
            f"is {fit!r}; the continuous-time model fits by maximum likelihood: use mle")
     _check(OmegaConf.select(cfg, "model.em_iters", default=1) >= 1, "model.em_iters",
            "must be >= 1")
+    seg = OmegaConf.select(cfg, "model.em_segment", default=None)
+    _check(seg is None or seg >= 2, "model.em_segment", f"must be >= 2 or null, got {seg}")
+    for key in ("model.em_polish", "model.multistep_iters"):
+        value = OmegaConf.select(cfg, key, default=0)
+        _check(value >= 0, key, f"must be >= 0, got {value}")
     _check(m.optimizer.lr > 0, "model.optimizer.lr", "must be > 0")
     _check(0 < m.optimizer.lr_decay <= 1, "model.optimizer.lr_decay", "must lie in (0, 1]")
     t = cfg.task
     _check(0 < t.threshold.q < 1, "task.threshold.q", "must lie in (0, 1)")
     _check(t.threshold.factor > 0, "task.threshold.factor", "must be > 0")
     _check(0 < t.threshold.level < 1, "task.threshold.level", "must lie in (0, 1)")
+    _check(0 < t.threshold.risk < 1 - t.threshold.level or t.threshold.name not in
+           ("pot", "spot", "dspot"), "task.threshold.risk",
+           f"must lie in (0, 1 - task.threshold.level) = (0, {1 - t.threshold.level:g})")
+    _check(t.threshold.depth >= 1, "task.threshold.depth", "must be >= 1")
+    _check(t.window.size >= 1, "task.window.size", "must be >= 1")
     _check(t.one_step_weight >= 0 and t.horizon_weight >= 0, "task.one_step_weight",
            "and task.horizon_weight must be >= 0")
     tr = cfg.trainer
@@ -479,7 +596,16 @@ def validate(cfg: DictConfig) -> None:
     _check(tr.checkpoint_every_n_epochs >= 1, "trainer.checkpoint_every_n_epochs", "must be >= 1")
     _check(tr.checkpoint_every_n_steps is None or tr.checkpoint_every_n_steps >= 1,
            "trainer.checkpoint_every_n_steps", "must be >= 1 (or null: every n epochs)")
+    _check(tr.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+    _check(tr.strategy in ("auto", "ddp", "ddp_find_unused_parameters_true"), "trainer.strategy",
+           f"is {tr.strategy!r}; use auto or ddp")
     _check(cfg.score.chunk_size >= 1, "score.chunk_size", "must be >= 1")
+    _check(cfg.score.engine in ("local", "dask"), "score.engine",
+           f"is {cfg.score.engine!r}; use local or dask")
+    _check(cfg.score.workers >= 0, "score.workers", "must be >= 0 (0: one per CPU core)")
+    _check(cfg.score.follow_interval > 0, "score.follow_interval", "must be > 0")
+    _check(cfg.score.device in (None, "cpu", "cuda") or str(cfg.score.device).startswith(
+        "cuda:"), "score.device", f"is {cfg.score.device!r}; use cpu or cuda")
 
 
 def option_value(option: Any) -> str:

@@ -298,6 +298,9 @@ def anomaly_figure(
     log_y: bool = False,
     max_points: int = 4000,
     window: tuple[Any, Any] | None = None,
+    contributions: Any = None,
+    channel_names: Sequence[str] | None = None,
+    max_channels: int = 5,
 ) -> go.Figure:
     """The anomaly score with its threshold, labelled anomalies shaded, flagged points marked.
 
@@ -305,6 +308,9 @@ def anomaly_figure(
     ``log_y`` non-positive scores are not drawn (use it for NIS, which is >= 0 and spans orders
     of magnitude). The score line is min/max decimated to ~``max_points`` points; labelled
     intervals are exact; flagged points beyond ``max_points`` keep the highest of each bucket.
+    contributions: optional (T, C) additive per-channel shares of the score: drawn below it as
+    stacked areas of the ``max_channels`` channels with the largest total (the rest summed as
+    "other"), so every flag shows which sensors raised it.
     """
     s_all = _np(score).astype(np.float64).reshape(-1)
     T = s_all.size
@@ -321,15 +327,35 @@ def anomaly_figure(
     rows = _window_slice(t_all, window)
     t, s = t_all[rows], s_all[rows]
     n = s.size
-    fig = go.Figure()
     idx = minmax_index(s, max_points)
+    if contributions is not None:
+        contrib = _as_2d(contributions, "contributions", T)[rows]
+        names = (list(channel_names) if channel_names is not None
+                 else [f"ch{c}" for c in range(contrib.shape[1])])
+        if len(names) != contrib.shape[1]:
+            raise DataError(f"{len(names)} channel names for {contrib.shape[1]} contributions")
+        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.6, 0.4],
+                            vertical_spacing=0.06,
+                            subplot_titles=("", "contribution of each channel to the score"))
+        order = np.argsort(-np.nan_to_num(contrib).sum(axis=0), kind="stable")
+        shown = order[:max_channels]
+        layers = [(names[j], contrib[idx, j]) for j in shown]
+        if contrib.shape[1] > len(shown):
+            layers.append(("other", contrib[idx][:, order[max_channels:]].sum(axis=1)))
+        for name, values in layers:
+            fig.add_trace(go.Scatter(x=_x(t[idx]), y=values, mode="lines", stackgroup="contrib",
+                                     name=name, line={"width": 0.5}), row=2, col=1)
+    else:
+        fig = go.Figure()
+    panel: dict[str, int] = {"row": 1, "col": 1} if contributions is not None else {}
     fig.add_trace(go.Scatter(x=_x(t[idx]), y=s[idx], mode="lines", name="score",
-                             line={"color": SCORE_COLOR, "width": 1}))
+                             line={"color": SCORE_COLOR, "width": 1}), **panel)
     if threshold is not None and math.isfinite(threshold) and n:
         ends = t[[0, -1]]
         fig.add_trace(go.Scatter(x=_x(ends), y=np.array([threshold, threshold], np.float64),
                                  mode="lines", name=f"threshold ({threshold:.4g})",
-                                 line={"color": THRESHOLD_COLOR, "dash": "dash", "width": 1.5}))
+                                 line={"color": THRESHOLD_COLOR, "dash": "dash", "width": 1.5}),
+                      **panel)
     if fl_all is not None:
         fl = np.flatnonzero(fl_all[rows])
         if fl.size > max_points:
@@ -338,9 +364,11 @@ def anomaly_figure(
             first = np.concatenate([[True], np.diff((fl // size)[order]) != 0])
             fl = np.sort(fl[order][first])
         fig.add_trace(go.Scatter(x=_x(t[fl]), y=s[fl], mode="markers", name="flagged",
-                                 marker={"color": FLAG_COLOR, "size": 6, "symbol": "x"}))
+                                 marker={"color": FLAG_COLOR, "size": 6, "symbol": "x"}),
+                      **panel)
     if lab_all is not None:
-        # all at once: add_vrect re-validates the whole layout per shape (quadratic)
+        # all at once: add_vrect re-validates the whole layout per shape (quadratic); on the
+        # score panel (x/y: row 1 of the subplots too)
         fig.update_layout(shapes=[
             {"type": "rect", "xref": "x", "yref": "y domain", "x0": _x1(t, first),
              "x1": _x1(t, last), "y0": 0, "y1": 1, "fillcolor": LABEL_COLOR,
@@ -350,15 +378,16 @@ def anomaly_figure(
         # axis is typed explicitly, so this empty trace decides nothing about the axis.
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="labelled anomaly",
                                  hoverinfo="skip",
-                                 marker={"symbol": "square", "size": 12, "color": LABEL_COLOR}))
+                                 marker={"symbol": "square", "size": 12, "color": LABEL_COLOR}),
+                      **panel)
     note = _decimation_note(n, max_points, "the scores Parquet holds every step")
-    fig.update_layout(title=_title(title, note), template="plotly_white", height=400,
-                      hovermode="closest",
+    fig.update_layout(title=_title(title, note), template="plotly_white",
+                      height=400 if contributions is None else 620, hovermode="closest",
                       margin={"l": 60, "r": 20, "t": 90 if note else 60, "b": 40},
                       uirevision="anomaly")
     _set_x_axes(fig, t, window)
     if log_y:
-        fig.update_yaxes(type="log")
+        fig.update_yaxes(type="log", **panel)
     return fig
 
 

@@ -92,7 +92,7 @@ def test_half_precision_is_computed_in_float32():
 def test_bad_kind_and_shape_errors():
     y, pred = _calibrated(B=1, T=5, C=2)
     with pytest.raises(ConfigError, match="kind"):
-        anomaly_scores(y, pred, "mahalanobis")
+        anomaly_scores(y, pred, "bogus")
     with pytest.raises(ConfigError, match="reduction"):
         gaussian_nll(y, pred, "max")
     with pytest.raises(ModelError, match="channels"):

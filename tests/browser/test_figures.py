@@ -127,9 +127,11 @@ def test_the_report_of_a_real_train_run_shows_its_data(trained_store, probe, rea
         g = graphs[f"fig-{i}-plot"]
         assert g["lines"] >= 16 and g["fills"] == 8, g
         assert reads_dates(g["xticks"]), g["xticks"]
-    for i in (1, 3, 5):  # anomaly scores
+    for i in (1, 3, 5):  # anomaly scores, with each sensor's share of the score below them
         g = graphs[f"fig-{i}-plot"]
-        assert g["lines"] == 2 and g["markers"] > 0 and g["shapes"] >= 1, g
+        # score, threshold, and stacked areas of the 5 largest shares and "other" (8 channels)
+        assert g["lines"] == 2 + 6 and g["fills"] == 6, g
+        assert g["markers"] > 0 and g["shapes"] >= 1 and "other" in g["legend"], g
         assert reads_dates(g["xticks"]), g["xticks"]
     store.close()
 

@@ -31,9 +31,12 @@ def test_skab_sample_protocol():
     for p in faults:
         assert p.split.train == (0, 320) and p.split.val == (320, 400)
         assert p.split.test == (400, len(p.stream))
-        # per-stream scaling: each file's own training rows are standardised
-        train = p.stream.values[:320].astype(np.float64)
-        assert np.allclose(np.nanmean(train, axis=0), 0, atol=1e-4)
+        # per-stream scaling, SKAB's protocol: each file is standardised by its first 400 rows
+        # (training + validation, the rows before the test split), as `tsssm score` does
+        first = p.stream.values[:400].astype(np.float64)
+        assert np.allclose(np.nanmean(first, axis=0), 0, atol=1e-4)
+        assert np.allclose(np.nanstd(first, axis=0), 1, atol=1e-3)
+        assert not np.allclose(np.nanmean(p.stream.values[:320], axis=0), 0, atol=1e-3)
     extra = [p for p in data.parts if p.split is None]
     assert [p.stream.name for p in extra] == ["anomaly-free/anomaly-free"]
     assert extra[0].rows("train") == (0, 9405) and extra[0].rows("test") == (0, 0)

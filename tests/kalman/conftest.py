@@ -12,8 +12,6 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
-from scipy.stats import multivariate_normal
-from statsmodels.tsa.statespace.kalman_smoother import KalmanSmoother
 
 from tsssm.kalman import LinearGaussianSSM
 
@@ -63,6 +61,9 @@ def to_ssm(model: dict[str, np.ndarray], time_varying: tuple[str, ...] = ()) -> 
 
 def statsmodels_smooth(model: dict[str, np.ndarray], y: np.ndarray, time_varying=()):
     """statsmodels' filter + smoother for our model (our F[t] leads INTO step t, theirs out of)."""
+    # imported here: the GPU session runs the fused-filter tests where statsmodels may be absent
+    from statsmodels.tsa.statespace.kalman_smoother import KalmanSmoother
+
     T, p = y.shape
     n = model["F"].shape[-1]
     ks = KalmanSmoother(k_endog=p, k_states=n, k_posdef=n, tolerance=0)
@@ -130,6 +131,8 @@ def dense_loglik(model: dict[str, np.ndarray], y: np.ndarray, time_varying=()) -
     obs = ~np.isnan(flat)
     if not obs.any():
         return 0.0
+    from scipy.stats import multivariate_normal
+
     return float(
         multivariate_normal(y_mean.reshape(-1)[obs], Y_cov[np.ix_(obs, obs)]).logpdf(flat[obs])
     )

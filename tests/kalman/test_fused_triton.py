@@ -133,6 +133,27 @@ def test_matches_sequential_float64(interpret, n, p, batch, T, sparse):
         compare(res, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize(("T", "chunk_mult", "prefetch", "p"), [(13, 1, 1, 1), (13, 4, 2, 1),
+                                                                (10, 2, 3, 2)])
+def test_time_major_y_matches_sequential(interpret, T, chunk_mult, prefetch, p):
+    """y read time-major (coalesced per step): full chunks, a tail, prefetch deeper than T."""
+    gen = torch.Generator().manual_seed(T + chunk_mult)
+    ssm = random_model(gen, 2, p, batch=(5,))
+    y = random_y(gen, (5, T, p))
+    ref = kalman_filter(ssm, y)
+    res = poisoned_run(ssm, y, y_layout="time", chunk_mult=chunk_mult, prefetch=prefetch)
+    compare(res, ref, rtol=1e-10, atol=1e-10)
+    y_tm = y.transpose(0, 1).contiguous().transpose(0, 1)  # a time-major view
+    params = {k: getattr(ssm, k) for k in ("F", "H", "Q", "R", "m0", "P0", "c", "d")}
+    for layout, time_major in (("time", True), ("auto", False)):  # auto: rows (faster on GPU)
+        out = fused_filter_arrays(y_tm, params, y_layout=layout)
+        assert out["spec"].y_time_major is time_major
+        torch.testing.assert_close(out["loglik"], ref.loglik, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ModelError, match="y_layout"):
+        fused_filter_arrays(y, {k: getattr(ssm, k) for k in ("F", "H", "Q", "R", "m0", "P0")},
+                            y_layout="rows")
+
+
 @pytest.mark.parametrize("joseph", [True, False])
 def test_matches_sequential_float32(interpret, joseph):
     gen = torch.Generator().manual_seed(7 + joseph)
@@ -280,7 +301,9 @@ def _gpu():
     [
         # T=1000: 16-byte path (when the model is small); T=1003: element path
         (2, 1, False, torch.float32, 1000,
-         [dict(chunk_mult=2, prefetch=3), dict(num_warps=2, prefetch=1)]),
+         [dict(chunk_mult=2, prefetch=3), dict(num_warps=2, prefetch=1),
+          dict(y_layout="time", chunk_mult=4, prefetch=4)]),
+        (2, 1, False, torch.float32, 1003, [dict(y_layout="time", chunk_mult=2, prefetch=2)]),
         (2, 1, False, torch.float64, 1003, []),
         (4, 1, True, torch.float32, 1003, []),
         (4, 1, True, torch.float64, 1000, []),

@@ -91,13 +91,28 @@ def test_em_reaches_the_maximum_likelihood():
     assert (rel < 0.2).all(), obs_var
 
 
-def test_em_refuses_models_with_non_variance_parameters():
+def test_em_fits_ar_components_and_refuses_what_it_cannot_fit():
+    """AR coefficients have a closed-form M-step (a regression) since the companion form; a
+    fitting mode EM does not handle still names model.fit in its error."""
+    from tsssm.models.kalman import fit_forecaster
+
+    g = torch.Generator().manual_seed(11)
+    e = torch.randn(1, 400, 2, generator=g, dtype=torch.float64)
+    ar = torch.zeros_like(e)
+    for t in range(1, 400):
+        ar[:, t] = 0.7 * ar[:, t - 1] + e[:, t]
+    y = ar + torch.cumsum(0.1 * torch.randn(1, 400, 2, generator=g, dtype=torch.float64), 1)
     model = KalmanForecaster(n_channels=2, components=["level", "ar"])
-    y = torch.randn(1, 50, 2, dtype=torch.float64)
+    model.initialize(y)
+    history = model.fit_em([y], n_iter=40, tol=0.0, segment=100, fit_prior=True)
+    gains = np.diff(history)
+    assert (gains >= -1e-9 * np.abs(history[1:])).all(), gains.min()
+    phi = torch.tanh(model.theta.detach()[:, model.param_names.index("pacf_ar1")])
+    assert ((phi - 0.7).abs() < 0.2).all(), phi
     before = model.theta.detach().clone()
-    with pytest.raises(ConfigError, match="model.fit=em") as err:
-        model.fit_em([y])
-    assert "model.fit=mle" in str(err.value)
+    with pytest.raises(ConfigError, match="model.fit") as err:
+        fit_forecaster(model, [y], fit="mle")
+    assert "em" in str(err.value)
     assert torch.equal(model.theta.detach(), before)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from tsssm.errors import ConfigError, ModelError
 from tsssm.ssm import scan as scan_mod
-from tsssm.ssm import selective_scan, selective_scan_ref
+from tsssm.ssm import scan_ref, selective_scan, selective_scan_ref
 from tsssm.ssm.scan import selective_scan_torch
 
 
@@ -137,8 +137,11 @@ def test_reference_gradcheck_float64(groups):
     assert torch.autograd.gradcheck(f, [inp[k] for k in names], eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("inner", ["doubling", "loop"])
-def test_torch_path_gradcheck_float64(inner):
+@pytest.mark.parametrize("inner,save_all", [("doubling", True), ("loop", True), ("step", True),
+                                            ("step", False)])
+def test_torch_path_gradcheck_float64(inner, save_all, monkeypatch):
+    if not save_all:  # the CPU path's chunk-recompute mode (long sequences)
+        monkeypatch.setattr(scan_ref, "STEP_SAVE_ALL_BYTES", 0)
     # the hand-written backward of the chunked path, checked by finite differences
     inp = make_inputs(batch=1, dim=4, N=3, L=11, groups=2, dtype=torch.float64)
     names = [k for k in GRAD_NAMES if inp[k] is not None]
@@ -174,12 +177,38 @@ CASES = [
     (64, None, 64, "doubling", dict(with_z=False, with_D=False, with_bias=False, with_h0=False)),
     (50, 2, 16, "doubling", dict(with_bias=False)),
     (19, None, 1, "loop", dict(with_h0=False)),
+    (37, None, 8, "step", dict()),
+    (45, 3, 16, "step", dict(with_bias=False)),
+    (1, None, 64, "step", dict(with_z=False, with_D=False, with_bias=False, with_h0=False)),
+    (33, 2, 64, "auto", dict(with_h0=False)),
 ]
 
 
 @pytest.mark.parametrize("L,groups,chunk,inner,opts", CASES)
 @pytest.mark.parametrize("softplus", [True, False])
 def test_torch_path_matches_reference(L, groups, chunk, inner, opts, softplus):
+    _check_torch_path(L, groups, chunk, inner, opts, softplus)
+
+
+@pytest.mark.parametrize("L,groups,chunk", [(37, None, 8), (45, 3, 16), (5, None, 64)])
+def test_cpu_step_path_recompute_mode_matches_reference(L, groups, chunk, monkeypatch):
+    """Beyond STEP_SAVE_ALL_BYTES the CPU path keeps chunk starts and recomputes."""
+    monkeypatch.setattr(scan_ref, "STEP_SAVE_ALL_BYTES", 0)
+    _check_torch_path(L, groups, chunk, "step", {}, True)
+
+
+def test_cpu_step_path_saves_per_step_states_only_for_training():
+    inp = detached(make_inputs(L=12))
+    dt = scan_ref.discretise_delta(inp["delta"], inp["delta_bias"], True, torch.float32)
+    Bg, Cg = inp["B"][:, None], inp["C"][:, None]
+    args = (inp["u"], dt, inp["A"], Bg, Cg, inp["initial_state"])
+    y, h, saved = scan_ref.stepwise_scan_forward(*args, chunk=4)
+    assert saved[0] == "all" and saved[1].shape == (12, 2, 1, 4, 6)
+    y2, h2, none = scan_ref.stepwise_scan_forward(*args, chunk=4, save_states=False)
+    assert none is None and torch.equal(y, y2) and torch.equal(h, h2)
+
+
+def _check_torch_path(L, groups, chunk, inner, opts, softplus):
     inp = make_inputs(L=L, groups=groups, dim=6, positive_delta=not softplus, **opts)
     ref_out, ref_h, ref_g = run_with_grads(ref_fn, inp, softplus)
 
@@ -266,3 +295,21 @@ def test_auto_fallback_logs_once(caplog, monkeypatch):
     msgs = [r.getMessage() for r in caplog.records if "torch path" in r.getMessage()]
     assert len(msgs) == 1 and "cpu" in msgs[0]
     assert torch.equal(a, b)
+
+
+def test_inference_under_no_grad_saves_no_states(monkeypatch):
+    """Parameters that require grad, evaluated under torch.no_grad (scoring): nothing is kept
+    for a backward that cannot happen."""
+    seen = []
+    real = scan_ref.stepwise_scan_forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["save_states"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scan_ref, "stepwise_scan_forward", spy)
+    inp = make_inputs(L=9)  # requires grad
+    with torch.no_grad():
+        selective_scan_torch(**inp, delta_softplus=True)
+    selective_scan_torch(**inp, delta_softplus=True)
+    assert seen == [False, True]

@@ -88,15 +88,22 @@ def check_against_reference(inp, softplus, dtype, tol=None):
 # --------------------------------------------------------------------------------------------
 
 INTERP_CASES = [
-    # (dtype, dim, L, groups, softplus, options)
+    # (dtype, dim, L, groups, softplus, options); prefetch = (forward, backward) PREFETCH,
+    # bc = how dB/dC cross dim blocks: "relaxed"/"acq_rel" atomics or "partials"
     (torch.float32, 6, 37, None, True, dict()),
-    (torch.float32, 6, 21, None, True, dict(unroll=(4, 2))),
+    (torch.float32, 6, 37, None, True, dict(prefetch=(0, 1), bc="partials")),
+    (torch.float32, 6, 21, None, True, dict(unroll=(4, 2), prefetch=(1, 1))),
     (torch.float32, 6, 1, None, False, dict(with_z=False, with_D=False, with_bias=False,
                                             with_h0=False)),
-    (torch.float32, 8, 45, 2, True, dict(with_D=False, with_bias=False, unroll=(2, 2))),
-    (torch.float32, 6, 33, None, False, dict(with_z=False, with_h0=False)),
+    (torch.float32, 6, 1, None, True, dict(prefetch=(1, 1), bc="acq_rel")),
+    (torch.float32, 8, 45, 2, True, dict(with_D=False, with_bias=False, unroll=(2, 2),
+                                         prefetch=(1, 1))),
+    (torch.float32, 6, 33, None, False, dict(with_z=False, with_h0=False, prefetch=(0, 0),
+                                             bc="partials")),
     (torch.bfloat16, 6, 37, None, True, dict()),
-    (torch.float16, 8, 20, 4, True, dict(with_z=False)),
+    (torch.bfloat16, 6, 37, None, True, dict(prefetch=(0, 1), bc="partials")),
+    (torch.float16, 8, 20, 4, True, dict(with_z=False, prefetch=(1, 1))),
+    (torch.float16, 8, 20, 4, True, dict(with_z=False, prefetch=(0, 0), bc="acq_rel")),
 ]
 
 
@@ -113,9 +120,41 @@ def test_interpreted_kernels_match_reference(
     fwd_unroll, bwd_unroll = opts.pop("unroll", (1, 1))  # states per loop iteration
     monkeypatch.setitem(st.FWD_CONFIG, "UNROLL", fwd_unroll)
     monkeypatch.setitem(st.BWD_CONFIG, "UNROLL", bwd_unroll)
+    fwd_prefetch, bwd_prefetch = opts.pop("prefetch", (st.FWD_CONFIG["PREFETCH"],
+                                                       st.BWD_CONFIG["PREFETCH"]))
+    monkeypatch.setitem(st.FWD_CONFIG, "PREFETCH", fwd_prefetch)
+    monkeypatch.setitem(st.BWD_CONFIG, "PREFETCH", bwd_prefetch)
+    bc = opts.pop("bc", "relaxed")
+    monkeypatch.setattr(st, "BWD_ATOMIC_BC", bc != "partials")
+    monkeypatch.setattr(st, "ATOMIC_SEM", "acq_rel" if bc == "acq_rel" else "relaxed")
     inp = make_inputs(dim=dim, L=L, groups=groups, dtype=dtype, positive_delta=not softplus,
                       **opts)
     check_against_reference(inp, softplus, dtype)
+
+
+def test_launch_config_per_dtype_overrides(interpreted, monkeypatch):
+    st = interpreted
+    monkeypatch.setitem(st.FWD_CONFIG_BY_DTYPE, "float32", {"BLOCK_L": 32, "num_warps": 2})
+    cfg = st.launch_config("fwd", torch.float32)
+    assert cfg["BLOCK_L"] == 32 and cfg["num_warps"] == 2
+    assert cfg["UNROLL"] == st.FWD_CONFIG["UNROLL"]
+    assert st.launch_config("fwd", torch.bfloat16) == st.FWD_CONFIG
+    assert st.launch_config("bwd", torch.float32, {"UNROLL": 1})["UNROLL"] == 1
+    monkeypatch.setitem(st.FWD_TRAIN_CONFIG_BY_DTYPE, "float32", {"BLOCK_L": 16})
+    assert st.launch_config("fwd_train", torch.float32)["BLOCK_L"] == 16
+    assert st.launch_config("fwd_train", torch.float32)["num_warps"] == 2
+    assert st.launch_config("fwd", torch.float32)["BLOCK_L"] == 32
+    with pytest.raises(ValueError, match="kind"):
+        st.launch_config("bwd_train", torch.float32)
+
+
+def test_interpreted_training_forward_config(interpreted, poisoned, monkeypatch):
+    """A training forward with its own chunk length (the backward inherits it) stays exact."""
+    st = poisoned(interpreted)
+    monkeypatch.setitem(st.FWD_CONFIG, "BLOCK_L", 32)
+    monkeypatch.setattr(st, "FWD_TRAIN_CONFIG", {"BLOCK_L": 16, "BLOCK_D": 2, "PREFETCH": 0})
+    inp = make_inputs(dim=6, L=37)
+    check_against_reference(inp, True, torch.float32)
 
 
 def test_interpreted_default_config(interpreted, poisoned):
@@ -126,10 +165,11 @@ def test_interpreted_default_config(interpreted, poisoned):
 
 
 def test_interpreted_backward_variants_agree(interpreted, poisoned):
-    """Atomic dB/dC and the explicit-flip reverse scan give the default backward's gradients."""
+    """Every way of reducing dB/dC across dim blocks (relaxed or acq_rel atomics, partial sums),
+    the explicit-flip reverse scan and the prefetching loop give the same gradients."""
     st = poisoned(interpreted)
     inp = {k: (v.detach() if v is not None else None)
-           for k, v in make_inputs(dim=4, L=20, groups=2).items()}
+           for k, v in make_inputs(dim=4, L=40, groups=2).items()}
     out, _, hsave, block_l = st.scan_forward(
         inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"],
         inp["delta_bias"], inp["initial_state"], True, config={"BLOCK_L": 16, "BLOCK_D": 2},
@@ -137,12 +177,33 @@ def test_interpreted_backward_variants_agree(interpreted, poisoned):
     dout = torch.randn_like(out)
     args = (dout, torch.randn(2, 4, 4), inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"],
             inp["D"], inp["z"], inp["delta_bias"], hsave, block_l, True)
-    base = st.scan_backward(*args, config={"BLOCK_D": 2})
-    for atomic, flip in ((True, False), (False, True)):
-        other = st.scan_backward(*args, config={"BLOCK_D": 2}, atomic_bc=atomic,
-                                 reverse_via_flip=flip)
+    base = st.scan_backward(*args, config={"BLOCK_D": 2, "PREFETCH": 0}, atomic_bc=False)
+    variants = [dict(atomic_bc=True, atomic_sem="relaxed"),
+                dict(atomic_bc=True, atomic_sem="acq_rel"),
+                dict(atomic_bc=False, reverse_via_flip=True),
+                dict(atomic_bc=True, config={"BLOCK_D": 2, "PREFETCH": 1}),
+                dict(atomic_bc="auto", config={"BLOCK_D": 2, "PREFETCH": 1})]
+    for kw in variants:
+        kw = {"config": {"BLOCK_D": 2, "PREFETCH": 0}, **kw}
+        other = st.scan_backward(*args, **kw)
         for a, b in zip(base, other):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+            assert torch.isfinite(a).all() and torch.isfinite(b).all(), kw
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), kw
+    with pytest.raises(ValueError, match="atomic_sem"):
+        st.scan_backward(*args, atomic_sem="release")
+
+
+def test_interpreted_forward_prefetch_is_bitwise_neutral(interpreted, poisoned):
+    """Prefetching changes when inputs are loaded, never what is computed."""
+    st = poisoned(interpreted)
+    inp = {k: (v.detach() if v is not None else None)
+           for k, v in make_inputs(dim=4, L=37, groups=None).items()}
+    args = (inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"],
+            inp["delta_bias"], inp["initial_state"], True)
+    outs = [st.scan_forward(*args, config={"BLOCK_L": 16, "BLOCK_D": 2, "PREFETCH": p})
+            for p in (0, 1)]
+    for a, b in zip(outs[0][:3], outs[1][:3]):
+        assert torch.equal(a, b)
 
 
 def test_interpreted_chunked_calls_equal_one_pass(interpreted, poisoned, monkeypatch):
@@ -221,3 +282,20 @@ def test_gpu_auto_backend_uses_triton(monkeypatch):
     assert calls and out.is_cuda
     torch_out = selective_scan(**inp, delta_softplus=True, backend="torch")
     assert_close("out", out, torch_out, 1e-5)
+
+
+def test_interpreted_inference_under_no_grad_saves_no_states(interpreted, monkeypatch):
+    st = interpreted
+    seen = []
+    real = st.scan_forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["save_states"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(st, "scan_forward", spy)
+    inp = make_inputs(dim=4, L=8)
+    with torch.no_grad():
+        selective_scan_triton(**inp, delta_softplus=True)
+    selective_scan_triton(**inp, delta_softplus=True)
+    assert seen == [False, True]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -51,3 +52,33 @@ def channel_moments(y: Tensor, what: str) -> tuple[Tensor, Tensor]:
     centred = torch.where(observed, y64 - mean, torch.zeros_like(y64))
     var = centred.square().sum(dim=(0, 1)) / count
     return mean, var.clamp_min(MIN_VAR)
+
+
+def as_streams(y: Any, what: str) -> list[Tensor]:
+    """Training data as a list of (1, T_i, C) float64 tensors, one per stream.
+
+    y: a (B, T, C) tensor/array (B streams of one length) or a sequence of (T_i, C) (or
+    (1, T_i, C)) arrays of different lengths: the real rows of each stream, no padding (a
+    NaN-padded batch would read as missing data, and a forward-filled one as copies of each
+    stream's last row)."""
+    if isinstance(y, Sequence) and not isinstance(y, (str, bytes)) and not (
+            len(y) and isinstance(y[0], (int, float))):
+        out = []
+        for i, a in enumerate(y):
+            t = a if isinstance(a, Tensor) else torch.as_tensor(a)
+            if t.dim() == 2:
+                t = t.unsqueeze(0)
+            out.append(as_series(t, f"{what} (stream {i})").to(torch.float64).cpu())
+        if not out:
+            raise DataError(f"{what}: no streams")
+        channels = {t.shape[-1] for t in out}
+        if len(channels) > 1:
+            raise DataError(f"{what}: streams have different numbers of channels {channels}")
+        return [t[b : b + 1] for t in out for b in range(t.shape[0])]
+    t = as_series(y, what).to(torch.float64).cpu()
+    return [t[b : b + 1] for b in range(t.shape[0])]
+
+
+def concat_streams(streams: list[Tensor]) -> Tensor:
+    """All rows of (1, T_i, C) streams as one (1, sum T_i, C) tensor (for moments only)."""
+    return torch.cat(streams, dim=1)

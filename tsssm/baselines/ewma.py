@@ -26,7 +26,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tsssm.baselines._common import MIN_VAR, as_series, channel_moments, require_fitted
+from tsssm.baselines._common import (
+    MIN_VAR,
+    as_series,
+    as_streams,
+    channel_moments,
+    concat_streams,
+    require_fitted,
+)
 from tsssm.errors import ConfigError, DataError
 from tsssm.models.base import Gaussian
 
@@ -127,12 +134,12 @@ class EWMAForecaster:
             alpha = np.round(np.asarray(alpha, dtype=np.float64), 4).tolist()
         return f"{type(self).__name__}(alpha={alpha})"
 
-    def fit(self, y_train: Tensor) -> EWMAForecaster:
-        """Fit alpha (if not given) and sigma2 per channel on ``y_train`` (B, T, C)."""
-        y_t = as_series(y_train, "training data")
-        y = y_t.detach().to(torch.float64).cpu().numpy()
-        B, T, C = y.shape
-        prior_mean, prior_var = channel_moments(y_t, "training data")
+    def fit(self, y_train: Tensor | Sequence) -> EWMAForecaster:
+        """Fit alpha (if not given) and sigma2 per channel on ``y_train``: (B, T, C), or a list
+        of streams (T_i, C) of different lengths (each smoothed on its own)."""
+        streams = as_streams(y_train, "training data")
+        C = streams[0].shape[-1]
+        prior_mean, prior_var = channel_moments(concat_streams(streams), "training data")
         if self.alpha_init is None:
             grid = ALPHA_GRID.reshape(-1, 1, 1)  # (G, 1, 1)
         else:
@@ -140,7 +147,8 @@ class EWMAForecaster:
             if a.size not in (1, C):
                 raise ConfigError(f"ewma alpha has {a.size} values but the data has {C} channels")
             grid = np.broadcast_to(a, (C,)).reshape(1, 1, C)  # (1, 1, C)
-        sse, scaled_sse, count = _grid_errors(y, grid)
+        sse, scaled_sse, count = (sum(x) for x in zip(*(
+            _grid_errors(st.numpy(), grid) for st in streams)))
         empty = np.flatnonzero(count == 0).tolist()
         if empty:
             raise DataError(

@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from tsssm.baselines._common import as_series, channel_moments, require_fitted
+from tsssm.baselines._common import (
+    as_series,
+    as_streams,
+    channel_moments,
+    concat_streams,
+    require_fitted,
+)
 from tsssm.errors import ConfigError
 
 
@@ -82,20 +88,23 @@ class IsolationForestDetector:
         return np.ascontiguousarray(windows.transpose(0, 1, 3, 2)).reshape(B * T, w * C)
 
     def fit(self, y_train: Any) -> IsolationForestDetector:
-        """Fit the channel scaling and the forest on the windows of ``y_train`` (B, T, C)."""
+        """Fit the channel scaling and the forest on the windows of ``y_train``: (B, T, C), or a
+        list of streams (T_i, C) of different lengths (windows never cross streams)."""
         from sklearn.ensemble import IsolationForest  # deferred: sklearn import is slow
 
-        y = as_series(y_train, "training data")
-        mean, var = channel_moments(y, "training data")
+        streams = as_streams(y_train, "training data")
+        mean, var = channel_moments(concat_streams(streams), "training data")
         self.mean = mean.numpy()
         self.std = np.sqrt(var.numpy())
-        self.n_channels = int(y.shape[-1])
+        self.n_channels = int(streams[0].shape[-1])
+        features = np.concatenate([self._features(st) for st in streams])
+        self.n_train_rows = sum(st.shape[1] for st in streams)  # real rows, no padding
         self.forest = IsolationForest(
             n_estimators=self.n_estimators,
             max_samples=self.max_samples,
             random_state=self.random_state,
             n_jobs=1,
-        ).fit(self._features(y))
+        ).fit(features)
         self.fitted = True
         return self
 

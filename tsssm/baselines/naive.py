@@ -18,12 +18,20 @@ The state carried between chunks is the forward-filled value and its variance fo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from tsssm.baselines._common import MIN_VAR, as_series, channel_moments, require_fitted
+from tsssm.baselines._common import (
+    MIN_VAR,
+    as_series,
+    as_streams,
+    channel_moments,
+    concat_streams,
+    require_fitted,
+)
 from tsssm.errors import ConfigError, DataError
 from tsssm.models.base import Gaussian
 
@@ -52,17 +60,21 @@ class SeasonalNaiveForecaster:
         return f"{type(self).__name__}(period={self.period})"
 
     # ----------------------------------------------------------------------------------- fit
-    def fit(self, y_train: Tensor) -> SeasonalNaiveForecaster:
-        """Fit prior mean/var and the increment variance per channel on ``y_train`` (B, T, C)."""
-        y = as_series(y_train, "training data").detach().to(torch.float64).cpu()
+    def fit(self, y_train: Tensor | Sequence) -> SeasonalNaiveForecaster:
+        """Fit prior mean/var and the increment variance per channel on ``y_train``: (B, T, C),
+        or a list of streams (T_i, C) of different lengths (pairs never cross streams)."""
+        streams = as_streams(y_train, "training data")
         p = self.period
-        if y.shape[1] <= p:
+        longest = max(st.shape[1] for st in streams)
+        if longest <= p:
             raise DataError(
-                f"training data has {y.shape[1]} steps; {self.name} with period {p} needs more "
+                f"training data has {longest} steps; {self.name} with period {p} needs more "
                 f"than {p}"
             )
+        y = concat_streams(streams)
         self.prior_mean, self.prior_var = channel_moments(y, "training data")
-        diff = y[:, p:] - y[:, :-p]  # (B, T-p, C), NaN where either side is missing
+        # (1, sum(T_i - p), C), NaN where either side is missing
+        diff = torch.cat([st[:, p:] - st[:, :-p] for st in streams if st.shape[1] > p], dim=1)
         observed = ~torch.isnan(diff)
         count = observed.sum(dim=(0, 1))
         empty = (count == 0).nonzero().flatten().tolist()

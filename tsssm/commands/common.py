@@ -15,8 +15,11 @@ import numpy as np
 import polars as pl
 import torch
 
+from tsssm.anomaly.attribution import flagged_intervals
+from tsssm.anomaly.scores import ScoreSpec
 from tsssm.anomaly.thresholds import Threshold, build_threshold
 from tsssm.bundle import Bundle, load_bundle
+from tsssm.config import option_value
 from tsssm.data.datasets import Part, PreparedData
 from tsssm.errors import ModelError
 from tsssm.tasks.evaluate import StreamPrediction
@@ -59,16 +62,55 @@ def write_parquet(frame: pl.DataFrame, path: Path) -> Path:
     return path
 
 
-def fit_threshold(cfg_task, train_scores: np.ndarray) -> Threshold:
+def labelled_training_rows(cfg_task, data) -> bool:
+    """Say (one line) how many training rows are labelled as anomalies, and what is done with
+    them; returns whether they are left out of the fits (task.exclude_labelled_train)."""
+    n_train, n_val = data.labelled_rows("train"), data.labelled_rows("val")
+    if n_train + n_val == 0:
+        return False
+    where = f"{n_train} training rows" + (f" and {n_val} validation rows" if n_val else "")
+    if cfg_task.exclude_labelled_train:
+        log.info("task.exclude_labelled_train: %s labelled as anomalies are left out of the "
+                 "threshold and model fits (as missing values)", where)
+        return True
+    log.warning("%s are labelled as anomalies and the threshold and model are fitted on them "
+                "too; task.exclude_labelled_train=true fits on normal rows only", where)
+    return False
+
+
+def threshold_rule(cfg_task) -> Threshold:
+    """The unfitted threshold ``task.threshold`` describes (pot/spot/dspot: the risk knob)."""
     t = cfg_task.threshold
-    kwargs = {"quantile": {"q": t.q}, "max": {"factor": t.factor},
-              "pot": {"q": 1.0 - t.q, "level": t.level}}[t.name]
-    return build_threshold(t.name, **kwargs).fit(train_scores)
+    pot = {"q": t.risk, "level": t.level}
+    kwargs = {"quantile": {"q": t.q}, "max": {"factor": t.factor}, "pot": pot, "spot": pot,
+              "dspot": {**pot, "depth": t.depth}}[t.name]
+    return build_threshold(t.name, **kwargs)
+
+
+def fit_threshold(cfg_task, train_scores: np.ndarray) -> Threshold:
+    """Fit ``task.threshold`` on scores of rows assumed normal (never on labels)."""
+    return threshold_rule(cfg_task).fit(train_scores)
+
+
+def score_spec(cfg_task) -> ScoreSpec:
+    """The anomaly score ``task.score`` and ``task.window`` describe."""
+    w = cfg_task.window
+    return ScoreSpec(option_value(cfg_task.score), int(w.size), option_value(w.kind),
+                     option_value(w.align)).check()
+
+
+def evaluation_options(cfg_task) -> dict:
+    """Keyword arguments of tsssm.tasks.evaluate.evaluate from the task config."""
+    return dict(score_kind=score_spec(cfg_task), scope=cfg_task.threshold.scope,
+                fit_on=cfg_task.threshold.fit_on, nab_window=cfg_task.nab_window,
+                vus_max_buffer=cfg_task.vus_max_buffer,
+                make_threshold=lambda s: fit_threshold(cfg_task, s))
 
 
 def stream_frame(part: Part, pred: StreamPrediction, flags: np.ndarray | None,
-                 rows: tuple[int, int]) -> pl.DataFrame:
-    """Per-timestep scores (and flags/labels) of one stream's rows."""
+                 rows: tuple[int, int], threshold: Threshold | None = None) -> pl.DataFrame:
+    """Per-timestep scores (and flags, labels, the threshold in force and each channel's
+    additive contribution ``contrib:<channel>``) of one stream's rows."""
     start, stop = rows
     s = part.stream
     cols = {
@@ -78,9 +120,37 @@ def stream_frame(part: Part, pred: StreamPrediction, flags: np.ndarray | None,
     }
     if flags is not None:
         cols["flag"] = flags[start:stop].astype(bool)
+    if threshold is not None:
+        cols["threshold"] = threshold.levels(pred.score)[start:stop]
     if s.labels is not None:
         cols["label"] = s.labels[start:stop].astype(np.int8)
+    if pred.contrib is not None:
+        for j, name in enumerate(s.channels):
+            cols[f"contrib:{name}"] = pred.contrib[start:stop, j]
     return pl.DataFrame(cols)
+
+
+def interval_frame(part: Part, pred: StreamPrediction, flags: np.ndarray,
+                   rows: tuple[int, int]) -> pl.DataFrame:
+    """One row per flagged interval of a stream's rows: where, how long, its peak score and
+    which sensors caused it (``top``: the largest shares; ``share:<channel>``: every share)."""
+    start, stop = rows
+    s = part.stream
+    found = flagged_intervals(flags[start:stop], pred.score[start:stop],
+                              None if pred.contrib is None else pred.contrib[start:stop],
+                              s.channels)
+    first = np.asarray([start + iv.start for iv in found], dtype=np.int64)
+    last = np.asarray([start + iv.stop - 1 for iv in found], dtype=np.int64)
+    return pl.DataFrame([
+        pl.Series("stream", [s.name] * len(found), dtype=pl.String),
+        pl.Series("start", s.time[first]),
+        pl.Series("end", s.time[last]),
+        pl.Series("rows", [iv.stop - iv.start for iv in found], dtype=pl.Int64),
+        pl.Series("peak_score", [iv.peak for iv in found], dtype=pl.Float64),
+        pl.Series("top", [iv.describe() for iv in found], dtype=pl.String),
+        *[pl.Series(f"share:{c}", [iv.shares.get(c, float("nan")) for iv in found],
+                    dtype=pl.Float64) for c in s.channels],
+    ])
 
 
 def forecast_frame(part: Part, pred: StreamPrediction, rows: tuple[int, int]) -> pl.DataFrame:
@@ -129,6 +199,8 @@ def figures_for_stream(part: Part, pred: StreamPrediction, threshold: Threshold 
         None if s.labels is None else s.labels[start:stop],
         None if flags is None else flags[start:stop],
         title=f"{title}: anomaly score, {s.name}",
+        contributions=None if pred.contrib is None else pred.contrib[start:stop],
+        channel_names=s.channels,
     )
     out.append((f"anomaly score {s.name}", anomaly))
     return out

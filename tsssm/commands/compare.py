@@ -4,15 +4,18 @@ in one table (printed, logged as Parquet/Markdown and as a figure) and as metric
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import polars as pl
 from omegaconf import DictConfig
 
+from tsssm.anomaly.scores import ScoreSpec
 from tsssm.baselines import build_baseline
 from tsssm.commands.common import (
-    fit_threshold,
+    evaluation_options,
     format_table,
+    labelled_training_rows,
     load_trained,
     staging,
     write_parquet,
@@ -27,7 +30,8 @@ from tsssm.tracking import Tracker
 log = logging.getLogger("tsssm")
 
 COLUMNS = ["method", "kind", "test/mae", "test/mse", "h_mae", "h_mse", "test/precision",
-           "test/recall", "test/f1", "test/far", "test/mar", "test/auc_pr"]
+           "test/recall", "test/f1", "test/far", "test/mar", "test/auc_pr", "test/vus_pr",
+           "test/event_f1", "test/nab_standard"]
 
 
 def _trained(cfg: DictConfig, tracker: Tracker) -> list[tuple[str, object]]:
@@ -44,20 +48,40 @@ def _trained(cfg: DictConfig, tracker: Tracker) -> list[tuple[str, object]]:
     return out
 
 
-def _baselines(cfg: DictConfig, data: PreparedData) -> list[tuple[str, object]]:
-    out = []
-    y_train = data.padded("train")  # (B, T, C)
+def _baselines(cfg: DictConfig, data: PreparedData) -> tuple[list[tuple[str, object]],
+                                                               list[str]]:
+    """Every comparator fitted on the real training rows of every stream (no padding: the
+    same rows the models are trained on), and a note for each one skipped."""
+    out, notes = [], []
+    y_train = data.split_arrays("train")  # [(T_i, C)]
     for name in cfg.task.baselines:
         kwargs = {}
         if name == "seasonal_naive":
             if not cfg.data.seasonal_period:
-                log.info("compare: seasonal_naive skipped (data.seasonal_period is not set)")
+                note = ("seasonal_naive skipped: data.seasonal_period is not set (this data has "
+                        "no known seasonal period; set it in rows to compare a seasonal random "
+                        "walk)")
+                print(f"compare: {note}", flush=True)
+                notes.append(note)
                 continue
             kwargs["period"] = cfg.data.seasonal_period
+        if name.endswith("_file"):
+            kwargs["train_rows"] = per_stream_train_rows(data)
         baseline = build_baseline(name, **kwargs)
         baseline.fit(y_train)
         out.append((name, baseline))
-    return out
+    return out, notes
+
+
+def per_stream_train_rows(data: PreparedData) -> int:
+    """Rows a per-file comparator fits each stream on: the training split of the scored streams
+    (SKAB: 320, its first 400 rows less the validation rows), so that a threshold fitted on
+    validation rows sees held-out scores for it as for every other method."""
+    rows = {p.rows("train")[1] - p.rows("train")[0] for p in data.parts if p.split is not None}
+    if len(rows) != 1:
+        raise ConfigError(f"per-file comparators need one training length for every stream; the "
+                          f"streams have {sorted(rows)}")
+    return rows.pop()
 
 
 def _data_for(bundle, data: PreparedData, gaps: str) -> PreparedData:
@@ -83,23 +107,34 @@ def compare(cfg: DictConfig) -> str:
             scaler=pooled[0].scaler if pooled else None,
             input_scaler=pooled[0].input_scaler if pooled else None)
         horizon = cfg.data.horizon
-        common = dict(score_kind=option_value(cfg.task.score),
-                      context=cfg.data.input_len, horizon=horizon,
-                      eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size)
+        common = dict(context=cfg.data.input_len, horizon=horizon,
+                      eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size,
+                      **evaluation_options(cfg.task))
         rows = []
         methods = [(label, b.model, "model", b) for label, b in trained]
-        methods += [(label, m, "baseline", None) for label, m in _baselines(cfg, data)]
-        for label, model, kind, bundle in methods:
+        fitted, notes = _baselines(cfg, data)
+        methods += [(label, m, "baseline", None) for label, m in fitted]
+        exclude = labelled_training_rows(cfg.task, data)
+        for i, (label, model, kind, bundle) in enumerate(methods, 1):
             if bundle is not None and bundle.channels != data.channels:
                 raise ModelError(f"{label} was trained on channels {bundle.channels}, "
                                  f"data={cfg.data.name} has {data.channels}")
             if bundle is not None and uses_exog(model) and bundle.inputs != data.inputs:
                 raise ModelError(f"{label} was trained with inputs {bundle.inputs}; set "
                                  f"data.inputs=[{','.join(bundle.inputs)}]")
-            print(f"compare: evaluating {label} ...", flush=True)
+            started = time.perf_counter()
+            # a trained model is scored as it was trained (its own score spec and threshold
+            # scope); the comparators with the task's
+            options = dict(common)
+            if bundle is not None and bundle.score:
+                options["score_kind"] = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
+                options["scope"] = bundle.threshold_scope
             ev = evaluate(model, _data_for(bundle, data, option_value(cfg.data.gaps)),
-                          make_threshold=lambda s: fit_threshold(cfg.task, s),
-                          future_inputs=option_value(cfg.data.future_inputs), **common)
+                          future_inputs=option_value(cfg.data.future_inputs),
+                          exclude_labelled=exclude,
+                          progress=f"compare [{i}/{len(methods)}] {label}", **options)
+            print(f"compare [{i}/{len(methods)}] {label}: evaluated in "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)
             row = {"method": label, "kind": kind, **ev.metrics}
             row["h_mae"] = ev.metrics.get(f"test/h{horizon}_mae", float("nan"))
             row["h_mse"] = ev.metrics.get(f"test/h{horizon}_mse", float("nan"))
@@ -111,8 +146,10 @@ def compare(cfg: DictConfig) -> str:
         with staging(cfg.tracking.output_dir, run.run_id) as folder:
             frame = pl.DataFrame([{c: r.get(c) for c in columns} for r in rows])
             write_parquet(frame, folder / "tables" / "compare.parquet")
+            notes_md = "".join(f"\n- {n}" for n in notes)
             (folder / "tables" / "compare.md").write_text(
-                f"# {cfg.data.name}: test split (h = {horizon})\n\n```\n{table}\n```\n")
+                f"# {cfg.data.name}: test split (h = {horizon})\n\n```\n{table}\n```\n"
+                + (f"\nNot compared:{notes_md}\n" if notes else ""))
             from tsssm import plots
 
             figure = plots.comparison_figure(
@@ -125,5 +162,7 @@ def compare(cfg: DictConfig) -> str:
         print(f"\n{cfg.data.name}, test split; forecast errors on the normalised scale, "
               f"h_* over horizon {horizon}:")
         print(table)
+        for note in notes:
+            print(f"  {note}")
         print(f"\n  MLflow run {run.run_id} in {tracker.uri}")
         return run.run_id

@@ -41,8 +41,9 @@ def run(cfg: DictConfig, overrides: list[str], compose: Callable[[list[str]], Di
         run_id = train(step)
         trained.append(run_id)
         print(f"\n== tsssm score model={name} ==", flush=True)
+        step = [*base, f"model={name}", f"model.run_id={run_id}"]
         # the train run has logged this test split's figures; the scores alone are new
-        score(compose([*base, f"model={name}", f"model.run_id={run_id}", "score.figures=false"]))
+        score(compose([*step, "score.figures=false"]), step)
     print("\n== tsssm compare ==", flush=True)
     # compare reads the trained runs; keys of one model's config (model.net.d_model=...) would
     # not compose with the default model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -17,11 +18,14 @@ from tsssm import checkpoints
 from tsssm.bundle import Bundle, build_net, save_bundle
 from tsssm.commands.common import (
     MAX_FIGURES,
+    evaluation_options,
     figures_for_stream,
-    fit_threshold,
     forecast_frame,
     format_table,
+    interval_frame,
+    labelled_training_rows,
     save_figures,
+    score_spec,
     seed_everything,
     staging,
     stream_frame,
@@ -30,10 +34,17 @@ from tsssm.commands.common import (
 from tsssm.config import flatten, option_value, to_plain
 from tsssm.data.datamodule import SeriesDataModule
 from tsssm.data.datasets import PreparedData, build_dataset
+from tsssm.distributed import NullTracker, is_distributed, is_secondary, launch_workers_as
 from tsssm.errors import ConfigError, ModelError
 from tsssm.models.base import Exog, uses_exog
 from tsssm.tasks.calibrate import calibrate_horizon_variance
-from tsssm.tasks.callbacks import InterruptWatch, RngState, TrackerCallback
+from tsssm.tasks.callbacks import (
+    InnerIterations,
+    InterruptWatch,
+    RngState,
+    Throughput,
+    TrackerCallback,
+)
 from tsssm.tasks.checkpoint_io import AtomicCheckpointIO
 from tsssm.tasks.evaluate import Evaluation, evaluate
 from tsssm.tasks.forecast import ForecastTask
@@ -97,7 +108,7 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
     dm = SeriesDataModule(data, net.training_input, cfg.data.input_len, cfg.data.horizon,
                           cfg.data.stride, cfg.data.batch_size, cfg.data.num_workers,
                           eval_stride=cfg.data.eval_stride, exog=uses_exog(net))
-    if OmegaConf.select(cfg, "model.fit", default="mle") == "em":
+    if OmegaConf.select(cfg, "model.fit", default="mle") in ("em", "multistep"):
         return fit_by_em(cfg, net, dm, tracker)
     if hasattr(net, "identify"):
         return fit_by_identification(cfg, net, dm, tracker)
@@ -121,7 +132,9 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
             enable_version_counter=False, every_n_train_steps=every_steps,
             every_n_epochs=None if every_steps else cfg.trainer.checkpoint_every_n_epochs),
         TrackerCallback(tracker),
+        Throughput(tracker),
         RngState(),
+        InnerIterations(),
         watch,
     ]
     has_val = dm.has_val()
@@ -132,6 +145,8 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
         max_epochs=cfg.trainer.max_epochs or cfg.model.epochs,
         accelerator=_accelerator(cfg.trainer.accelerator),
         devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
         precision=cfg.trainer.precision,
         gradient_clip_val=None if optimizer["name"] == "lbfgs" else cfg.trainer.gradient_clip_val,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
@@ -145,10 +160,13 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
         num_sanity_val_steps=0,
         plugins=[AtomicCheckpointIO()],
     )
+    ckpt = None if resume is None else str(resume.path)
     try:
-        # weights_only: resuming unpickles nothing but tensors and plain containers
-        trainer.fit(task, datamodule=dm, ckpt_path=None if resume is None else str(resume.path),
-                    weights_only=True)
+        # rank 0 of a DDP fit launches the other ranks as `tsssm _ddp-worker` (tsssm.distributed)
+        with launch_workers_as(cfg, tracker.run_id, ckpt) if is_distributed(cfg.trainer) \
+                else nullcontext():
+            # weights_only: resuming unpickles nothing but tensors and plain containers
+            trainer.fit(task, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     except SystemExit:
         if watch.interrupted:  # Lightning's sys.exit(1) for Ctrl-C / SIGTERM
             raise KeyboardInterrupt from None
@@ -179,14 +197,33 @@ def calibrate(cfg: DictConfig, net, data: PreparedData, tracker: Tracker) -> Non
 
 
 def fit_by_em(cfg: DictConfig, net, dm: SeriesDataModule, tracker: Tracker):
-    """model.fit=em: closed-form EM on the whole training streams (no gradients, no Lightning
-    loop); the log-likelihood of every iteration is logged as train/loglik."""
+    """model.fit=em / multistep: closed-form EM on the training streams (no gradients, no
+    Lightning loop), optionally polished by L-BFGS, then (multistep) the multi-step criterion
+    and (model.calibrate) the forecast-variance calibration, all on the training split. The
+    log-likelihood of every EM iteration is logged as train/loglik, the criterion of every
+    multi-step evaluation as train/multistep_mse, the fitting time as train/fit_s."""
+    from tsssm.models.kalman import KalmanForecaster, fit_forecaster
+
+    m = cfg.model
+    if not isinstance(net, KalmanForecaster):
+        raise ConfigError(f"model.fit={m.fit} needs the Kalman model (model=kalman...)")
     streams = next(iter(dm.train_dataloader()))["y"]  # [(B_k, T_k, C)]
-    history = net.fit_em(streams, n_iter=cfg.model.em_iters)
-    for i, loglik in enumerate(history):
+    report = fit_forecaster(
+        net, streams, fit=m.fit, em_iters=m.em_iters, em_segment=m.em_segment,
+        em_prior=m.em_prior, em_polish=m.em_polish, multistep_iters=m.multistep_iters,
+        calibrate=m.calibrate, context=cfg.data.input_len,
+        horizon=cfg.data.horizon)
+    for i, loglik in enumerate(report.loglik):
         tracker.log_metrics({"train/loglik": loglik}, step=i)
-    log.info("EM: %d iterations, log-likelihood %.2f -> %.2f", len(history) - 1, history[0],
-             history[-1])
+    for i, value in enumerate(report.multistep_mse):
+        tracker.log_metrics({"train/multistep_mse": value}, step=i)
+    tracker.log_metrics({"train/fit_s": report.seconds})
+    log.info("EM: %d steps, log-likelihood %.2f -> %.2f", len(report.loglik) - 1,
+             report.loglik[0], report.loglik[-1])
+    if report.multistep_mse:
+        log.info("multi-step criterion: %.4f -> %.4f", report.multistep_mse[0],
+                 report.multistep_mse[-1])
+    log.info("fitted in %.1f s", report.seconds)
     return net.eval()
 
 
@@ -238,27 +275,29 @@ def log_parameters(net, data: PreparedData, dm_streams, tracker: Tracker, folder
 def log_evaluation(cfg: DictConfig, net, data: PreparedData, tracker: Tracker, folder: Path,
                    title: str) -> Evaluation:
     """Evaluate on every split, log the metrics, and stage scores, forecasts and figures."""
-    ev = evaluate(net, data, score_kind=option_value(cfg.task.score),
-                  context=cfg.data.input_len, horizon=cfg.data.horizon,
+    ev = evaluate(net, data, context=cfg.data.input_len, horizon=cfg.data.horizon,
                   eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size,
-                  make_threshold=lambda s: fit_threshold(cfg.task, s),
-                  future_inputs=option_value(cfg.data.future_inputs))
+                  future_inputs=option_value(cfg.data.future_inputs),
+                  exclude_labelled=cfg.task.exclude_labelled_train,
+                  **evaluation_options(cfg.task))
     tracker.log_metrics(ev.metrics)
     for name, curve in ev.by_lead.items():  # step = lead time 1..H
         tracker.log_series(name, curve, first_step=1)
-    frames, fc_frames, figures = [], [], []
-    scored = [(p, pr) for p, pr in zip(data.parts, ev.preds) if p.split is not None]
-    for i, (p, pr) in enumerate(scored):
+    frames, fc_frames, intervals, figures = [], [], [], []
+    scored = [(p, pr, t, f) for p, pr, t, f in zip(data.parts, ev.preds, ev.thresholds, ev.flags)
+              if p.split is not None]
+    for i, (p, pr, threshold, flags) in enumerate(scored):
         rows = (p.rows("train")[0], p.rows("test")[1])
-        flags = ev.threshold.flags(pr.score)
-        frames.append(stream_frame(p, pr, flags, rows).with_columns(
+        frames.append(stream_frame(p, pr, flags, rows, threshold).with_columns(
             pl.Series("split", _split_names(p, rows))))
+        intervals.append(interval_frame(p, pr, flags, p.rows("test")))
         fc_frames.append(forecast_frame(p, pr, p.rows("test")))
         if i < MAX_FIGURES:
-            figures += figures_for_stream(p, pr, ev.threshold, flags, p.rows("test"), title)
+            figures += figures_for_stream(p, pr, threshold, flags, p.rows("test"), title)
     save_figures(figures, folder / "figures", f"{title}: test split")
     if frames:
         write_parquet(pl.concat(frames), folder / "scores" / "scores.parquet")
+        write_parquet(pl.concat(intervals), folder / "scores" / "intervals.parquet")
         write_parquet(pl.concat(fc_frames), folder / "forecasts" / "test_one_step.parquet")
     return ev
 
@@ -274,6 +313,13 @@ def _split_names(part, rows) -> list[str]:
 def train(cfg: DictConfig) -> str:
     """Run `tsssm train`; returns the MLflow run id."""
     seed_everything(cfg.seed)
+    if is_secondary():  # a rank > 0 started by an external launcher: its part of the fit only
+        dataset = build_dataset(cfg.data)
+        files = [*dataset.files(), *dataset.extra_train_files()]
+        resume = checkpoints.find_resume(cfg.trainer.resume, cfg.tracking.output_dir,
+                                         checkpoints.fingerprint(cfg, files))
+        fit_model(cfg, dataset.load(), NullTracker(), resume)
+        return ""
     tracker = Tracker.from_config(cfg.tracking)
     params = flatten(to_plain(cfg))
     name = cfg.run_name or f"train-{cfg.model.name}-{cfg.data.name}"
@@ -286,8 +332,11 @@ def train(cfg: DictConfig) -> str:
         for note in data.gap_notes:
             log.info(note)
         net_cfg = net_config(cfg, data)
+        # normal rows only: the labelled anomalies of the training rows become missing values,
+        # which every model skips (the Kalman filter) or masks (Mamba)
+        fit_data = data.without_labelled() if labelled_training_rows(cfg.task, data) else data
         try:
-            net = fit_model(cfg, data, tracker, resume, net_cfg)
+            net = fit_model(cfg, fit_data, tracker, resume, net_cfg)
         except KeyboardInterrupt as err:
             # tells the CLI whether `trainer.resume=last` has something to continue from
             ckpt = checkpoints.checkpoint_dir(cfg.tracking.output_dir, run.run_id) / "last.ckpt"
@@ -308,6 +357,8 @@ def train(cfg: DictConfig) -> str:
                 per_stream_scaling=cfg.data.scaler == "per_stream", threshold=ev.threshold,
                 score_kind=option_value(cfg.task.score),
                 data_config=to_plain(cfg.data),
+                score=score_spec(cfg.task).to_dict(),
+                threshold_scope=cfg.task.threshold.scope,
                 inputs=list(data.inputs), input_scaler=data.input_scaler,
             )
             staged = save_bundle(bundle, folder / "model")
@@ -332,7 +383,8 @@ def headline_keys(task: str, horizon: int) -> list[str]:
     """The metrics a run is judged by, most important first: the benchmark's own."""
     h = f"test/h{horizon}_"
     forecast = [h + k for k in ("mse", "mae", "crps", "coverage95")]
-    detection = ["test/f1", "test/far", "test/mar", "test/auc_pr"]
+    detection = ["test/f1", "test/far", "test/mar", "test/auc_pr", "test/vus_pr",
+                 "test/nab_standard"]
     return forecast + detection if task == "forecast" else detection + forecast
 
 

@@ -69,6 +69,12 @@ class Part:
             return (0, len(self.stream)) if name == "train" else (0, 0)
         return getattr(self.split, name)
 
+    def pre_test_rows(self) -> int:
+        """Number of rows before the test split (training + validation; all of an extra file)."""
+        if self.split is None:
+            return len(self.stream)
+        return self.split.test[0]
+
     def exog(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray | None,
                                                                      np.ndarray | None]:
         """(inputs (n, K) or None, dt (n,) or None) of rows start:stop."""
@@ -114,6 +120,38 @@ class PreparedData:
         parts = [dataclasses.replace(p, dt=time_steps(p.stream.time, real)) for p in self.parts]
         return dataclasses.replace(self, parts=parts)
 
+    def labelled_rows(self, name: str) -> int:
+        """How many rows of one split are labelled as anomalies (0 without labels)."""
+        total = 0
+        for part in self.parts:
+            start, stop = part.rows(name)
+            if part.stream.labels is not None and stop > start:
+                total += int(part.stream.labels[start:stop].sum())
+        return total
+
+    def without_labelled(self, names: tuple[str, ...] = ("train", "val")) -> PreparedData:
+        """The same data with the labelled anomaly rows of these splits set missing (NaN in
+        every channel), for fitting a model on normal rows only; the other rows, the labels
+        and the scalers are unchanged."""
+        parts = []
+        for part in self.parts:
+            labels = part.stream.labels
+            if labels is None:
+                parts.append(part)
+                continue
+            hide = np.zeros(len(labels), dtype=bool)
+            for name in names:
+                start, stop = part.rows(name)
+                hide[start:stop] = labels[start:stop] == 1
+            if not hide.any():
+                parts.append(part)
+                continue
+            values = part.stream.values.copy()
+            values[hide] = np.nan
+            stream = dataclasses.replace(part.stream, values=values)
+            parts.append(dataclasses.replace(part, stream=stream))
+        return dataclasses.replace(self, parts=parts)
+
     def padded_exog(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Inputs (B, T, K) and steps (B, T) aligned with :meth:`padded` (padding repeats each
         stream's last input and median step; the padded rows of y are NaN)."""
@@ -137,6 +175,7 @@ def read_spec(cfg) -> ReadSpec:
         time_column=cfg.time_column,
         channels=tuple(cfg.channels),
         label_column=cfg.label_column,
+        changepoint_column=cfg.changepoint_column,
         ignore_columns=tuple(cfg.ignore_columns),
         separator=cfg.separator,
         time_format=cfg.time_format,
@@ -227,9 +266,11 @@ class BaseDataset:
         train = [p.stream.values[slice(*p.rows("train"))] for p in parts]
         scaler = scaler or StandardScaler.fit(train, channels)
         per_stream = option_value(cfg.scaler) == "per_stream"
-        for p, rows in zip(parts, train):
-            # per_stream (SKAB's protocol): each file is scaled by its own training rows.
-            p.scaler = StandardScaler.fit([rows], channels) if per_stream else scaler
+        for p in parts:
+            # per_stream (SKAB's protocol): each file is scaled by its own rows before the test
+            # split (training and validation rows: SKAB's first 400, as `tsssm score` does).
+            p.scaler = (StandardScaler.fit([p.stream.values[: p.pre_test_rows()]], channels)
+                        if per_stream else scaler)
             raw = p.stream.values
             with np.errstate(over="ignore"):
                 p.stream.values = p.scaler.transform(raw)

@@ -33,6 +33,8 @@ class Stream:
     #: (T, K) float32 input columns (data.inputs), held: never missing; None without inputs
     inputs: np.ndarray | None = None
     input_names: list[str] = field(default_factory=list)
+    #: (T,) int8 in {0, 1}: change-point labels (SKAB's ``changepoint`` column), when read
+    changepoints: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.time)
@@ -47,6 +49,7 @@ class Stream:
             labels=None if self.labels is None else self.labels[start:stop],
             inputs=None if self.inputs is None else self.inputs[start:stop],
             input_names=self.input_names,
+            changepoints=None if self.changepoints is None else self.changepoints[start:stop],
         )
 
 
@@ -68,6 +71,8 @@ class ReadSpec:
     #: what to tell the user when a channel column is missing
     channel_advice: str = "set data.channels"
     inputs: tuple[str, ...] = ()  # input columns (held: forward-filled), not channels
+    #: an optional second 0/1 label column: change points (SKAB's ``changepoint``)
+    changepoint_column: str | None = None
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -99,8 +104,8 @@ def _guess_separator(header: str) -> str | None:
     return best if counts[best] > 0 else None
 
 
-def read_stream(path: str | Path, spec: ReadSpec, name: str | None = None) -> Stream:
-    """Read and validate one stream. Rows must be sorted by time with no duplicate timestamps."""
+def check_file(path: str | Path) -> Path:
+    """The file exists, is a file and is not empty."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path} (check data.root / data.path)")
@@ -108,29 +113,43 @@ def read_stream(path: str | Path, spec: ReadSpec, name: str | None = None) -> St
         raise DataError(f"{path} is a directory; data.path must name a .csv or .parquet file")
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty")
+    return path
+
+
+def is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in (".parquet", ".pq")
+
+
+def unreadable(path: Path, err: BaseException) -> DataError:
+    """polars' parse errors (and panics on corrupt files) as one line."""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return DataError(f"{path}: cannot be read ({first}); is it a valid "
+                     f"{path.suffix.lstrip('.').upper() or 'data'} file?")
+
+
+def scan_table(path: Path, spec: ReadSpec) -> tuple[pl.LazyFrame, list[str]]:
+    """The table as a lazy frame (nothing read but its header or footer) and its columns."""
     try:
-        frame = _scan(path, spec.separator).collect()
+        frame = _scan(path, spec.separator)
+        columns = frame.collect_schema().names()
     except DataError:
         raise
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as err:  # polars' parse errors (and panics on corrupt files)
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"{path}: cannot be read ({first}); is it a valid "
-                        f"{path.suffix.lstrip('.').upper() or 'data'} file?") from err
-    if path.suffix.lower() in (".parquet", ".pq"):
-        _check_parquet_integrity(path, frame)
+    except BaseException as err:
+        raise unreadable(path, err) from err
+    return frame, columns
 
-    columns = frame.columns
-    if path.suffix.lower() not in (".parquet", ".pq") and len(columns) == 1:
+
+def check_columns(path: Path, columns: list[str], spec: ReadSpec) -> list[str]:
+    """The header holds the columns the spec names; returns the channel columns."""
+    if not is_parquet(path) and len(columns) == 1:
         guess = _guess_separator(columns[0])
         if guess is not None and guess != spec.separator:
             raise DataError(
                 f"{path}: the header has one column with {guess!r} in it; the file looks "
                 f"{guess!r}-separated, set {shell_override('data.separator', guess)}"
             )
-    if frame.height == 0:
-        raise DataError(f"{path} has a header but no rows")
 
     def need(column: str, key: str) -> None:
         if column not in columns:
@@ -152,7 +171,8 @@ def read_stream(path: str | Path, spec: ReadSpec, name: str | None = None) -> St
         need(column, spec.channel_advice)
     for column in spec.inputs:
         need(column, "data.inputs")
-    skip = {spec.time_column, spec.label_column, *spec.ignore_columns, *spec.inputs}
+    skip = {spec.time_column, spec.label_column, spec.changepoint_column, *spec.ignore_columns,
+            *spec.inputs}
     channels = list(spec.channels) or [c for c in columns if c not in skip]
     if not channels:
         raise DataError(
@@ -162,35 +182,89 @@ def read_stream(path: str | Path, spec: ReadSpec, name: str | None = None) -> St
     for column in set(channels) & set(spec.inputs):
         raise DataError(f"{path}: column '{column}' is named as a channel and as an input; "
                         "a column is an output (data.channels) or an input (data.inputs)")
+    return channels
 
-    time = _parse_time(frame, path, spec)
+
+@dataclass
+class Rows:
+    """Validated rows of a table: a whole file, or one batch of it."""
+
+    time: np.ndarray  # (n,) datetime64[ns] or int64
+    values: np.ndarray  # (n, C) float32, NaN = missing
+    labels: np.ndarray | None  # (n,) int8 in {0, 1}
+    changepoints: np.ndarray | None = None  # (n,) int8 in {0, 1}: change-point labels
+
+
+@dataclass
+class TimeState:
+    """How a file's first rows read their time column, so its later batches read it alike."""
+
+    kind: str | None = None  # "int" or "datetime"
+    first_text: str | None = None  # the file's first time stamp as text (its format)
+
+
+def convert_rows(frame: pl.DataFrame, path: Path, spec: ReadSpec, channels: list[str],
+                 first_row: int = 0, state: TimeState | None = None) -> Rows:
+    """Parse and check the rows of ``frame``: rows ``first_row + 1 ..`` of the file, the numbers
+    every message names. ``state`` carries what the file's earlier batches held (updated).
+    Order and duplicates are :func:`order_rows`' business."""
+    state = TimeState() if state is None else state
+    time = _parse_time(frame, path, spec, first_row, state)
     values = np.empty((frame.height, len(channels)), dtype=np.float32)
     for j, column in enumerate(channels):
-        values[:, j] = _numeric(frame, column, path)
-    labels = None
-    if spec.label_column is not None and spec.label_column in columns:
-        raw = _numeric(frame, spec.label_column, path)
-        if np.isnan(raw).any():
-            row = int(np.flatnonzero(np.isnan(raw))[0])
-            raise DataError(f"{path}: label column '{spec.label_column}' is empty at row {row + 1}")
-        if not np.isin(raw, (0.0, 1.0)).all():
-            row = int(np.flatnonzero(~np.isin(raw, (0.0, 1.0)))[0])
-            raise DataError(f"{path}: label column '{spec.label_column}' must hold 0/1 values "
-                            f"(row {row + 1} holds {raw[row]:g})")
-        labels = raw.astype(np.int8)
+        values[:, j] = _numeric(frame, column, path, first_row)
+    labels = _label(frame, spec.label_column, path, first_row)
+    changepoints = _label(frame, spec.changepoint_column, path, first_row)
+    return Rows(time, values, labels, changepoints)
+
+
+def _label(frame: pl.DataFrame, column: str | None, path: Path, first_row: int = 0
+           ) -> np.ndarray | None:
+    """A 0/1 label column as int8, or None when it is not configured or not in the file."""
+    if column is None or column not in frame.columns:
+        return None
+    raw = _numeric(frame, column, path, first_row)
+    if np.isnan(raw).any():
+        row = first_row + int(np.flatnonzero(np.isnan(raw))[0])
+        raise DataError(f"{path}: label column '{column}' is empty at row {row + 1}")
+    if not np.isin(raw, (0.0, 1.0)).all():
+        i = int(np.flatnonzero(~np.isin(raw, (0.0, 1.0)))[0])
+        raise DataError(f"{path}: label column '{column}' must hold 0/1 values "
+                        f"(row {first_row + i + 1} holds {raw[i]:g})")
+    return raw.astype(np.int8)
+
+
+def read_stream(path: str | Path, spec: ReadSpec, name: str | None = None) -> Stream:
+    """Read and validate one stream. Rows must be sorted by time with no duplicate timestamps."""
+    path = check_file(path)
+    try:
+        frame = _scan(path, spec.separator).collect()
+    except DataError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:
+        raise unreadable(path, err) from err
+    if is_parquet(path):
+        _check_parquet_integrity(path, frame)
+    channels = check_columns(path, frame.columns, spec)
+    if frame.height == 0:
+        raise DataError(f"{path} has a header but no rows")
+    rows = convert_rows(frame, path, spec, channels)
     # inputs ride along as extra columns while rows are sorted or duplicates merged, then
     # are held (zero-order hold) in the final row order
     raw = np.stack([_numeric(frame, c, path) for c in spec.inputs], 1).astype(np.float32) \
         if spec.inputs else np.empty((frame.height, 0), np.float32)
-    k = values.shape[1]
-    time, both, labels = _order_rows(path, spec, time, np.concatenate([values, raw], 1), labels)
-    values, raw = np.ascontiguousarray(both[:, :k]), both[:, k:]
+    k = rows.values.shape[1]
+    rows = order_rows(path, spec, Rows(rows.time, np.concatenate([rows.values, raw], 1),
+                                       rows.labels, rows.changepoints))
+    values, raw = np.ascontiguousarray(rows.values[:, :k]), rows.values[:, k:]
     inputs = None
     if spec.inputs:
         inputs = np.stack([_held_input(raw[:, j].astype(np.float64), c, path)
                            for j, c in enumerate(spec.inputs)], 1).astype(np.float32)
-    return Stream(name or path.stem, str(path), time, values, channels, labels, inputs,
-                  list(spec.inputs))
+    return Stream(name or path.stem, str(path), rows.time, values, channels, rows.labels, inputs,
+                  list(spec.inputs), rows.changepoints)
 
 
 def _held_input(raw: np.ndarray, column: str, path: Path) -> np.ndarray:
@@ -205,89 +279,151 @@ def _held_input(raw: np.ndarray, column: str, path: Path) -> np.ndarray:
     return filled
 
 
-def _check_parquet_integrity(path: Path, frame: pl.DataFrame) -> None:
+class ParquetIntegrity:
     """Compare what was read with the row counts, null counts and min/max the file's footer
     records, so a byte-corrupted file is refused instead of read as garbage. (A flipped byte
     that keeps a value inside its column's recorded range cannot be seen without page
-    checksums.)"""
-    import pyarrow.parquet as pq
+    checksums.) Rows may come in batches of any size (``update``), ``finish`` at the end."""
 
-    corrupt = (f"{path} is corrupt: {{}} differs from what the file's own metadata records; "
-               "restore the file from its source")
-    try:
-        meta = pq.ParquetFile(path).metadata
-    except Exception as err:
-        raise DataError(f"{path}: cannot be read ({str(err).splitlines()[0]}); is it a valid "
-                        "Parquet file?") from err
-    if meta.num_rows != frame.height:
-        raise DataError(corrupt.format(f"the row count ({frame.height} read)"))
-    try:
-        _compare_with_footer(meta, frame, corrupt)
-    except DataError:
-        raise
-    except Exception as err:  # the footer itself is damaged (undecodable names, statistics)
-        raise DataError(f"{path} is corrupt: its metadata cannot be decoded "
-                        f"({type(err).__name__}); restore the file from its source") from err
+    def __init__(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.path = path
+        try:
+            self.meta = pq.ParquetFile(path).metadata
+        except Exception as err:
+            raise DataError(f"{path}: cannot be read ({str(err).splitlines()[0]}); is it a "
+                            "valid Parquet file?") from err
+        sizes = [self.meta.row_group(g).num_rows for g in range(self.meta.num_row_groups)]
+        self.starts = np.cumsum([0, *sizes])  # row group g holds rows starts[g] .. starts[g+1]-1
+        self.seen: dict[tuple[int, str], list] = {}  # (group, column) -> [nulls, min, max]
+
+    def _corrupt(self, what: str) -> DataError:
+        return DataError(f"{self.path} is corrupt: {what} differs from what the file's own "
+                         "metadata records; restore the file from its source")
+
+    def update(self, frame: pl.DataFrame, first_row: int = 0) -> None:
+        """Rows ``first_row ..`` of the file (0-based), any columns of it."""
+        try:
+            self._update(frame, first_row)
+        except DataError:
+            raise
+        except Exception as err:  # the footer itself is damaged (undecodable names, statistics)
+            raise DataError(f"{self.path} is corrupt: its metadata cannot be decoded "
+                            f"({type(err).__name__}); restore the file from its source") from err
+
+    def _update(self, frame: pl.DataFrame, first_row: int) -> None:
+        stop = first_row + frame.height
+        g = max(int(np.searchsorted(self.starts, first_row, side="right")) - 1, 0)
+        while g < self.meta.num_row_groups and self.starts[g] < stop:
+            a, b = max(first_row, self.starts[g]), min(stop, self.starts[g + 1])
+            group = self.meta.row_group(g)
+            for j in range(group.num_columns):
+                chunk = group.column(j)
+                name = chunk.path_in_schema
+                if chunk.statistics is None or name not in frame.columns:
+                    continue
+                col = frame.get_column(name).slice(a - first_row, b - a)
+                acc = self.seen.setdefault((g, name), [0, None, None])
+                acc[0] += col.null_count()
+                if chunk.statistics.has_min_max and col.dtype.is_numeric():
+                    vals = col.drop_nulls()
+                    if col.dtype.is_float():
+                        vals = vals.drop_nans()
+                    if vals.len():
+                        lo, hi = vals.min(), vals.max()
+                        acc[1] = lo if acc[1] is None else min(acc[1], lo)
+                        acc[2] = hi if acc[2] is None else max(acc[2], hi)
+                # a part of a group can already break its record; all of it must match it
+                self._check(g, j, name, acc, complete=b == self.starts[g + 1])
+            g += 1
+
+    def _check(self, g: int, j: int, name: str, acc: list, complete: bool) -> None:
+        stats = self.meta.row_group(g).column(j).statistics
+        if stats.null_count is not None and (acc[0] != stats.null_count if complete
+                                             else acc[0] > stats.null_count):
+            raise self._corrupt(f"column '{name}' (missing values)")
+        # a NaN bound (written by writers that let NaN into the statistics, e.g. polars
+        # 1.20) records nothing about the range
+        if stats.has_min_max and acc[1] is not None and not _nan_bound(stats) and (
+                (acc[1] != stats.min or acc[2] != stats.max) if complete
+                else (acc[1] < stats.min or acc[2] > stats.max)):
+            raise self._corrupt(f"column '{name}' (range {acc[1]}..{acc[2]} read, "
+                                f"{stats.min}..{stats.max} recorded)")
+
+    def finish(self, rows: int) -> None:
+        if self.meta.num_rows != rows:
+            raise self._corrupt(f"the row count ({rows} read)")
 
 
-def _compare_with_footer(meta, frame: pl.DataFrame, corrupt: str) -> None:
-    offset = 0
-    for g in range(meta.num_row_groups):
-        group = meta.row_group(g)
-        n = group.num_rows
-        for j in range(group.num_columns):
-            chunk = group.column(j)
-            name = chunk.path_in_schema
-            stats = chunk.statistics
-            if stats is None or name not in frame.columns:
-                continue
-            col = frame.get_column(name).slice(offset, n)
-            if stats.null_count is not None and col.null_count() != stats.null_count:
-                raise DataError(corrupt.format(f"column '{name}' (missing values)"))
-            if not (stats.has_min_max and col.dtype.is_numeric()):
-                continue
-            seen = col.drop_nulls()
-            if col.dtype.is_float():
-                seen = seen.drop_nans()
-            if seen.len() and (seen.min() != stats.min or seen.max() != stats.max):
-                raise DataError(corrupt.format(
-                    f"column '{name}' (range {seen.min()}..{seen.max()} read, "
-                    f"{stats.min}..{stats.max} recorded)"))
-        offset += n
+def _nan_bound(stats) -> bool:
+    return any(isinstance(v, float) and v != v for v in (stats.min, stats.max))
 
 
-def _order_rows(path: Path, spec: ReadSpec, time: np.ndarray, values: np.ndarray,
-                labels: np.ndarray | None):
+def _check_parquet_integrity(path: Path, frame: pl.DataFrame) -> None:
+    check = ParquetIntegrity(path)
+    check.finish(frame.height)
+    check.update(frame)
+
+
+def order_rows(path: Path, spec: ReadSpec, rows: Rows, first_row: int = 0,
+               previous: np.ndarray | None = None) -> Rows:
     """Refuse unsorted rows and duplicate timestamps, or (data.sort / data.duplicates) sort
-    and merge them, reporting how many rows were touched.  values (T, C)."""
+    and merge them, reporting how many rows were touched. ``rows`` are rows ``first_row + 1 ..``
+    of the file; ``previous`` the time of the row before them (a batch's predecessor: the file is
+    then checked across the batches' borders too; sorting needs the whole file)."""
+    time, values = rows.time, rows.values
+    # the label columns travel with their rows when rows are sorted or merged: (n, k)
+    present = [m for m in (rows.labels, rows.changepoints) if m is not None]
+    labels = np.stack(present, axis=1) if present else None
     ordinal = time.astype("int64")
+    before = 0
+    if previous is not None and len(previous):  # the border to the batch before
+        ordinal = np.concatenate([previous[-1:].astype("int64"), ordinal])
+        time_ref = np.concatenate([previous[-1:], time])
+        before = 1
+    else:
+        time_ref = time
     step = np.diff(ordinal)
     if spec.sort and (step < 0).any():
         order = np.argsort(ordinal, kind="stable")
         moved = int((order != np.arange(len(order))).sum())
         time, values, ordinal = time[order], values[order], ordinal[order]
+        time_ref = time
         labels = None if labels is None else labels[order]
         log.info("%s: data.sort=true put %d of %d rows into time order", path, moved, len(order))
         step = np.diff(ordinal)
+    offset = first_row - before  # 0-based file row of ordinal[0]
     if (step == 0).any():
-        row = int(np.flatnonzero(step == 0)[0]) + 1
-        if spec.duplicates == "error":
+        i = int(np.flatnonzero(step == 0)[0])
+        row = offset + i + 1
+        if spec.duplicates == "error" or (before and i == 0):
             where = "" if spec.sort else f" at rows {row} and {row + 1}"
             raise DataError(
-                f"{path}: duplicate timestamp {time[row]}{where} in column '{spec.time_column}'; "
-                "remove or aggregate the duplicates, or set data.duplicates=first|last|mean"
+                f"{path}: duplicate timestamp {time_ref[i + 1]}{where} in column "
+                f"'{spec.time_column}'; remove or aggregate the duplicates, or set "
+                "data.duplicates=first|last|mean"
             )
-        time, values, labels, merged = _merge_duplicates(ordinal, time, values, labels,
+        if (step < 0).any():
+            _unsorted(path, spec, step, time_ref, offset)
+        time, values, labels, merged = _merge_duplicates(ordinal[before:], time, values, labels,
                                                          spec.duplicates)
         log.info("%s: data.duplicates=%s merged %d rows sharing a timestamp into %d",
                  path, spec.duplicates, merged[0], merged[1])
     elif (step < 0).any():
-        row = int(np.flatnonzero(step < 0)[0]) + 1
-        raise DataError(
-            f"{path}: timestamps in column '{spec.time_column}' are not sorted (row {row + 1}, "
-            f"{time[row]}, comes before row {row}); sort the file by time, or set data.sort=true"
-        )
-    return time, values, labels
+        _unsorted(path, spec, step, time_ref, offset)
+    marks = iter(() if labels is None else labels.T)
+    return Rows(time, values, None if rows.labels is None else next(marks),
+                None if rows.changepoints is None else next(marks))
+
+
+def _unsorted(path: Path, spec: ReadSpec, step: np.ndarray, time: np.ndarray, offset: int):
+    i = int(np.flatnonzero(step < 0)[0])
+    row = offset + i + 1
+    raise DataError(
+        f"{path}: timestamps in column '{spec.time_column}' are not sorted (row {row + 1}, "
+        f"{time[i + 1]}, comes before row {row}); sort the file by time, or set data.sort=true"
+    )
 
 
 def _merge_duplicates(ordinal, time, values, labels, how: str):
@@ -313,8 +449,19 @@ def _merge_duplicates(ordinal, time, values, labels, how: str):
     return time[keep], values[keep], None if labels is None else labels[keep], merged
 
 
-def _numeric(frame: pl.DataFrame, column: str, path: Path) -> np.ndarray:
+def _numeric(frame: pl.DataFrame, column: str, path: Path, first_row: int = 0) -> np.ndarray:
     series = frame.get_column(column)
+    if series.dtype == pl.Float32 and series.null_count() == 0:
+        # float32 without nulls (Parquet written by a sensor logger): no copy, and nothing can
+        # be beyond the float32 range; only inf is to be refused
+        out32 = series.to_numpy()
+        if np.isinf(out32).any():
+            row = int(np.flatnonzero(np.isinf(out32))[0])
+            raise DataError(
+                f"{path}: column '{column}' holds an infinite value at row "
+                f"{first_row + row + 1}; replace it by an empty cell (missing) or a real reading"
+            )
+        return out32
     if series.dtype == pl.String:
         stripped = series.str.strip_chars()
         empty = stripped.is_null() | (stripped == "") | stripped.str.to_lowercase().is_in(
@@ -325,7 +472,7 @@ def _numeric(frame: pl.DataFrame, column: str, path: Path) -> np.ndarray:
         if bad.any():
             row = int(bad.arg_max())  # type: ignore[arg-type]
             raise DataError(
-                f"{path}: column '{column}' is not numeric (row {row + 1} holds "
+                f"{path}: column '{column}' is not numeric (row {first_row + row + 1} holds "
                 f"{series[row]!r}); fix the file or leave the column out of data.channels"
             )
         out = parsed.fill_null(float("nan")).to_numpy()
@@ -340,7 +487,7 @@ def _numeric(frame: pl.DataFrame, column: str, path: Path) -> np.ndarray:
     if np.isinf(out).any():
         row = int(np.flatnonzero(np.isinf(out))[0])
         raise DataError(
-            f"{path}: column '{column}' holds an infinite value at row {row + 1}; "
+            f"{path}: column '{column}' holds an infinite value at row {first_row + row + 1}; "
             "replace it by an empty cell (missing) or a real reading"
         )
     # Channels are float32: a finite float64 beyond its range would become inf in the cast.
@@ -349,64 +496,84 @@ def _numeric(frame: pl.DataFrame, column: str, path: Path) -> np.ndarray:
     if too_big.any():
         row = int(np.flatnonzero(too_big)[0])
         raise DataError(
-            f"{path}: column '{column}' holds {out[row]:g} at row {row + 1}, beyond the float32 "
-            f"range (|x| <= {_FLOAT32_MAX:.3g}) tsssm computes in; replace it by an empty cell "
+            f"{path}: column '{column}' holds {out[row]:g} at row {first_row + row + 1}, beyond "
+            f"the float32 range (|x| <= {_FLOAT32_MAX:.3g}) tsssm computes in; replace it by an "
+            "empty cell "
             "(missing) or a real reading, or rescale the column"
         )
     return out
 
 
-def _parse_time(frame: pl.DataFrame, path: Path, spec: ReadSpec) -> np.ndarray:
+def _parse_time(frame: pl.DataFrame, path: Path, spec: ReadSpec, first_row: int = 0,
+                state: TimeState | None = None) -> np.ndarray:
+    state = TimeState() if state is None else state
     series = frame.get_column(spec.time_column)
     column = spec.time_column
-    if series.dtype == pl.String and spec.time_format is None:
+    if series.dtype == pl.String and state.first_text is None and len(series):
+        state.first_text = series.str.strip_chars()[0]
+    if series.dtype == pl.String and spec.time_format is None and state.kind != "datetime":
         # Integer time stamps (sample numbers, epoch seconds) read as text from CSV.
         as_int = series.str.strip_chars().cast(pl.Int64, strict=False)
         if as_int.null_count() == series.null_count():
             series = as_int
+        elif state.kind == "int":
+            i = int((as_int.is_null() & series.is_not_null()).arg_max())  # type: ignore[arg-type]
+            raise DataError(
+                f"{path}: time column '{column}' row {first_row + i + 1} holds {series[i]!r}, "
+                "not an integer like the rows before it; write every time stamp alike"
+            )
     if series.dtype == pl.String:
-        series = _parse_text_time(series, path, spec)
+        series = _parse_text_time(series, path, spec, first_row, state.first_text)
     if series.null_count():
-        row = int(series.is_null().arg_max())  # type: ignore[arg-type]
+        row = first_row + int(series.is_null().arg_max())  # type: ignore[arg-type]
         raise DataError(f"{path}: time column '{column}' is empty at row {row + 1}")
     if series.dtype.is_temporal():
-        time = series.cast(pl.Datetime("ns")).to_numpy()
-    elif series.dtype.is_integer():
-        time = series.to_numpy().astype(np.int64)
-    else:
-        raise DataError(
-            f"{path}: time column '{column}' has type {series.dtype}; use timestamps or integers"
-        )
-    return time
+        state.kind = "datetime"
+        return series.cast(pl.Datetime("ns")).to_numpy()
+    if series.dtype.is_integer():
+        state.kind = "int"
+        return series.to_numpy().astype(np.int64)
+    raise DataError(
+        f"{path}: time column '{column}' has type {series.dtype}; use timestamps or integers"
+    )
 
 
-def _parse_text_time(series: pl.Series, path: Path, spec: ReadSpec) -> pl.Series:
-    """Timestamps from text, in ``data.time_format`` or the format of the first row; the first
-    row that does not parse is named (with the format it broke, never one it matches)."""
+def _parse_text_time(series: pl.Series, path: Path, spec: ReadSpec, first_row: int = 0,
+                     first_text: str | None = None) -> pl.Series:
+    """Timestamps from text, in ``data.time_format`` or the format of the file's first row
+    (``first_text``, for a batch after the first); the first row that does not parse is named
+    (with the format it broke, never one it matches)."""
     column = spec.time_column
     text = series.str.strip_chars()
+    lead = first_row > 0 and first_text is not None  # infer the format from the file's row 1
+    if lead:
+        text = pl.concat([pl.Series(text.name, [first_text], dtype=pl.String), text])
     try:
         parsed = text.str.to_datetime(format=spec.time_format, strict=False, time_unit="ns")
     except Exception:  # an invalid format string, or nothing that looks like a date at all
         parsed = pl.Series(column, [None] * len(text), dtype=pl.Datetime("ns"))
+    if lead:
+        text, parsed = text.slice(1), parsed.slice(1)
     bad = parsed.is_null() & text.is_not_null()
     if not bad.any():
         return parsed
-    row = int(bad.arg_max())  # type: ignore[arg-type]
-    held = text[row]
+    i = int(bad.arg_max())  # type: ignore[arg-type]
+    row = first_row + i
+    held = text[i]
     if spec.time_format is not None:
         raise DataError(
             f"{path}: time column '{column}' row {row + 1} holds {held!r}, which does not match "
             f"data.time_format='{spec.time_format}'; fix the row or the format"
         )
-    if row == 0 or bool(bad.all()):
+    if row == 0 or (first_row == 0 and bool(bad.all())):
         raise DataError(
             f"{path}: time column '{column}' does not parse as timestamps (row {row + 1} holds "
             f"{held!r}); set data.time_format, e.g. '%Y-%m-%d %H:%M:%S'"
         )
+    reference = first_text if lead else text[0]
     raise DataError(
         f"{path}: time column '{column}' row {row + 1} holds {held!r}, in another format than "
-        f"row 1 ({text[0]!r}); write every timestamp in one format (data.time_format names it)"
+        f"row 1 ({reference!r}); write every timestamp in one format (data.time_format names it)"
     )
 
 
@@ -431,39 +598,39 @@ def regularise(stream: Stream, mode: str, gap_factor: float) -> tuple[Stream, Ga
         return stream, report
     # Insert the missing grid points of each gap as NaN rows (labels 0: nothing was observed;
     # inputs hold their last value).
-    pieces_t, pieces_v, pieces_l, pieces_u = [], [], [], []
+    pieces_t, pieces_v, pieces_u = [], [], []
+    marks = {"labels": stream.labels, "changepoints": stream.changepoints}
+    pieces_m: dict[str, list[np.ndarray]] = {k: [] for k, v in marks.items() if v is not None}
     start = 0
     for i in np.flatnonzero(is_gap):
         pieces_t.append(ordinal[start : i + 1])
         pieces_v.append(stream.values[start : i + 1])
-        if stream.labels is not None:
-            pieces_l.append(stream.labels[start : i + 1])
         if stream.inputs is not None:
             pieces_u.append(stream.inputs[start : i + 1])
         missing = np.arange(ordinal[i] + median, ordinal[i + 1] - median / 2, median)
         missing = missing.astype(np.int64)
         pieces_t.append(missing)
         pieces_v.append(np.full((len(missing), stream.values.shape[1]), np.nan, np.float32))
-        if stream.labels is not None:
-            pieces_l.append(np.zeros(len(missing), np.int8))
+        for k in pieces_m:
+            pieces_m[k] += [marks[k][start : i + 1], np.zeros(len(missing), np.int8)]
         if stream.inputs is not None:
             pieces_u.append(np.repeat(stream.inputs[i : i + 1], len(missing), axis=0))
         report.rows_inserted += len(missing)
         start = i + 1
     pieces_t.append(ordinal[start:])
     pieces_v.append(stream.values[start:])
-    if stream.labels is not None:
-        pieces_l.append(stream.labels[start:])
+    for k in pieces_m:
+        pieces_m[k].append(marks[k][start:])
     if stream.inputs is not None:
         pieces_u.append(stream.inputs[start:])
     values = np.concatenate(pieces_v)
     if mode == "fill":
         values = forward_fill(values)
     time = np.concatenate(pieces_t).astype(stream.time.dtype)
-    labels = np.concatenate(pieces_l) if stream.labels is not None else None
+    joined = {k: np.concatenate(v) for k, v in pieces_m.items()}
     inputs = np.concatenate(pieces_u) if stream.inputs is not None else None
-    return Stream(stream.name, stream.path, time, values, stream.channels, labels, inputs,
-                  stream.input_names), report
+    return Stream(stream.name, stream.path, time, values, stream.channels, joined.get("labels"),
+                  inputs, stream.input_names, joined.get("changepoints")), report
 
 
 def time_steps(time: np.ndarray, real: bool) -> np.ndarray:

@@ -41,12 +41,19 @@ class StandardScaler:
         return cls(mean.astype(np.float32), std.astype(np.float32), list(channels))
 
     def transform(self, values: np.ndarray) -> np.ndarray:
+        """Scale raw values (..., C) channel by channel: ``(values - mean) / std``, float32."""
         return ((values - self.mean) / self.std).astype(np.float32)
 
-    def inverse_mean(self, values: np.ndarray) -> np.ndarray:
+    def inverse_transform(self, values: np.ndarray) -> np.ndarray:
+        """Scaled values (or predictive means) (..., C) back to the original units."""
         return values * self.std + self.mean
 
+    def inverse_mean(self, values: np.ndarray) -> np.ndarray:
+        """The same as :meth:`inverse_transform` (its older name)."""
+        return self.inverse_transform(values)
+
     def inverse_std(self, std: np.ndarray) -> np.ndarray:
+        """Standard deviations on the scaled axis (..., C) back to the original units."""
         return std * self.std
 
     def to_dict(self) -> dict:

@@ -42,9 +42,10 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from tsssm.errors import ModelError, NumericalError
+from tsssm.errors import DataError, ModelError, NumericalError
 from tsssm.kalman.scan import linear_recurrence
 from tsssm.kalman.ssm import (
+    INF_MESSAGE,
     LinearGaussianSSM,
     batch_shape_of,
     is_time_varying,
@@ -175,7 +176,11 @@ def _dispatch(ssm: LinearGaussianSSM, y: Tensor, u: Tensor | None, method: str,
                 "method='fused' runs a Triton kernel on CUDA tensors; move the model and y to a "
                 "GPU (.cuda()) or use method='sequential' or 'parallel' on the CPU"
             )
-        from tsssm.kalman.fused_triton import fused_kalman_filter
+        try:
+            from tsssm.kalman.fused_triton import fused_kalman_filter
+        except ImportError as err:  # Triton is the gpu extra
+            raise ModelError("method='fused' needs Triton: pip install 'tsssm[gpu]' (or "
+                             "use method='sequential' or 'parallel')") from err
 
         # Every field, as the other methods give; call fused_kalman_filter directly with its
         # default outputs for memory-bandwidth speed when only likelihoods and means are needed.
@@ -257,19 +262,45 @@ def joseph_update(P: Tensor, K: Tensor, Hm: Tensor, Rm: Tensor) -> Tensor:
     return symmetrize(IKH @ P @ IKH.mT + K @ Rm @ K.mT)
 
 
+def rows_times(v: Tensor, M: Tensor) -> Tensor:
+    """``v @ M.mT`` for v (vb.., T, b) and a matrix M (mb.., a, b) with broadcast batch axes,
+    without materialising M for the axes along which only v varies: those axes are folded
+    into the rows of one GEMM per distinct matrix (e.g. one model per channel applied to
+    thousands of windows: C products of (windows * T, b) x (b, a), not windows * C copies of
+    M). Returns (broadcast batch.., T, a)."""
+    nd = max(v.ndim, M.ndim) - 2
+    vb = (1,) * (nd - (v.ndim - 2)) + tuple(v.shape[:-2])
+    mb = (1,) * (nd - (M.ndim - 2)) + tuple(M.shape[:-2])
+    free = [i for i in range(nd) if mb[i] == 1 and vb[i] > 1]
+    if not free or M.ndim == 2:
+        if M.ndim == 2:  # one matrix for everything: a single flat GEMM
+            return (v.reshape(-1, v.shape[-1]) @ M.mT).reshape(*v.shape[:-1], M.shape[-2])
+        return v @ M.mT
+    keep = [i for i in range(nd) if i not in free]
+    T, b, a = v.shape[-2], v.shape[-1], M.shape[-2]
+    vp = v.reshape(*vb, T, b).permute(*keep, *free, nd, nd + 1)
+    rows = vp.reshape(*[vb[i] for i in keep], -1, b)  # (keep.., free * T, b)
+    Mk = M.reshape(*[mb[i] for i in keep], a, b)
+    out = rows @ Mk.mT  # (keep (broadcast).., free * T, a)
+    kept = tuple(out.shape[:-2])
+    out = out.reshape(*kept, *[vb[i] for i in free], T, a)
+    order = [0] * nd
+    for j, i in enumerate(keep + free):
+        order[i] = j
+    return out.permute(*order, nd, nd + 1)
+
+
 def apply_steps(ssm: LinearGaussianSSM, name: str, v: Tensor, start: int = 0) -> Tensor:
     """M_t v_t for t = start .. T-1 with M the matrix field ``name``; v (..., T - start, b).
 
     A time-invariant M is applied as one matrix product over all steps (a GEMM per model, not
-    one tiny product per step); a time-varying one elementwise.
+    one tiny product per step, see :func:`rows_times`); a time-varying one elementwise.
     """
     M = getattr(ssm, name)
     if is_time_varying(ssm, name):
         M = M.narrow(-3, start, M.shape[-3] - start)
         return (M * v.unsqueeze(-2)).sum(-1)
-    if M.ndim == 2:  # one matrix for all series and steps: a single flat GEMM
-        return (v.reshape(-1, v.shape[-1]) @ M.mT).reshape(*v.shape[:-1], M.shape[-2])
-    return v @ M.mT
+    return rows_times(v, M)
 
 
 def finish(
@@ -580,6 +611,9 @@ def _filter_two_pass(
     ssm: LinearGaussianSSM, y: Tensor, u: Tensor | None, *, steady_state: bool,
     covariances: str = "all",
 ) -> FilterResult:
+    fast = _filter_compiled(ssm, y, u, steady_state, covariances)
+    if fast is not None:
+        return fast
     prep = prepare(ssm, y, u)
     T, n = prep.T, state_dim(ssm)
     observed = prep.observed if prep.any_missing else None
@@ -597,6 +631,96 @@ def _filter_two_pass(
         return finish(ssm, prep, m_filt, cov.predicted_cov, cov.filtered_cov, cov.chol_S)
     obs_cov = cov.obs_cov if cov.obs_cov is not None else cov.chol_S @ cov.chol_S.mT
     return finish(ssm, prep, m_filt, cov.predicted_cov, cov.filtered_cov, cov.chol_S, obs_cov)
+
+
+def kalman_loglik(ssm: LinearGaussianSSM, y: Tensor, u: Tensor | None = None, *,
+                  method: Method = "sequential", steady_state: bool = True) -> Tensor:
+    """The log-likelihood (...) of y (..., T, p) alone: ``kalman_filter(...).loglik``, without
+    the per-step outputs where that saves work (the compiled CPU path writes nothing but the
+    log-likelihood of each series)."""
+    if method in ("sequential", "auto"):
+        fast = _filter_compiled(ssm, y, u, steady_state, "last", outputs=False)
+        if fast is not None:
+            return fast
+    return kalman_filter(ssm, y, u, method=method, steady_state=steady_state,
+                         covariances="last").loglik
+
+
+def _filter_compiled(ssm: LinearGaussianSSM, y: Tensor, u: Tensor | None, steady_state: bool,
+                     covariances: str, outputs: bool = True) -> FilterResult | Tensor | None:
+    """The sequential filter by the compiled CPU kernel (:mod:`tsssm.kalman.cpu_kernel`) when
+    it applies (CPU, no gradient needed, p = 1, nothing missing, time-invariant, no controls
+    or intercepts); None otherwise. ``outputs=False``: the log-likelihood (...) only."""
+    from tsssm.kalman import cpu_kernel
+
+    fields = [getattr(ssm, name) for name in ("F", "H", "Q", "R", "m0", "P0")]
+    if (u is not None or not is_time_invariant_plain(ssm) or not isinstance(y, Tensor)
+            or y.device.type != "cpu" or y.dtype not in (torch.float32, torch.float64)
+            or obs_dim(ssm) != 1 or y.ndim < 2 or y.shape[-2] == 0
+            or state_dim(ssm) > cpu_kernel.MAX_STATES
+            or any(x.device.type != "cpu" for x in fields)
+            or (torch.is_grad_enabled() and any(x.requires_grad for x in [y, *fields]))):
+        return None
+    if cpu_kernel.library(y.dtype) is None:
+        return None
+    batch = validate(ssm, y, None, scan_values=False)  # the kernel checks the values
+    T, n = y.shape[-2], state_dim(ssm)
+    mb = torch.broadcast_shapes(batch_shape_of(ssm, "F"), batch_shape_of(ssm, "Q"),
+                                batch_shape_of(ssm, "P0"), batch_shape_of(ssm, "H"),
+                                batch_shape_of(ssm, "R"))
+    nm = math.prod(mb)
+
+    def per_model(x: Tensor, core: tuple[int, ...]) -> Tensor:
+        return x.expand(*mb, *core).reshape(nm, *core).contiguous()
+
+    F, Q, P0 = (per_model(x, (n, n)) for x in (ssm.F, ssm.Q, ssm.P0))
+    H = per_model(ssm.H, (1, n)).reshape(nm, n)
+    R = per_model(ssm.R, (1, 1)).reshape(nm)
+    out = cpu_kernel.riccati(F, H, Q, R, P0, T, _steady_tolerance(y.dtype), steady_state)
+    if isinstance(out, int):
+        raise NumericalError(
+            f"the innovation variance is not positive definite at step {out} (of a model of "
+            f"the batch); check that R is positive definite and the model's parameters and "
+            f"the data are finite"
+        )
+    cov = out
+    ns = math.prod(batch)
+    pad = (1,) * (len(batch) - len(mb))
+    midx = torch.arange(nm).reshape((*pad, *mb)).expand(batch).reshape(ns).contiguous()
+    ys = y.expand(*batch, T, 1).reshape(ns, T).contiguous()
+    m0 = ssm.m0.expand(*batch, n).reshape(ns, n).contiguous()
+    out = cpu_kernel.means(F, H, cov, m0, ys, midx, outputs)
+    if isinstance(out, int):  # a value that is not finite
+        if math.isnan(float(ys.view(-1)[out])):
+            return None  # missing values: the torch path handles them
+        raise DataError(INF_MESSAGE)
+    mpred, mfilt, yhat, v, ll, nis, loglik = out
+    loglik = loglik.reshape(batch)
+    _check_loglik(loglik)
+    if not outputs:
+        return loglik
+    full = (*batch, T)
+    if covariances == "last":
+        Ppred = cov.last(cov.predicted_cov).reshape(*mb, 1, n, n)
+        Pfilt = cov.last(cov.filtered_cov).reshape(*mb, 1, n, n)
+    else:
+        Ppred = cov.full(cov.predicted_cov, T).reshape(*mb, T, n, n)
+        Pfilt = cov.full(cov.filtered_cov, T).reshape(*mb, T, n, n)
+    S = cov.full(cov.innovation_var, T)
+    Tc = Ppred.shape[-3]
+    return FilterResult(
+        predicted_mean=mpred.reshape(*full, n),
+        predicted_cov=Ppred.expand(*batch, Tc, n, n),
+        filtered_mean=mfilt.reshape(*full, n),
+        filtered_cov=Pfilt.expand(*batch, Tc, n, n),
+        predicted_obs_mean=yhat.reshape(*full, 1),
+        predicted_obs_cov=S.reshape(*mb, T, 1, 1).expand(*full, 1, 1),
+        innovation=v.reshape(*full, 1),
+        log_liks=ll.reshape(full),
+        loglik=loglik,
+        nis=nis.reshape(full),
+        observed=torch.ones((), dtype=torch.bool).expand(*full, 1),
+    )
 
 
 #: The means are computed step by step (a few batched products per step, all series at once)
@@ -708,3 +832,50 @@ def _mean_recurrence(A: Tensor, b: Tensor, m_first: Tensor, steady_from: int | N
         return torch.cat([head.expand(*batch, s + 1, n), tail], dim=-2)
     rest = linear_recurrence(A, b, m_first)
     return torch.cat([first.unsqueeze(-2), rest], dim=-2)
+
+
+@step_loop_threads()
+def filtered_last(ssm: LinearGaussianSSM, y: Tensor, *, steady_state: bool = True
+                  ) -> tuple[Tensor, Tensor]:
+    """The filtered state after the last step of y (..., T, p): (mean (..., n), cov (..., n, n)),
+    what ``kalman_filter(ssm, y)`` gives as ``filtered_mean[..., -1, :]`` and
+    ``filtered_cov[..., -1, :, :]`` (to rounding), e.g. to forecast from many short contexts.
+
+    With nothing missing in y and a time-invariant model without controls or intercepts the
+    gains do not depend on the data, so the filter is linear in y:
+    ``m_{T-1} = Phi m0 + sum_t W_t y_t`` with ``W_t = A_{T-1} ... A_{t+1} K_t``,
+    ``A_t = (I - K_t H) F``. Phi and W are built once per model (a backward product over the T
+    steps of the covariance pass, on the model's batch only) and applied to all series in one
+    matrix product. Otherwise this is ``kalman_filter(..., covariances="last")``.
+    """
+    batch = validate(ssm, y, None)
+    linear = (is_time_invariant_plain(ssm) and y.shape[-2] > 0
+              and not bool(torch.isnan(y).any()))
+    if not linear:
+        res = kalman_filter(ssm, y, method="sequential", steady_state=steady_state,
+                            covariances="last")
+        return res.filtered_mean[..., -1, :], res.filtered_cov[..., -1, :, :]
+    T, n, p = y.shape[-2], state_dim(ssm), obs_dim(ssm)
+    Hm_all, Rm_all = masked_observation(ssm, None, T)
+    cov = covariance_pass(ssm, Hm_all, Rm_all, T, None, steady_state, keep="last")
+    K = cov.gain  # (mb.., T, n, p)
+    eye = torch.eye(n, dtype=y.dtype, device=y.device)
+    IKH = eye - K @ ssm.H.unsqueeze(-3)  # (mb.., T, n, n)
+    A = IKH @ ssm.F.unsqueeze(-3)
+    Ks, As, IKHs = K.unbind(-3), A.unbind(-3), IKH.unbind(-3)
+    M = eye.expand(*IKH.shape[:-3], n, n)
+    W = [None] * T
+    for t in range(T - 1, -1, -1):
+        W[t] = M @ Ks[t]
+        M = M @ (As[t] if t > 0 else IKHs[0])
+    Wt = torch.stack(W, dim=-3)  # (mb.., T, n, p)
+    Wflat = Wt.movedim(-3, -2).reshape(*Wt.shape[:-3], n, T * p)  # (mb.., n, T p)
+    mean = rows_times(y.reshape(*y.shape[:-2], 1, T * p), Wflat)[..., 0, :]
+    mean = mean + (M @ ssm.m0.unsqueeze(-1)).squeeze(-1)
+    P = cov.filtered_cov[..., -1, :, :]
+    return mean.expand(*batch, n), P.expand(*batch, n, n)
+
+
+def is_time_invariant_plain(ssm: LinearGaussianSSM) -> bool:
+    """No time-varying field, no controls, no intercepts: x_t = F x_{t-1} + w, y = H x + v."""
+    return not ssm.time_varying and ssm.B is None and ssm.c is None and ssm.d is None

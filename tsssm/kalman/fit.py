@@ -8,17 +8,31 @@ optimiser run fits them all.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from tsssm.errors import ConfigError, ModelError, NumericalError
-from tsssm.kalman.filter import Method, kalman_filter, masked_observation
+from tsssm.kalman.filter import (
+    CovariancePass,
+    Method,
+    covariance_pass,
+    kalman_filter,
+    masked_observation,
+)
+from tsssm.kalman.forecast import observation_powers
 from tsssm.kalman.models import StructuralModel
 from tsssm.kalman.smoother import rts_smoother
-from tsssm.kalman.ssm import LinearGaussianSSM, batch_shape, is_time_invariant, symmetrize
+from tsssm.kalman.ssm import (
+    LinearGaussianSSM,
+    batch_shape,
+    compact,
+    is_time_invariant,
+    step_loop_threads,
+    symmetrize,
+)
 
 
 class FitResult(NamedTuple):
@@ -302,3 +316,525 @@ def _m_step(ssm: LinearGaussianSSM, y: Tensor, res, estimate: set[str], diagonal
                 Rn = torch.diag_embed(torch.diagonal(Rn, dim1=-2, dim2=-1))
             new["R"] = Rn
     return ssm._replace(**new)
+
+
+# --------------------------------------------------------------------------------------------
+# EM for structural models (parameters of the components, and the prior)
+
+
+class StructuralEMResult(NamedTuple):
+    """Outcome of :func:`fit_structural_em`."""
+
+    theta: Tensor  # (..., n_params)
+    m0: Tensor  # (..., n) prior mean of the first state of every segment
+    P0: Tensor  # (..., n, n) its covariance
+    history: list[float]  # total log-likelihood before each M-step and at the end
+
+
+def _pooled(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``x.sum(dims)`` without the work of summing along axes that are broadcast views."""
+    scale = 1
+    for d in sorted(dims, reverse=True):
+        if x.stride(d) == 0 and x.shape[d] > 1:
+            scale *= x.shape[d]
+            x = x.narrow(d, 0, 1)
+    return x.sum(dims) * scale
+
+
+def _outer_sum(a: Tensor, b: Tensor) -> Tensor:
+    """sum over axis 0 and the time axis of a_t b_t': a, b (G, ..., T, n) -> (..., n, n)."""
+    G, T, n = a.shape[0], a.shape[-2], a.shape[-1]
+    batch = a.shape[1:-2]
+    a2 = a.movedim(0, -3).reshape(*batch, G * T, n)
+    b2 = b.movedim(0, -3).reshape(*batch, G * T, n)
+    return a2.mT @ b2
+
+
+def structural_em_statistics(ssm: LinearGaussianSSM, y: Tensor, method: Method = "sequential"
+                             ) -> tuple[Tensor, dict[str, Tensor]]:
+    """E-step for segments y (G, ..., T, 1) under a univariate model of batch (...).
+
+    Returns (log-likelihood summed over the segments (...), sums over the segments and steps):
+    S11, S10, S00 (..., n, n) over transitions, ``trans`` their count, ``e2`` the sum over
+    observed steps of E[(y_t - h x_t)^2], ``n_obs`` their count (...), ``x0_sum`` (..., n) and
+    ``x0_outer`` (..., n, n) the sums of E[x_0] and E[x_0 x_0'] over the segments, ``n_seg``.
+
+    Segments without missing values under a time-invariant model take the linear path
+    (:func:`_linear_em_statistics`), whose cost does not grow with the number of segments.
+    """
+    if _linear_ok(ssm, y):
+        return _linear_em_statistics(ssm, y)
+    res = kalman_filter(ssm, y, method=method)
+    sm = rts_smoother(ssm, res)
+    xm, P = sm.mean, sm.cov  # (G, ..., T, n), (G, ..., T, n, n)
+    G, T = xm.shape[0], xm.shape[-2]
+    pool = (0, xm.ndim - 2)  # segments and time (of the (G, ..., T, n, n) covariances)
+    stats: dict[str, Tensor] = {}
+    if T > 1:
+        x1, x0 = xm[..., 1:, :], xm[..., :-1, :]
+        stats["S11"] = _pooled(P[..., 1:, :, :], pool) + _outer_sum(x1, x1)
+        stats["S00"] = _pooled(P[..., :-1, :, :], pool) + _outer_sum(x0, x0)
+        stats["S10"] = _pooled(sm.lag_one_cov, pool) + _outer_sum(x1, x0)
+    stats["trans"] = torch.tensor(float(G * (T - 1)), dtype=xm.dtype)
+    h = ssm.H[..., 0, :]  # (..., n): univariate observation rows
+    o = res.observed[..., 0]  # (G, ..., T)
+    y0 = torch.where(o, y[..., 0], 0)
+    resid = y0 - (xm * h.unsqueeze(-2)).sum(-1)
+    hc = h.unsqueeze(-2)  # (..., 1, n) against the time axis
+    Pc = compact(P, 3)  # the shared covariances once, not per segment
+    hPh = ((Pc @ hc.unsqueeze(-1)).squeeze(-1) * hc).sum(-1)  # (G or 1, ..., T)
+    stats["e2"] = torch.where(o, resid * resid + hPh, 0).sum((0, o.ndim - 1))
+    stats["n_obs"] = o.sum((0, o.ndim - 1)).to(xm.dtype)
+    x0 = xm[..., 0, :]
+    stats["x0_sum"] = x0.sum(0)
+    stats["x0_outer"] = _pooled(P[..., 0, :, :], (0,)) + _outer_sum(x0.unsqueeze(-2),
+                                                                    x0.unsqueeze(-2))
+    stats["n_seg"] = torch.tensor(float(G), dtype=xm.dtype)
+    return res.loglik.sum(0), stats
+
+
+def _linear_ok(ssm: LinearGaussianSSM, y: Tensor) -> bool:
+    """Whether segments y (G, ..., T, 1) can take the linear (second-moment) path."""
+    return (is_time_invariant(ssm) and ssm.B is None and ssm.c is None and ssm.d is None
+            and ssm.H.shape[-2] == 1 and y.shape[-2] > 1 and not bool(torch.isnan(y).any()))
+
+
+def _second_moments(y: Tensor, batch: torch.Size) -> Tensor:
+    """Z = sum_g z_g z_g' (..., T+1, T+1) of the segments augmented by a one, z = [y, 1]."""
+    G, T = y.shape[0], y.shape[-2]
+    y2 = y[..., 0].expand(G, *batch, T).movedim(0, -1)  # (..., T, G)
+    Z = y2.new_zeros(*batch, T + 1, T + 1)
+    Z[..., :T, :T] = y2 @ y2.mT
+    Z[..., :T, T] = Z[..., T, :T] = y2.sum(-1)
+    Z[..., T, T] = G
+    return Z
+
+
+class _FilterMaps(NamedTuple):
+    cov: CovariancePass
+    Mps: list[Tensor]  # T x (..., n, T+1): predicted means as maps of z
+    Vs: list[Tensor]  # T x (..., 1, T+1): innovations as maps of z
+    S: Tensor  # (..., T) innovation variances
+    last: Tensor  # (..., n, T+1): the filtered mean after the last step as a map of z
+
+
+def _filter_maps(ssm: LinearGaussianSSM, T: int, batch: torch.Size) -> _FilterMaps:
+    """The filter on the basis of z = [y_0 .. y_{T-1}, 1] (the one carries the prior mean)."""
+    n = ssm.F.shape[-1]
+    Hm_all, Rm_all = masked_observation(ssm, None, T)
+    cov = covariance_pass(ssm, Hm_all, Rm_all, T, None, True, "all")
+    F = ssm.F.expand(*batch, n, n)
+    H = ssm.H.expand(*batch, 1, n)
+    K = cov.gain.expand(*batch, T, n, 1).unbind(-3)
+    S = (cov.chol_S[..., 0, 0] ** 2).expand(*batch, T)
+    basis = torch.eye(T, T + 1, dtype=F.dtype, device=F.device).unbind(0)  # rows e_t
+    Mf = torch.cat([F.new_zeros(*batch, n, T), ssm.m0.expand(*batch, n).unsqueeze(-1)], -1)
+    Mps, Vs = [], []
+    for t in range(T):
+        Mp = Mf if t == 0 else F @ Mf
+        V = basis[t] - H @ Mp
+        Mf = Mp + K[t] @ V
+        Mps.append(Mp)
+        Vs.append(V)
+    return _FilterMaps(cov, Mps, Vs, S, Mf)
+
+
+def _linear_loglik_from(maps: _FilterMaps, Z: Tensor, G: int) -> Tensor:
+    """sum_g log p(y_g) (...): sum_g v_t^2 = b_t Z b_t' for the innovation rows b_t."""
+    V = torch.cat(maps.Vs, dim=-2)  # (..., T, T+1)
+    vZv = ((V @ Z) * V).sum(-1)  # (..., T)
+    S = maps.S
+    return -0.5 * (G * (math.log(2 * math.pi) + S.log()) + vZv / S).sum(-1)
+
+
+@step_loop_threads()
+def segments_loglik(ssm: LinearGaussianSSM, y: Tensor) -> Tensor:
+    """Log-likelihood summed over segments y (G, ..., T, 1), each filtered from the prior: (...).
+
+    Fully observed segments under a time-invariant model take the linear path (innovations
+    as maps of the segment, a quadratic form in the segments' second moments: the cost does
+    not grow with G); otherwise the filter. Differentiable either way.
+    """
+    if not _linear_ok(ssm, y):
+        return kalman_filter(ssm, y).loglik.sum(0)
+    G, T = y.shape[0], y.shape[-2]
+    batch = torch.broadcast_shapes(y.shape[1:-2], batch_shape(ssm))
+    loglik = _linear_loglik_from(_filter_maps(ssm, T, batch), _second_moments(y, batch), G)
+    _raise_if_not_finite(loglik.detach())
+    return loglik
+
+
+@step_loop_threads()
+def _linear_em_statistics(ssm: LinearGaussianSSM, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """The E-step of :func:`structural_em_statistics` for fully observed segments of one length.
+
+    The gains do not depend on the data, so every filtered and smoothed mean is a linear map of
+    the segment augmented by a one, z = [y_0 .. y_{T-1}, 1] (the one carries the prior mean):
+    E[x_t | y] = M_t z with M_t (n, T + 1), and every sufficient statistic is a quadratic form
+    in the segments' second-moment matrix Z = sum_g z_g z_g' ((T+1) x (T+1)), e.g.
+    sum_g E[x_t | y_g] E[x_{t-1} | y_g]' = M_t Z M_{t-1}'. The maps come from the filter and
+    the Durbin-Koopman smoother run on the basis of z (the same recursions as
+    :func:`tsssm.kalman.smoother.rts_smoother`), once per model; the cost is O(T^2 n) per model
+    whatever the number of segments G. Log-likelihood: sum_g sum_t of the Gaussian terms, with
+    sum_g v_t^2 = b_t Z b_t' for the innovation map b_t.
+    """
+    G, T = y.shape[0], y.shape[-2]
+    batch = torch.broadcast_shapes(y.shape[1:-2], batch_shape(ssm))
+    n, dt = ssm.F.shape[-1], y.dtype
+    Z = _second_moments(y, batch)
+    maps = _filter_maps(ssm, T, batch)
+    cov, Mps, Vs, S, _ = maps
+    F = ssm.F.expand(*batch, n, n)
+    H = ssm.H.expand(*batch, 1, n)
+    Pp = cov.predicted_cov.expand(*batch, T, n, n).unbind(-3)
+    K = cov.gain.expand(*batch, T, n, 1).unbind(-3)
+    eye = torch.eye(n, dtype=dt, device=y.device)
+    # Durbin-Koopman smoother on the maps: r_t = H' S^-1 v_t + L_t' r_{t+1},
+    # N_t = H' S^-1 H + L_t' N_{t+1} L_t, L_t = F (I - K_t H)
+    R = y.new_zeros(*batch, n, T + 1)
+    N = y.new_zeros(*batch, n, n)
+    HtH = H.mT @ H
+    Ms, Ps, lags = [None] * T, [None] * T, [None] * (T - 1)
+    N_next = N
+    for t in range(T - 1, -1, -1):
+        sinv = (1.0 / S[..., t])[..., None, None]
+        if t < T - 1:
+            Lt = F @ (eye - K[t] @ H)
+            R = H.mT @ (sinv * Vs[t]) + Lt.mT @ R
+            N = symmetrize(sinv * HtH + Lt.mT @ N @ Lt)
+            lags[t] = (eye - Pp[t + 1] @ N_next) @ Lt @ Pp[t]
+        else:
+            R = H.mT @ (sinv * Vs[t])
+            N = sinv * HtH
+        Ms[t] = Mps[t] + Pp[t] @ R
+        Ps[t] = symmetrize(Pp[t] - Pp[t] @ N @ Pp[t])
+        N_next = N
+    M = torch.stack(Ms, dim=-3)  # (..., T, n, T+1)
+    P = torch.stack(Ps, dim=-3)  # (..., T, n, n)
+    MZ = M @ Z.unsqueeze(-3)
+    outer = MZ @ M.mT  # (..., T, n, n): sum_g E[x_t] E[x_t]'
+    stats: dict[str, Tensor] = {}
+    Psum = P.sum(-3)
+    stats["S11"] = G * (Psum - P[..., 0, :, :]) + outer[..., 1:, :, :].sum(-3)
+    stats["S00"] = G * (Psum - P[..., -1, :, :]) + outer[..., :-1, :, :].sum(-3)
+    lag = torch.stack(lags, dim=-3)  # (..., T-1, n, n): Cov[x_{t+1}, x_t | y]
+    stats["S10"] = G * lag.sum(-3) + (MZ[..., 1:, :, :] @ M[..., :-1, :, :].mT).sum(-3)
+    stats["trans"] = torch.tensor(float(G * (T - 1)), dtype=dt)
+    # residual rows e_t - h M_t over z, and sum_g of their squares
+    E = torch.eye(T, T + 1, dtype=dt, device=y.device)  # (T, T+1): row t = e_t
+    res_rows = E - (H.unsqueeze(-3) @ M)[..., 0, :]  # (..., T, T+1)
+    quad = ((res_rows @ Z) * res_rows).sum(-1)  # (..., T)
+    hPh = (H.unsqueeze(-3) @ P @ H.mT.unsqueeze(-3))[..., 0, 0]  # (..., T)
+    stats["e2"] = (quad + G * hPh).sum(-1)
+    stats["n_obs"] = torch.full(batch, float(G * T), dtype=dt)
+    stats["x0_sum"] = (M[..., 0, :, :] @ Z[..., :, T:])[..., 0]
+    stats["x0_outer"] = G * P[..., 0, :, :] + outer[..., 0, :, :]
+    stats["n_seg"] = torch.tensor(float(G), dtype=dt)
+    return _linear_loglik_from(maps, Z, G), stats
+
+
+def _with_extra(P0: Tensor, extra: Tensor | None) -> Tensor:
+    return P0 if extra is None else P0 + torch.diag_embed(extra)
+
+
+def _summer(stats: list[dict[str, Tensor]]):
+    def total_of(key: str) -> Tensor:
+        return sum(s[key] for s in stats if key in s)
+
+    return total_of
+
+
+def fit_structural_em(
+    model: StructuralModel,
+    theta: Tensor,
+    segments: Sequence[Tensor],
+    m0: Tensor,
+    P0: Tensor,
+    *,
+    n_iter: int = 50,
+    tol: float = 1e-8,
+    estimate_prior: bool = True,
+    prior_of: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    prior_extra: Tensor | None = None,
+    floor: Tensor | float = 1e-12,
+    method: Method = "sequential",
+) -> StructuralEMResult:
+    """EM for a univariate :class:`StructuralModel`: every component's parameters (variances,
+    damping, AR coefficients) and, with ``estimate_prior``, the prior (m0, P0) of the first
+    state of each segment.
+
+    theta (..., n_params): one model per batch entry (e.g. per channel); m0 (..., n), P0
+    (..., n, n) the current prior; segments: tensors (G_k, ..., T_k, 1) (NaN = missing),
+    each a batch of G_k independent segments pooled into the same model (lengths differ
+    between tensors). Every segment is filtered from the prior, so with many segments (e.g.
+    a long training stream cut into windows of the forecasting context) the estimated prior is
+    the distribution of the state at the start of a window: what a forecast from a short
+    context needs. E-step: filter + smoother; M-step in closed form per component
+    (:func:`tsssm.kalman.models.block_em_update`), the observation variance as the mean
+    E[(y - h x)^2], the prior as the mean and covariance of the smoothed first states. Every
+    step maximises the expected complete-data log-likelihood (AR steps that would leave the
+    stationary region are shortened), so the likelihood never decreases. Stops when an iteration
+    gains less than ``tol`` relative. Variances are floored at ``floor`` ((...) or a number).
+    ``prior_of``: without ``estimate_prior``, a function theta -> (m0, P0) that rebuilds the
+    prior from the parameters at every iteration (e.g. the stationary covariance of an AR
+    block; EM then ignores the prior's dependence on the parameters, so the likelihood can dip
+    slightly); otherwise the prior stays (m0, P0). ``prior_extra`` (..., n): a variance added
+    to the diagonal of P0 wherever the prior is used (e.g. a diffuse level); the estimated P0
+    excludes it.
+    """
+    from tsssm.kalman.models import block_em_update
+
+    if model.observation != "univariate":
+        raise ConfigError("fit_structural_em handles univariate models (observation='univariate')")
+    if not segments:
+        raise ModelError("fit_structural_em needs at least one segment")
+    floor_t = torch.as_tensor(floor, dtype=theta.dtype, device=theta.device).expand(
+        theta.shape[:-1])
+    theta = theta.detach().clone()
+    m0, P0 = m0.detach().clone(), P0.detach().clone()
+    history: list[float] = []
+    with torch.no_grad():
+        for it in range(n_iter + 1):
+            if prior_of is not None and not estimate_prior:
+                m0, P0 = prior_of(theta)
+            ssm = model.to_ssm(theta, m0, _with_extra(P0, prior_extra))
+            outs = [structural_em_statistics(ssm, y, method) for y in segments]
+            total = sum(float(ll.sum()) for ll, _ in outs)
+            if not math.isfinite(total):
+                raise NumericalError(
+                    f"EM: the log-likelihood is not finite at iteration {it}; rescale the data "
+                    f"or start from other parameters"
+                )
+            history.append(total)
+            if it == n_iter or (it > 0 and total - history[-2] <= tol * abs(total)):
+                break
+            stats = [s for _, s in outs]
+            total_of = _summer(stats)
+            trans = total_of("trans")
+            new = theta.clone()
+            if float(trans) > 0:
+                S11, S10, S00 = total_of("S11"), total_of("S10"), total_of("S00")
+                i = j = 0
+                for b in model.blocks:
+                    sl = slice(i, i + b.n_states)
+                    new[..., j : j + b.n_params] = block_em_update(
+                        b, theta[..., j : j + b.n_params], S11[..., sl, sl], S10[..., sl, sl],
+                        S00[..., sl, sl], trans, floor_t)
+                    i += b.n_states
+                    j += b.n_params
+            n_obs = total_of("n_obs")
+            r = torch.maximum(total_of("e2") / n_obs.clamp_min(1), floor_t).log()
+            obs = model.param_names.index("log_var_obs")
+            new[..., obs] = torch.where(n_obs > 0, r, theta[..., obs])
+            if estimate_prior:
+                n_seg = total_of("n_seg")
+                m0 = total_of("x0_sum") / n_seg
+                P0 = symmetrize(total_of("x0_outer") / n_seg
+                                - m0.unsqueeze(-1) * m0.unsqueeze(-2))
+            theta = new
+    return StructuralEMResult(theta, m0, P0, history)
+
+
+def _tril_param(P: Tensor) -> Tensor:
+    """Unconstrained lower-triangular parameter of a covariance: log on the diagonal."""
+    n = P.shape[-1]
+    jitter = 1e-9 * torch.diagonal(P, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    L = torch.linalg.cholesky(symmetrize(P) + jitter[..., None, None]
+                              * torch.eye(n, dtype=P.dtype, device=P.device))
+    d = torch.diagonal(L, dim1=-2, dim2=-1)
+    return torch.tril(L, -1) + torch.diag_embed(d.log())
+
+
+def _tril_cov(raw: Tensor) -> Tensor:
+    L = torch.tril(raw, -1) + torch.diag_embed(torch.diagonal(raw, dim1=-2, dim2=-1).exp())
+    return L @ L.mT
+
+
+def fit_structural_lbfgs(
+    model: StructuralModel,
+    theta: Tensor,
+    segments: Sequence[Tensor],
+    m0: Tensor,
+    P0: Tensor,
+    *,
+    fit_prior: bool = True,
+    prior_of: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    prior_extra: Tensor | None = None,
+    max_iter: int = 200,
+    tol: float = 1e-10,
+) -> StructuralEMResult:
+    """Maximum likelihood by L-BFGS over segments (G_k, ..., T_k, 1), each filtered from the
+    prior: the parameters theta (..., n_params) and, with ``fit_prior``, the prior mean and
+    covariance (Cholesky factor with log-diagonal, so it stays positive definite).
+
+    Meant to finish what a few EM iterations start (EM climbs fast at first and slowly near
+    the optimum; L-BFGS the other way round). Fully observed segments of one length cost
+    O(T^2 n) per evaluation whatever their number (:func:`segments_loglik`). Returns the
+    parameters, the prior and the total log-likelihood after every evaluation. ``prior_of``:
+    without ``fit_prior``, the prior as a (differentiable) function of theta; otherwise the
+    prior stays (m0, P0). ``prior_extra``: as in :func:`fit_structural_em`.
+    """
+    if model.observation != "univariate":
+        raise ConfigError("fit_structural_lbfgs handles univariate models")
+    theta = theta.detach().clone().requires_grad_(True)
+    params = [theta]
+    m0_p = m0.detach().clone().expand(*theta.shape[:-1], m0.shape[-1]).contiguous()
+    P0_fixed = P0.detach()
+    if fit_prior:
+        m0_p.requires_grad_(True)
+        raw = _tril_param(P0_fixed.expand(*theta.shape[:-1], *P0.shape[-2:])).requires_grad_(True)
+        params += [m0_p, raw]
+    n_obs = max(sum(int((~torch.isnan(y)).sum()) for y in segments), 1)
+    history: list[float] = []
+
+    def prior() -> tuple[Tensor, Tensor]:
+        if fit_prior:
+            return m0_p, _tril_cov(raw)
+        return prior_of(theta) if prior_of is not None else (m0_p, P0_fixed)
+
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
+                            tolerance_change=tol, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        m, P = prior()
+        ssm = model.to_ssm(theta, m, _with_extra(P, prior_extra))
+        ll = sum(segments_loglik(ssm, y).sum() for y in segments)
+        history.append(float(ll.detach()))
+        loss = -ll / n_obs
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        m0_out, P0_out = prior()
+        ssm = model.to_ssm(theta, m0_out, _with_extra(P0_out, prior_extra))
+        final = sum(float(segments_loglik(ssm, y).sum()) for y in segments)
+    history.append(final)
+    return StructuralEMResult(theta.detach(), m0_out.detach(), symmetrize(P0_out.detach()),
+                              history)
+
+
+# --------------------------------------------------------------------------------------------
+# multi-step criterion: the mean squared forecast error of training windows (ETS's "amse")
+
+
+class WindowMoments(NamedTuple):
+    """Second moments of training windows (context L, horizon H), per model batch entry."""
+
+    Zc: Tensor  # (..., L+1, L+1) sum_g z_g z_g', z = [context, 1]
+    Cz: Tensor  # (..., L+1, H) sum_g z_g f_g' (f: the H values after the context)
+    d: Tensor  # (..., H) sum_g f_g^2
+    count: Tensor  # (...) number of windows
+
+
+def window_moments(streams: Sequence[Tensor], context: int, horizon: int, stride: int = 1
+                   ) -> WindowMoments:
+    """Moments of every window of ``context + horizon`` steps (every ``stride``-th start) of
+    streams (B, ..., T, 1); a window with a missing value is left out (per batch entry).
+
+    The windows are summed over, so the multi-step criterion costs the same whatever their
+    number: (N_w, L + H) x (L + H) products once, then O(H L^2) per evaluation.
+    """
+    L, H = int(context), int(horizon)
+    parts: list[WindowMoments] = []
+    for y in streams:
+        x = y[..., 0]  # (B, ..., T)
+        if x.shape[-1] < L + H:
+            continue
+        w = x.unfold(-1, L + H, stride)  # (B, ..., N, L+H)
+        w = w.movedim(0, -2).reshape(*w.shape[1:-2], -1, L + H)  # (..., B*N, L+H)
+        ok = ~torch.isnan(w).any(-1, keepdim=True)
+        w = torch.where(ok, w, 0)
+        one = ok.to(w.dtype)
+        z = torch.cat([w[..., :L], one], -1)  # (..., N, L+1)
+        f = w[..., L:]
+        parts.append(WindowMoments(z.mT @ z, z.mT @ f, (f * f).sum(-2), one[..., 0].sum(-1)))
+    if not parts:
+        raise ModelError(
+            f"no training stream is longer than a window of context {L} + horizon {H} steps"
+        )
+    return WindowMoments(*(sum(p[i] for p in parts) for i in range(4)))
+
+
+def forecast_maps(ssm: LinearGaussianSSM, context: int, horizon: int,
+                  batch: torch.Size | None = None) -> Tensor:
+    """W (..., H, L+1): the forecast means of the H steps after a fully observed context of
+    L steps filtered from the prior, as a linear map of z = [context, 1] (univariate model)."""
+    batch = batch_shape(ssm) if batch is None else batch
+    maps = _filter_maps(ssm, int(context), batch)
+    G = observation_powers(ssm.H, ssm.F, int(horizon))[..., 1:, 0, :]  # (..., H, n)
+    return G.expand(*batch, *G.shape[-2:]) @ maps.last  # (..., H, L+1)
+
+
+def multistep_mse(W: Tensor, mom: WindowMoments) -> Tensor:
+    """Mean squared error (..., H) at each lead of the windows in ``mom`` under maps W."""
+    quad = ((W @ mom.Zc) * W).sum(-1)  # (..., H): sum_g (W_k z_g)^2
+    cross = (W * mom.Cz.mT).sum(-1)  # (..., H): sum_g (W_k z_g) f_gk
+    return (quad - 2 * cross + mom.d) / mom.count.clamp_min(1).unsqueeze(-1)
+
+
+@step_loop_threads()
+def fit_structural_multistep(
+    model: StructuralModel,
+    theta: Tensor,
+    moments: WindowMoments,
+    m0: Tensor,
+    P0: Tensor,
+    context: int,
+    horizon: int,
+    *,
+    fit_prior: bool = True,
+    prior_extra: Tensor | None = None,
+    fixed: Sequence[str] = ("log_var_obs",),
+    max_iter: int = 200,
+    tol: float = 1e-10,
+) -> StructuralEMResult:
+    """Fit the parameters (and the prior) so that forecasts from L-step contexts have the least
+    mean squared error over leads 1..H on the training windows (the "amse" criterion of
+    exponential smoothing, Hyndman et al. 2008, ch. 5), by L-BFGS on the exact quadratic form
+    (:func:`multistep_mse`). The means do not change when every variance (and P0) is scaled by
+    one factor, so the parameters in ``fixed`` (by default the observation variance) stay at
+    their starting values. ``prior_extra``: as in :func:`fit_structural_em`. Returns the
+    parameters, the prior and the criterion (mean over leads and batch entries) after every
+    evaluation (``history``).
+    """
+    free = torch.tensor([name not in fixed for name in model.param_names])
+    theta0 = theta.detach().clone()
+    free_part = theta0[..., free].clone().requires_grad_(True)
+    params = [free_part]
+    batch = theta.shape[:-1]
+    m0_p = m0.detach().clone().expand(*batch, m0.shape[-1]).contiguous()
+    if fit_prior:
+        m0_p.requires_grad_(True)
+        raw = _tril_param(P0.detach().expand(*batch, *P0.shape[-2:])).requires_grad_(True)
+        params += [m0_p, raw]
+    history: list[float] = []
+
+    def current() -> tuple[Tensor, Tensor, Tensor]:
+        th = theta0.clone()
+        th[..., free] = free_part
+        return th, m0_p, (_tril_cov(raw) if fit_prior else P0.detach())
+
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
+                            tolerance_change=tol, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        th, m, P = current()
+        W = forecast_maps(model.to_ssm(th, m, _with_extra(P, prior_extra)), context, horizon,
+                          batch)
+        loss = multistep_mse(W, moments).mean()
+        if not torch.isfinite(loss):
+            raise NumericalError("the multi-step criterion is not finite; rescale the data or "
+                                 "start from other parameters")
+        history.append(float(loss.detach()))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        th, m, P = current()
+    return StructuralEMResult(th.detach(), m.detach(), symmetrize(P.detach()), history)

@@ -100,6 +100,7 @@ class KernelSpec:
     tail: bool = False  # T % CH != 0: a last, partial chunk with element-wise masks
     fast_log: bool = False  # lg2.approx through inline PTX (compiled float32 only)
     steady: bool = False  # skip the covariance recursion once it has converged (see below)
+    y_time_major: bool = False  # y stored (T, S, p): a warp's loads of one step coalesce
 
     @property
     def vec16(self) -> int:
@@ -236,7 +237,9 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
     src("izero = tl.full((BLOCK_S,), 0, tl.int32)")
     # y (S, T, p) is series-major: TQ * VEC tells the compiler that rows are 16-byte aligned.
     src(f"Trow = TQ * {vec}" if spec.vectorize else "Trow = T")
-    if vec > 1:
+    if spec.y_time_major:  # y (T, S, p): element loads, one run of 32 series per warp and step
+        src(f"y_rp = y_ptr + r64 * {p}  # (BLOCK_S,)")
+    elif vec > 1:
         src(f"cols = tl.arange(0, {vec})")
         src(f"y_rp = y_ptr + (r64 * Trow * {p})[:, None] + cols[None, :]  # (BLOCK_S, VEC)")
     else:
@@ -515,7 +518,13 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         # a 16-byte vector (and the interpreter wants tensor, not scalar, operands of `&`).
         valid = f"rmask & (izero + ({chunk_expr}) < nfull)"
         mask = f"({valid})[:, None]" if vec > 1 else valid
+        if spec.y_time_major:  # element g of the chunk: step g // p, channel g % p
+            return ("tl.load(y_rp + ((" + chunk_expr + f") * {ch} + {{step}}) * S64 * {p} + "
+                    "{chan}, mask=" + mask + ", other=NAN)")
         return f"tl.load(y_rp + ({chunk_expr}) * {ch * p} + {{g}}, mask={mask}, other=NAN)"
+
+    def y_fmt(template: str, g: int) -> str:
+        return template.format(g=g * vec, step=(g * vec) // p, chan=(g * vec) % p)
 
     # --- main loop over full chunks, y prefetched PREFETCH chunks ahead --------------------
     src("nfull = T // " + str(ch))
@@ -536,7 +545,7 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
     D = spec.prefetch
     for dd in range(D):
         for g in range(ngroups):
-            src(f"yt{dd}_{g} = " + y_load(str(dd)).format(g=g * vec))
+            src(f"yt{dd}_{g} = " + y_fmt(y_load(str(dd)), g))
     src("for ci in range(0, nfull):")
     src.indent += 1
     src(f"t0 = ci * {ch}")
@@ -546,7 +555,7 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         for g in range(ngroups):
             src(f"yt{dd}_{g} = yt{dd + 1}_{g}")
     for g in range(ngroups):
-        src(f"yt{D - 1}_{g} = " + y_load(f"ci + {D}").format(g=g * vec))
+        src(f"yt{D - 1}_{g} = " + y_fmt(y_load(f"ci + {D}"), g))
     emit_chunk([f"cur_{g}" for g in range(ngroups)], "t0", masked=False)
     src.indent -= 1
     # --- tail: the last T % CH steps, element-wise masks ----------------------------------
@@ -555,6 +564,11 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         src.indent += 1
         src(f"t0 = nfull * {ch}")
         for g in range(ngroups):
+            if spec.y_time_major:
+                st, ck = g // p, g % p
+                src(f"tail_{g} = tl.load(y_rp + (t0 + {st}) * S64 * {p} + {ck}, "
+                    f"mask=rmask & (izero + (t0 + {st}) < T), other=NAN)")
+                continue
             idx = f"t0 * {p} + {g * vec}" + (" + cols[None, :]" if vec > 1 else " + izero")
             src(f"tail_{g} = tl.load(y_rp + (t0 * {p} + {g * vec}), "
                 f"mask={mask2} & ({idx} < T * {p}), other=NAN)")
@@ -630,6 +644,7 @@ def fused_filter_arrays(
     vectorize: bool | None = None,
     fast_log: bool = True,
     steady_state: bool = True,
+    y_layout: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Launch the fused filter on flat arrays (the launcher behind ``fused_kalman_filter``).
 
@@ -637,7 +652,8 @@ def fused_filter_arrays(
     Q (n, n), R (p, p), m0 (n,), P0 (n, n) and optionally c (n,), d (p,); each either shared
     by all series (these shapes) or one per series (a leading S axis), same dtype and device as
     y. Returns ``{"loglik": (S,)}`` and each of ``outputs`` (keys of ``KERNEL_OUTPUTS``),
-    shaped (S, T, ...), in y's dtype. Forward only: no gradients. The outputs are stored
+    shaped (S, T, ...), in y's dtype. Forward only: no gradients (FusedFilterFn, through
+    ``fused_kalman_filter``, adds the backward). The outputs are stored
     time-major, (T, S, ...), so that every step's results of a warp's 32 series form one
     contiguous run; they are returned as (S, T, ...) views of that memory (not contiguous:
     ``.contiguous()`` copies them series-major).
@@ -650,6 +666,13 @@ def fused_filter_arrays(
     vectorised; seconds without) and their arithmetic, not memory, bounds them anyway.
     ``fast_log``: the per-step log of compiled float32 kernels through the MUFU.LG2 unit
     (relative error ~2^-22, like the float32 arithmetic around it) instead of libdevice.
+    ``y_layout``: how the kernel reads y. "series": (S, T, p) rows, 16 bytes of one series per
+    load (a warp's 32 loads land T*p elements apart); "time": (T, S, p), element loads of which
+    a warp's 32 of one step are one contiguous run (y is copied to that layout unless it is a
+    time-major view already, e.g. ``y_tm.transpose(0, 1)`` of a contiguous (T, S, p) tensor);
+    "auto": "series", a time-major view copied to rows first (H200, 2026-12-01, 10^4 x 10^4
+    local linear trend, float32: series 1.97 ms, time 4.92 ms even for a view read in place,
+    the copy ~0.2 ms; benchmarks/RESULTS.md).
     ``steady_state``: once the predicted covariance of every series of a block repeats (to 64
     ulps of its largest entry, the sequential filter's test) at the end of a fully observed
     chunk, later chunks without missing values skip the covariance recursion and reuse the
@@ -678,6 +701,15 @@ def fused_filter_arrays(
     if vectorize is None:
         vectorize = n * n * p <= 16
     vectorize = vectorize and T % vec == 0
+    if y_layout not in ("auto", "series", "time"):
+        raise ModelError(f"fused Kalman filter: y_layout must be auto, series or time, got "
+                         f"{y_layout!r}")
+    y_time_major = y_layout == "time"
+    if y_time_major:
+        vectorize = False
+        y_arg = y.detach().transpose(0, 1).contiguous()  # (T, S, p); no copy for such a view
+    else:
+        y_arg = y.detach().contiguous()
     spec = KernelSpec(
         n=n,
         p=p,
@@ -695,6 +727,7 @@ def fused_filter_arrays(
         prefetch=prefetch,
         fast_log=fast_log and dtype == torch.float32 and not _interpreting(),
         steady=steady_state,
+        y_time_major=y_time_major,
     )
     spec = dataclasses.replace(spec, tail=T % spec.chunk != 0)
     shapes = {  # time-major storage
@@ -711,7 +744,7 @@ def fused_filter_arrays(
     block_s = 32 * num_warps
     nsteady = torch.zeros(triton.cdiv(S, block_s), device=y.device, dtype=torch.int32)
     if S > 0:
-        args = {"y_ptr": y.detach().contiguous(), "llsum_ptr": llsum, "nsteady_ptr": nsteady}
+        args = {"y_ptr": y_arg, "llsum_ptr": llsum, "nsteady_ptr": nsteady}
         args.update({f"{k}_ptr": v for k, v in flat.items()})
         args.update({f"{o}_ptr": stored[o] for o in outputs})
         _kernel(spec, _interpreting())[(triton.cdiv(S, block_s),)](
@@ -727,7 +760,85 @@ def fused_filter_arrays(
     result = {o: stored[o].transpose(0, 1) for o in outputs}  # (S, T, ...) views
     result["loglik"] = llsum.to(dtype)
     result["steady_steps"] = nsteady
+    result["spec"] = spec
     return result
+
+
+class FusedFilterFn(torch.autograd.Function):
+    """The fused filter with its generated adjoint kernel as the backward
+    (:mod:`tsssm.kalman.fused_adjoint`).
+
+    forward(options, y (S, T, p), F, H, Q, R, c, d, m0, P0) with the parameters flat as
+    ``fused_filter_arrays`` takes them (shared, or a leading S axis; c, d may be None);
+    ``options`` = (kernel outputs, keyword options of fused_filter_arrays). Returns the
+    log-likelihood (S,) and the kernel outputs in that order, (S, T, ...) views of time-major
+    storage. The outputs always include predicted_mean and predicted_cov: the backward reads the
+    predicted state of every step from them.
+    """
+
+    @staticmethod
+    def forward(ctx, options, y, *params):  # type: ignore[override]
+        outputs, kw = options
+        named = dict(zip(_GRAD_PARAMS, params))
+        out = fused_filter_arrays(y, {k: v for k, v in named.items() if v is not None},
+                                  outputs=outputs, **kw)
+        ctx.outputs = outputs
+        ctx.spec = out["spec"]
+        ctx.present = tuple(k for k, v in named.items() if v is not None)
+        ctx.save_for_backward(y, out["predicted_mean"], out["predicted_cov"],
+                              *[named[k] for k in ctx.present])
+        return (out["loglik"], *[out[o] for o in outputs])
+
+    @staticmethod
+    def backward(ctx, g_loglik, *g_outs):  # type: ignore[override]
+        from tsssm.kalman import fused_adjoint as fa
+
+        y, pm, pc, *present = ctx.saved_tensors
+        named = dict(zip(ctx.present, present))
+        spec = ctx.spec
+        needs = dict(zip(_GRAD_PARAMS, ctx.needs_input_grad[2:]))
+        diff = tuple(k for k in fa.PARAM_ORDER if needs.get(k) and k in named)
+        cotangents = {}
+        for name, g in zip(ctx.outputs, g_outs):
+            if g is not None and name in fa.GRAD_OUTPUTS:
+                cotangents[name] = g.transpose(0, 1).contiguous()  # (T, S, ...) time-major
+        want_dy = bool(ctx.needs_input_grad[1])
+        aspec = fa.AdjointSpec(
+            n=spec.n, p=spec.p, dtype=spec.dtype, batched=spec.batched, diff=diff,
+            has_c=spec.has_c, has_d=spec.has_d, F_code=spec.F_code, H_code=spec.H_code,
+            Q_nz=spec.Q_nz, cotangents=tuple(sorted(cotangents)),
+            loglik_cotangent=g_loglik is not None, want_dy=want_dy,
+            prefetch=fa.ADJOINT_PREFETCH,
+        )
+        dy_tm, gparam = fa.adjoint_arrays(
+            aspec, y.transpose(0, 1).contiguous(), pm.transpose(0, 1), pc.transpose(0, 1),
+            {k: v.detach().contiguous() for k, v in named.items()},
+            {k: cotangents[k] for k in aspec.cotangents},
+            None if g_loglik is None else g_loglik.contiguous(), _interpreting(),
+        )
+        grads = []
+        n, p = spec.n, spec.p
+        col = 0
+        offsets = {}
+        for name in fa.PARAM_ORDER:
+            size = math.prod(fa.param_shape(name, n, p))
+            offsets[name] = (col, size)
+            col += size
+        for name in _GRAD_PARAMS:
+            if name not in diff:
+                grads.append(None)
+                continue
+            start, size = offsets[name]
+            g = gparam[:, start:start + size].reshape(-1, *fa.param_shape(name, n, p))
+            if name not in spec.batched:
+                g = g.sum(0)
+            grads.append(g)
+        dy = dy_tm.transpose(0, 1) if dy_tm is not None else None
+        return (None, dy, *grads)
+
+
+#: Parameter order of FusedFilterFn.forward.
+_GRAD_PARAMS = ("F", "H", "Q", "R", "c", "d", "m0", "P0")
 
 
 def fused_kalman_filter(
@@ -743,6 +854,7 @@ def fused_kalman_filter(
     vectorize: bool | None = None,
     fast_log: bool = True,
     steady_state: bool = True,
+    y_layout: str = "auto",
 ):
     """The Kalman filter as one fused Triton kernel: ``kalman_filter(..., method="fused")``.
 
@@ -756,10 +868,12 @@ def fused_kalman_filter(
     are written per step and per series: T*n*n elements each). Besides ``KERNEL_OUTPUTS``,
     ``outputs`` may name ``predicted_obs_mean``, ``predicted_obs_cov`` and ``observed``, which are
     derived from kernel outputs with torch. Per-step fields are (..., T, ...) views of
-    time-major storage (not contiguous). Not differentiable (use method="sequential" for
-    gradients). Raises NumericalError, naming the series, when a log-likelihood is not finite.
-    The keyword options after ``outputs`` are passed to ``fused_filter_arrays`` (tuning,
-    ``steady_state``).
+    time-major storage (not contiguous). Differentiable: when grad mode is on and y or a
+    matrix of the model requires grad, the backward is the generated adjoint kernel
+    (:mod:`tsssm.kalman.fused_adjoint`, one pass over time in reverse), and the forward then
+    also writes the predicted states, which that pass reads. Raises NumericalError, naming the
+    series, when a log-likelihood is not finite. The keyword options after ``outputs`` are
+    passed to ``fused_filter_arrays`` (tuning, ``steady_state``, ``y_layout``).
     """
     from tsssm.kalman.filter import FilterResult
     from tsssm.kalman.ssm import CORE_NDIM, batch_shape_of, is_time_invariant, validate
@@ -820,18 +934,21 @@ def fused_kalman_filter(
             params[name] = value  # shared by all series
         else:
             params[name] = value.expand(*batch, *core).reshape(S, *core)
-    out = fused_filter_arrays(
-        y_flat,
-        params,
-        outputs=tuple(kernel_outputs),
-        joseph=joseph,
-        num_warps=num_warps,
-        chunk_mult=chunk_mult,
-        prefetch=prefetch,
-        vectorize=vectorize,
-        fast_log=fast_log,
-        steady_state=steady_state,
-    )
+    kw = dict(joseph=joseph, num_warps=num_warps, chunk_mult=chunk_mult, prefetch=prefetch,
+              vectorize=vectorize, fast_log=fast_log, steady_state=steady_state,
+              y_layout=y_layout)
+    differentiable = torch.is_grad_enabled() and (
+        y.requires_grad or any(v.requires_grad for v in params.values()))
+    if differentiable:  # the backward reads every step's predicted state
+        for o in ("predicted_mean", "predicted_cov"):
+            if o not in kernel_outputs:
+                kernel_outputs.append(o)
+        res = FusedFilterFn.apply(
+            (tuple(kernel_outputs), kw), y_flat, *[params.get(k) for k in _GRAD_PARAMS]
+        )
+        out = {"loglik": res[0], **dict(zip(kernel_outputs, res[1:]))}
+    else:
+        out = fused_filter_arrays(y_flat, params, outputs=tuple(kernel_outputs), **kw)
     loglik = out["loglik"]
     bad = ~torch.isfinite(loglik)
     if bool(bad.any()):

@@ -5,12 +5,16 @@ Components (each a block of the state, summed in the observation):
 - ``level``: random-walk level mu_t = mu_{t-1} + eta_t.
 - ``trend``: a slope feeding the level (with ``level``: the local linear trend),
   mu_t = mu_{t-1} + beta_{t-1} + eta_t, beta_t = beta_{t-1} + zeta_t.
+- ``damped`` (with ``level``, instead of ``trend``): the damped trend,
+  mu_t = mu_{t-1} + beta_{t-1} + eta_t, beta_t = phi beta_{t-1} + zeta_t with phi in (0, 1)
+  (``logit_damping``): forecasts level off at mu + beta / (1 - phi) instead of running away.
 - ``seasonal`` ``kind="dummy"``: s-1 states, the seasonal effects sum to noise over a period.
 - ``seasonal`` ``kind="trig"``: harmonics j = 1..h of frequency 2 pi j / s, each a rotating pair
   with its own noise (one shared variance), as in Harvey (1989) / statsmodels.
-- ``ar`` / ``arma``: ARMA(p, q) in companion (Harvey) form; AR coefficients from partial
-  autocorrelations in (-1, 1) (tanh of the parameter, Durbin-Levinson: always stationary), MA
-  coefficients likewise (always invertible).
+- ``ar``: AR(p) in companion form, the state (a_t, a_{t-1}, ..., a_{t-p+1}) (so that EM can
+  update the coefficients by a regression); ``arma``: ARMA(p, q) in Harvey's form, state
+  dimension max(p, q + 1). AR coefficients from partial autocorrelations in (-1, 1) (tanh of the
+  parameter, Durbin-Levinson: always stationary), MA coefficients likewise (always invertible).
 
 Every model maps an unconstrained parameter vector ``theta (..., n_params)`` to the matrices in
 one place, :meth:`StructuralModel.to_ssm`: variances are ``exp(theta)`` (log-variances), ARMA
@@ -39,7 +43,7 @@ from torch import Tensor
 from tsssm.errors import ConfigError, DataError
 from tsssm.kalman.ssm import LinearGaussianSSM
 
-COMPONENTS = ("level", "trend", "seasonal", "ar", "arma")
+COMPONENTS = ("level", "trend", "damped", "seasonal", "ar", "arma")
 
 
 def pacf_to_coefficients(raw: Tensor) -> Tensor:
@@ -123,6 +127,11 @@ class Block:
             return F.expand(*batch, 2, 2), Q
         if self.name == "slope":  # trend without a level term: a random-walk slope only
             return eye.expand(*batch, 1, 1), theta.exp().reshape(*batch, 1, 1)
+        if self.name == "damped_trend":  # [level, slope], the slope decays by phi per step
+            F = theta.new_zeros(*batch, 2, 2)
+            F[..., 0, :] = 1.0
+            F[..., 1, 1] = torch.sigmoid(theta[..., 2])
+            return F, torch.diag_embed(theta[..., :2].exp())
         if self.name == "seasonal" and self.kind == "dummy":
             F = torch.zeros(k, k, dtype=dtype, device=device)
             F[0, :] = -1.0
@@ -142,6 +151,15 @@ class Block:
                 else:  # Nyquist frequency of an even period: a single state, cos = -1
                     F[i, i] = math.cos(lam)
             return F.expand(*batch, k, k), theta.exp().reshape(*batch, 1, 1) * eye
+        if self.name == "ar":  # companion form: a_t = sum_i phi_i a_{t-i} + e_t
+            phi = pacf_to_coefficients(theta[..., :-1])
+            F = theta.new_zeros(*batch, k, k)
+            F[..., 0, :] = phi
+            if k > 1:
+                F[..., 1:, :-1] = torch.eye(k - 1, dtype=dtype, device=device)
+            sel = torch.zeros(k, k, dtype=dtype, device=device)
+            sel[0, 0] = 1.0
+            return F, theta[..., -1].exp()[..., None, None] * sel
         # arma(p, q), Harvey's form: state dimension r = max(p, q + 1)
         p, q = self.ar_order, self.ma_order
         phi = pacf_to_coefficients(theta[..., :p]) if p else theta.new_zeros(*batch, 0)
@@ -154,6 +172,82 @@ class Block:
         r = torch.cat([theta.new_ones(*batch, 1), ma, theta.new_zeros(*batch, k - 1 - q)], -1)
         Q = sigma2[..., None, None] * r.unsqueeze(-1) * r.unsqueeze(-2)
         return F, Q
+
+
+#: EM keeps a damping factor / AR(1)-like coefficient inside these bounds.
+DAMPING_BOUNDS = (1e-3, 1.0 - 1e-3)
+
+
+def _sigmoid_inverse(x: Tensor) -> Tensor:
+    return torch.log(x) - torch.log1p(-x)
+
+
+def _companion_radius(phi: Tensor) -> Tensor:
+    """Spectral radius (...) of the companion matrix of AR coefficients phi (..., p)."""
+    p = phi.shape[-1]
+    if p == 1:
+        return phi[..., 0].abs()
+    C = phi.new_zeros(*phi.shape[:-1], p, p)
+    C[..., 0, :] = phi
+    C[..., 1:, :-1] = torch.eye(p - 1, dtype=phi.dtype, device=phi.device)
+    return torch.linalg.eigvals(C).abs().amax(-1)
+
+
+def block_em_update(block: Block, theta: Tensor, S11: Tensor, S10: Tensor, S00: Tensor,
+                    count: Tensor | float, floor: Tensor) -> Tensor:
+    """M-step for one block: the parameters (..., n_params) that maximise the expected
+    complete-data log-likelihood of its transitions.
+
+    S11, S10, S00 (..., k, k): sums over the transitions t of E[x_t x_t'], E[x_t x_{t-1}'] and
+    E[x_{t-1} x_{t-1}'] for the block's states, given the data; ``count`` transitions; ``floor``
+    (...) the smallest variance allowed. Free transition coefficients (damping, AR) are the
+    regression of the noisy state on the previous state, then the variances are the mean
+    squared residual (the joint maximum, as the noise of that row is its own parameter).
+    Damping stays in DAMPING_BOUNDS; an AR regression that would leave the stationary region is
+    shrunk toward the current coefficients until it is inside (still an increase of the
+    expected log-likelihood: it is concave in the coefficients).
+    """
+    if block.name == "arma":
+        raise ConfigError("EM has no closed-form update for an ARMA component with an MA part; "
+                          "use maximum likelihood (model.fit=mle)")
+    theta = theta.clone()
+    if block.name == "damped_trend":
+        phi = (S10[..., 1, 1] / S00[..., 1, 1].clamp_min(1e-300)).clamp(*DAMPING_BOUNDS)
+        theta[..., 2] = _sigmoid_inverse(phi)
+    elif block.name == "ar":
+        p = block.ar_order
+        old = pacf_to_coefficients(theta[..., :p])
+        new = torch.linalg.solve(S00[..., :p, :p], S10[..., 0, :p].unsqueeze(-1)).squeeze(-1)
+        step = torch.ones_like(new[..., :1])
+        limit = 1.0 - 1e-6
+        for _ in range(60):  # halve the step where the regression is not stationary
+            bad = (_companion_radius(old + step * (new - old)) >= limit).unsqueeze(-1)
+            if not bool(bad.any()):
+                break
+            step = torch.where(bad, 0.5 * step, step)
+        else:  # still outside after 60 halvings: keep the current coefficients there
+            step = torch.where(bad, 0.0, step)
+        cand = old + step * (new - old)
+        theta[..., :p] = coefficients_to_pacf(cand)
+    F, _ = block.matrices(theta)
+    # sum over transitions of E[w_t w_t'], w_t = x_t - F x_{t-1}
+    FS10 = F @ S10.mT
+    W = S11 - FS10 - FS10.mT + F @ S00 @ F.mT
+    diag = torch.diagonal(W, dim1=-2, dim2=-1) / count
+    fl = floor.unsqueeze(-1) if isinstance(floor, Tensor) else floor
+    if block.name in ("level", "slope"):
+        theta[..., 0] = torch.maximum(diag[..., 0], floor).log()
+    elif block.name in ("trend", "damped_trend"):
+        theta[..., 0:2] = torch.maximum(diag[..., 0:2], fl).log()
+    elif block.name == "seasonal" and block.kind == "dummy":
+        theta[..., 0] = torch.maximum(diag[..., 0], floor).log()
+    elif block.name == "seasonal":  # trig: one variance shared by all harmonic states
+        theta[..., 0] = torch.maximum(diag.mean(-1), floor).log()
+    elif block.name == "ar":
+        theta[..., -1] = torch.maximum(diag[..., 0], floor).log()
+    else:  # pragma: no cover - every block kind is handled above
+        raise ConfigError(f"no EM update for component {block.name}")
+    return theta
 
 
 def _make_blocks(
@@ -173,7 +267,15 @@ def _make_blocks(
     if len(set(comps)) != len(comps):
         raise ConfigError(f"structural components repeat: {comps}; name each once")
     blocks: list[Block] = []
-    if "level" in comps and "trend" in comps:
+    if "damped" in comps and ("trend" in comps or "level" not in comps):
+        raise ConfigError(
+            f"the damped component is a damped trend on the level: use it with 'level' and "
+            f"without 'trend' (components {comps})"
+        )
+    if "damped" in comps:
+        blocks.append(Block("damped_trend", 2, ("log_var_level", "log_var_trend",
+                                                "logit_damping")))
+    elif "level" in comps and "trend" in comps:
         blocks.append(Block("trend", 2, ("log_var_level", "log_var_trend")))
     elif "level" in comps:
         blocks.append(Block("level", 1, ("log_var_level",)))
@@ -206,8 +308,11 @@ def _make_blocks(
         names = tuple(f"pacf_ar{i + 1}" for i in range(p)) + tuple(
             f"pacf_ma{i + 1}" for i in range(q)
         ) + ("log_var_arma",)
-        blocks.append(Block("arma", max(p, q + 1), names, stationary=True, ar_order=p,
-                            ma_order=q))
+        if q == 0:
+            blocks.append(Block("ar", p, names, stationary=True, ar_order=p))
+        else:
+            blocks.append(Block("arma", max(p, q + 1), names, stationary=True, ar_order=p,
+                                ma_order=q))
     return tuple(blocks)
 
 
@@ -330,7 +435,7 @@ class StructuralModel:
         stats = _series_stats(y)
         var = (self.prior_scale * stats.var.mean(-1)).to(theta.dtype)  # (...)
         m0, P0 = self.default_prior(theta, variance=var)
-        if self.blocks[0].name in ("level", "trend"):
+        if self.blocks[0].name in ("level", "trend", "damped_trend"):
             first = stats.first.mean(-1) if self.observation == "full" else stats.first[..., 0]
             m0 = m0.clone()
             m0[..., 0] = first.to(theta.dtype)
@@ -358,6 +463,8 @@ class StructuralModel:
                     vals.append((0.5 * stats.var.mean(-1).clamp_min(1e-8)).log())
                 elif name.startswith("pacf"):
                     vals.append(torch.zeros_like(g0))
+                elif name == "logit_damping":
+                    vals.append(torch.full_like(g0, math.log(0.9 / 0.1)))  # phi = 0.9
                 else:
                     vals.append(small.log())
         if self.observation == "univariate":

@@ -115,7 +115,9 @@ def filter_combine(earlier: _Elems, later: _Elems) -> _Elems:
     n = A1.shape[-1]
     eye = torch.eye(n, dtype=A1.dtype, device=A1.device)
     M = eye + C1 @ J2  # (I + C_i J_j)
-    LU, piv = torch.linalg.lu_factor(M)
+    # M is never singular (C_i J_j is similar to the PSD C_i^1/2 J_j C_i^1/2, so M's eigenvalues
+    # are >= 1): the _ex form skips lu_factor's error check, a device sync at every level
+    LU, piv, _ = torch.linalg.lu_factor_ex(M)
     # matrices (batch of the mask) and vectors (batch of the data) are solved separately so
     # that series sharing a model share the matrix work
     Z = torch.linalg.lu_solve(LU, piv, torch.cat([A1, C1], dim=-1))  # (..., n, 2n)

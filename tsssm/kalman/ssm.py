@@ -175,6 +175,9 @@ def to_dtype(ssm: LinearGaussianSSM, dtype: torch.dtype) -> LinearGaussianSSM:
     )
 
 
+INF_MESSAGE = "observations y contain +-inf; mark missing values with NaN instead"
+
+
 @contextmanager
 def step_loop_threads() -> Iterator[None]:
     """Run a Python loop of small per-step ops single-threaded, then restore the setting.
@@ -193,17 +196,30 @@ def step_loop_threads() -> Iterator[None]:
             torch.set_num_threads(n)
 
 
+def compact(x: Tensor, core: int) -> Tensor:
+    """x without its broadcast batch axes (stride 0, e.g. a covariance shared by many series):
+    those axes keep length 1, so the result broadcasts back to x's shape and work on it is not
+    repeated per series. ``core``: the number of trailing axes that are never batch axes."""
+    for d in range(x.ndim - core):
+        if x.stride(d) == 0 and x.shape[d] > 1:
+            x = x.narrow(d, 0, 1)
+    return x
+
+
 def symmetrize(P: Tensor) -> Tensor:
     """(P + P') / 2 over the last two axes: keeps covariances exactly symmetric."""
     return 0.5 * (P + P.mT)
 
 
 def validate(
-    ssm: LinearGaussianSSM, y: Tensor | None = None, u: Tensor | None = None
+    ssm: LinearGaussianSSM, y: Tensor | None = None, u: Tensor | None = None, *,
+    scan_values: bool = True,
 ) -> torch.Size:
     """Check shapes, dtypes and devices; return the broadcast batch shape (with y's and u's).
 
     Raises ModelError for an inconsistent model and DataError for data that does not fit it.
+    ``scan_values=False`` skips the pass over y for infinite values (for a caller that checks
+    them itself on its way through the data).
     """
     if not isinstance(ssm, LinearGaussianSSM):
         raise ModelError(f"expected a LinearGaussianSSM, got {type(ssm).__name__}")
@@ -267,8 +283,8 @@ def validate(
             raise DataError(
                 f"the model's time-varying matrices have {T_model} steps, y has T={T}"
             )
-        if torch.isinf(y).any():
-            raise DataError("observations y contain +-inf; mark missing values with NaN instead")
+        if scan_values and torch.isinf(y).any():
+            raise DataError(INF_MESSAGE)
         try:
             shape = torch.broadcast_shapes(shape, y.shape[:-2])
         except RuntimeError as err:

@@ -24,10 +24,18 @@ from torch import Tensor
 
 
 class Gaussian(NamedTuple):
-    """Independent Gaussian predictive distribution per element."""
+    """Gaussian predictive distribution of the channels of every step.
+
+    ``mean`` and ``var`` are always given. ``cov``, when a model provides it, is the full
+    covariance of the C channels of a step (the joint predictive distribution, e.g. a
+    multivariate Kalman filter's innovation covariance); ``var`` is then its diagonal. Models
+    with independent channels leave it None, and every consumer treats None as
+    ``diag(var)``.
+    """
 
     mean: Tensor  # (B, T, C)
     var: Tensor  # (B, T, C), strictly positive
+    cov: Tensor | None = None  # (B, T, C, C) symmetric positive definite, or None (diagonal)
 
 
 class Exog(NamedTuple):

@@ -14,27 +14,46 @@ dtype.
 
 Prior of the first state: zero (or the level of the training data, see :meth:`initialize`) with
 variance ``prior_scale`` times the channel's training variance on the nonstationary states, the
-stationary covariance on AR states.
+stationary covariance on AR states; or, once fitted (``fit_em(..., fit_prior=True)``), a full
+mean and covariance per channel estimated as the distribution of the state where a training
+segment starts, optionally with a diffuse level (``diffuse_level``: forecasts then shift with
+the context instead of being drawn toward the training level).
+
+Fitting without Lightning (:func:`fit_forecaster`, ``model.fit=em`` / ``multistep``): EM on
+segments of the training streams (closed-form updates of variances, damping and AR
+coefficients; a linear E-step whose cost does not grow with the number of segments), an
+optional L-BFGS polish of the exact likelihood, the multi-step criterion (the parameters and
+prior that minimise the mean squared forecast error over a horizon on the training windows), and
+the calibration of the forecast variance per lead time. Forecasts from a fully observed context
+take a linear fast path (gains computed once per channel, one matrix product for all windows).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from tsssm.errors import ConfigError, DataError, NumericalError
-from tsssm.kalman.filter import METHODS, FilterResult, kalman_filter
-from tsssm.kalman.forecast import forecast as kalman_forecast
+from tsssm.errors import ConfigError, DataError
+from tsssm.kalman.filter import METHODS, FilterResult, filtered_last, kalman_filter
+from tsssm.kalman.fit import (
+    WindowMoments,
+    fit_structural_em,
+    fit_structural_lbfgs,
+    fit_structural_multistep,
+    forecast_maps,
+    multistep_mse,
+    window_moments,
+)
+from tsssm.kalman.forecast import forecast_observations
 from tsssm.kalman.models import StructuralModel
 from tsssm.kalman.smoother import SmootherResult, rts_smoother
 from tsssm.kalman.ssm import LinearGaussianSSM, step_loop_threads, symmetrize
 from tsssm.models.base import Gaussian
 
-ALLOWED_COMPONENTS = ("level", "trend", "seasonal", "ar")
+ALLOWED_COMPONENTS = ("level", "trend", "damped", "seasonal", "ar")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -61,6 +80,7 @@ class KalmanForecaster(nn.Module):
         method: Literal["sequential", "parallel", "fused"] = "sequential",
         dtype: Literal["float64", "float32"] = "float64",
         prior_scale: float = 10.0,
+        diffuse_level: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(n_channels, int) or n_channels < 1:
@@ -81,6 +101,7 @@ class KalmanForecaster(nn.Module):
         self.n_channels = n_channels
         self.method = method
         self.compute_dtype = _DTYPES[dtype]
+        self.diffuse_level = bool(diffuse_level)
         self.structure = StructuralModel(
             components=comps,
             seasonal_period=seasonal_period,
@@ -101,6 +122,23 @@ class KalmanForecaster(nn.Module):
         self.theta = nn.Parameter(theta)
         self.register_buffer("prior_mean", torch.zeros(n_channels, n, dtype=self.compute_dtype))
         self.register_buffer("prior_var", torch.ones(n_channels, dtype=self.compute_dtype))
+        # a fitted prior (fit_em(..., fit_prior=True)): the full covariance of the first state
+        self.register_buffer("prior_cov", torch.eye(n, dtype=self.compute_dtype).repeat(
+            n_channels, 1, 1))
+        self.register_buffer("prior_fitted", torch.tensor(False))
+        # forecast variance calibration (calibrate()): a factor per channel and lead, (C, H);
+        # empty until calibrated; leads past its end use its last column
+        self.register_buffer("var_scale", torch.ones(n_channels, 0, dtype=self.compute_dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # bundles saved before these buffers existed: keep the defaults
+        for name in ("prior_cov", "prior_fitted", "var_scale"):
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = getattr(self, name).clone()
+        saved = state_dict[prefix + "var_scale"]
+        if saved.shape != self.var_scale.shape:  # calibrated for another horizon
+            self.var_scale = torch.ones_like(saved, dtype=self.compute_dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------ helpers
     @property
@@ -113,13 +151,30 @@ class KalmanForecaster(nn.Module):
         st = self.structure
         F, Q = st.transition(theta)
         if state is None:
-            _, P0 = st.default_prior(theta, F, Q, variance=st.prior_scale * self.prior_var)
+            if bool(self.prior_fitted):
+                P0 = self.prior_cov.to(self.compute_dtype) + torch.diag_embed(
+                    self._prior_extra())
+            else:
+                _, P0 = st.default_prior(theta, F, Q, variance=st.prior_scale * self.prior_var)
             m0 = self.prior_mean.to(self.compute_dtype)
         else:  # the first step of this call is the step after the state's
             m, P = state.mean.to(self.compute_dtype), state.cov.to(self.compute_dtype)
             m0 = (F @ m.unsqueeze(-1)).squeeze(-1)
             P0 = symmetrize(F @ P @ F.mT + Q)
         return st.to_ssm(theta, m0, P0)
+
+    def _prior_extra(self) -> Tensor:
+        """(C, n) variance added to the fitted prior's diagonal: with ``diffuse_level``, a
+        practically infinite one on the level (10^6, 10^3 in float32, times the channel's
+        variance), so forecasts move with the data (a shift of the context shifts them
+        alike) instead of being drawn toward the training level."""
+        extra = torch.zeros(self.n_channels, self.structure.n_states, dtype=self.compute_dtype,
+                            device=self.prior_var.device)
+        if self.diffuse_level and self.structure.blocks[0].name in ("level", "trend",
+                                                                   "damped_trend"):
+            kappa = 1e6 if self.compute_dtype == torch.float64 else 1e3
+            extra[:, 0] = kappa * self.prior_var.to(self.compute_dtype)
+        return extra
 
     def _channels_as_batch(self, y: Tensor) -> Tensor:
         """(B, T, C) -> (B, C, T, 1) in the compute dtype."""
@@ -146,18 +201,40 @@ class KalmanForecaster(nn.Module):
 
     def forecast(self, context: Tensor, horizon: int, state: KalmanState | None = None
                  ) -> Gaussian:
-        """Predictive distribution (B, horizon, C) of the steps after ``context`` (B, L, C)."""
-        if context.shape[1] > 0:
-            _, state = self.one_step(context, state)
-        elif state is None:
+        """Predictive distribution (B, horizon, C) of the steps after ``context`` (B, L, C).
+
+        A context without missing values filtered from the prior takes the linear fast path
+        (:func:`tsssm.kalman.filter.filtered_last`: gains computed once per channel, one
+        matrix product for all windows); the moments of the horizon come from
+        :func:`tsssm.kalman.forecast.forecast_observations` (no per-window covariances).
+        """
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise ConfigError(f"forecast horizon must be a positive integer, got {horizon!r}")
+        if context.shape[1] == 0 and state is None:
             prior = self.ssm()
             fc = _forecast_from_prior(prior, context.shape[0], horizon)
             return Gaussian(fc[0].to(context.dtype), fc[1].to(context.dtype))
-        ssm = self.structure.to_ssm(self.theta.to(self.compute_dtype), state.mean, state.cov)
-        fc = kalman_forecast(ssm, (state.mean, state.cov), horizon)
-        mean = fc.obs_mean[..., 0].transpose(1, 2)  # (B, horizon, C)
-        var = fc.obs_cov[..., 0, 0].transpose(1, 2)
+        if context.shape[1] > 0 and state is None and self.method in ("sequential", "auto"):
+            ssm = self.ssm()
+            mean, cov = filtered_last(ssm, self._channels_as_batch(context))
+        else:
+            if context.shape[1] > 0:
+                _, state = self.one_step(context, state)
+            mean, cov = state.mean.to(self.compute_dtype), state.cov.to(self.compute_dtype)
+            ssm = self.structure.to_ssm(self.theta.to(self.compute_dtype), mean, cov)
+        obs_mean, obs_cov = forecast_observations(ssm, mean, cov, horizon)
+        mean = obs_mean[..., 0].transpose(1, 2)  # (B, horizon, C)
+        var = obs_cov[..., 0, 0].transpose(1, 2) * self._variance_scale(horizon)
         return Gaussian(mean.to(context.dtype), var.to(context.dtype))
+
+    def _variance_scale(self, horizon: int) -> Tensor | float:
+        """(horizon, C) calibration factors of the forecast variance (1 when uncalibrated)."""
+        scale = self.var_scale
+        if scale.shape[1] == 0:
+            return 1.0
+        if scale.shape[1] < horizon:
+            scale = torch.cat([scale, scale[:, -1:].expand(-1, horizon - scale.shape[1])], 1)
+        return scale[:, :horizon].T.to(self.compute_dtype)
 
     # ------------------------------------------------------------------------------ extras
     @torch.no_grad()
@@ -206,143 +283,154 @@ class KalmanForecaster(nn.Module):
                             "sequential")
 
     # ------------------------------------------------------------------------------ EM
-    def _em_layout(self) -> tuple[list[int], Tensor, int]:
-        """Which diagonal entries of Q each state-noise parameter drives.
-
-        Returns (indices of the state-noise parameters in theta, a (k, n) 0/1 mask whose row j
-        marks the entries S_j of diag(Q) that parameter j sets, the index of log_var_obs).
-        Found by perturbing each parameter, so it holds for any variance-only component.
-        """
-        names = self.param_names
-        other = [nm for nm in names if not nm.startswith("log_var_")]
-        if other or "log_var_arma" in names:
-            raise ConfigError(
-                f"model.fit=em needs a model whose parameters are all variances (components "
-                f"level, trend, seasonal); {self.structure.components} has "
-                f"{', '.join(other + [nm for nm in names if nm == 'log_var_arma'])}: use "
-                f"model.fit=mle"
-            )
-        obs = names.index("log_var_obs")
-        noise = [j for j in range(len(names)) if j != obs]
-        base = torch.zeros(1, len(names), dtype=torch.float64)
-        _, Q0 = self.structure.transition(base)
-        rows = []
-        for j in noise:
-            bumped = base.clone()
-            bumped[0, j] = 1.0
-            _, Qj = self.structure.transition(bumped)
-            changed = (Qj[0] - Q0[0]).abs() > 0
-            if bool((changed & ~torch.eye(Q0.shape[-1], dtype=torch.bool)).any()):
-                raise ConfigError(  # a correlated state noise has no per-entry M-step here
-                    f"model.fit=em: parameter {names[j]} drives off-diagonal entries of Q; "
-                    f"use model.fit=mle"
-                )
-            rows.append(torch.diagonal(changed).to(torch.float64))
-        mask = torch.stack(rows) if rows else torch.zeros(0, Q0.shape[-1], dtype=torch.float64)
-        if bool((mask.sum(0) > 1).any()) or bool((mask.sum(1) == 0).any()):
-            raise ConfigError("model.fit=em: the state-noise parameters do not map one-to-one "
-                              "onto diagonal entries of Q; use model.fit=mle")
-        return noise, mask, obs
-
-    def fit_em(self, ys: list[Tensor], n_iter: int = 50, tol: float = 1e-8) -> list[float]:
-        """Fit the variances of every channel by EM (Shumway & Stoffer 1982); ``theta`` in place.
+    def fit_em(self, ys: list[Tensor] | Tensor, n_iter: int = 50, tol: float = 1e-8,
+               segment: int | None = None, fit_prior: bool = False, polish_iters: int = 0
+               ) -> list[float]:
+        """Fit every channel's parameters by EM (Shumway & Stoffer 1982); ``theta`` in place.
 
         ys: training streams, each (B_k, T_k, C) with NaN for missing entries (lengths may
-        differ between the tensors). E-step: filter + RTS smoother with the current parameters
-        and the model's prior (as in ``one_step(y, state=None)``). M-step, per channel, in closed
-        form: the variance q_j of state-noise parameter j, which drives the diagonal entries S_j
-        of Q, is the mean over transitions t = 1..T-1 and over S_j of
-        E[(x_t - F x_{t-1})_i^2 | y]; the observation variance is the mean over observed steps
-        of E[(y_t - H x_t)^2 | y]. The complete data are (states, observed y): a missing y is
-        simply not in the model's complete-data likelihood, which is exact EM (the likelihood
-        never decreases) and converges faster than also imputing the missing y (whose update
-        mixes in the current R). The prior of the first state does not depend on the variances,
-        so it needs no update. Variances are floored at 1e-12 times the channel's variance.
+        differ between the tensors). ``segment``: cut every stream into consecutive segments
+        of this many steps (the remainder of a stream is a shorter segment), each filtered from
+        the prior: the E-step then costs O(segment) sequential steps however long the data,
+        and the prior learns where a window of that length starts. ``fit_prior``: also
+        estimate the prior (mean and full covariance of the first state, per channel), which
+        ``one_step``/``forecast`` from ``state=None`` then use; otherwise the prior stays the
+        data-based one of :meth:`initialize`.
 
-        Only for models whose parameters are all variances (level, trend, seasonal); raises
-        ConfigError otherwise. Returns the total log-likelihood (summed over streams and
-        channels) before each iteration and after the last; stops early when an iteration
-        gains less than ``tol`` relative to the log-likelihood.
+        E-step: filter + RTS smoother; M-step in closed form per component
+        (:func:`tsssm.kalman.fit.fit_structural_em`): variances, the damping factor and AR
+        coefficients (a regression of the state on its previous value), the observation
+        variance. Missing y are simply not in the complete-data likelihood (exact EM). Variances
+        are floored at 1e-12 times the channel's variance. With a fitted prior (or none of the
+        prior depending on the parameters) every iteration increases the likelihood; without
+        ``fit_prior`` an AR component's stationary prior moves with its coefficients, which EM
+        does not account for (the likelihood may then dip slightly).
+
+        ``polish_iters``: then continue with up to this many L-BFGS evaluations of the exact
+        likelihood (parameters and, with ``fit_prior``, the prior;
+        :func:`tsssm.kalman.fit.fit_structural_lbfgs`): EM climbs fast at first and slowly
+        near the optimum, L-BFGS the other way round.
+
+        Returns the total log-likelihood (summed over segments and channels) before each
+        iteration and after the last (then after each L-BFGS evaluation); EM stops early when
+        an iteration gains less than ``tol`` relative to the log-likelihood.
         """
-        noise, mask, obs_idx = self._em_layout()
         if isinstance(ys, Tensor):
             ys = [ys]
         if not ys:
             raise DataError("fit_em needs at least one training stream")
-        dt = self.compute_dtype
+        if segment is not None and (int(segment) != segment or segment < 2):
+            raise ConfigError(f"model.em_segment must be an integer >= 2, got {segment!r}")
+        if any(b.name == "arma" for b in self.structure.blocks):  # pragma: no cover
+            raise ConfigError("model.fit=em has no update for an MA part; use model.fit=mle")
         groups = [self._channels_as_batch(y) for y in ys]  # each (B, C, T, 1)
-        dev = groups[0].device
-        mask = mask.to(dt).to(dev)  # (k, n)
-        h = self.structure.natural_observation_row(dt, dev)  # (n,)
-        # data variance per channel, for the floor
+        if segment is not None:
+            groups = _segments(groups, int(segment))
         vals = torch.cat([g.transpose(0, 1).reshape(self.n_channels, -1) for g in groups], 1)
         ok = ~torch.isnan(vals)
         n_ok = ok.sum(1)
         if bool((n_ok == 0).any()):
             empty = (n_ok == 0).nonzero().flatten().tolist()
             raise DataError(f"channels {empty} have no observed value in the training streams")
-        v0 = torch.where(ok, vals, 0)
-        mean = v0.sum(1) / n_ok
+        mean = torch.where(ok, vals, 0).sum(1) / n_ok
         var = (torch.where(ok, vals - mean[:, None], 0) ** 2).sum(1) / n_ok
         floor = 1e-12 * torch.where(var > 0, var, torch.ones_like(var))  # (C,)
+        theta = self.theta.detach().to(self.compute_dtype)
+        ssm = self.ssm()
+        st, prior_var = self.structure, self.prior_var.to(self.compute_dtype)
 
-        history: list[float] = []
+        def default_prior(th: Tensor) -> tuple[Tensor, Tensor]:  # as in ssm(), from theta
+            return ssm.m0, st.default_prior(th, variance=st.prior_scale * prior_var)[1]
+
+        extra = self._prior_extra() if fit_prior or bool(self.prior_fitted) else None
+        P0 = ssm.P0 - torch.diag_embed(extra) if extra is not None else ssm.P0
+        out = fit_structural_em(
+            st, theta, groups, ssm.m0, P0, n_iter=n_iter, tol=tol, estimate_prior=fit_prior,
+            prior_of=None if fit_prior or bool(self.prior_fitted) else default_prior,
+            prior_extra=extra, floor=floor, method=self.method)
+        history = list(out.history)
+        if polish_iters:
+            out = fit_structural_lbfgs(
+                st, out.theta, groups, out.m0, out.P0, fit_prior=fit_prior,
+                prior_of=None if fit_prior or bool(self.prior_fitted) else default_prior,
+                prior_extra=extra, max_iter=int(polish_iters))
+            history += out.history
         with torch.no_grad():
-            for it in range(n_iter + 1):
-                ssm = self.ssm()
-                results = [kalman_filter(ssm, g, method=self.method) for g in groups]
-                total = sum(float(r.loglik.sum()) for r in results)
-                if not math.isfinite(total):
-                    raise NumericalError(
-                        f"fit_em: the log-likelihood is not finite at iteration {it}; rescale "
-                        f"the data or start from other parameters (initialize())"
-                    )
-                history.append(total)
-                if it == n_iter:
-                    break
-                if it > 0 and total - history[-2] <= tol * abs(total):
-                    break
-                self._em_update(ssm, groups, results, noise, mask, obs_idx, h, floor)
+            self.theta.copy_(out.theta.to(self.theta.dtype))
+            if fit_prior:
+                self.prior_mean.copy_(out.m0)
+                self.prior_cov.copy_(out.P0)
+                self.prior_fitted.fill_(True)
         return history
 
-    def _em_update(self, ssm: LinearGaussianSSM, groups: list[Tensor],
-                   results: list[FilterResult], noise: list[int], mask: Tensor, obs_idx: int,
-                   h: Tensor, floor: Tensor) -> None:
-        """One M-step from the smoothed statistics of every group (see :meth:`fit_em`)."""
-        C, n = self.n_channels, ssm.F.shape[-1]
-        F = ssm.F  # (C, n, n)
-        w2 = F.new_zeros(C, n)  # sum over transitions of E[w_t w_t'] diagonal, per channel
-        n_trans = 0
-        e2 = F.new_zeros(C)  # sum over observed steps of E[(y_t - H x_t)^2]
-        n_obs = F.new_zeros(C)
-        for g, res in zip(groups, results):
-            sm = self._smooth(ssm, res)
-            m, P = sm.mean, sm.cov  # (B, C, T, n), (B, C, T, n, n)
-            B, _, T, _ = m.shape
-            if T > 1:
-                # w_t = x_t - F x_{t-1}, t = 1..T-1: mean part plus covariance part, summed
-                # over streams and steps before the (small) products with F
-                Fb = F.unsqueeze(1)  # (C, 1, n, n) against (B, C, T-1, n, n)
-                e = m[..., 1:, :] - (Fb @ m[..., :-1, :].unsqueeze(-1)).squeeze(-1)
-                sP1 = P[..., 1:, :, :].sum((0, 2))  # (C, n, n)
-                sP0 = P[..., :-1, :, :].sum((0, 2))
-                sL = sm.lag_one_cov.sum((0, 2))  # sum Cov[x_t, x_{t-1}]
-                w2 += ((e * e).sum((0, 2)) + torch.diagonal(sP1, dim1=-2, dim2=-1)
-                       - 2 * (F * sL).sum(-1) + ((F @ sP0) * F).sum(-1))
-                n_trans += B * (T - 1)
-            o = res.observed[..., 0]  # (B, C, T)
-            y0 = torch.where(o, g[..., 0], 0)
-            resid = y0 - m @ h
-            hPh = ((P @ h) * h).sum(-1)  # (B, C, T)
-            e2 += torch.where(o, resid * resid + hPh, 0).sum((0, 2))
-            n_obs += o.sum((0, 2)).to(e2.dtype)
-        theta = self.theta.detach().to(self.compute_dtype).clone()
-        if n_trans > 0 and noise:
-            q = (w2 @ mask.T) / (mask.sum(1) * n_trans)  # (C, k): tied entries averaged
-            theta[:, noise] = torch.maximum(q, floor[:, None]).log()
-        r = torch.maximum(e2 / n_obs.clamp_min(1), floor).log()
-        theta[:, obs_idx] = torch.where(n_obs > 0, r, theta[:, obs_idx])
-        self.theta.copy_(theta.to(self.theta.dtype))
+    def _window_moments(self, ys: list[Tensor] | Tensor, context: int, horizon: int,
+                        stride: int | None) -> WindowMoments:
+        if isinstance(ys, Tensor):
+            ys = [ys]
+        if not ys:
+            raise DataError("need at least one training stream")
+        groups = [self._channels_as_batch(y) for y in ys]  # (B, C, T, 1)
+        if stride is None:  # about 8,000 windows: their overlap makes more of them redundant
+            total = sum(g.shape[0] * max(g.shape[2] - context - horizon + 1, 0) for g in groups)
+            stride = max(1, total // 8000)
+        mom = window_moments(groups, context, horizon, stride)
+        if bool((mom.count == 0).any()):
+            empty = (mom.count == 0).nonzero().flatten().tolist()
+            raise DataError(
+                f"channels {empty} have no complete window of {context} + {horizon} steps in "
+                f"the training streams"
+            )
+        return mom
+
+    def fit_multistep(self, ys: list[Tensor] | Tensor, context: int, horizon: int, *,
+                      stride: int | None = None, fit_prior: bool = True, max_iter: int = 200
+                      ) -> list[float]:
+        """Fit the parameters (and, with ``fit_prior``, the prior) so that forecasts from
+        ``context`` steps have the least mean squared error over the next ``horizon`` steps of
+        the training windows (every ``stride``-th start; default: about 8,000 windows), the
+        multi-step ("amse") criterion of exponential smoothing
+        (:func:`tsssm.kalman.fit.fit_structural_multistep`). The observation variance stays
+        (the criterion does not see the overall scale of the variances): start from a
+        likelihood fit (``fit_em``) and call :meth:`calibrate` for the forecast variance.
+        Returns the criterion (mean over leads and channels) after each L-BFGS evaluation.
+        """
+        mom = self._window_moments(ys, context, horizon, stride)
+        theta = self.theta.detach().to(self.compute_dtype)
+        ssm = self.ssm()
+        extra = self._prior_extra() if fit_prior or bool(self.prior_fitted) else None
+        P0 = ssm.P0 - torch.diag_embed(extra) if extra is not None else ssm.P0
+        out = fit_structural_multistep(self.structure, theta, mom, ssm.m0, P0, context,
+                                       horizon, fit_prior=fit_prior, prior_extra=extra,
+                                       max_iter=max_iter)
+        with torch.no_grad():
+            self.theta.copy_(out.theta.to(self.theta.dtype))
+            if fit_prior:
+                self.prior_mean.copy_(out.m0)
+                self.prior_cov.copy_(out.P0)
+                self.prior_fitted.fill_(True)
+        return out.history
+
+    @torch.no_grad()
+    def calibrate(self, ys: list[Tensor] | Tensor, context: int, horizon: int, *,
+                  stride: int | None = None) -> Tensor:
+        """Calibrate the forecast variance on windows of ``ys`` (e.g. the training streams):
+        per channel and lead k, the factor that makes the model's variance equal to the mean
+        squared error of its forecasts from ``context`` steps at lead k over the windows.
+        Returns the factors (C, horizon); ``forecast`` applies them from then on.
+
+        A forecast variance from the model alone is only right when the model is: these
+        structural models are fitted to be good forecasters, not true descriptions of the
+        data (e.g. a random-walk level makes long-horizon variances grow without bound).
+        """
+        mom = self._window_moments(ys, context, horizon, stride)
+        self.var_scale = torch.ones(self.n_channels, 0, dtype=self.compute_dtype)
+        ssm = self.ssm()
+        mse = multistep_mse(forecast_maps(ssm, context, horizon, ssm.F.shape[:-2]), mom)
+        probe = torch.zeros(1, context, self.n_channels, dtype=self.compute_dtype)
+        model_var = self.forecast(probe, horizon).var[0].T.to(self.compute_dtype)  # (C, H)
+        scale = (mse / model_var).clamp_min(1e-6)
+        self.var_scale = scale
+        return scale
 
     def smooth(self, y: Tensor) -> Gaussian:
         """Smoothed signal E[H x_t | all y] and its variance, (B, T, C) (offline analysis)."""
@@ -351,6 +439,66 @@ class KalmanForecaster(nn.Module):
         mean = (sm.mean @ h).transpose(1, 2)
         var = (h @ sm.cov @ h).transpose(1, 2)
         return Gaussian(mean.to(y.dtype), var.clamp_min(0).to(y.dtype))
+
+
+class FitReport(NamedTuple):
+    """What :func:`fit_forecaster` did: histories and seconds."""
+
+    loglik: list[float]  # total log-likelihood of every EM iteration (and L-BFGS evaluation)
+    multistep_mse: list[float]  # the multi-step criterion after every evaluation (or [])
+    seconds: float
+
+
+def fit_forecaster(net: KalmanForecaster, streams: list[Tensor] | Tensor, *, fit: str = "em",
+                   em_iters: int = 50, em_segment: int | None = None, em_prior: bool = False,
+                   em_polish: int = 0, multistep_iters: int = 200, calibrate: bool = False,
+                   context: int | None = None, horizon: int | None = None) -> FitReport:
+    """The closed-form fitting of ``model.fit=em`` / ``multistep`` on training streams
+    (B_k, T_k, C): EM (``em_iters`` iterations, segments of ``em_segment`` steps, the prior
+    too with ``em_prior``, then ``em_polish`` L-BFGS evaluations); with ``fit="multistep"``
+    the multi-step criterion over ``horizon`` steps from ``context`` steps; with
+    ``calibrate`` the forecast-variance calibration on the same windows. Call
+    :meth:`KalmanForecaster.initialize` first."""
+    import time
+
+    if fit not in ("em", "multistep"):
+        raise ConfigError(f"model.fit={fit!r}: this fitting handles em and multistep")
+    if (fit == "multistep" or calibrate) and (context is None or horizon is None):
+        raise ConfigError("the multi-step criterion and the calibration need the context "
+                          "length and the horizon")
+    start = time.perf_counter()
+    loglik = net.fit_em(streams, n_iter=em_iters, segment=em_segment, fit_prior=em_prior,
+                        polish_iters=em_polish)
+    crit: list[float] = []
+    if fit == "multistep":
+        crit = net.fit_multistep(streams, context, horizon, fit_prior=em_prior,
+                                 max_iter=multistep_iters)
+    if calibrate:
+        net.calibrate(streams, context, horizon)
+    return FitReport(loglik, crit, time.perf_counter() - start)
+
+
+def _segments(groups: list[Tensor], length: int) -> list[Tensor]:
+    """Cut streams (B, C, T, 1) into consecutive segments (G, C, length, 1) plus the remainder
+    (B, C, T mod length, 1) when it has at least two steps; segments with nothing observed
+    are dropped."""
+    out = []
+    for g in groups:
+        B, C, T, _ = g.shape
+        k = T // length
+        if k:
+            seg = g[:, :, : k * length].reshape(B, C, k, length, 1).transpose(1, 2)
+            out.append(seg.reshape(B * k, C, length, 1))
+        if T - k * length >= 2:
+            out.append(g[:, :, k * length :])
+    kept = []
+    for seg in out:
+        any_obs = (~torch.isnan(seg)).flatten(1).any(1)
+        if bool(any_obs.any()):
+            kept.append(seg[any_obs].contiguous())
+    if not kept:
+        raise DataError("the training streams have no observed value")
+    return kept
 
 
 @step_loop_threads()

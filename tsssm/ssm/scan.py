@@ -128,31 +128,56 @@ def validate_scan_inputs(
 # --------------------------------------------------------------------------------------------
 
 
+def _training(*tensors: Tensor | None) -> bool:
+    """Whether autograd will record this call: grad mode on and some input requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class ChunkedScanFn(torch.autograd.Function):
-    """y = C·h for the discretised recurrence; saves only chunk-boundary states.
+    """y = C·h for the discretised recurrence, by the torch path: the stepwise CPU path
+    (``inner="step"``) or the chunked one; saves what that path's backward needs.
 
     Inputs in one float dtype: u, dt (b, d, L), A (d, N), B, C (b, G, N, L), h0 (b, d, N).
     Outputs y (b, d, L) and the final state (b, d, N).
     """
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, h0, chunk, inner):  # type: ignore[override]
-        y, h_final, saved = scan_ref.chunked_scan_forward(
-            u, dt, A, B, C, h0, chunk=chunk, save_states=any(ctx.needs_input_grad), inner=inner
-        )
-        ctx.save_for_backward(u, dt, A, B, C, saved)
+    def forward(ctx, u, dt, A, B, C, h0, chunk, inner, training):  # type: ignore[override]
+        inner = scan_ref.resolve_inner(inner, u.device)
+        # needs_input_grad is True under no_grad too: ``training`` (grad mode on and an input
+        # that requires grad, decided by the caller) keeps inference from saving states
+        save = training and any(ctx.needs_input_grad)
+        if inner == "step":
+            y, h_final, saved = scan_ref.stepwise_scan_forward(
+                u, dt, A, B, C, h0, chunk=chunk, save_states=save
+            )
+            ctx.mode = saved[0] if saved is not None else None
+            extra = saved[1:] if saved is not None else ()
+        else:
+            y, h_final, saved = scan_ref.chunked_scan_forward(
+                u, dt, A, B, C, h0, chunk=chunk, save_states=save, inner=inner
+            )
+            ctx.mode = "chunked"
+            extra = (saved,) if saved is not None else ()
+        ctx.save_for_backward(u, dt, A, B, C, h0, *extra)
         ctx.chunk, ctx.inner = chunk, inner
         return y, h_final
 
     @staticmethod
     def backward(ctx, dy, dh_final):  # type: ignore[override]
-        u, dt, A, B, C, saved = ctx.saved_tensors
+        u, dt, A, B, C, h0, *extra = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
-        du, ddt, dA, dB, dC, dh0 = scan_ref.chunked_scan_backward(
-            dy.contiguous(), dh_final, u, dt, A, B, C, saved, chunk=ctx.chunk, inner=ctx.inner
-        )
-        return du, ddt, dA, dB, dC, dh0, None, None
+        if ctx.inner == "step":
+            du, ddt, dA, dB, dC, dh0 = scan_ref.stepwise_scan_backward(
+                dy.contiguous(), dh_final, u, dt, A, B, C, (ctx.mode, *extra), h0, chunk=ctx.chunk
+            )
+        else:
+            du, ddt, dA, dB, dC, dh0 = scan_ref.chunked_scan_backward(
+                dy.contiguous(), dh_final, u, dt, A, B, C, extra[0], chunk=ctx.chunk,
+                inner=ctx.inner
+            )
+        return du, ddt, dA, dB, dC, dh0, None, None, None
 
 
 def selective_scan_torch(
@@ -183,7 +208,8 @@ def selective_scan_torch(
         h0 = initial_state.to(cdt)
     y, h_final = ChunkedScanFn.apply(
         uc.contiguous(), dt.contiguous(), A.to(cdt).contiguous(), Bg.contiguous(),
-        Cg.contiguous(), h0.contiguous(), int(chunk), inner
+        Cg.contiguous(), h0.contiguous(), int(chunk), inner,
+        _training(u, delta, A, B, C, D, z, delta_bias, initial_state)
     )
     if D is not None:
         y = y + D.to(cdt)[:, None] * uc
@@ -201,12 +227,13 @@ class TritonScanFn(torch.autograd.Function):
     """The fused Triton scan. Saves the inputs and the chunk-boundary states (b, n_chunks, d, N)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):  # type: ignore[override]
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,  # type: ignore[override]
+                training):
         from tsssm.ssm import scan_triton
 
         out, h_final, saved, block_l = scan_triton.scan_forward(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-            save_states=any(ctx.needs_input_grad),
+            save_states=training and any(ctx.needs_input_grad),
         )
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, saved)
         ctx.block_l = block_l
@@ -231,7 +258,7 @@ class TritonScanFn(torch.autograd.Function):
             dh0 = None
         elif dh0 is not None:
             dh0 = dh0.to(ctx.initial_state_dtype)
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None
 
 
 def selective_scan_triton(
@@ -251,7 +278,8 @@ def selective_scan_triton(
         raise ModelError("selective_scan: backend='triton' takes float32/bfloat16/float16, "
                          "not float64; use backend='torch' for float64")
     return TritonScanFn.apply(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus)
+        u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus),
+        _training(u, delta, A, B, C, D, z, delta_bias, initial_state),
     )
 
 
@@ -275,7 +303,7 @@ def resolve_backend(backend: str, device: torch.device, what: str = "selective_s
             )
         if not triton_available():
             raise ModelError(f"{what}: backend='triton' but Triton is not importable; "
-                             "install triton or use backend='torch'")
+                             "pip install 'tsssm[gpu]' or use backend='torch'")
         return "triton"
     if device.type == "cuda" and triton_available():
         return "triton"

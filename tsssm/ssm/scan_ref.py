@@ -10,18 +10,21 @@ Semantics are mamba-ssm's ``selective_scan_fn``::
 Shapes: u, delta, z (b, d, L); A (d, N); B, C (b, N, L) or (b, G, N, L) where channel ``c`` uses
 group ``c // (d // G)``; D, delta_bias (d,); h_0 = initial_state (b, d, N) or zeros.
 
-Two implementations live here:
+Three implementations live here:
 
 - :func:`selective_scan_ref` is the specification: one timestep at a time in float32 (float64 when
   any input is float64, for gradcheck), differentiable through plain autograd. It is the oracle of
   every test and is slow on purpose (L small steps).
-- :func:`chunked_scan_forward` / :func:`chunked_scan_backward` are the fast torch path used on the
-  CPU: L is cut into chunks of ``chunk`` steps; inside a chunk the linear recurrence is solved over
-  (chunk, b, d, N) tensors, either by a parallel (Hillis-Steele doubling) scan or by a
-  work-efficient loop (the CPU default, faster there), and only the state at each chunk boundary
-  is kept. The backward recomputes each chunk's states from its boundary and runs
-  the adjoint recurrence in reverse, so memory stays O(b·d·N·chunk) in training too. The autograd
-  Function that wires them lives in ``scan.py``.
+- :func:`chunked_scan_forward` / :func:`chunked_scan_backward` are the torch path for GPUs without
+  Triton: L is cut into chunks of ``chunk`` steps; inside a chunk the linear recurrence is solved
+  over (chunk, b, d, N) tensors by a parallel (Hillis-Steele doubling) scan or a work-efficient
+  loop, and only the state at each chunk boundary is kept. The backward recomputes each chunk's
+  states from its boundary and runs the adjoint recurrence in reverse, so memory stays
+  O(b·d·N·chunk) in training too.
+- :func:`stepwise_scan_forward` / :func:`stepwise_scan_backward` are the CPU path: one timestep at
+  a time over (b, d, N) slices that stay in cache, states laid out (b, G, N, d/G) so that every
+  reduction over N or d is a contiguous one; see their docstrings. The autograd Function that
+  wires these paths lives in ``scan.py``.
 
 Decays: A is meant to be negative (``A = -exp(A_log)``), so every factor exp(Δ A) ≤ 1 and every
 product of factors in the doubling scan stays in [0, 1]: nothing is ever exponentiated to a large
@@ -30,6 +33,9 @@ grows like exp(Δ A t) and overflows float32 quickly; that is the caller's model
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +46,8 @@ __all__ = [
     "selective_state_update_ref",
     "chunked_scan_forward",
     "chunked_scan_backward",
+    "stepwise_scan_forward",
+    "stepwise_scan_backward",
     "discretise_delta",
     "compute_dtype",
     "DEFAULT_CHUNK",
@@ -198,15 +206,18 @@ def _scan_loop_(a: Tensor, x: Tensor, reverse: bool) -> Tensor:
 #: the extra work of the parallel form costs more than the T small kernels; on a GPU the
 #: launches dominate and the doubling wins.
 INNER_SOLVERS = {"doubling": _scan_doubling_, "loop": _scan_loop_}
+#: "step" is not an inner solver of the chunk tensors but a separate CPU path
+#: (:func:`stepwise_scan_forward`): the recurrence one timestep at a time on cache-sized slices.
+INNER_CHOICES = ("auto", "step", *INNER_SOLVERS)
 DEFAULT_INNER = "auto"
 
 
 def resolve_inner(inner: str, device: torch.device) -> str:
-    """'auto' → 'loop' on the CPU, 'doubling' elsewhere."""
+    """'auto' → 'step' on the CPU, 'doubling' elsewhere."""
     if inner == "auto":
-        return "loop" if device.type == "cpu" else "doubling"
-    if inner not in INNER_SOLVERS:
-        raise ValueError(f"inner must be 'auto' or one of {sorted(INNER_SOLVERS)}, got {inner!r}")
+        return "step" if device.type == "cpu" else "doubling"
+    if inner not in INNER_CHOICES:
+        raise ValueError(f"inner must be one of {INNER_CHOICES}, got {inner!r}")
     return inner
 
 
@@ -326,7 +337,11 @@ def chunked_scan_backward(
         g = _linear_scan(alpha, c, p, inner, reverse=True)  # (T, b, d, N)
         h_prev = torch.cat([h_start[None], hs[:-1]])  # h_{t-1}
         w = g * a_keep * h_prev  # ∂loss/∂(Δ_t A)  (T, b, d, N)
-        dA += torch.einsum("tbdn,tbd->dn", w, dtT[s:e])
+        # sum over t, b of w * Δ as one batched product per channel d (einsum's CPU path for
+        # this contraction is ~4x slower on 2 cores)
+        T_c = e - s
+        dA += torch.bmm(w.permute(2, 3, 0, 1).reshape(dim, -1, T_c * batch),
+                        dtT[s:e].permute(2, 0, 1).reshape(dim, T_c * batch, 1)).squeeze(-1)
         gB = (_per_group(g, G) * B_c).sum(-1).flatten(2)  # (T, b, d)
         ddtT[s:e] = (w * A).sum(-1) + gB * uT[s:e]
         duT[s:e] = gB * dtT[s:e]
@@ -335,3 +350,202 @@ def chunked_scan_backward(
         p = a_keep[0] * g[0]
     return (duT.movedim(0, -1), ddtT.movedim(0, -1), dA, dBT.movedim(0, -1),
             dCT.movedim(0, -1), p)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU path: one timestep at a time on cache-sized slices.
+#
+# On a CPU the chunk tensors above, (chunk, b, d, N), are tens of MB for a small Mamba (b 64,
+# d 128, N 16: 33 MB at chunk 64); every op over them streams main memory, and the backward makes
+# a dozen of them. Here every op touches one step's (b, d, N) slice (512 KB at that shape, in L2)
+# and the states are laid out (b, G, N, d/G): the reductions over N (C·h, B·g) are batched
+# (1 × N) @ (N × d/G) products and those over d (dB, dC) sums over the contiguous last axis, both
+# far faster on a CPU than reducing a trailing axis of 16. Training keeps, while they fit in
+# STEP_SAVE_ALL_BYTES, every step's state and decay exp(Δ A) (the backward then computes no
+# exponential, the largest cost of a step); beyond that only the state at each chunk start, and
+# the backward recomputes one chunk at a time as the chunked path does.
+# --------------------------------------------------------------------------------------------
+
+#: Largest size (bytes) of the per-step states and decays the CPU path keeps for the backward
+#: (2 · L·b·d·N floats); longer sequences keep chunk-start states and recompute.
+STEP_SAVE_ALL_BYTES = 256 * 2**20
+#: The CPU path's step loops run on one intra-op thread (see _one_thread).
+STEP_SINGLE_THREAD = True
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run a loop of per-step ops (tens of microseconds each) on one intra-op thread, then
+    restore the setting. A second thread saves little on ops that small, and when the cores are
+    shared with other processes every op waits for a descheduled worker: measured on a busy
+    2-core machine, a training step of the small Mamba forecaster took 5-7 s of CPU with two
+    threads and 0.35-0.5 s with one (benchmarks/RESULTS.md)."""
+    n = torch.get_num_threads()
+    if STEP_SINGLE_THREAD and n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if STEP_SINGLE_THREAD and n > 1:
+            torch.set_num_threads(n)
+
+
+def _steps_bg(x: Tensor, G: int) -> Tensor:
+    """(b, d, L) -> (L, b, G, d/G), contiguous."""
+    b, d, L = x.shape
+    return x.reshape(b, G, d // G, L).permute(3, 0, 1, 2).contiguous()
+
+
+def _state_bg(h: Tensor, G: int) -> Tensor:
+    """(b, d, N) -> (b, G, N, d/G), contiguous."""
+    b, d, N = h.shape
+    return h.reshape(b, G, d // G, N).transpose(-1, -2).contiguous()
+
+
+def _state_bdn(h: Tensor) -> Tensor:
+    """(b, G, N, d/G) -> (b, d, N), contiguous."""
+    b, G, N, dg = h.shape
+    return h.transpose(-1, -2).reshape(b, G * dg, N).contiguous()
+
+
+def stepwise_scan_forward(*args, **kwargs):
+    """The CPU path's forward (see :func:`_stepwise_forward`), on one intra-op thread."""
+    with _one_thread():
+        return _stepwise_forward(*args, **kwargs)
+
+
+def stepwise_scan_backward(*args, **kwargs):
+    """The CPU path's backward (see :func:`_stepwise_backward`), on one intra-op thread."""
+    with _one_thread():
+        return _stepwise_backward(*args, **kwargs)
+
+
+def _stepwise_forward(
+    u: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    h0: Tensor,
+    chunk: int = DEFAULT_CHUNK,
+    save_states: bool = True,
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
+    """Same contract as :func:`chunked_scan_forward` except for what it
+    saves: ``("all", states, decays)`` — each (L, b, G, N, d/G), the state after every step and
+    exp(Δ_t A) — while they fit in STEP_SAVE_ALL_BYTES, else ``("chunks", starts)`` with the state
+    at the start of every chunk (n_chunks, b, G, N, d/G). None without ``save_states``.
+    """
+    b, d, L = u.shape
+    G, N = B.shape[1], B.shape[2]
+    dg = d // G
+    uT, dtT = _steps_bg(u, G), _steps_bg(dt, G)  # (L, b, G, dg)
+    dtuT = dtT * uT
+    BT = B.permute(3, 0, 1, 2).contiguous()  # (L, b, G, N)
+    CT = C.permute(3, 0, 1, 2).contiguous()
+    At = A.reshape(G, dg, N).transpose(-1, -2).contiguous()  # (G, N, dg)
+    yT = torch.empty_like(uT)  # (L, b, G, dg)
+    h = _state_bg(h0, G)  # (b, G, N, dg)
+    keep_all = save_states and 2 * L * h.numel() * h.element_size() <= STEP_SAVE_ALL_BYTES
+    if keep_all:
+        hs = torch.empty((L, *h.shape), dtype=h.dtype, device=h.device)
+        decays = torch.empty_like(hs)
+        saved: tuple | None = ("all", hs, decays)
+    elif save_states:
+        starts = torch.empty((-(-L // chunk), *h.shape), dtype=h.dtype, device=h.device)
+        saved = ("chunks", starts)
+    else:
+        saved = None
+    a = torch.empty_like(h)
+    for t in range(L):
+        if saved is not None and not keep_all and t % chunk == 0:
+            starts[t // chunk] = h
+        a_t = decays[t] if keep_all else a
+        torch.mul(dtT[t].unsqueeze(2), At, out=a_t)
+        a_t.exp_()
+        if keep_all:
+            h = torch.mul(a_t, h, out=hs[t])
+        else:
+            h.mul_(a_t)
+        h.addcmul_(BT[t].unsqueeze(3), dtuT[t].unsqueeze(2))  # + Δu B
+        torch.bmm(CT[t].view(b * G, 1, N), h.view(b * G, N, dg), out=yT[t].view(b * G, 1, dg))
+    y = yT.permute(1, 2, 3, 0).reshape(b, d, L)
+    return y, _state_bdn(h), saved
+
+
+def _stepwise_backward(
+    dy: Tensor,
+    dh_final: Tensor | None,
+    u: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    saved: tuple,
+    h0: Tensor,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`_stepwise_forward` w.r.t. (u, dt, A, B, C, h0); ``saved`` is what
+    it returned, h0 its initial state. Same adjoint recurrence as :func:`chunked_scan_backward`,
+    g_t = C_t dy_t + a_{t+1} g_{t+1}, one step at a time backwards."""
+    b, d, L = u.shape
+    G, N = B.shape[1], B.shape[2]
+    dg = d // G
+    uT, dtT, dyT = _steps_bg(u, G), _steps_bg(dt, G), _steps_bg(dy, G)  # (L, b, G, dg)
+    dtuT = dtT * uT
+    BT = B.permute(3, 0, 1, 2).contiguous()  # (L, b, G, N)
+    CT = C.permute(3, 0, 1, 2).contiguous()
+    At = A.reshape(G, dg, N).transpose(-1, -2).contiguous()  # (G, N, dg)
+    gBT = torch.empty_like(uT)  # Σ_n g_t B_t          (L, b, G, dg)
+    wAT = torch.empty_like(uT)  # Σ_n ∂loss/∂(Δ_t A) A
+    dBT, dCT = torch.empty_like(BT), torch.empty_like(CT)  # (L, b, G, N)
+    h_init = _state_bg(h0, G)
+    g = torch.zeros_like(h_init) if dh_final is None else _state_bg(dh_final.to(h0.dtype), G)
+    dA_acc = torch.zeros_like(h_init)  # Σ_t w_t Δ_t, summed over b at the end
+    w = torch.empty_like(h_init)
+    tmp = torch.empty_like(h_init)
+    if saved[0] == "all":
+        _, hs, decays = saved
+        spans = [(0, L)]
+    else:
+        starts = saved[1]
+        spans = [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
+        hs = torch.empty((min(chunk, L), *h_init.shape), dtype=h0.dtype, device=h0.device)
+        decays = torch.empty_like(hs)
+    for i in reversed(range(len(spans))):
+        s, e = spans[i]
+        if saved[0] == "all":
+            off, h_start = 0, h_init
+        else:  # recompute this chunk's decays and states from its start
+            off, h_start = s, starts[i]
+            prev = h_start
+            for j in range(e - s):
+                torch.mul(dtT[s + j].unsqueeze(2), At, out=decays[j])
+                decays[j].exp_()
+                torch.mul(decays[j], prev, out=hs[j])
+                hs[j].addcmul_(BT[s + j].unsqueeze(3), dtuT[s + j].unsqueeze(2))
+                prev = hs[j]
+        for t in reversed(range(s, e)):
+            j = t - off
+            g.addcmul_(CT[t].unsqueeze(3), dyT[t].unsqueeze(2))  # g_t = C_t dy_t + a_{t+1} g_{t+1}
+            torch.bmm(BT[t].view(b * G, 1, N), g.view(b * G, N, dg),
+                      out=gBT[t].view(b * G, 1, dg))
+            torch.mul(g, dtuT[t].unsqueeze(2), out=tmp)
+            torch.sum(tmp, dim=-1, out=dBT[t])  # Σ over the group's channels
+            torch.mul(hs[j], dyT[t].unsqueeze(2), out=tmp)
+            torch.sum(tmp, dim=-1, out=dCT[t])
+            h_prev = hs[j - 1] if j > 0 else h_start
+            torch.mul(g, decays[j], out=w)
+            w.mul_(h_prev)  # ∂loss/∂(Δ_t A) = g_t a_t h_{t-1}
+            dA_acc.addcmul_(w, dtT[t].unsqueeze(2))
+            torch.mul(w, At, out=tmp)
+            torch.sum(tmp, dim=2, out=wAT[t])
+            g.mul_(decays[j])  # what step t sends back to h_{t-1}
+    duT = gBT * dtT
+    ddtT = wAT.addcmul_(gBT, uT)
+    dA = dA_acc.sum(0).transpose(-1, -2).reshape(d, N)  # (G, N, dg) -> (d, N)
+
+    def back(x: Tensor) -> Tensor:  # (L, b, G, dg) -> (b, d, L)
+        return x.permute(1, 2, 3, 0).reshape(b, d, L)
+
+    return (back(duT), back(ddtT), dA, dBT.permute(1, 2, 3, 0), dCT.permute(1, 2, 3, 0),
+            _state_bdn(g))

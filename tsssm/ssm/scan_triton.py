@@ -20,24 +20,62 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["scan_forward", "scan_backward", "state_update", "FWD_CONFIG", "BWD_CONFIG"]
+__all__ = ["scan_forward", "scan_backward", "state_update", "launch_config", "FWD_CONFIG",
+           "BWD_CONFIG"]
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e)
 
 #: Launch shapes. Chosen by the sweep in benchmarks/scan.py (H100, see benchmarks/RESULTS.md).
-FWD_CONFIG = {"BLOCK_D": 16, "BLOCK_L": 64, "num_warps": 4, "UNROLL": 4}
+#: PREFETCH: the next chunk's u, delta and z are loaded while the current chunk is computed
+#: (software pipelining by hand: their DRAM latency overlaps the N-state loop instead of starting
+#: each chunk); 0 = load each chunk's inputs when it starts (the kernel before 2026-12-01).
+FWD_CONFIG = {"BLOCK_D": 16, "BLOCK_L": 64, "num_warps": 4, "UNROLL": 4, "PREFETCH": 1}
+#: Per input dtype ("float32", "bfloat16", "float16") overrides of FWD_CONFIG / BWD_CONFIG.
+FWD_CONFIG_BY_DTYPE: dict[str, dict] = {}
+#: Overrides of the forward's shape when it saves chunk states for a backward (training), whose
+#: BLOCK_L the backward inherits; per dtype in FWD_TRAIN_CONFIG_BY_DTYPE.
+FWD_TRAIN_CONFIG: dict = {}
+FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {}
 #: The backward walks the chunks the forward saved, so it reuses the forward's BLOCK_L.
-BWD_CONFIG = {"BLOCK_D": 4, "num_warps": 1, "UNROLL": 2}
-#: dB/dC across dim blocks: False = per-block partial sums then one torch sum (deterministic and
-#: faster, but n_dblocks × the size of dB); True = float32 atomic adds into (b, G, N, L), memory
-#: O(b·N·L); "auto" = partial sums while their buffers take at most PARTIAL_MEMORY_FRACTION of the
-#: device's memory (PARTIAL_BYTES_MAX off CUDA), atomics beyond.
-BWD_ATOMIC_BC: bool | str = "auto"
+#: PREFETCH as in the forward (u, delta, dout, z of the chunk before), off by default: the
+#: backward's 1-warp programs are limited by registers, which prefetching raises.
+BWD_CONFIG = {"BLOCK_D": 4, "num_warps": 1, "UNROLL": 2, "PREFETCH": 0}
+BWD_CONFIG_BY_DTYPE: dict[str, dict] = {}
+#: dB/dC across dim blocks: True = float32 atomic adds into (b, G, N, L) (memory O(b·N·L), like
+#: dB itself); False = per-block partial sums then one torch sum (deterministic, but
+#: n_dblocks × the size of dB: 4 GiB at batch 8, dim 1024, L 16k); "auto" = partial sums while
+#: their buffers take at most PARTIAL_MEMORY_FRACTION of the device's memory (PARTIAL_BYTES_MAX
+#: off CUDA), atomics beyond.
+BWD_ATOMIC_BC: bool | str = True
+#: Memory order of those atomics. "relaxed" (red.global.add: no fence; the adds commute and
+#: nothing reads dB/dC before the kernel ends) or "acq_rel" (Triton's default, a fence around
+#: every add: how the atomics ran before 2026-12-01, ~1.7x slower backward on an H100).
+ATOMIC_SEM = "relaxed"
 PARTIAL_MEMORY_FRACTION = 0.125
 PARTIAL_BYTES_MAX = 1 << 30
 #: Reverse scan through ``reverse=True`` (False) or explicit ``tl.flip`` (True, slower; kept as a
 #: fallback should a Triton release compile reverse scans differently).
 BWD_REVERSE_VIA_FLIP = False
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def launch_config(kind: str, dtype: torch.dtype, config: dict | None = None) -> dict:
+    """The launch shape in use for ``kind`` ("fwd", "fwd_train" = a forward that saves states
+    for the backward, "bwd") and input dtype: the module default, its per-dtype override (for
+    "fwd_train" then FWD_TRAIN_CONFIG and its per-dtype override), then ``config``."""
+    name = _dtype_name(dtype)
+    if kind == "bwd":
+        return {**BWD_CONFIG, **BWD_CONFIG_BY_DTYPE.get(name, {}), **(config or {})}
+    cfg = {**FWD_CONFIG, **FWD_CONFIG_BY_DTYPE.get(name, {})}
+    if kind == "fwd_train":
+        cfg.update(FWD_TRAIN_CONFIG)
+        cfg.update(FWD_TRAIN_CONFIG_BY_DTYPE.get(name, {}))
+    elif kind != "fwd":
+        raise ValueError(f"kind must be fwd, fwd_train or bwd, got {kind!r}")
+    return {**cfg, **(config or {})}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,7 +182,7 @@ def _scan_fwd_kernel(
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     UNROLL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
+    SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # u, dt, z, out: (b, d, L); A: (d, N); B, C: (b, G, N, L); D, bias: (d,); h0, hlast: (b, d, N);
     # hsave: (b, n_chunks, d, N) state at the start of each chunk. All contiguous.
@@ -169,6 +207,14 @@ def _scan_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
+    if PREFETCH:  # chunk 0's inputs; each iteration then loads the next chunk's
+        mask0 = mask_d[:, None] & (offs_t < L)[None, :]
+        ptrs0 = row[:, None] + offs_t[None, :]
+        u_next = tl.load(u_ptr + ptrs0, mask=mask0, other=0.0)
+        dt_next = tl.load(dt_ptr + ptrs0, mask=mask0, other=0.0)
+        if HAS_Z:
+            z_next = tl.load(z_ptr + ptrs0, mask=mask0, other=0.0)
+
     for c in range(0, n_chunks):
         t = c * BLOCK_L + offs_t  # (BLOCK_L,)
         mask_t = t < L
@@ -177,8 +223,22 @@ def _scan_fwd_kernel(
         if SAVE:
             tl.store(hsave_ptr + (pid_b * n_chunks + c) * dim * N + offs_d[:, None] * N
                      + offs_n[None, :], h, mask=mask_dn)
-        u = tl.load(u_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            u_raw = u_next
+            dt_raw = dt_next
+            if HAS_Z:
+                z_raw = z_next
+            # past the last chunk every lane is masked: no memory traffic
+            mask_nx = mask_d[:, None] & (t + BLOCK_L < L)[None, :]
+            u_next = tl.load(u_ptr + ptrs + BLOCK_L, mask=mask_nx, other=0.0)
+            dt_next = tl.load(dt_ptr + ptrs + BLOCK_L, mask=mask_nx, other=0.0)
+            if HAS_Z:
+                z_next = tl.load(z_ptr + ptrs + BLOCK_L, mask=mask_nx, other=0.0)
+        else:
+            u_raw = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
+            dt_raw = tl.load(dt_ptr + ptrs, mask=mask, other=0.0)
+        u = u_raw.to(tl.float32)
+        dt = dt_raw.to(tl.float32)
         if HAS_BIAS:
             dt = dt + bias[:, None]
         if SOFTPLUS:
@@ -205,7 +265,10 @@ def _scan_fwd_kernel(
         if HAS_D:  # u is loaded again (cache hit) rather than held in registers over the loop
             y += Dv[:, None] * tl.load(u_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+            if PREFETCH:
+                z = z_raw.to(tl.float32)
+            else:
+                z = tl.load(z_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
             y = y * z * _sigmoid(z)
         tl.store(out_ptr + ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(hlast_ptr + state_off, h, mask=mask_dn)
@@ -221,7 +284,7 @@ def _bwd_state(
     n, p, dA_acc, dt, dtu, dy, ones, offs_d, mask_d, offs_n, t, mask_t, offs_t, A_ptr, B_ptr,
     C_ptr, bc_row, hsave_ptr, hsave_off, dB_ptr, dC_ptr, dbc_row, N: tl.constexpr, L,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, LOG2_BLOCK_L: tl.constexpr,
-    ATOMIC_BC: tl.constexpr, REVERSE_VIA_FLIP: tl.constexpr,
+    ATOMIC_BC: tl.constexpr, ATOMIC_SEM: tl.constexpr, REVERSE_VIA_FLIP: tl.constexpr,
 ):
     """State n over one chunk: recompute h from the saved chunk start, reverse-scan the adjoint
     g, write the dB, dC contributions; return the (D, L) tiles C_n ⊙ h, g ⊙ B_n and
@@ -260,8 +323,8 @@ def _bwd_state(
     dB_n = _colsum(g * dtu)  # (BLOCK_L,) summed over this block's channels
     dC_n = _colsum(hs * dy)
     if ATOMIC_BC:
-        tl.atomic_add(dB_ptr + dbc_row + n * L + t, dB_n, mask=mask_t & ok)
-        tl.atomic_add(dC_ptr + dbc_row + n * L + t, dC_n, mask=mask_t & ok)
+        tl.atomic_add(dB_ptr + dbc_row + n * L + t, dB_n, mask=mask_t & ok, sem=ATOMIC_SEM)
+        tl.atomic_add(dC_ptr + dbc_row + n * L + t, dC_n, mask=mask_t & ok, sem=ATOMIC_SEM)
     else:
         tl.store(dB_ptr + dbc_row + n * L + t, dB_n, mask=mask_t & ok)
         tl.store(dC_ptr + dbc_row + n * L + t, dC_n, mask=mask_t & ok)
@@ -278,8 +341,8 @@ def _scan_bwd_kernel(
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     UNROLL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHLAST: tl.constexpr,
-    SOFTPLUS: tl.constexpr, ATOMIC_BC: tl.constexpr, REVERSE_VIA_FLIP: tl.constexpr,
-    LOG2_BLOCK_L: tl.constexpr,
+    SOFTPLUS: tl.constexpr, ATOMIC_BC: tl.constexpr, ATOMIC_SEM: tl.constexpr,
+    REVERSE_VIA_FLIP: tl.constexpr, LOG2_BLOCK_L: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # Same tiling as the forward, chunks visited last to first. Outputs: du, ddt, dz (b, d, L) in
     # the inputs' dtype; dA (b, d, N), dD, dbias (b, d) per-batch partials; dB, dC either
@@ -314,13 +377,41 @@ def _scan_bwd_kernel(
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     ones = tl.full((BLOCK_D, BLOCK_L), 1.0, dtype=tl.float32)
 
+    if PREFETCH:  # the last chunk's inputs; each iteration then loads the chunk before
+        t_last = (n_chunks - 1) * BLOCK_L + offs_t
+        mask_last = mask_d[:, None] & (t_last < L)[None, :]
+        ptrs_last = row[:, None] + t_last[None, :]
+        dt_next = tl.load(dt_ptr + ptrs_last, mask=mask_last, other=0.0)
+        u_next = tl.load(u_ptr + ptrs_last, mask=mask_last, other=0.0)
+        dout_next = tl.load(dout_ptr + ptrs_last, mask=mask_last, other=0.0)
+        if HAS_Z:
+            z_next = tl.load(z_ptr + ptrs_last, mask=mask_last, other=0.0)
+
     for cc in range(0, n_chunks):
         c = n_chunks - 1 - cc
         t = c * BLOCK_L + offs_t
         mask_t = t < L
         mask = mask_d[:, None] & mask_t[None, :]
         ptrs = row[:, None] + t[None, :]
-        dt_in = tl.load(dt_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            dt_raw = dt_next
+            u_raw = u_next
+            dout_raw = dout_next
+            if HAS_Z:
+                z_raw = z_next
+            mask_pv = mask_d[:, None] & (t >= BLOCK_L)[None, :]  # chunk c - 1 (full) if c > 0
+            dt_next = tl.load(dt_ptr + ptrs - BLOCK_L, mask=mask_pv, other=0.0)
+            u_next = tl.load(u_ptr + ptrs - BLOCK_L, mask=mask_pv, other=0.0)
+            dout_next = tl.load(dout_ptr + ptrs - BLOCK_L, mask=mask_pv, other=0.0)
+            if HAS_Z:
+                z_next = tl.load(z_ptr + ptrs - BLOCK_L, mask=mask_pv, other=0.0)
+        else:
+            dt_raw = tl.load(dt_ptr + ptrs, mask=mask, other=0.0)
+            u_raw = tl.load(u_ptr + ptrs, mask=mask, other=0.0)
+            dout_raw = tl.load(dout_ptr + ptrs, mask=mask, other=0.0)
+            if HAS_Z:
+                z_raw = tl.load(z_ptr + ptrs, mask=mask, other=0.0)
+        dt_in = dt_raw.to(tl.float32)
         if HAS_BIAS:
             dt_in = dt_in + bias[:, None]
         if SOFTPLUS:  # noqa: SIM108 (a constexpr branch)
@@ -328,10 +419,10 @@ def _scan_bwd_kernel(
         else:
             dt = dt_in
         dt = tl.where(mask, dt, 0.0)
-        dtu = dt * tl.load(u_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+        dtu = dt * u_raw.to(tl.float32)
+        dout = dout_raw.to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+            z = z_raw.to(tl.float32)
             sig_z = _sigmoid(z)
             dy = dout * z * sig_z  # ∂loss/∂y where out = y silu(z)
         else:
@@ -344,7 +435,7 @@ def _scan_bwd_kernel(
             y_n, gB_n, ddt_n, p, dA_acc = _bwd_state(
                 n0, p, dA_acc, dt, dtu, dy, ones, offs_d, mask_d, offs_n, t, mask_t, offs_t,
                 A_ptr, B_ptr, C_ptr, bc_row, hsave_ptr, hsave_off, dB_ptr, dC_ptr, dbc_row,
-                N, L, BLOCK_D, BLOCK_L, LOG2_BLOCK_L, ATOMIC_BC, REVERSE_VIA_FLIP)
+                N, L, BLOCK_D, BLOCK_L, LOG2_BLOCK_L, ATOMIC_BC, ATOMIC_SEM, REVERSE_VIA_FLIP)
             y += y_n
             gB += gB_n
             ddt += ddt_n
@@ -352,7 +443,8 @@ def _scan_bwd_kernel(
                 y_n, gB_n, ddt_n, p, dA_acc = _bwd_state(
                     n0 + 1, p, dA_acc, dt, dtu, dy, ones, offs_d, mask_d, offs_n, t, mask_t,
                     offs_t, A_ptr, B_ptr, C_ptr, bc_row, hsave_ptr, hsave_off, dB_ptr, dC_ptr,
-                    dbc_row, N, L, BLOCK_D, BLOCK_L, LOG2_BLOCK_L, ATOMIC_BC, REVERSE_VIA_FLIP)
+                    dbc_row, N, L, BLOCK_D, BLOCK_L, LOG2_BLOCK_L, ATOMIC_BC, ATOMIC_SEM,
+                    REVERSE_VIA_FLIP)
                 y += y_n
                 gB += gB_n
                 ddt += ddt_n
@@ -496,7 +588,7 @@ def scan_forward(
     """Launch the forward. Returns out (b, d, L) in u's dtype, the final state (b, d, N) float32,
     the chunk-start states (b, n_chunks, d, N) float32 when ``save_states`` (else None) and the
     chunk length BLOCK_L they were saved at (the backward must use the same)."""
-    cfg = {**FWD_CONFIG, **(config or {})}
+    cfg = launch_config("fwd_train" if save_states else "fwd", u.dtype, config)
     batch, dim, L = u.shape
     N = A.shape[1]
     Bg, Cg = _groups_view(B), _groups_view(C)
@@ -523,7 +615,7 @@ def scan_forward(
         UNROLL=_unroll(N, cfg["UNROLL"], 4),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus),
-        SAVE=hsave is not None, num_warps=cfg["num_warps"],
+        SAVE=hsave is not None, PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"],
     )
     return out, hlast, hsave, block_l
 
@@ -543,15 +635,19 @@ def scan_backward(
     block_l: int,
     delta_softplus: bool,
     config: dict | None = None,
-    atomic_bc: bool | None = None,
+    atomic_bc: bool | str | None = None,
     reverse_via_flip: bool | None = None,
+    atomic_sem: str | None = None,
 ) -> tuple[Tensor, ...]:
     """Launch the backward. Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0), each in the
     dtype and shape of its input (None for absent optional inputs); dh0 float32 (b, d, N).
     ``hsave`` and ``block_l`` come from :func:`scan_forward`.
     """
-    cfg = {**BWD_CONFIG, **(config or {})}
+    cfg = launch_config("bwd", u.dtype, config)
     atomic_bc = BWD_ATOMIC_BC if atomic_bc is None else atomic_bc
+    atomic_sem = ATOMIC_SEM if atomic_sem is None else atomic_sem
+    if atomic_sem not in ("relaxed", "acq_rel"):
+        raise ValueError(f"atomic_sem must be 'relaxed' or 'acq_rel', got {atomic_sem!r}")
     reverse_via_flip = BWD_REVERSE_VIA_FLIP if reverse_via_flip is None else reverse_via_flip
     batch, dim, L = u.shape
     N = A.shape[1]
@@ -601,9 +697,9 @@ def scan_backward(
         UNROLL=_unroll(N, cfg["UNROLL"], 2),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_DHLAST=dh_last is not None, SOFTPLUS=bool(delta_softplus),
-        ATOMIC_BC=bool(atomic_bc), REVERSE_VIA_FLIP=bool(reverse_via_flip),
-        LOG2_BLOCK_L=block_l.bit_length() - 1,
-        num_warps=cfg["num_warps"],
+        ATOMIC_BC=bool(atomic_bc), ATOMIC_SEM=atomic_sem,
+        REVERSE_VIA_FLIP=bool(reverse_via_flip), LOG2_BLOCK_L=block_l.bit_length() - 1,
+        PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"],
     )
     if atomic_bc:
         dB, dC = dB_buf, dC_buf

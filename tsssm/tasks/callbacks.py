@@ -26,6 +26,66 @@ class TrackerCallback(L.Callback):
         self._log(trainer, "val/")
 
 
+class Throughput(L.Callback):
+    """Training throughput of each epoch over every rank, logged as ``train/samples_per_s``
+    (training examples - windows, or whole streams - per second), ``train/rows_per_s`` (their
+    time steps) and ``train/epoch_seconds`` (the epoch's training time: validation excluded,
+    the GPU's queued work included). An L-BFGS step evaluates its batch several times; a
+    batch counts once."""
+
+    def __init__(self, tracker) -> None:
+        self.tracker = tracker
+        self._started = self._val_started = self._val_seconds = 0.0
+        self._samples = self._rows = 0
+
+    @staticmethod
+    def _clock(pl_module: L.LightningModule) -> float:
+        import time
+
+        import torch
+
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._samples = self._rows = 0
+        self._val_seconds = 0.0
+        self._started = self._clock(pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
+                           batch, batch_idx: int) -> None:
+        ys = batch["y"] if isinstance(batch["y"], list) else [batch["y"]]  # (B, T, C) each
+        self._samples += sum(int(y.shape[0]) for y in ys)
+        self._rows += sum(int(y.shape[0]) * int(y.shape[1]) for y in ys)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val_started = self._clock(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val_seconds += self._clock(pl_module) - self._val_started
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import torch
+
+        seconds = self._clock(pl_module) - self._started - self._val_seconds
+        counts = torch.tensor([self._samples, self._rows], dtype=torch.float64,
+                              device=pl_module.device)
+        if trainer.world_size > 1:  # every rank's share (the slowest rank sets the pace)
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+            seconds = float(trainer.strategy.reduce(
+                torch.tensor(seconds, dtype=torch.float64, device=pl_module.device),
+                reduce_op="max"))
+        if seconds <= 0 or not self._samples:
+            return
+        samples, rows = (float(v) for v in counts.cpu())
+        self.tracker.log_metrics({"train/samples_per_s": samples / seconds,
+                                  "train/rows_per_s": rows / seconds,
+                                  "train/epoch_seconds": seconds}, step=trainer.current_epoch)
+
+
 class RngState(L.Callback):
     """Saves the Python, NumPy and torch random states in each checkpoint and restores them on
     resume, so a resumed training draws the same shuffles (and dropout) as an uninterrupted one.
@@ -68,3 +128,36 @@ class InterruptWatch(L.Callback):
                      exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
             self.interrupted = True
+
+
+class InnerIterations(L.Callback):
+    """Shows the inner iterations of an optimizer that evaluates the loss many times per batch
+    (L-BFGS: one epoch on whole streams is one optimizer step of up to ``max_eval`` loss and
+    gradient evaluations): the progress bar's postfix gets ``lbfgs=<evaluations>/<at most>``
+    and ``f=`` the objective of the latest evaluation, refreshed at each of them. Lightning
+    calls ``on_before_backward`` once per closure evaluation."""
+
+    def __init__(self) -> None:
+        self.evaluations = 0  # of the current optimizer step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch,
+                             batch_idx: int) -> None:
+        self.evaluations = 0
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           loss) -> None:
+        import torch
+
+        optimizers = trainer.optimizers
+        if not optimizers or not isinstance(optimizers[0], torch.optim.LBFGS):
+            return
+        self.evaluations += 1
+        bar = trainer.progress_bar_callback
+        tqdm_bar = getattr(bar, "train_progress_bar", None) if bar is not None else None
+        if tqdm_bar is None or not hasattr(bar, "get_metrics"):
+            return
+        most = optimizers[0].defaults["max_eval"]
+        postfix = dict(bar.get_metrics(trainer, pl_module))
+        postfix.update(lbfgs=f"{self.evaluations}/{most}", f=f"{float(loss.detach()):.4g}")
+        postfix.pop("v_num", None)
+        tqdm_bar.set_postfix(postfix, refresh=True)

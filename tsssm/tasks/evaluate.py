@@ -1,8 +1,15 @@
 """Evaluation shared by `train`, `score` and `compare`: one-step predictions over whole streams
-(chunked, state carried), horizon forecasts from rolling origins, anomaly scores and metrics."""
+(chunked, state carried), horizon forecasts from rolling origins, anomaly scores (windowed, with
+per-channel contributions), thresholds and metrics.
+
+No threshold, score normaliser or model choice here looks at a label: thresholds are fitted on
+the scores of training (or validation) rows, which SKAB's protocol assumes normal; labels enter
+only the test metrics.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -10,11 +17,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tsssm.anomaly.events import event_metrics, nab_score, vus_pr
 from tsssm.anomaly.metrics import anomaly_metrics, forecast_metrics
-from tsssm.anomaly.scores import anomaly_scores
+from tsssm.anomaly.scores import ScoreSpec, StepTerms, step_terms, window_scores
 from tsssm.anomaly.thresholds import Threshold
+from tsssm.errors import DataError
 from tsssm.models.base import Exog, Gaussian, call_forecast, call_one_step, uses_exog
 from tsssm.tasks.forecast_metrics import HorizonAccumulator
+
+log = logging.getLogger("tsssm")
 
 #: a stream's inputs (T, K) and time steps (T,) as arrays, either None (see Part.exog)
 ExogArrays = tuple[np.ndarray | None, np.ndarray | None]
@@ -27,6 +38,8 @@ class StreamPrediction:
     mean: np.ndarray  # (T, C)
     var: np.ndarray  # (T, C)
     score: np.ndarray  # (T,)
+    #: (T, C) each channel's additive share of the score (sums to it), when the scorer gives one
+    contrib: np.ndarray | None = None
 
 
 def _device_of(model) -> torch.device:
@@ -34,6 +47,10 @@ def _device_of(model) -> torch.device:
         return next(model.parameters()).device
     except (AttributeError, StopIteration):
         return torch.device("cpu")
+
+
+def as_spec(score: ScoreSpec | str) -> ScoreSpec:
+    return score if isinstance(score, ScoreSpec) else ScoreSpec(kind=str(score)).check()
 
 
 def exog_tensors(exog: ExogArrays | None, rows: list[slice], device: torch.device
@@ -52,27 +69,39 @@ def exog_tensors(exog: ExogArrays | None, rows: list[slice], device: torch.devic
 
 
 @torch.no_grad()
-def predict_stream(model, values: np.ndarray, score_kind: str, chunk_size: int = 100_000,
-                   progress: bool = False, desc: str = "scoring",
-                   exog: ExogArrays | None = None) -> StreamPrediction:
-    """Run ``model.one_step`` over a whole stream in chunks, carrying the state.  values (T, C);
-    exog: the stream's inputs and time steps, passed to models that use them."""
+def predict_stream(model, values: np.ndarray, score_kind: ScoreSpec | str,
+                   chunk_size: int = 100_000, progress: bool = False,
+                   desc: str = "scoring", exog: ExogArrays | None = None) -> StreamPrediction:
+    """Run ``model.one_step`` over a whole stream in chunks, carrying the state, and score it.
+
+    values (T, C). score_kind: a ScoreSpec (kind, window, window kind, align) or a score kind
+    (the one-step score). The window runs over the whole stream, across chunk borders.
+    exog: the stream's inputs and time steps, passed to models that use them.
+    """
+    spec = as_spec(score_kind)
     device = _device_of(model)
     exog = exog if uses_exog(model) else None
     state = None
-    means, variances, scores = [], [], []
-    starts = range(0, len(values), chunk_size)
-    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, unit="chunk"):
+    means, variances, contribs, whitened, observed = [], [], [], [], []
+    # rows/s and the ETA for streams of 10^4 rows or more
+    bar = tqdm(total=len(values), desc=desc, unit="rows", unit_scale=True, leave=False,
+               disable=not progress or len(values) < 10_000)
+    for start in range(0, len(values), chunk_size):
         rows = slice(start, start + chunk_size)
         y = torch.from_numpy(np.ascontiguousarray(values[rows]))
         y = y.to(device=device, dtype=torch.float32).unsqueeze(0)  # (1, T, C)
         pred, state = call_one_step(model, y, state, exog_tensors(exog, [rows], device))
-        score = anomaly_scores(y, pred, kind=score_kind)  # (1, T)
+        terms = step_terms(y, pred, spec.kind)  # each (1, T, C)
         means.append(pred.mean[0].float().cpu().numpy())
         variances.append(pred.var[0].float().cpu().numpy())
-        scores.append(score[0].float().cpu().numpy())
-    return StreamPrediction(np.concatenate(means), np.concatenate(variances),
-                            np.concatenate(scores))
+        contribs.append(terms.contrib[0].double().cpu().numpy())
+        whitened.append(terms.whitened[0].double().cpu().numpy())
+        observed.append(terms.observed[0].cpu().numpy())
+        bar.update(y.shape[1])
+    bar.close()
+    terms = StepTerms(np.concatenate(contribs), np.concatenate(whitened), np.concatenate(observed))
+    score, contrib = window_scores(terms, spec.window, spec.window_kind, spec.align)
+    return StreamPrediction(np.concatenate(means), np.concatenate(variances), score, contrib)
 
 
 def forecast_origin_rows(rows: tuple[int, int], context: int, horizon: int,
@@ -124,9 +153,11 @@ def forecast_origins(model, values: np.ndarray, rows: tuple[int, int], context: 
 
 
 def horizon_metrics(model, parts_rows: list[tuple], context: int, horizon: int, stride: int,
-                    future_inputs: str = "known") -> HorizonAccumulator:
+                    future_inputs: str = "known",
+                    on_stream: Callable[[], object] | None = None) -> HorizonAccumulator:
     """Horizon-forecast metrics pooled over the windows of several streams' rows.
-    parts_rows: (values (T, C), rows) or (values, rows, exog arrays) per stream."""
+    parts_rows: (values (T, C), rows) or (values, rows, exog arrays) per stream; ``on_stream``
+    is called after each stream (progress)."""
     acc = HorizonAccumulator(horizon)
     for values, rows, *exog in parts_rows:
         origins = forecast_origin_rows(rows, context, horizon, stride)
@@ -134,6 +165,8 @@ def horizon_metrics(model, parts_rows: list[tuple], context: int, horizon: int, 
                                             exog=exog[0] if exog else None,
                                             future_inputs=future_inputs):
             acc.add(targets, pred.mean.numpy(), pred.var.numpy())
+        if on_stream is not None:
+            on_stream()
     return acc
 
 
@@ -141,38 +174,125 @@ def detection_metrics(labels: np.ndarray, scores: np.ndarray, flags: np.ndarray)
     return anomaly_metrics(labels.astype(int), flags.astype(bool), scores)
 
 
+def range_metrics(labels: list[np.ndarray], scores: list[np.ndarray], flags: list[np.ndarray],
+                  changepoints: list[np.ndarray] | None = None,
+                  times: list[np.ndarray] | None = None, nab_window: float = 60.0,
+                  vus_max_buffer: int = 60) -> dict[str, float]:
+    """Per-stream range metrics: event recall/precision/delay, VUS-PR and (with change-point
+    labels) SKAB's NAB scores; one array per stream (test rows)."""
+    out = dict(event_metrics(labels, flags))
+    out["vus_pr"] = vus_pr(labels, scores, vus_max_buffer)
+    if changepoints is not None and times is not None:
+        out.update(nab_score(changepoints, flags, times, nab_window))
+    return out
+
+
 @dataclass
 class Evaluation:
     preds: list[StreamPrediction]  # one per part of the data
-    threshold: Threshold
+    threshold: Threshold  # the pooled threshold (fitted on every part's fitting rows)
     metrics: dict[str, float]  # "split/metric"
     #: per-lead-time curves, e.g. "test/h96_mse_by_lead": (H,) for lead times 1..H
     by_lead: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the threshold each part is flagged with (the pooled one, or the part's own)
+    thresholds: list[Threshold] = field(default_factory=list)
+    flags: list[np.ndarray] = field(default_factory=list)  # (T,) per part
 
 
 def predict_detector(detector, values: np.ndarray) -> StreamPrediction:
-    """Scores of a detector that forecasts nothing (e.g. IsolationForest)."""
-    score = np.asarray(detector.score(torch.from_numpy(values[None])), dtype=np.float64)[0]
+    """Scores of a detector that forecasts nothing (e.g. IsolationForest), with its per-channel
+    contributions when it gives them (``contributions(y) -> (B, T, C)``)."""
+    y = torch.from_numpy(values[None])
+    score = np.asarray(detector.score(y), dtype=np.float64)[0]
+    contrib = None
+    if hasattr(detector, "contributions"):
+        contrib = np.asarray(detector.contributions(y), dtype=np.float64)[0]
     nan = np.full_like(values, np.nan)
-    return StreamPrediction(nan, nan, score)
+    return StreamPrediction(nan, nan, score, contrib)
 
 
-def evaluate(model, data, *, score_kind: str, context: int, horizon: int, eval_stride: int,
-             chunk_size: int, make_threshold: Callable[[np.ndarray], Threshold],
-             threshold: Threshold | None = None, future_inputs: str = "known") -> Evaluation:
-    """Score every stream from its start, fit the threshold on the training rows (unless one
-    is given), and compute forecast and detection metrics per split (pooled over streams).
-    Models that use exogenous data get each stream's inputs and time steps."""
+#: which rows' scores fit a threshold: task.threshold.fit_on
+FIT_ROWS = ("train", "val", "train_val")
+
+
+def fit_rows(part, fit_on: str) -> tuple[int, int]:
+    """The row range of ``part`` whose scores fit the threshold (rows assumed normal)."""
+    if fit_on == "train_val":
+        return (0, part.pre_test_rows())
+    return part.rows(fit_on)
+
+
+def fit_thresholds(data, preds: list[StreamPrediction],
+                   make_threshold: Callable[[np.ndarray], Threshold], scope: str = "pooled",
+                   fit_on: str = "train", exclude_labelled: bool = False
+                   ) -> tuple[Threshold, list[Threshold]]:
+    """The pooled threshold and the one each part is flagged with (pooled, or per stream: fitted
+    on that stream's own rows; parts without a test split keep the pooled one). Only scores of
+    the ``fit_on`` rows enter, never a test row; ``exclude_labelled`` (task.exclude_labelled_train):
+    only those of them not labelled as anomalies."""
+    if fit_on not in FIT_ROWS:
+        raise DataError(f"task.threshold.fit_on must be one of {FIT_ROWS}; got {fit_on!r}")
+    if fit_on == "val" and not any(p.rows("val")[1] > p.rows("val")[0] for p in data.parts):
+        log.warning("task.threshold.fit_on=val, but the data has no validation rows: the "
+                    "threshold is fitted on the training rows")
+        fit_on = "train"
+    def scores_of(part, pred: StreamPrediction) -> np.ndarray:
+        rows = slice(*fit_rows(part, fit_on))
+        score = pred.score[rows]
+        if exclude_labelled and part.stream.labels is not None:
+            score = score[part.stream.labels[rows] != 1]
+        return score
+
+    chunks = [scores_of(p, pr) for p, pr in zip(data.parts, preds)]
+    chunks = [c for c in chunks if c.size]
+    if not chunks and exclude_labelled:
+        raise DataError(f"every {fit_on} row is labelled as an anomaly: there is nothing to fit "
+                        "the threshold on (task.exclude_labelled_train=true)")
+    if not chunks:
+        raise DataError(f"no {fit_on} rows to fit the anomaly threshold on "
+                        f"(task.threshold.fit_on={fit_on}); use task.threshold.fit_on=train")
+    pooled = make_threshold(np.concatenate(chunks))
+    if scope == "pooled":
+        return pooled, [pooled] * len(preds)
+    if scope != "per_stream":
+        raise DataError(f"task.threshold.scope must be pooled or per_stream; got {scope!r}")
+    own = []
+    for p, pr in zip(data.parts, preds):
+        score = scores_of(p, pr)
+        own.append(make_threshold(score) if p.split is not None and score.size else pooled)
+    return pooled, own
+
+
+def evaluate(model, data, *, score_kind: ScoreSpec | str, context: int, horizon: int,
+             eval_stride: int, chunk_size: int, make_threshold: Callable[[np.ndarray], Threshold],
+             threshold: Threshold | None = None, scope: str = "pooled", fit_on: str = "train",
+             nab_window: float = 60.0, vus_max_buffer: int = 60,
+             future_inputs: str = "known", exclude_labelled: bool = False,
+             progress: str | None = None) -> Evaluation:
+    """Score every stream from its start, fit the threshold on the ``fit_on`` rows (unless one
+    is given; pooled or per stream; ``exclude_labelled``: on those not labelled as anomalies),
+    and compute forecast and detection metrics per split (pooled over streams; range metrics
+    per stream). Models that use exogenous data get each stream's inputs and time steps.
+    ``progress``: show a bar with this description over the streams' scoring and horizon
+    forecasts."""
     forecaster = hasattr(model, "one_step")
-    preds = [
-        predict_stream(model, p.stream.values, score_kind, chunk_size, exog=p.exog())
-        if forecaster else predict_detector(model, p.stream.values)
-        for p in data.parts
-    ]
+    # one unit per stream scored, and per stream's horizon forecasts of the val and test rows
+    units = len(data.parts) + (sum(p.rows(split)[1] > p.rows(split)[0] for p in data.parts
+                                   for split in ("val", "test")) if forecaster else 0)
+    bar = tqdm(total=units, desc=progress, disable=progress is None, unit="step",
+               leave=False)
+    preds = []
+    for p in data.parts:
+        preds.append(predict_stream(model, p.stream.values, score_kind, chunk_size,
+                                    exog=p.exog())
+                     if forecaster else predict_detector(model, p.stream.values))
+        bar.update()
     if threshold is None:
-        train_scores = np.concatenate(
-            [pr.score[slice(*p.rows("train"))] for p, pr in zip(data.parts, preds)])
-        threshold = make_threshold(train_scores)
+        threshold, thresholds = fit_thresholds(data, preds, make_threshold, scope, fit_on,
+                                               exclude_labelled)
+    else:
+        thresholds = [threshold] * len(preds)
+    flags = [t.flags(pr.score) for t, pr in zip(thresholds, preds)]
     metrics: dict[str, float] = {"train/threshold": threshold.value}
     by_lead: dict[str, np.ndarray] = {}
     for split in ("train", "val", "test"):
@@ -186,15 +306,25 @@ def evaluate(model, data, *, score_kind: str, context: int, horizon: int, eval_s
             metrics.update({f"{split}/{k}": v for k, v in forecast_metrics(values, means).items()})
         if forecaster and split != "train":
             acc = horizon_metrics(model, [(p.stream.values, r, p.exog()) for p, _, r in rows],
-                                  context, horizon, eval_stride, future_inputs)
+                                  context, horizon, eval_stride, future_inputs,
+                                  on_stream=bar.update)
             if acc.windows:
                 prefix = f"{split}/h{horizon}_"
                 metrics.update({prefix + k: v for k, v in acc.result().items()})
                 by_lead.update({f"{prefix}{k}_by_lead": v for k, v in acc.by_lead().items()})
-        labelled = [(p, pr, r) for p, pr, r in rows if p.stream.labels is not None]
+        labelled = [(i, p, r) for i, (p, pr) in enumerate(zip(data.parts, preds))
+                    for r in [p.rows(split)] if r[1] > r[0] and p.stream.labels is not None]
         if split == "test" and labelled:
-            labels = np.concatenate([p.stream.labels[slice(*r)] for p, _, r in labelled])
-            scores = np.concatenate([pr.score[slice(*r)] for _, pr, r in labelled])
-            m = detection_metrics(labels, scores, threshold.flags(scores))
+            lab = [data.parts[i].stream.labels[slice(*r)] for i, _, r in labelled]
+            sco = [preds[i].score[slice(*r)] for i, _, r in labelled]
+            flg = [flags[i][slice(*r)] for i, _, r in labelled]
+            m = detection_metrics(np.concatenate(lab), np.concatenate(sco), np.concatenate(flg))
+            have_cp = all(p.stream.changepoints is not None for _, p, _ in labelled)
+            m.update(range_metrics(
+                lab, sco, flg,
+                [p.stream.changepoints[slice(*r)] for _, p, r in labelled] if have_cp else None,
+                [p.stream.time[slice(*r)] for _, p, r in labelled] if have_cp else None,
+                nab_window, vus_max_buffer))
             metrics.update({f"test/{k}": v for k, v in m.items()})
-    return Evaluation(preds, threshold, metrics, by_lead)
+    bar.close()
+    return Evaluation(preds, threshold, metrics, by_lead, thresholds, flags)

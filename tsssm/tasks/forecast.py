@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from tsssm.anomaly.scores import gaussian_nll
+from tsssm.distributed import global_mean
 from tsssm.errors import NumericalError
 from tsssm.models.base import Exog, call_forecast, call_one_step, call_predict_window
 
@@ -75,6 +76,10 @@ class ForecastTask(L.LightningModule):
         self.best_score: float | None = None
         self.best_state: dict[str, Tensor] | None = None
         self.save_hyperparameters(ignore=["model"])
+        #: (global step, batch index) of the last logged training batch
+        self._logged_step: tuple[int, int] | None = None
+        #: this epoch's (sum of batch losses x batch size, sum of batch sizes)
+        self._epoch_loss = (0.0, 0)
 
     def horizon_exog(self, exog: Exog | None) -> Exog | None:
         """A window's exog as its horizon forecast may see it: without the inputs of the
@@ -133,24 +138,53 @@ class ForecastTask(L.LightningModule):
         out["loss"] = loss
         return out
 
+    def _weight(self, batch: dict) -> float:
+        """What this rank's loss averages: scored entries (streams) or windows (a batch)."""
+        if isinstance(batch["y"], list):
+            return float(sum(int((~torch.isnan(hide_unscored(y, m))).sum())
+                             for y, m in zip(batch["y"], batch["mask"])))
+        return float(len(batch["y"]))
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.losses(batch)
+        if self.trainer.world_size > 1:
+            # the mean over every rank's shard, the same value on each (L-BFGS's line search
+            # must agree across ranks), with the gradient DDP's averaging makes exact
+            out["loss"] = global_mean(out["loss"], self._weight(batch))
         if not torch.isfinite(out["loss"]):
             raise NumericalError(
                 f"the training loss became {out['loss'].item()} at epoch {self.current_epoch}; "
                 "lower model.optimizer.lr, or check the data for extreme values"
             )
-        bs = len(batch["y"])
+        # An optimizer such as L-BFGS calls this step several times per batch (every closure
+        # evaluation, line-search trials included); the batch's loss is the first of them, the
+        # loss at the parameters the optimizer step starts from (what ``optimizer.step``
+        # returns), so that train/loss means the same for every optimizer.
+        key = (self.global_step, batch_idx)
+        if key == self._logged_step:
+            return out["loss"]
+        self._logged_step = key
+        # a stream batch is a rank's whole shard: weigh the ranks alike (Lightning weighs the
+        # epoch mean by batch_size, and the value already is the mean over every rank)
+        bs = 1 if isinstance(batch["y"], list) else len(batch["y"])
+        sync = self.trainer.world_size > 1  # epoch metrics averaged over ranks
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False,
-                      on_step=False, on_epoch=True, batch_size=bs)
-        self.log("loss", out["loss"].detach(), prog_bar=True, on_step=True, batch_size=bs,
-                 logger=False)
+                      on_step=False, on_epoch=True, batch_size=bs, sync_dist=sync)
+        # the bar shows the running mean of the epoch's batch losses (weighted as Lightning
+        # weighs train/loss's epoch mean): at the end of an epoch it is that epoch's train/loss
+        self._epoch_loss = (self._epoch_loss[0] + float(out["loss"].detach()) * bs,
+                            self._epoch_loss[1] + bs)
+        self.log("loss", self._epoch_loss[0] / self._epoch_loss[1], prog_bar=True,
+                 on_step=True, on_epoch=False, batch_size=bs, logger=False)
         return out["loss"]
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_loss = (0.0, 0)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self.losses(batch)
         self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=True, on_epoch=True,
-                      batch_size=len(batch["y"]))
+                      batch_size=len(batch["y"]), sync_dist=self.trainer.world_size > 1)
 
     def on_validation_epoch_end(self) -> None:
         if not self.restore_best or self.trainer.sanity_checking:

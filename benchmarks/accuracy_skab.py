@@ -1,0 +1,433 @@
+"""The SKAB suite of benchmarks/accuracy.py: anomaly detection under SKAB's own protocol.
+
+Protocol (waico/SKAB ``core/utils.py`` and the notebooks): the 34 fault files, each scaled by
+its own first 400 rows (assumed normal) and tested on the rest; ``anomaly-free.csv`` is extra
+normal training data. Point-wise F1, FAR and MAR of the ``anomaly`` label pooled over every test
+row of every file (no point adjustment); AUC-PR (scikit-learn's average precision) and VUS-PR
+threshold-free; the change-point task scored on the ``changepoint`` label with SKAB's NAB score
+(60 s window to the right of each change point; the predicted change points are the rows where the
+flags change, as SKAB derives them). Thresholds are fitted on scores of rows before the test
+split only (``task.threshold.fit_on``): no label of any file is used for a threshold, a score
+normaliser or a model setting. One run per figure, seed 0.
+
+SKAB has no labelled validation split, so a trained detector's score window and POT risk are
+also chosen leave-one-group-out over SKAB's three folders (``grouped_choice``: each folder's files
+flagged with the setting that is best on the other two folders' labels; records
+``<model>[logo]``, ``[logo-f1]``, ``[logo-nab]``); the plain ``<model>`` record is the config's
+defaults, which were set by hand.
+
+Trained models run through the user's own command, ``tsssm train data=skab model=<m>
+task=anomaly``, one process and tracking store each (the record's ``command`` is that exact
+command, and rerunning it gives the same figures); the comparators (PCA T²+Q, MSET, Isolation
+Forest, EWMA, last value) are fitted in process on the same real training rows and scored by
+the same evaluation code, with the same threshold rule; ``*_file`` comparators fit one model per
+file on its own first rows, as SKAB's published baselines do (its first 320: the 80 validation
+rows the threshold is fitted on stay held out, as for every other method).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from records import commit, device_name, merge_records
+
+#: trained through `tsssm train` (conf/model/<name>.yaml); any other model config given with
+#: --models (e.g. a hybrid) is trained the same way
+TRAINED = ["var_kalman", "kalman", "mamba"]
+#: fitted in process (closed-form or scikit-learn fits on the training rows)
+COMPARATORS = ["pca_t2q_file", "mset_file", "pca_t2q", "mset", "isolation_forest", "ewma",
+               "last_value"]
+#: "gaps" keeps the gaps suite's SKAB records (accuracy_gaps.py, same dataset and task) apart
+KEY = ("dataset", "task", "model", "gaps")
+REPO = Path(__file__).resolve().parents[1]
+
+#: the score windows (rows) and POT risks every trained detector's setting is chosen from,
+#: leave-one-group-out (tsssm.anomaly.selection): for each of SKAB's three experiment folders
+#: (valve1, valve2, other), the setting with the best F1 on the *other two* folders' files, and the
+#: folder's own files flagged with it; no file's labels choose its own setting
+GRID_WINDOWS = (1, 5, 10, 20, 30, 60)
+GRID_RISKS = (1e-2, 1e-3, 1e-4)
+#: the headline choice only takes settings whose FAR on the other folders is at most the FAR of
+#: the leader of SKAB's table (Conv-AE, 13.55%): the issue's target is to beat it on F1, FAR and
+#: MAR at once, so that FAR is the declared budget (the "f1" variant has none)
+MAX_FAR = 0.1355
+#: what the benchmark adds to `tsssm train` per model (visible in each record's command); a
+#: model's SKAB settings belong in its config, these are only what differs
+MODEL_OVERRIDES: dict[str, list[str]] = {}
+#: --small: three files and a short training (a smoke run, never a benchmark figure)
+SMALL_FILES = "[data/valve1/0.csv,data/valve2/0.csv,data/other/9.csv]"
+SMALL = [f"data.files={SMALL_FILES}", "trainer.max_epochs=1", "trainer.limit_train_batches=0.2"]
+
+#: SKAB's published leaderboards (README of waico/SKAB at commit b2c0d46, "Proposed
+#: Leaderboard", test rows only, NAB window 60 s to the right): outlier detection F1, FAR %,
+#: MAR %; change-point detection NAB standard, low FP, low FN.
+PUBLISHED_OUTLIER = {
+    "Conv-AE": (0.78, 13.55, 28.02), "MSET": (0.78, 39.73, 14.13),
+    "T-squared+Q (PCA)": (0.76, 26.62, 24.92), "LSTM-AE": (0.74, 29.96, 25.92),
+    "T-squared": (0.66, 19.21, 42.6), "LSTM-VAE": (0.56, 9.13, 55.03),
+    "Vanilla LSTM": (0.54, 12.54, 59.53), "MSCRED": (0.36, 49.94, 69.88),
+    "Vanilla AE": (0.39, 2.59, 75.15), "Isolation forest": (0.29, 2.56, 82.89),
+    "Null detector": (0.0, 0.0, 100.0),
+}
+PUBLISHED_CPD = {  # NAB standard, low FP, low FN, missed change points, false positives
+    "MSCRED": (32.42, 16.53, 40.28, 55, 342), "Isolation forest": (26.16, 19.5, 30.82, 76, 135),
+    "T-squared+Q (PCA)": (25.35, 14.51, 31.33, 72, 232), "Conv-AE": (23.61, 21.54, 27.55, 82, 23),
+    "LSTM-AE": (23.51, 20.11, 25.91, 88, 69), "T-squared": (19.54, 10.2, 24.31, 70, 106),
+    "MSET": (13.84, 10.22, 17.37, 96, 66), "Vanilla AE": (11.41, 6.53, 13.91, 103, 106),
+    "Vanilla LSTM": (11.31, -3.8, 17.25, 90, 342), "ArimaFD": (-0.09, -0.17, -0.06, 127, 2),
+}
+
+_FIELDS = {  # record field: metric key
+    "f1": "test/f1", "far": "test/far", "mar": "test/mar", "precision": "test/precision",
+    "recall": "test/recall", "auc_pr": "test/auc_pr", "vus_pr": "test/vus_pr",
+    "nab_standard": "test/nab_standard", "nab_low_fp": "test/nab_low_fp",
+    "nab_low_fn": "test/nab_low_fn", "nab_missed": "test/nab_missed", "nab_fp": "test/nab_fp",
+    "event_recall": "test/event_recall", "event_precision": "test/event_precision",
+    "event_f1": "test/event_f1", "delay_mean": "test/delay_mean",
+    "threshold": "train/threshold",
+}
+
+
+def _record(m: dict[str, float]) -> dict:
+    return {"dataset": "skab", "task": "anomaly",
+            **{k: m.get(v, math.nan) for k, v in _FIELDS.items()}}
+
+
+def _store_uri(args, job_dir: Path) -> str:
+    if getattr(args, "store", "sqlite") == "file":
+        return (job_dir / "mlruns").resolve().as_uri()
+    return f"sqlite:///{job_dir.resolve()}/mlflow.db"
+
+
+def train_command(args, model: str, job_dir: Path) -> list[str]:
+    overrides = [
+        "data=skab", f"data.root={Path(args.root).resolve()}", f"model={model}", "task=anomaly",
+        f"trainer={args.accelerator}", "seed=0", f"tracking.uri={_store_uri(args, job_dir)}",
+        f"tracking.artifact_root={job_dir}/artifacts", f"tracking.output_dir={job_dir}",
+        "trainer.enable_progress_bar=false",
+        *MODEL_OVERRIDES.get(model, []), *(SMALL if args.small else []), *args.set,
+    ]
+    return ["tsssm", "train", *overrides]
+
+
+def _run_trained(args, model: str) -> dict:
+    from tsssm.tracking import Tracker
+
+    logs = Path(args.logs) if args.logs else Path(tempfile.gettempdir()) / "tsssm-accuracy"
+    job_dir = logs / f"skab-{model}"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    command = train_command(args, model, job_dir)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    started = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(job_dir / "log.txt", "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "tsssm.cli", *command[1:]], cwd=REPO,
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the whole command (user + system): what it costs whatever else runs on
+    # the machine (with --jobs > 1 the children overlap and this is approximate)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    tail = (job_dir / "log.txt").read_text().strip().splitlines()[-3:]
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}): {' | '.join(tail)}")
+    tracker = Tracker(_store_uri(args, job_dir), "tsssm")
+    run_id = tracker.latest_run("train")
+    metrics = tracker.run_metrics(run_id)
+    print(f"  skab {model}: {tail[-3] if len(tail) >= 3 else tail}", flush=True)
+    task = comparator_config(args).task  # the task the command ran (same overrides)
+    return {**_record(metrics), "model": model, "train_s": round(elapsed, 1),
+            "train_cpu_s": round(cpu, 1), "command": " ".join(command),
+            "window": int(task.window.size), "risk": float(task.threshold.risk),
+            "bundle": str(job_dir / "models" / run_id)}
+
+
+def comparator_config(args):
+    """The composed config the comparators are evaluated under (the trained models' task)."""
+    from tsssm.cli import compose
+
+    return compose(["data=skab", f"data.root={Path(args.root).resolve()}", "task=anomaly",
+                    *([f"data.files={SMALL_FILES}"] if args.small else []),
+                    *[s for s in args.set if s.startswith(("data.", "task."))]])
+
+
+def _run_comparator(args, name: str, cfg=None, data=None) -> dict:
+    from tsssm.baselines import build_baseline
+    from tsssm.commands.common import evaluation_options
+    from tsssm.commands.compare import per_stream_train_rows
+    from tsssm.data.datasets import build_dataset
+    from tsssm.tasks.evaluate import evaluate
+
+    cfg = cfg if cfg is not None else comparator_config(args)
+    data = data if data is not None else build_dataset(cfg.data).load()
+    started = time.perf_counter()
+    model = build_baseline(name, **({"train_rows": per_stream_train_rows(data)}
+                                    if name.endswith("_file") else {}))
+    model.fit(data.split_arrays("train"))  # the real training rows of every stream, no padding
+    fit_s = time.perf_counter() - started
+    ev = evaluate(model, data, context=cfg.data.input_len, horizon=cfg.data.horizon,
+                  eval_stride=cfg.data.eval_stride, chunk_size=cfg.score.chunk_size,
+                  **evaluation_options(cfg.task))
+    command = (f"python benchmarks/accuracy.py --suite skab --root {args.root} --models {name}"
+               + (" --small" if args.small else ""))
+    return {**_record(ev.metrics), "model": name, "train_s": round(fit_s, 1),
+            "eval_s": round(time.perf_counter() - started - fit_s, 1), "command": command}
+
+
+def run(args) -> list[dict]:
+    models = args.models or (TRAINED + COMPARATORS)
+    common = {"device": device_name(args.accelerator), "commit": commit(), "runs": 1, "seed": 0}
+    records: list[dict] = []
+    cheap = [m for m in models if m in COMPARATORS]
+    if cheap:
+        from tsssm.data.datasets import build_dataset
+
+        cfg = comparator_config(args)
+        data = build_dataset(cfg.data).load()
+        for name in cheap:
+            records.append({**_run_comparator(args, name, cfg, data), **common,
+                            "device": device_name("cpu")})
+            r = records[-1]
+            print(f"  skab {name}: f1 {r['f1']:.3f} far {r['far']:.3f} mar {r['mar']:.3f} "
+                  f"auc_pr {r['auc_pr']:.3f} nab {r['nab_standard']:.1f}", flush=True)
+    jobs = [m for m in models if m not in COMPARATORS]
+    failures = []
+    with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(_run_trained, args, m): m for m in jobs}
+        for fut in cf.as_completed(futures):
+            try:
+                record = fut.result()
+                bundle = record.pop("bundle")
+                records.append({**record, **common})
+                if not args.small:  # three files are too few groups to choose anything on
+                    records += [{**r, **common} for r in grouped_choice(
+                        args, record["model"], bundle, record["command"])]
+            except RuntimeError as err:
+                failures.append(str(err))
+                print(f"  FAILED {futures[fut]}: {err}", flush=True)
+    merge_records(args.out, records, KEY)
+    for line in failures:
+        print(f"failed: {line}", file=sys.stderr)
+    return records
+
+
+def _group(part) -> str:
+    """SKAB's experiment folder of a file (valve1, valve2, other)."""
+    return Path(part.stream.path).parent.name
+
+
+def grid_cells(bundle, data, cfg) -> list[tuple[tuple[int, float], list, list]]:
+    """[((window, risk), preds, flags)] of a trained detector over GRID_WINDOWS x GRID_RISKS:
+    scored with its own score kind, window kind and alignment, the POT threshold fitted as in
+    training (validation rows' scores, the bundle's scope). No label is read here."""
+    from tsssm.anomaly.scores import ScoreSpec
+    from tsssm.anomaly.thresholds import build_threshold
+    from tsssm.tasks.evaluate import fit_thresholds, predict_stream
+
+    base = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
+    cells = []
+    for w in GRID_WINDOWS:
+        spec = ScoreSpec(base.kind, w, base.window_kind, base.align).check()
+        preds = [predict_stream(bundle.model, p.stream.values, spec, cfg.score.chunk_size,
+                                exog=p.exog()) for p in data.parts]
+        for risk in GRID_RISKS:
+            _, thresholds = fit_thresholds(
+                data, preds, lambda s, r=risk: build_threshold(
+                    "pot", q=r, level=cfg.task.threshold.level).fit(s),
+                scope=bundle.threshold_scope, fit_on=cfg.task.threshold.fit_on)
+            cells.append(((w, risk), preds,
+                          [t.flags(pr.score) for t, pr in zip(thresholds, preds)]))
+    return cells
+
+
+def grouped_choice(args, model: str, bundle_dir: str, command: str) -> list[dict]:
+    """Records of ``model`` with its score window and POT risk chosen leave-one-group-out over
+    SKAB's folders (GRID_WINDOWS x GRID_RISKS; tsssm.anomaly.selection): ``<model>[logo]`` (best
+    F1 on the other folders within MAX_FAR), ``<model>[logo-f1]`` (best F1) and
+    ``<model>[logo-nab]`` (best NAB standard, for the change-point table). The headline record
+    also holds the whole grid's pooled test metrics (``grid``), in-sample, for the reader."""
+    from tsssm.anomaly.events import nab_score
+    from tsssm.anomaly.selection import choose_by_group, choose_by_group_with, stream_counts
+    from tsssm.bundle import load_bundle
+    from tsssm.data.datasets import build_dataset
+    from tsssm.tasks.evaluate import detection_metrics, range_metrics
+
+    started = time.perf_counter()
+    cfg = comparator_config(args)
+    bundle = load_bundle(bundle_dir)
+    if args.accelerator == "gpu" and hasattr(bundle.model, "to"):
+        bundle.model.to("cuda")  # scoring the grid on the device the model trained on
+    data = build_dataset(cfg.data).load(
+        scaler=None if bundle.per_stream_scaling else bundle.scaler,
+        input_scaler=None if bundle.per_stream_scaling else bundle.input_scaler)
+    cells = grid_cells(bundle, data, cfg)
+    idx = [i for i, p in enumerate(data.parts)
+           if p.split is not None and p.stream.labels is not None]
+    rows = [slice(*data.parts[i].rows("test")) for i in idx]
+    groups = [_group(data.parts[i]) for i in idx]
+    lab = [data.parts[i].stream.labels[r] for i, r in zip(idx, rows)]
+    cps = [data.parts[i].stream.changepoints[r] for i, r in zip(idx, rows)]
+    tms = [data.parts[i].stream.time[r] for i, r in zip(idx, rows)]
+
+    def test_of(k: int, what: str) -> list[np.ndarray]:
+        _, preds, flags = cells[k]
+        return [(flags if what == "flags" else [p.score for p in preds])[i][r]
+                for i, r in zip(idx, rows)]
+
+    counts = np.stack([stream_counts(lab, test_of(k, "flags")) for k in range(len(cells))])
+
+    def nab_of(k: int, mask: np.ndarray) -> float:
+        keep = np.flatnonzero(mask)
+        flags = test_of(k, "flags")
+        return nab_score([cps[j] for j in keep], [flags[j] for j in keep],
+                         [tms[j] for j in keep], cfg.task.nab_window)["nab_standard"]
+
+    def metrics_of(choice: dict[str, int] | int) -> dict[str, float]:
+        pick = [choice if isinstance(choice, int) else choice[g] for g in groups]
+        flg = [test_of(k, "flags")[j] for j, k in enumerate(pick)]
+        sco = [test_of(k, "scores")[j] for j, k in enumerate(pick)]
+        m = detection_metrics(np.concatenate(lab), np.concatenate(sco), np.concatenate(flg))
+        m.update(range_metrics(lab, sco, flg, cps, tms, cfg.task.nab_window,
+                               cfg.task.vus_max_buffer))
+        return {f"test/{k}": v for k, v in m.items()}
+
+    choices = {
+        "logo": choose_by_group(counts, groups, MAX_FAR),
+        "logo-f1": choose_by_group(counts, groups),
+        "logo-nab": choose_by_group_with(len(cells), groups, nab_of),
+    }
+    grid = []
+    for k, ((w, risk), _, _) in enumerate(cells):
+        m = metrics_of(k)
+        grid.append({"window": w, "risk": risk, "f1": m["test/f1"], "far": m["test/far"],
+                     "mar": m["test/mar"], "auc_pr": m["test/auc_pr"],
+                     "nab_standard": m["test/nab_standard"]})
+    out = []
+    for how, choice in choices.items():
+        rec = {**_record(metrics_of(choice)), "model": f"{model}[{how}]",
+               "choice": {g: {"window": cells[k][0][0], "risk": cells[k][0][1]}
+                          for g, k in choice.items()},
+               "train_s": math.nan, "command": command,
+               "selection_s": round(time.perf_counter() - started, 1)}
+        if how == "logo":
+            rec["grid"] = grid
+        print(f"  skab {rec['model']}: f1 {rec['f1']:.3f} far {rec['far']:.3f} "
+              f"mar {rec['mar']:.3f} nab {rec['nab_standard']:.1f} choice {rec['choice']}",
+              flush=True)
+        out.append(rec)
+    return out
+
+
+def _label(model: str) -> str:
+    if model in COMPARATORS:
+        how = "one per file" if model.endswith("_file") else "pooled fit"
+        return f"{model} (comparator, {how})"
+    return f"**tsssm {model}**"
+
+
+def _pct(x: float) -> str:
+    return "–" if x != x else f"{100 * x:.2f}"
+
+
+def _setting(r: dict) -> str:
+    """The score window / POT risk a record was flagged with (per folder when chosen)."""
+    if "choice" in r:
+        return ", ".join(f"{g} {c['window']}/{c['risk']:g}" for g, c in r["choice"].items())
+    if "window" in r:
+        return f"{r['window']}/{r['risk']:g} (set by hand)"
+    return "–"
+
+
+def _seconds(x: float) -> str:
+    return "–" if x != x else f"{x:.0f}"
+
+
+def table(path: Path, only: list[dict] | None = None) -> str:
+    """Markdown: our detectors (best F1 first) beside SKAB's two published leaderboards."""
+    records = only if only is not None else (json.loads(Path(path).read_text())
+                                             if Path(path).exists() else [])
+    rows = sorted((r for r in records if r.get("dataset") == "skab"
+                   and r.get("task") == "anomaly" and "gaps" not in r),
+                  key=lambda r: -r.get("f1", 0.0))
+    out = ["\n#### SKAB outlier detection (test rows of the 34 files, pooled; FAR/MAR in %)\n",
+           "| method | window / risk | F1 | FAR % | MAR % | AUC-PR | VUS-PR | event F1 "
+           "| mean delay (rows) | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {_label(r['model'])} | {_setting(r)} | {r['f1']:.3f} | {_pct(r['far'])} "
+                   f"| {_pct(r['mar'])} | {r['auc_pr']:.3f} | {r['vus_pr']:.3f} "
+                   f"| {r['event_f1']:.2f} | {r['delay_mean']:.0f} | {_seconds(r['train_s'])} |")
+    for name, (f1, far, mar) in PUBLISHED_OUTLIER.items():
+        out.append(f"| {name} (published) | – | {f1:.2f} | {far:.2f} | {mar:.2f} | – | – | – "
+                   "| – | – |")
+    out += ["\n#### SKAB change-point detection (NAB, 60 s window to the right; 127 change "
+            "points)\n", "| method | NAB standard | NAB low FP | NAB low FN | missed CPs | FPs |",
+            "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: -r.get("nab_standard", -1e9)):
+        out.append(f"| {_label(r['model'])} | {r['nab_standard']:.2f} | {r['nab_low_fp']:.2f} "
+                   f"| {r['nab_low_fn']:.2f} | {r['nab_missed']:.0f} | {r['nab_fp']:.0f} |")
+    for name, (std, low_fp, low_fn, missed, fps) in PUBLISHED_CPD.items():
+        out.append(f"| {name} (published) | {std:.2f} | {low_fp:.2f} | {low_fn:.2f} | {missed} "
+                   f"| {fps} |")
+    for r in rows:
+        if "grid" not in r:
+            continue
+        out += [f"\n#### The grid of `{r['model'].split('[')[0]}` (pooled test metrics of every "
+                "setting, in-sample: for reading, not for choosing)\n",
+                "| window (rows) | POT risk | F1 | FAR % | MAR % | AUC-PR | NAB standard |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {g['window']} | {g['risk']:g} | {g['f1']:.3f} | {_pct(g['far'])} "
+                f"| {_pct(g['mar'])} | {g['auc_pr']:.3f} | {g['nab_standard']:.1f} |"
+                for g in r["grid"]]
+    return "\n".join(out)
+
+
+def sensitivity(bundle_dir: str, root: str, windows=(1, 5, 10, 20, 30, 60),
+                risks=(1e-2, 1e-3, 1e-4)) -> str:
+    """Markdown: a trained detector's test metrics over score windows and POT risks (threshold
+    fitted on the validation rows as the default task). A sensitivity study, reported beside the
+    headline so that no reader mistakes a chosen cell for a fitted one: the defaults were set by
+    the developers while looking at SKAB's test results, not by any procedure."""
+    from tsssm.anomaly.scores import ScoreSpec
+    from tsssm.anomaly.thresholds import build_threshold
+    from tsssm.bundle import load_bundle
+    from tsssm.cli import compose
+    from tsssm.data.datasets import build_dataset
+    from tsssm.tasks.evaluate import evaluate
+
+    cfg = compose(["data=skab", f"data.root={Path(root).resolve()}", "task=anomaly"])
+    data = build_dataset(cfg.data).load()
+    bundle = load_bundle(bundle_dir)
+    out = ["| window (rows) | POT risk | F1 | FAR % | MAR % | AUC-PR | NAB standard |",
+           "|---|---|---|---|---|---|---|"]
+    for w in windows:
+        spec = ScoreSpec("mahalanobis", w, "shift", "trailing")
+        for risk in risks:
+            ev = evaluate(bundle.model, data, score_kind=spec, context=cfg.data.input_len,
+                          horizon=cfg.data.horizon, eval_stride=10**9, chunk_size=100_000,
+                          make_threshold=lambda s, r=risk: build_threshold(
+                              "pot", q=r, level=0.98).fit(s), fit_on="val")
+            m = ev.metrics
+            out.append(f"| {w} | {risk:g} | {m['test/f1']:.3f} | {100 * m['test/far']:.1f} | "
+                       f"{100 * m['test/mar']:.1f} | {m['test/auc_pr']:.3f} | "
+                       f"{m['test/nab_standard']:.1f} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="SKAB sensitivity table of a trained detector")
+    ap.add_argument("--sensitivity", required=True, help="the trained model bundle folder")
+    ap.add_argument("--root", required=True, help="the SKAB folder (holding data/)")
+    a = ap.parse_args()
+    print(sensitivity(a.sensitivity, a.root))
