@@ -2,7 +2,8 @@
 
 - without inputs on an evenly spaced grid, the outputs are those of the code before this change
   (tests/models/data/mamba_golden.npz, written by ``write_golden`` on the code of commit
-  82e9b02, torch 2.13 CPU; ``python tests/models/test_mamba_exog.py`` rewrites it) and a
+  b722b96 = main before this branch, torch 2.13 CPU; ``python tests/models/test_mamba_exog.py``
+  rewrites it) and a
   constant nominal time step changes nothing, bit for bit;
 - Δ over the real step: one step of k nominal steps with no input is the k-step hold of the
   SSM state (zero-order hold), and the dt-scaled path equals the fused-softplus path at ratio 1;
@@ -90,13 +91,9 @@ def write_golden() -> None:
 
 
 def _constant_exog(model: torch.nn.Module, step: float = 0.5) -> Exog:
-    """An evenly spaced grid at the model's nominal step (initialize learns it from the
-    training steps; the hybrids' initialize also fits their Kalman part, so set it here)."""
-    if isinstance(model, MambaForecaster):
-        model.initialize(_series(), exog=Exog(dt=torch.full((3, T), step, dtype=torch.float64)))
-    else:
-        model.nominal_step.fill_(step)
-    assert float(model.nominal_step) == step
+    """An evenly spaced grid at the model's nominal step (set here: initialize learns one only
+    from real, varying training steps, see test_the_time_grid_is_learnt_from_real_steps)."""
+    model.nominal_step.fill_(step)
     return Exog(dt=torch.full((3, T + H), step, dtype=torch.float64))
 
 
@@ -214,6 +211,22 @@ def test_a_constant_grid_is_no_time_and_only_the_ratio_matters():
     assert torch.equal(nominal.mean, plain.mean) and torch.equal(nominal.var, plain.var)
     assert (doubled.mean - plain.mean).abs().amax() > 1e-3
     torch.testing.assert_close(rescaled.mean, irregular.mean, atol=1e-6, rtol=1e-6)
+
+
+def test_the_time_grid_is_learnt_from_real_steps():
+    """initialize: the median step where the training steps vary along a stream (gaps=time);
+    evenly spaced streams (what keep/mask/fill give, even at different steps per stream) leave
+    the model on the grid of rows, so it may also be called without exog."""
+    model = _timed_model()
+    y = _series()
+    model.initialize(y, exog=Exog(dt=_irregular_dt()))
+    assert float(model.nominal_step) == 1.0 and not model.runs_without_exog
+    even = torch.tensor([[1.0] * T, [2.0] * T, [1.0] * T], dtype=torch.float64)
+    model.initialize(y, exog=Exog(dt=even))
+    assert torch.isnan(model.nominal_step) and model.runs_without_exog
+    model.initialize(y)
+    assert torch.isnan(model.nominal_step)
+    assert not _timed_model(n_inputs=1).runs_without_exog  # inputs are always needed
 
 
 def test_without_a_nominal_step_time_steps_are_ignored():

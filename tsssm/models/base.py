@@ -65,6 +65,13 @@ def uses_exog(model: Any) -> bool:
     return bool(getattr(model, "uses_exog", ()))
 
 
+def needs_exog(model: Any) -> bool:
+    """Whether ``model`` must be given ``exog`` (it uses exog and cannot run without it: a
+    model that can declares ``runs_without_exog``, e.g. a Mamba without inputs that was trained
+    on an evenly spaced grid)."""
+    return uses_exog(model) and not getattr(model, "runs_without_exog", False)
+
+
 def call_one_step(model: Any, y: Tensor, state: Any = None, exog: Exog | None = None
                   ) -> tuple[Gaussian, Any]:
     """``model.one_step(y, state)``, with ``exog`` when the model uses it."""

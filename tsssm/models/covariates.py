@@ -3,7 +3,8 @@
 Pure helpers over :class:`tsssm.models.base.Exog` shared by
 :mod:`tsssm.models.mamba_forecaster` and :mod:`tsssm.models.hybrid`:
 
-- time: a model learns its nominal step (the median training step, ``initialize``); a row's
+- time: a model learns its nominal step (the median training step, ``initialize``, where the
+  training steps vary: real time steps; evenly spaced training data give none); a row's
   ``dt / nominal`` scales the Δ of the Mamba scan (:func:`tsssm.models.mamba.time_scaled_delta`)
   and, as ``log(dt / nominal)``, tells the one-step head how far ahead the next row lies.
   Without a nominal step (a model built outside the pipeline, or a bundle from before time
@@ -55,6 +56,19 @@ def exog_rows(exog: Exog | None, batch: int, rows: int, n_inputs: int, what: str
         if not bool(torch.isfinite(u).all()):
             raise DataError(f"{what}: inputs u must be finite (inputs are never missing)")
     return u, dt
+
+
+def nominal_step(exog: Exog | None) -> float:
+    """The nominal time step learnt from training steps ``exog.dt`` (B, T): their median where
+    they vary along a stream (real time steps, data.gaps=time), NaN (no time grid: time steps
+    ignored) where every stream's steps are constant or absent. Under data.gaps=keep/mask/fill
+    a stream carries its median step on every row, so such models stay on the grid of rows."""
+    if exog is None or exog.dt is None or exog.dt.numel() == 0:
+        return float("nan")
+    dt = exog.dt.double().reshape(-1, exog.dt.shape[-1])
+    if bool((dt == dt[:, :1]).all()):
+        return float("nan")
+    return float(dt.median())
 
 
 def time_ratio(dt: Tensor | None, nominal: Tensor) -> Tensor | None:

@@ -72,6 +72,7 @@ from tsssm.models.covariates import (
     exog_rows,
     horizon_inputs,
     lead_log_ratio,
+    nominal_step,
     per_sequence,
     register_time_defaults,
     time_ratio,
@@ -306,13 +307,18 @@ class _HybridBase(nn.Module):
 
     # ------------------------------------------------------------------ shared helpers
 
+    @property
+    def runs_without_exog(self) -> bool:
+        """Without inputs and without a time grid, exog changes nothing."""
+        return self.n_inputs == 0 and bool(torch.isnan(self.nominal_step))
+
     @torch.no_grad()
     def initialize(self, y: Tensor, exog: Exog | None = None) -> None:
         """Data-based start of the Kalman part from training streams y (B, T, C): moment
         estimates, then ``em_iters`` EM iterations (variance-only structures); the nominal time
-        step is the median of ``exog.dt`` (without it, time steps are not used)."""
-        if exog is not None and exog.dt is not None and exog.dt.numel():
-            self.nominal_step.fill_(float(exog.dt.double().median()))
+        step is the median of ``exog.dt`` where the steps vary (see
+        MambaForecaster.initialize; on an evenly spaced grid time steps are not used)."""
+        self.nominal_step.fill_(nominal_step(exog))
         self.kalman.initialize(y)
         if self.em_iters:
             self.kalman.fit_em([y.to(self.kalman.compute_dtype)], n_iter=self.em_iters)

@@ -76,6 +76,7 @@ from tsssm.models.covariates import (
     exog_rows,
     horizon_inputs,
     lead_log_ratio,
+    nominal_step,
     per_sequence,
     register_time_defaults,
     time_ratio,
@@ -243,10 +244,17 @@ class MambaForecaster(nn.Module):
 
     @torch.no_grad()
     def initialize(self, y: Tensor, exog: Exog | None = None) -> None:
-        """Learn the time grid from training streams: the nominal step is the median of their
-        time steps (``exog.dt`` (B, T)); without them the model ignores time steps."""
-        if exog is not None and exog.dt is not None and exog.dt.numel():
-            self.nominal_step.fill_(float(exog.dt.double().median()))
+        """Learn the time grid from training streams: where their time steps (``exog.dt``
+        (B, T)) vary (real steps, data.gaps=time), the nominal step is their median; evenly
+        spaced training data (every gaps mode on a regular grid) leave the model on the grid
+        of rows, and it ignores time steps (as data.gaps=keep means)."""
+        self.nominal_step.fill_(nominal_step(exog))
+
+    @property
+    def runs_without_exog(self) -> bool:
+        """Without inputs and without a time grid, exog changes nothing: callers (the batch
+        scorer) may leave it out."""
+        return self.n_inputs == 0 and bool(torch.isnan(self.nominal_step))
 
     def initial_state(self, batch: int, device: torch.device | None = None) -> MambaForecasterState:
         """The prior state: zero encoder state, the learned start, no pending steps."""
