@@ -1,10 +1,9 @@
 """Mamba forecaster and hybrids with exogenous inputs and real time steps (issue 14, items 3-4).
 
 - without inputs on an evenly spaced grid, the outputs are those of the code before this change
-  (tests/models/data/mamba_golden.npz, written by ``write_golden`` on the code of commit
-  b722b96 = main before this branch, torch 2.13 CPU; ``python tests/models/test_mamba_exog.py``
-  rewrites it) and a
-  constant nominal time step changes nothing, bit for bit;
+  (tests/models/data/mamba_golden.npz, written by ``write_golden`` on main b722b96, the code
+  before this branch, torch 2.13 CPU; ``python tests/models/test_mamba_exog.py`` rewrites it),
+  and a constant nominal time step changes nothing, bit for bit;
 - Δ over the real step: one step of k nominal steps with no input is the k-step hold of the
   SSM state (zero-order hold), and the dt-scaled path equals the fused-softplus path at ratio 1;
 - a gap changes the state evolution from the gap on (and nothing before it), a constant grid
