@@ -424,10 +424,12 @@ class Model:
         return self._wide(_future_times(part.stream.time, horizon), mean, std, levels)
 
     def _predict(self, part: Part, chunk_size: int = 100_000):
+        from tsssm.anomaly.scores import ScoreSpec
         from tsssm.tasks.evaluate import predict_stream
 
-        return predict_stream(self.bundle.model, part.stream.values, self.bundle.score_kind,
-                              chunk_size, exog=part.exog())
+        spec = ScoreSpec.from_dict(self.bundle.score, self.bundle.score_kind)
+        return predict_stream(self.bundle.model, part.stream.values, spec, chunk_size,
+                              exog=part.exog())
 
     def _wide(self, time: np.ndarray, mean: np.ndarray, std: np.ndarray,
               levels: list[float] | None) -> pl.DataFrame:
@@ -453,26 +455,19 @@ class Model:
         ``time``, ``score``, ``flag``, ``label`` (when the data has the model's label column),
         then ``contrib:<channel>`` per channel: its additive share of the score (a row's
         shares sum to its score)."""
-        import numpy as np
-        import polars as pl
-        import torch
-
-        from tsssm.anomaly.scores import score_contributions
         from tsssm.commands.common import stream_frame
-        from tsssm.models.base import Gaussian
+        from tsssm.commands.score import stream_threshold
 
         if self.bundle.threshold is None:
             raise ModelError(f"the model from {self.source} has no fitted threshold")
         part = self._read(data, channels, name)
         pred = self._predict(part, chunk_size)
-        flags = self.bundle.threshold.flags(pred.score)
-        table = stream_frame(part, pred, flags, (0, len(part.stream)))
-        y = torch.from_numpy(part.stream.values)[None]  # (1, T, C)
-        shares = score_contributions(
-            y, Gaussian(torch.from_numpy(pred.mean)[None], torch.from_numpy(pred.var)[None]),
-            self.bundle.score_kind)[0].numpy().astype(np.float32)  # (T, C)
-        return table.with_columns(pl.Series(f"contrib:{ch}", shares[:, j])
-                                  for j, ch in enumerate(self.channels))
+        # as `tsssm score`: the bundle's threshold, or (per-stream scope) its rule refitted on
+        # this stream's own first training rows
+        train_rows = int(self.bundle.data_config.get("train_rows", 0))
+        threshold = stream_threshold(self.bundle, pred.score, train_rows, part.stream.name)
+        flags = threshold.flags(pred.score)
+        return stream_frame(part, pred, flags, (0, len(part.stream)), threshold)
 
     # ---- files
 

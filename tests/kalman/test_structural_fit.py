@@ -81,6 +81,29 @@ def test_linear_em_statistics_equal_the_filter_and_smoother():
     assert segments_loglik(ssm, y_gap).shape == (C,)
 
 
+def test_long_segments_take_the_filter_not_the_quadratic_path(monkeypatch):
+    """The linear E-step keeps O(T^2 n) maps: a whole stream (one long segment) must take the
+    filter + smoother (a 9,405-step SKAB stream took 24 GB before the guard)."""
+    from tsssm.kalman import fit as fit_module
+
+    g = torch.Generator().manual_seed(2)
+    m = _model()
+    ssm = m.to_ssm(0.3 * torch.randn(2, m.n_params, generator=g, dtype=F64),
+                   *_random_prior(m.n_states, 2, g))
+    short = torch.randn(4, 2, 30, 1, generator=g, dtype=F64)
+    long = torch.randn(1, 2, 4000, 1, generator=g, dtype=F64)
+    assert fit_module._linear_ok(ssm, short)
+    assert not fit_module._linear_ok(ssm, long)
+    # a smaller budget sends the short segments to the filter too, with the same statistics
+    ll_fast, fast = structural_em_statistics(ssm, short)
+    monkeypatch.setattr(fit_module, "LINEAR_PATH_MAX_BYTES", 1)
+    ll_ref, ref = structural_em_statistics(ssm, short)
+    assert torch.allclose(ll_fast, ll_ref, rtol=1e-10)
+    for key in ref:
+        assert torch.allclose(fast[key].expand_as(ref[key]), ref[key], rtol=1e-9,
+                              atol=1e-9), key
+
+
 def test_segments_loglik_gradient_matches_the_filter():
     g = torch.Generator().manual_seed(2)
     m = _model()

@@ -393,10 +393,21 @@ def structural_em_statistics(ssm: LinearGaussianSSM, y: Tensor, method: Method =
     return res.loglik.sum(0), stats
 
 
+#: the linear path keeps T maps of (n, T + 1) per series: O(T^2 n) memory, so it is taken only
+#: for segments short enough (ETT's windows of a few hundred steps), never for a whole stream
+LINEAR_PATH_MAX_BYTES = 512 * 2**20
+
+
 def _linear_ok(ssm: LinearGaussianSSM, y: Tensor) -> bool:
     """Whether segments y (G, ..., T, 1) can take the linear (second-moment) path."""
-    return (is_time_invariant(ssm) and ssm.B is None and ssm.c is None and ssm.d is None
-            and ssm.H.shape[-2] == 1 and y.shape[-2] > 1 and not bool(torch.isnan(y).any()))
+    if not (is_time_invariant(ssm) and ssm.B is None and ssm.c is None and ssm.d is None
+            and ssm.H.shape[-2] == 1 and y.shape[-2] > 1):
+        return False
+    T, n = y.shape[-2], ssm.F.shape[-1]
+    series = math.prod(torch.broadcast_shapes(y.shape[1:-2], batch_shape(ssm)))
+    if 2 * T * (T + 1) * n * series * y.element_size() > LINEAR_PATH_MAX_BYTES:
+        return False
+    return not bool(torch.isnan(y).any())
 
 
 def _second_moments(y: Tensor, batch: torch.Size) -> Tensor:
