@@ -263,6 +263,8 @@ class MambaNet:
     head_dropout: float = 0.0
     #: steps per patch token of the flatten head's encoder
     forecast_patch_len: int = 16
+    #: number of input channels (covariates); set by `tsssm train` from data.inputs
+    n_inputs: int = 0
 
 
 @dataclass
@@ -305,6 +307,8 @@ class HybridNet:
     scan_backend: str = "auto"
     #: EM iterations fitting the Kalman part on the training streams before training
     em_iters: int = 0
+    #: number of input channels (covariates); set by `tsssm train` from data.inputs
+    n_inputs: int = 0
 
 
 @dataclass

@@ -239,9 +239,9 @@ def why_read_whole(data_cfg, bundle: Bundle) -> str | None:
     covers models without inputs or real time steps whose score is a one-step NIS/NLL with one
     pooled threshold; windowed or joint (Mahalanobis) scores and per-stream thresholds are
     computed by the in-memory path."""
-    from tsssm.models.base import uses_exog
+    from tsssm.models.base import needs_exog
 
-    if bundle.inputs or uses_exog(bundle.model) or option_value(data_cfg.gaps) == "time":
+    if bundle.inputs or needs_exog(bundle.model) or option_value(data_cfg.gaps) == "time":
         return "takes inputs (data.inputs) or real time steps (data.gaps=time)"
     spec = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
     if spec.window > 1:

@@ -189,7 +189,8 @@ def calibrate(cfg: DictConfig, net, data: PreparedData, tracker: Tracker) -> Non
     if method == "none":
         return
     scale = calibrate_horizon_variance(net, data, cfg.data.input_len,
-                                       cfg.data.horizon, cfg.data.eval_stride, method)
+                                       cfg.data.horizon, cfg.data.eval_stride, method,
+                                       option_value(cfg.data.future_inputs))
     if scale is not None:
         tracker.log_metrics({"val/variance_scale_first": float(scale[0]),
                              "val/variance_scale_last": float(scale[-1])})

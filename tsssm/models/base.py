@@ -65,6 +65,13 @@ def uses_exog(model: Any) -> bool:
     return bool(getattr(model, "uses_exog", ()))
 
 
+def needs_exog(model: Any) -> bool:
+    """Whether ``model`` must be given ``exog`` (it uses exog and cannot run without it: a
+    model that can declares ``runs_without_exog``, e.g. a Mamba without inputs that was trained
+    on an evenly spaced grid)."""
+    return uses_exog(model) and not getattr(model, "runs_without_exog", False)
+
+
 def call_one_step(model: Any, y: Tensor, state: Any = None, exog: Exog | None = None
                   ) -> tuple[Gaussian, Any]:
     """``model.one_step(y, state)``, with ``exog`` when the model uses it."""
@@ -78,7 +85,17 @@ def call_forecast(model: Any, context: Tensor, horizon: int, state: Any = None,
     """``model.forecast(context, horizon, state)``, with ``exog`` when the model uses it."""
     if exog is not None and uses_exog(model):
         return model.forecast(context, horizon, state, exog=exog)
+    if state is None:  # simple forecasters may take no state at all
+        return model.forecast(context, horizon)
     return model.forecast(context, horizon, state)
+
+
+def call_predict_window(model: Any, context: Tensor, horizon: int, exog: Exog | None = None
+                        ) -> tuple[Gaussian, Gaussian]:
+    """``model.predict_window(context, horizon)``, with ``exog`` when the model uses it."""
+    if exog is not None and uses_exog(model):
+        return model.predict_window(context, horizon, exog=exog)
+    return model.predict_window(context, horizon)
 
 
 @runtime_checkable

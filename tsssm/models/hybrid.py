@@ -38,6 +38,17 @@ only move away from the filter where the data reward it. Horizon forecasts read 
 given context) and need ``state=None``. Horizon variances carry a fitted per-lead factor
 (:class:`tsssm.models.heads.HorizonVarianceScale`, fitted on validation after training).
 
+Inputs and time (``exog=Exog(u, dt)``, :mod:`tsssm.models.covariates`), as in the Mamba
+forecaster: with ``n_inputs = K > 0`` the inputs are features of both encoders' tokens, the
+observation gets a feedthrough ``y_t = H x_t + G u_t + v_t`` (the filter runs on ``y - G u``
+and adds ``G u`` back, so the deep SSM's one-step density stays the model's exact likelihood),
+and the horizon means add ``G u`` of the forecast rows and a causal linear response to the
+inputs (unknown future inputs: the last one held, with a warning). With real time steps both
+encoders scale their Δ by the real step over the nominal (median training) one and the causal
+encoder's origins see ``log(dt / nominal)`` of the row they predict; the Kalman part itself
+stays discrete (one transition per row). Without inputs and on an evenly spaced grid nothing
+changes, bit for bit.
+
 Numerics: the filters run in the Kalman part's dtype (float64 by default) and results come
 back in float32; the encoder runs in float32.
 """
@@ -55,7 +66,18 @@ from tsssm.kalman.filter import kalman_filter
 from tsssm.kalman.forecast import forecast as kalman_forecast
 from tsssm.kalman.forecast import forecast_invariant, transition_powers
 from tsssm.kalman.ssm import LinearGaussianSSM, symmetrize
-from tsssm.models.base import Gaussian
+from tsssm.models.base import Exog, Gaussian
+from tsssm.models.covariates import (
+    InputResponse,
+    exog_rows,
+    horizon_inputs,
+    lead_log_ratio,
+    nominal_step,
+    per_sequence,
+    register_time_defaults,
+    time_ratio,
+    token_time_scale,
+)
 from tsssm.models.heads import HorizonVarianceScale
 from tsssm.models.kalman import KalmanForecaster, KalmanState
 from tsssm.models.mamba import MambaConfig, MambaStack, MambaStackState, detach_state
@@ -79,10 +101,12 @@ class EncoderState:
     encoder: MambaStackState | None  # per-layer state; None = zeros
     last_hidden: Tensor  # (B*C, d): output of the last complete patch (or the start vector)
     pending: Tensor  # (B, r, C, F), r < patch_len: features of the incomplete trailing patch
+    pending_ratio: Tensor | None = None  # (B, r): their dt / nominal step (with time steps)
 
     def detach(self) -> EncoderState:
         return EncoderState(None if self.encoder is None else detach_state(self.encoder),
-                            self.last_hidden.detach(), self.pending.detach())
+                            self.last_hidden.detach(), self.pending.detach(),
+                            None if self.pending_ratio is None else self.pending_ratio.detach())
 
 
 class HybridState(NamedTuple):
@@ -137,23 +161,36 @@ class ChannelPatchEncoder(nn.Module):
         x = x.permute(0, 2, 1, 3).reshape(batch * channels, n, p * 2 * n_feat)
         return x
 
-    def forward(self, feats: Tensor, state: MambaStackState | None = None
-                ) -> tuple[Tensor, MambaStackState]:
-        """feats (B, n*P, C, F) -> (hidden (B*C, n, d), encoder state)."""
-        return self.mamba(self.dropout(self.embed(self.tokens(feats))), state)
+    def forward(self, feats: Tensor, state: MambaStackState | None = None,
+                ratio: Tensor | None = None) -> tuple[Tensor, MambaStackState]:
+        """feats (B, n*P, C, F), time ratios dt / nominal (B, n*P) or None -> (hidden
+        (B*C, n, d), encoder state)."""
+        scale = per_sequence(token_time_scale(ratio, self.patch_len), feats.shape[2])
+        return self.mamba(self.dropout(self.embed(self.tokens(feats))), state, scale)
 
-    def causal(self, feats: Tensor, state: EncoderState
-               ) -> tuple[Tensor, EncoderState, int]:
+    def causal(self, feats: Tensor, state: EncoderState, ratio: Tensor | None = None,
+               lead_time: Tensor | None = None) -> tuple[Tensor, EncoderState, int]:
         """Per-step origins for one-step terms, causally: the steps of patch k are predicted from
         the output after patch k-1 (the first from the carried output).
 
-        feats (B, T, C, F) (new steps). Returns (origins (B*C, n_pred, d) covering the pending
-        and new steps, the new state, r = number of pending steps before the new ones)."""
+        feats (B, T, C, F) (new steps), ratio (B, T) their dt / nominal step or None;
+        ``lead_time`` (d,): origins move by log(ratio) of the first row they predict times it.
+        Returns (origins (B*C, n_pred, d) covering the pending and new steps, the new state,
+        r = number of pending steps before the new ones)."""
         r, p = state.pending.shape[1], self.patch_len
         series = torch.cat([state.pending.to(feats.dtype), feats], dim=1)  # (B, r+T, C, F)
+        ratios = None
+        if ratio is not None or state.pending_ratio is not None:
+            b = feats.shape[0]
+            old = (state.pending_ratio if state.pending_ratio is not None
+                   else torch.ones(b, r, device=feats.device))
+            new = ratio if ratio is not None else torch.ones(b, feats.shape[1],
+                                                             device=feats.device)
+            ratios = torch.cat([old.to(new.dtype), new], dim=1)  # (B, r+T)
         n_tok = series.shape[1] // p
         if n_tok > 0:
-            hidden, enc = self(series[:, : n_tok * p], state.encoder)
+            hidden, enc = self(series[:, : n_tok * p], state.encoder,
+                               None if ratios is None else ratios[:, : n_tok * p])
             last = hidden[:, -1]
         else:
             hidden = state.last_hidden.new_zeros(state.last_hidden.shape[0], 0,
@@ -161,7 +198,13 @@ class ChannelPatchEncoder(nn.Module):
             enc, last = state.encoder, state.last_hidden
         origins = torch.cat([state.last_hidden.unsqueeze(1), hidden], dim=1)
         n_pred = -(-series.shape[1] // p)
-        return origins[:, :n_pred], EncoderState(enc, last, series[:, n_tok * p :]), r
+        origins = origins[:, :n_pred]
+        lead = lead_log_ratio(ratios, p, n_pred)  # (B, n_pred)
+        if lead is not None and lead_time is not None:
+            origins = origins + per_sequence(lead, series.shape[2])[..., None] * lead_time
+        new = EncoderState(enc, last, series[:, n_tok * p :],
+                           None if ratios is None else ratios[:, n_tok * p :])
+        return origins, new, r
 
     def initial_state(self, batch: int, channels: int, device: torch.device) -> EncoderState:
         return EncoderState(None, self.start.to(device).expand(batch * channels, -1),
@@ -196,13 +239,19 @@ class _HybridBase(nn.Module):
     """What both hybrids share: the Kalman part, the encoder, the horizon head, validation."""
 
     training_input = "windows"
+    uses_exog = ("u", "dt")
 
     def __init__(self, n_channels: int, horizon: int, input_len: int, kalman: dict | None,
                  n_step_features: int, n_horizon_features: int, d_model: int, n_layers: int,
                  d_state: int, d_conv: int, expand: int, patch_len: int, step_patch_len: int,
                  dropout: float, head_dropout: float, linear_skip: bool, scan_backend: str,
-                 em_iters: int) -> None:
+                 em_iters: int, n_inputs: int = 0) -> None:
         super().__init__()
+        if not isinstance(n_inputs, int) or isinstance(n_inputs, bool) or n_inputs < 0:
+            raise ConfigError(f"model.n_inputs must be an integer >= 0, got {n_inputs!r}")
+        self.n_inputs = n_inputs
+        n_step_features += n_inputs  # every channel's tokens also carry the inputs
+        n_horizon_features += n_inputs
         _positive_int("n_channels", n_channels)
         _positive_int("horizon", horizon)
         _positive_int("input_len", input_len)
@@ -244,13 +293,32 @@ class _HybridBase(nn.Module):
         #: weight of the filter's own horizon mean per lead time (normalised units)
         self.kalman_weight = nn.Parameter(torch.ones(horizon))
         self.var_calibration = HorizonVarianceScale(horizon)
+        # Created last and without random draws: a model without inputs is initialised as
+        # before, weight for weight.
+        if n_inputs:
+            #: observation feedthrough G (C, K): y_t = H x_t + G u_t + v_t
+            self.input_gain = nn.Parameter(torch.zeros(n_channels, n_inputs))
+            self.input_response = InputResponse(n_channels, horizon, n_inputs)
+        #: the causal encoder's origins move by log(dt / nominal) times this vector
+        self.lead_time = nn.Parameter(torch.zeros(d_model))
+        #: the nominal (median training) time step; NaN: unknown, time steps are not used
+        self.register_buffer("nominal_step", torch.tensor(float("nan"), dtype=torch.float64))
+        register_time_defaults(self, {"nominal_step": float("nan"), "lead_time": 0.0})
 
     # ------------------------------------------------------------------ shared helpers
 
+    @property
+    def runs_without_exog(self) -> bool:
+        """Without inputs and without a time grid, exog changes nothing."""
+        return self.n_inputs == 0 and bool(torch.isnan(self.nominal_step))
+
     @torch.no_grad()
-    def initialize(self, y: Tensor) -> None:
+    def initialize(self, y: Tensor, exog: Exog | None = None) -> None:
         """Data-based start of the Kalman part from training streams y (B, T, C): moment
-        estimates, then ``em_iters`` EM iterations (variance-only structures)."""
+        estimates, then ``em_iters`` EM iterations (variance-only structures); the nominal time
+        step is the median of ``exog.dt`` where the steps vary (see
+        MambaForecaster.initialize; on an evenly spaced grid time steps are not used)."""
+        self.nominal_step.fill_(nominal_step(exog))
         self.kalman.initialize(y)
         if self.em_iters:
             self.kalman.fit_em([y.to(self.kalman.compute_dtype)], n_iter=self.em_iters)
@@ -288,11 +356,13 @@ class _HybridBase(nn.Module):
                              f"batch {y.shape[0]}; carry one state per set of streams")
         return state
 
-    def _horizon_terms(self, context: Tensor, extra: Tensor | None = None
+    def _horizon_terms(self, context: Tensor, extra: Tensor | None = None,
+                       u: Tensor | None = None, ratio: Tensor | None = None
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The flatten head over the last input_len steps: RevIN-normalised values (and
-        ``extra`` features (B, T, C, F') aligned with the context) -> per lead time
-        (delta, log-scale 1, log-scale 2) each (B, H, C), plus loc, scale (B, 1, C)."""
+        ``extra`` features (B, T, C, F') aligned with the context, the inputs u (B, T, K), the
+        time ratios (B, T)) -> per lead time (delta, log-scale 1, log-scale 2) each (B, H, C),
+        plus loc, scale (B, 1, C)."""
         window = _last_window(context, self.input_len)  # (B, L, C)
         loc, scale = _observed_mean_std(window)
         x = (window - loc) / scale
@@ -301,7 +371,13 @@ class _HybridBase(nn.Module):
             feats.append(_last_window(extra, self.input_len))
         n_steps = -(-self.input_len // self.patch_len) * self.patch_len
         feats = _last_window(torch.cat(feats, dim=-1), n_steps)  # whole patches, NaN-padded
-        hidden, _ = self.encoder(feats)  # (B*C, n_tok, d)
+        if u is not None:  # inputs are never missing: the padding before a short context is 0
+            u_win = _last_window(_last_window(u, self.input_len), n_steps).nan_to_num(0.0)
+            feats = torch.cat([feats, u_win.unsqueeze(2).expand(-1, -1, self.n_channels, -1)
+                               .to(x.dtype)], dim=-1)
+        if ratio is not None:  # padded steps count as nominal
+            ratio = _last_window(_last_window(ratio, self.input_len), n_steps).nan_to_num(1.0)
+        hidden, _ = self.encoder(feats, None, ratio)  # (B*C, n_tok, d)
         out = self.horizon_head(self.head_dropout(hidden.flatten(1)))  # (B*C, 3H)
         batch = context.shape[0]
         out = out.reshape(batch, self.n_channels, 3, self.horizon).permute(2, 0, 3, 1)
@@ -325,16 +401,53 @@ class _HybridBase(nn.Module):
         w = self.kalman_weight[:horizon].view(1, horizon, 1)
         return w * kalman_mean + (1.0 - w) * loc + scale * delta[:, :horizon]
 
-    def predict_window(self, context: Tensor, horizon: int) -> tuple[Gaussian, Gaussian]:
+    def predict_window(self, context: Tensor, horizon: int, *, exog: Exog | None = None
+                       ) -> tuple[Gaussian, Gaussian]:
         """One-step predictions over ``context`` (B, L, C) and the horizon forecast after it,
         sharing one filter pass (what a training window needs)."""
-        one, fc = self._one_step_and_forecast(context, horizon)
+        one, fc = self._one_step_and_forecast(context, horizon, exog)
         return one, fc
 
-    def forecast(self, context: Tensor, horizon: int, state: Any = None) -> Gaussian:
-        """Predictive distribution (B, horizon, C) of the steps after ``context`` (B, L, C)."""
+    def forecast(self, context: Tensor, horizon: int, state: Any = None, *,
+                 exog: Exog | None = None) -> Gaussian:
+        """Predictive distribution (B, horizon, C) of the steps after ``context`` (B, L, C).
+
+        exog: u over the context and the horizon when the future inputs are known, over the
+        context only when not (the last input is held); dt over the context."""
         self._check_horizon(horizon, state)
-        return self._one_step_and_forecast(context, horizon)[1]
+        return self._one_step_and_forecast(context, horizon, exog)[1]
+
+    # ------------------------------------------------------------------ inputs and time
+
+    def _exog(self, y: Tensor, exog: Exog | None, what: str
+              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(u of these rows (B, T, K), u as given (B, T', K), ratio dt / nominal (B, T)); Nones
+        without inputs / time."""
+        u, dt = exog_rows(exog, y.shape[0], y.shape[1], self.n_inputs, what)
+        if u is not None:
+            u = exog.u.to(y.dtype)
+        rows = None if u is None else u[:, : y.shape[1]]
+        return rows, u, time_ratio(dt, self.nominal_step)
+
+    def _feedthrough(self, u: Tensor | None) -> Tensor | None:
+        """G u (B, T, C) of inputs (B, T, K), or None."""
+        return None if u is None else u @ self.input_gain.t().to(u.dtype)
+
+    def _with_input_means(self, mean: Tensor, u_all: Tensor | None, context_len: int,
+                          horizon: int) -> Tensor:
+        """Horizon means (B, h, C) plus G u of the forecast rows and the inputs' response."""
+        if u_all is None:
+            return mean
+        v = horizon_inputs(self, u_all, context_len, horizon)  # (B, h+1, K)
+        return mean + self._feedthrough(v[:, 1:]) + self.input_response(v, horizon)
+
+    def _step_features(self, feats: Tensor, u: Tensor | None) -> Tensor:
+        """Per-channel features (B, T, C, F) with the inputs (B, T, K) appended to every
+        channel."""
+        if u is None:
+            return feats
+        return torch.cat([feats, u.unsqueeze(2).expand(-1, -1, self.n_channels, -1)
+                          .to(feats.dtype)], dim=-1)
 
     def no_weight_decay(self) -> set[str]:
         return {name for name, p in self.named_parameters()
@@ -353,19 +466,21 @@ class KalmanMambaResidual(_HybridBase):
                  kalman: dict | None = None, d_model: int = 64, n_layers: int = 2,
                  d_state: int = 16, d_conv: int = 4, expand: int = 2, patch_len: int = 16,
                  step_patch_len: int = 1, dropout: float = 0.0, head_dropout: float = 0.0,
-                 linear_skip: bool = True, scan_backend: str = "auto", em_iters: int = 0
-                 ) -> None:
+                 linear_skip: bool = True, scan_backend: str = "auto", em_iters: int = 0,
+                 n_inputs: int = 0) -> None:
         super().__init__(n_channels, horizon, input_len, kalman, 2, 2, d_model, n_layers,
                          d_state, d_conv, expand, patch_len, step_patch_len, dropout,
-                         head_dropout, linear_skip, scan_backend, em_iters)
+                         head_dropout, linear_skip, scan_backend, em_iters, n_inputs)
 
     def _features(self, y: Tensor, pred: Gaussian) -> Tensor:
         """(values, standardised innovations) (B, T, C, 2); NaN where y is missing."""
         return torch.stack([y, _standardised(y, pred)], dim=-1)
 
-    def _corrected_one_step(self, y: Tensor, kpred: Gaussian, enc_state: EncoderState
+    def _corrected_one_step(self, y: Tensor, kpred: Gaussian, enc_state: EncoderState,
+                            u: Tensor | None = None, ratio: Tensor | None = None
                             ) -> tuple[Gaussian, EncoderState]:
-        origins, new_enc, r = self.step_encoder.causal(self._features(y, kpred), enc_state)
+        feats = self._step_features(self._features(y, kpred), u)
+        origins, new_enc, r = self.step_encoder.causal(feats, enc_state, ratio, self.lead_time)
         terms = _per_step(self.step_head(origins), y.shape[0], 2, self.step_patch_len)
         terms = terms[:, r : r + y.shape[1]].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
         delta, gamma = terms.unbind(-1)  # (B, T, C)
@@ -373,27 +488,41 @@ class KalmanMambaResidual(_HybridBase):
         var = kpred.var * gamma.exp() + MIN_VAR
         return Gaussian(mean, var), new_enc
 
-    def one_step(self, y: Tensor, state: HybridState | None = None
-                 ) -> tuple[Gaussian, HybridState]:
-        """Predictive distribution of y[:, t] given y[:, :t] (and ``state``) for every t."""
+    def _kalman_one_step(self, y: Tensor, u: Tensor | None, kstate: KalmanState | None
+                         ) -> tuple[Gaussian, KalmanState]:
+        """The Kalman part on y - G u, its predictions with G u added back."""
+        gu = self._feedthrough(u)
+        kpred, kstate = self.kalman.one_step(y if gu is None else y - gu, kstate)
+        if gu is not None:
+            kpred = kpred._replace(mean=kpred.mean + gu)
+        return kpred, kstate
+
+    def one_step(self, y: Tensor, state: HybridState | None = None, *,
+                 exog: Exog | None = None) -> tuple[Gaussian, HybridState]:
+        """Predictive distribution of y[:, t] given y[:, :t] (and ``state``) for every t;
+        exog: the inputs (B, T, K) and time steps (B, T) of these rows."""
         y = self._check_series(y, "y")
         state = self._check_state(state, y)
-        kpred, kstate = self.kalman.one_step(y, None if state is None else state.kalman)
+        u, _, ratio = self._exog(y, exog, "one_step")
+        kpred, kstate = self._kalman_one_step(y, u, None if state is None else state.kalman)
         enc_state = (self.step_encoder.initial_state(y.shape[0], self.n_channels, y.device)
                      if state is None else state.encoder)
-        dist, new_enc = self._corrected_one_step(y, kpred, enc_state)
+        dist, new_enc = self._corrected_one_step(y, kpred, enc_state, u, ratio)
         return dist, HybridState(kstate, new_enc)
 
-    def _one_step_and_forecast(self, context: Tensor, horizon: int) -> tuple[Gaussian, Gaussian]:
+    def _one_step_and_forecast(self, context: Tensor, horizon: int, exog: Exog | None = None
+                               ) -> tuple[Gaussian, Gaussian]:
         context = self._check_series(context, "context")
-        kpred, kstate = self.kalman.one_step(context)
+        u, u_all, ratio = self._exog(context, exog, "forecast")
+        kpred, kstate = self._kalman_one_step(context, u, None)
         enc0 = self.step_encoder.initial_state(context.shape[0], self.n_channels,
                                                context.device)
-        one, _ = self._corrected_one_step(context, kpred, enc0)
+        one, _ = self._corrected_one_step(context, kpred, enc0, u, ratio)
         k_mean, k_var = self._kalman_forecast(kstate, horizon)  # (B, h, C) each
         z = _standardised(context, kpred)
-        delta, gamma, _, loc, scale = self._horizon_terms(context, z.unsqueeze(-1))
-        mean = self._combine_mean(k_mean, delta, loc, scale, horizon)
+        delta, gamma, _, loc, scale = self._horizon_terms(context, z.unsqueeze(-1), u, ratio)
+        mean = self._with_input_means(k_mean, u_all, context.shape[1], horizon)
+        mean = self._combine_mean(mean, delta, loc, scale, horizon)
         gamma = gamma[:, :horizon].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
         var = self.var_calibration(k_var * gamma.exp(), MIN_VAR)
         return one, Gaussian(mean, var)
@@ -422,15 +551,16 @@ class MambaKalmanFilter(_HybridBase):
                  kalman: dict | None = None, d_model: int = 64, n_layers: int = 2,
                  d_state: int = 16, d_conv: int = 4, expand: int = 2, patch_len: int = 16,
                  step_patch_len: int = 1, dropout: float = 0.0, head_dropout: float = 0.0,
-                 linear_skip: bool = True, scan_backend: str = "auto", em_iters: int = 0
-                 ) -> None:
+                 linear_skip: bool = True, scan_backend: str = "auto", em_iters: int = 0,
+                 n_inputs: int = 0) -> None:
         super().__init__(n_channels, horizon, input_len, kalman, 1, 1, d_model, n_layers,
                          d_state, d_conv, expand, patch_len, step_patch_len, dropout,
-                         head_dropout, linear_skip, scan_backend, em_iters)
+                         head_dropout, linear_skip, scan_backend, em_iters, n_inputs)
 
     # ------------------------------------------------------------------ the filter
 
-    def _noise_terms(self, y: Tensor, enc_state: EncoderState, last: Tensor | None
+    def _noise_terms(self, y: Tensor, enc_state: EncoderState, last: Tensor | None,
+                     u: Tensor | None = None, ratio: Tensor | None = None
                      ) -> tuple[Tensor, EncoderState]:
         """(a_t, b_t) (B, T, C, 2): log-scales of Q and R at every step, from y[:, :t].
 
@@ -439,7 +569,8 @@ class MambaKalmanFilter(_HybridBase):
         reads levels learns them by heart). ``last`` (B, C): y of the step before this call."""
         prev = y.new_full(y[:, :1].shape, float("nan")) if last is None else last.unsqueeze(1)
         diff = y - torch.cat([prev.to(y.dtype), y[:, :-1]], dim=1)  # (B, T, C)
-        origins, new_enc, r = self.step_encoder.causal(diff.unsqueeze(-1), enc_state)
+        feats = self._step_features(diff.unsqueeze(-1), u)
+        origins, new_enc, r = self.step_encoder.causal(feats, enc_state, ratio, self.lead_time)
         terms = _per_step(self.step_head(origins), y.shape[0], 2, self.step_patch_len)
         terms = terms[:, r : r + y.shape[1]].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
         return terms, new_enc
@@ -463,29 +594,34 @@ class MambaKalmanFilter(_HybridBase):
             P0 = symmetrize(base.F @ P @ base.F.mT + Q[..., 0, :, :])
         return LinearGaussianSSM(base.F, base.H, Q, R, m0, P0, time_varying=("Q", "R"))
 
-    def _filter(self, y: Tensor, state: HybridState | None
-                ) -> tuple[Gaussian, HybridState]:
+    def _filter(self, y: Tensor, state: HybridState | None, u: Tensor | None = None,
+                ratio: Tensor | None = None) -> tuple[Gaussian, HybridState]:
         enc_state = (self.step_encoder.initial_state(y.shape[0], self.n_channels, y.device)
                      if state is None else state.encoder)
-        terms, new_enc = self._noise_terms(y, enc_state, None if state is None else state.last)
+        terms, new_enc = self._noise_terms(y, enc_state, None if state is None else state.last,
+                                           u, ratio)
         ssm = self.filter_ssm(terms, None if state is None else state.kalman)
-        res = kalman_filter(ssm, self._as_kalman(y), method=self.kalman.method,
-                            covariances="last")
+        gu = self._feedthrough(u)  # the filter sees y - G u; G u comes back on its mean
+        res = kalman_filter(ssm, self._as_kalman(y if gu is None else y - gu),
+                            method=self.kalman.method, covariances="last")
         mean = res.predicted_obs_mean[..., 0].transpose(1, 2).to(y.dtype)  # (B, T, C)
+        if gu is not None:
+            mean = mean + gu
         var = res.predicted_obs_cov[..., 0, 0].transpose(1, 2).to(y.dtype)
         kstate = KalmanState(res.filtered_mean[..., -1, :], res.filtered_cov[..., -1, :, :])
         return Gaussian(mean, var), HybridState(kstate, new_enc, y[:, -1])
 
-    def one_step(self, y: Tensor, state: HybridState | None = None
-                 ) -> tuple[Gaussian, HybridState]:
+    def one_step(self, y: Tensor, state: HybridState | None = None, *,
+                 exog: Exog | None = None) -> tuple[Gaussian, HybridState]:
         """Predictive distribution of y[:, t] given y[:, :t] (and ``state``) for every t: the
         filter's, with the encoder's noise levels. Its NLL is the exact negative
-        log-likelihood."""
+        log-likelihood. exog: the inputs (B, T, K) and time steps (B, T) of these rows."""
         y = self._check_series(y, "y")
         state = self._check_state(state, y)
         if y.shape[1] == 0:
             raise DataError("y has no time steps")
-        return self._filter(y, state)
+        u, _, ratio = self._exog(y, exog, "one_step")
+        return self._filter(y, state, u, ratio)
 
     def noise_scales(self, y: Tensor) -> Tensor:
         """exp(a_t), exp(b_t) (B, T, C, 2): the factors on Q and R the encoder chose for every
@@ -496,13 +632,16 @@ class MambaKalmanFilter(_HybridBase):
 
     # ------------------------------------------------------------------ the horizon
 
-    def _one_step_and_forecast(self, context: Tensor, horizon: int) -> tuple[Gaussian, Gaussian]:
+    def _one_step_and_forecast(self, context: Tensor, horizon: int, exog: Exog | None = None
+                               ) -> tuple[Gaussian, Gaussian]:
         context = self._check_series(context, "context")
-        one, state = self._filter(context, None)
-        delta, a, b, loc, scale = self._horizon_terms(context)
+        u, u_all, ratio = self._exog(context, exog, "forecast")
+        one, state = self._filter(context, None, u, ratio)
+        delta, a, b, loc, scale = self._horizon_terms(context, None, u, ratio)
         a = a[:, :horizon].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
         b = b[:, :horizon].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
         k_mean, k_var = self._filter_forecast(state.kalman, a, b, horizon)
+        k_mean = self._with_input_means(k_mean, u_all, context.shape[1], horizon)
         mean = self._combine_mean(k_mean, delta, loc, scale, horizon)
         var = self.var_calibration(k_var, MIN_VAR)
         return one, Gaussian(mean, var)

@@ -10,6 +10,14 @@ A block (``MambaBlock``) maps ``(B, L, d_model) -> (B, L, d_model)``:
 5. the selective scan with ``A = -exp(A_log)`` and skip ``D``, gated by ``silu(z)``;
 6. ``out_proj`` back to ``d_model``.
 
+Irregular sampling: ``forward(x, state, time_scale)`` takes ``time_scale`` (B, L), each token's
+real time step over the nominal one. Δ is then ``softplus(dt_proj(x) + bias) * time_scale``,
+computed before the scan (the scan runs with softplus off; the kernels are unchanged), so the
+state decays and integrates its input over the real interval (zero-order hold of the
+continuous system ``h' = A h + B x``): a gap is a longer hold, not a silent jump. The causal
+conv still mixes the last ``d_conv`` tokens by position. ``time_scale=None`` is today's path
+(softplus inside the scan) bit for bit.
+
 Recurrent inference: every block carries ``MambaBlockState`` = the last ``d_conv - 1`` inputs of
 the conv (``conv``) and the SSM state (``ssm``, float32). ``forward(x, state)`` returns the new
 state, and running a sequence in chunks with the state carried equals one pass over it (up to
@@ -98,6 +106,15 @@ class MambaBlockState(NamedTuple):
 MambaStackState = tuple[MambaBlockState, ...]
 
 
+def time_scaled_delta(delta: Tensor, bias: Tensor, time_scale: Tensor) -> Tensor:
+    """Δ over the real time step: softplus(delta + bias) * time_scale.
+
+    delta (B, D, L), bias (D,), time_scale (B, L) -> (B, D, L) float32, for a scan with
+    ``delta_softplus=False`` and no ``delta_bias``."""
+    raw = delta.float() + bias.float()[:, None]
+    return torch.nn.functional.softplus(raw) * time_scale.float()[:, None, :]
+
+
 def _inverse_softplus(x: Tensor) -> Tensor:
     """y such that softplus(y) = x, for x > 0 (stable for small x)."""
     return x + torch.log(-torch.expm1(-x))
@@ -149,9 +166,11 @@ class MambaBlock(nn.Module):
         return MambaBlockState(conv, ssm)
 
     def forward(
-        self, x: Tensor, state: MambaBlockState | None = None
+        self, x: Tensor, state: MambaBlockState | None = None, time_scale: Tensor | None = None
     ) -> tuple[Tensor, MambaBlockState]:
-        """x: (B, L, d_model) -> (y (B, L, d_model), state after the last step)."""
+        """x: (B, L, d_model) -> (y (B, L, d_model), state after the last step).
+
+        time_scale (B, L): real time step / nominal step of every token (None: all nominal)."""
         batch, length, _ = x.shape
         if state is None:
             state = self.zero_state(batch, x.device, x.dtype)
@@ -168,11 +187,14 @@ class MambaBlock(nn.Module):
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L)
         b = b.transpose(1, 2)  # (B, N, L)
         c = c.transpose(1, 2)  # (B, N, L)
+        bias, softplus_inside = self.dt_proj.bias.float(), True
+        if time_scale is not None:  # Δ over the real step, formed before the scan
+            delta, bias, softplus_inside = time_scaled_delta(delta, bias, time_scale), None, False
 
         # Streaming steps take the single-step update; under autograd a step is a scan of length 1
         # (differentiable, and free of the update's in-place state write).
         if length == 1 and not torch.is_grad_enabled():
-            y, new_ssm = self._step(u, delta, b, c, z, state.ssm)
+            y, new_ssm = self._step(u, delta, b, c, z, state.ssm, bias, softplus_inside)
         else:
             y, new_ssm = selective_scan(
                 u,
@@ -182,8 +204,8 @@ class MambaBlock(nn.Module):
                 c,
                 D=self.D.float(),
                 z=z,
-                delta_bias=self.dt_proj.bias.float(),
-                delta_softplus=True,
+                delta_bias=bias,
+                delta_softplus=softplus_inside,
                 initial_state=state.ssm,
                 return_final_state=True,
                 backend=self.config.scan_backend,
@@ -192,7 +214,8 @@ class MambaBlock(nn.Module):
         return out, MambaBlockState(new_conv, new_ssm)
 
     def _step(
-        self, u: Tensor, delta: Tensor, b: Tensor, c: Tensor, z: Tensor, ssm: Tensor
+        self, u: Tensor, delta: Tensor, b: Tensor, c: Tensor, z: Tensor, ssm: Tensor,
+        bias: Tensor | None, softplus_inside: bool,
     ) -> tuple[Tensor, Tensor]:
         """One timestep through selective_state_update; tensors carry a trailing L = 1 axis."""
         # The update writes the state in place; the caller's state must stay valid.
@@ -206,8 +229,8 @@ class MambaBlock(nn.Module):
             c[..., 0],
             D=self.D.float(),
             z_t=z[..., 0],
-            delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True,
+            delta_bias=bias,
+            delta_softplus=softplus_inside,
             backend=self.config.scan_backend,
         )
         return y.unsqueeze(-1), new_ssm  # (B, d_inner, 1), (B, d_inner, N)
@@ -223,9 +246,9 @@ class MambaLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, state: MambaBlockState | None = None
+        self, x: Tensor, state: MambaBlockState | None = None, time_scale: Tensor | None = None
     ) -> tuple[Tensor, MambaBlockState]:
-        y, new_state = self.block(self.norm(x), state)
+        y, new_state = self.block(self.norm(x), state, time_scale)
         return x + self.dropout(y), new_state
 
 
@@ -252,9 +275,12 @@ class MambaStack(nn.Module):
         return tuple(layer.block.zero_state(batch, device, dtype) for layer in self.layers)
 
     def forward(
-        self, x: Tensor, state: MambaStackState | None = None
+        self, x: Tensor, state: MambaStackState | None = None, time_scale: Tensor | None = None
     ) -> tuple[Tensor, MambaStackState]:
-        """x: (B, L, d_model) -> (y (B, L, d_model), per-layer state after the last step)."""
+        """x: (B, L, d_model) -> (y (B, L, d_model), per-layer state after the last step).
+
+        time_scale (B, L): every token's real time step / nominal step, the same for every
+        layer (None: evenly spaced, today's path)."""
         if x.ndim != 3 or x.shape[-1] != self.config.d_model:
             raise ModelError(
                 f"Mamba stack expects input (batch, length, {self.config.d_model}), "
@@ -270,13 +296,18 @@ class MambaStack(nn.Module):
                 f"Mamba state was built for batch {state[0].ssm.shape[0]} but the input has "
                 f"batch {x.shape[0]}; carry one state per stream"
             )
+        if time_scale is not None and tuple(time_scale.shape) != tuple(x.shape[:2]):
+            raise ModelError(
+                f"Mamba time_scale must be (batch, length) = {tuple(x.shape[:2])}, got "
+                f"{tuple(time_scale.shape)}"
+            )
         if x.shape[1] == 0:
             return self.norm_f(x), (
                 state if state is not None else self.zero_state(x.shape[0], x.device, x.dtype)
             )
         new_states = []
         for i, layer in enumerate(self.layers):
-            x, layer_state = layer(x, None if state is None else state[i])
+            x, layer_state = layer(x, None if state is None else state[i], time_scale)
             new_states.append(layer_state)
         return self.norm_f(x), tuple(new_states)
 

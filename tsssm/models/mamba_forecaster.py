@@ -41,6 +41,19 @@ the encoder then models what the linear map misses. The variance is softplus(hea
 context's RevIN variance + a learned floor per lead time (in data units). This path needs
 ``state=None``.
 
+Inputs and time (``exog=Exog(u, dt)``, :mod:`tsssm.models.covariates`). With ``n_inputs = K
+> 0`` every token also carries the inputs of its steps (both encoders), the one-step mean gets a
+per-step feedthrough ``G u_t`` and the horizon means a causal linear response to the last
+context input and the inputs of the forecast rows (the future inputs when known; otherwise the
+last input is held and a warning says so). With real time steps (``data.gaps=time``; the
+nominal step is the median training step, set by ``initialize``) every token's Δ is scaled by
+its real time span over the nominal one (a gap is a longer hold of the SSM state), and the
+one-step origin of a token gets ``log(dt / nominal)`` of its first row times a learned vector
+(how far ahead the next row lies; zero at init). Without inputs and on an evenly spaced grid
+nothing changes, bit for bit. The state carries the inputs and steps of an incomplete patch and
+the last input, so chunked calls still equal one call. The forecast rows are taken at the
+nominal step (their own ``dt`` is not used).
+
 Variance calibration: forecast variances are multiplied by ``var_calibration`` (one factor per
 lead time, 1 until fitted), a component fitted after training on validation windows
 (:func:`tsssm.tasks.calibrate.calibrate_horizon_variance`).
@@ -57,7 +70,18 @@ from torch import Tensor, nn
 from torch.nn.functional import softplus
 
 from tsssm.errors import ConfigError, DataError, ModelError
-from tsssm.models.base import Gaussian
+from tsssm.models.base import Exog, Gaussian
+from tsssm.models.covariates import (
+    InputResponse,
+    exog_rows,
+    horizon_inputs,
+    lead_log_ratio,
+    nominal_step,
+    per_sequence,
+    register_time_defaults,
+    time_ratio,
+    token_time_scale,
+)
 from tsssm.models.heads import GaussianHead, HorizonVarianceScale, positive_variance
 from tsssm.models.mamba import MambaConfig, MambaStack, MambaStackState, detach_state
 
@@ -80,6 +104,9 @@ class MambaForecasterState:
     encoder: MambaStackState | None  # per-layer conv/SSM states over B' sequences; None = zeros
     last_hidden: Tensor  # (B', d_model): encoder output of the last complete token (or the start)
     pending: Tensor  # (B, r, C), r < patch_len: raw steps of the incomplete trailing patch
+    pending_u: Tensor | None = None  # (B, r, K): their inputs (models with inputs)
+    pending_ratio: Tensor | None = None  # (B, r): their dt / nominal step (with time steps)
+    u_last: Tensor | None = None  # (B, K): the last input seen (held over the next step)
 
     @property
     def batch_size(self) -> int:
@@ -87,10 +114,16 @@ class MambaForecasterState:
 
     def detach(self) -> MambaForecasterState:
         """The same state cut from the autograd graph (for truncated backprop through time)."""
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach()
+
         return MambaForecasterState(
             None if self.encoder is None else detach_state(self.encoder),
             self.last_hidden.detach(),
             self.pending.detach(),
+            cut(self.pending_u),
+            cut(self.pending_ratio),
+            cut(self.u_last),
         )
 
 
@@ -98,6 +131,7 @@ class MambaForecaster(nn.Module):
     """Probabilistic forecaster (tsssm.models.base.Forecaster) on a Mamba encoder."""
 
     training_input = "windows"
+    uses_exog = ("u", "dt")
 
     def __init__(
         self,
@@ -118,8 +152,11 @@ class MambaForecaster(nn.Module):
         linear_skip: bool = False,
         head_dropout: float = 0.0,
         forecast_patch_len: int = 16,
+        n_inputs: int = 0,
     ) -> None:
         super().__init__()
+        if not isinstance(n_inputs, int) or isinstance(n_inputs, bool) or n_inputs < 0:
+            raise ConfigError(f"model.n_inputs must be an integer >= 0, got {n_inputs!r}")
         for key, value in (("n_channels", n_channels), ("horizon", horizon)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
@@ -151,6 +188,7 @@ class MambaForecaster(nn.Module):
         self.linear_skip = bool(linear_skip)
         self.patch_len = patch_len
         self.revin = bool(revin)
+        self.n_inputs = n_inputs
         self.config = MambaConfig(
             d_model=d_model,
             n_layers=n_layers,
@@ -164,7 +202,8 @@ class MambaForecaster(nn.Module):
         # Channels one token sees and one head predicts.
         c_tok = n_channels if channel_mode == "mixing" else 1
         self._c_tok = c_tok
-        self.embed = nn.Linear(2 * patch_len * c_tok, d_model)  # values and missing-mask bits
+        # values, missing-mask bits (and the inputs of the token's steps)
+        self.embed = nn.Linear(patch_len * (2 * c_tok + n_inputs), d_model)
         self.embed_dropout = nn.Dropout(dropout)
         self.encoder = MambaStack(self.config)
         #: Encoder output that predicts the very first token of a stream.
@@ -177,7 +216,7 @@ class MambaForecaster(nn.Module):
                                               min_var=MIN_VAR)
         else:  # its own channel-independent encoder; every patch of the context, flattened
             self.forecast_patch_len = forecast_patch_len
-            self.forecast_embed = nn.Linear(2 * forecast_patch_len, d_model)
+            self.forecast_embed = nn.Linear(forecast_patch_len * (2 + n_inputs), d_model)
             self.forecast_encoder = MambaStack(self.config)
             n_tok = -(-input_len // forecast_patch_len)  # a partial first patch is padded
             self.forecast_head = GaussianHead(n_tok * d_model, horizon, min_var=MIN_VAR)
@@ -189,8 +228,33 @@ class MambaForecaster(nn.Module):
         if self.linear_skip:  # RLinear: input_len normalised values -> horizon means, per channel
             self.skip = nn.Linear(input_len, horizon)
         self.var_calibration = HorizonVarianceScale(horizon)
+        # Created last and without random draws: a model without inputs is initialised as
+        # before, weight for weight.
+        if n_inputs:
+            #: per-step feedthrough of the inputs into the one-step mean (C, K)
+            self.input_gain = nn.Parameter(torch.zeros(n_channels, n_inputs))
+            self.input_response = InputResponse(n_channels, horizon, n_inputs)
+        #: one-step origins move by log(dt / nominal) of the predicted row times this vector
+        self.lead_time = nn.Parameter(torch.zeros(d_model))
+        #: the nominal (median training) time step; NaN: unknown, time steps are not used
+        self.register_buffer("nominal_step", torch.tensor(float("nan"), dtype=torch.float64))
+        register_time_defaults(self, {"nominal_step": float("nan"), "lead_time": 0.0})
 
     # ------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def initialize(self, y: Tensor, exog: Exog | None = None) -> None:
+        """Learn the time grid from training streams: where their time steps (``exog.dt``
+        (B, T)) vary (real steps, data.gaps=time), the nominal step is their median; evenly
+        spaced training data (every gaps mode on a regular grid) leave the model on the grid
+        of rows, and it ignores time steps (as data.gaps=keep means)."""
+        self.nominal_step.fill_(nominal_step(exog))
+
+    @property
+    def runs_without_exog(self) -> bool:
+        """Without inputs and without a time grid, exog changes nothing: callers (the batch
+        scorer) may leave it out."""
+        return self.n_inputs == 0 and bool(torch.isnan(self.nominal_step))
 
     def initial_state(self, batch: int, device: torch.device | None = None) -> MambaForecasterState:
         """The prior state: zero encoder state, the learned start, no pending steps."""
@@ -200,38 +264,64 @@ class MambaForecaster(nn.Module):
             encoder=None,
             last_hidden=self.start.to(device).expand(n_seq, -1),
             pending=torch.zeros(batch, 0, self.n_channels, device=device),
+            pending_u=(torch.zeros(batch, 0, self.n_inputs, device=device) if self.n_inputs
+                       else None),
         )
 
     def one_step(
-        self, y: Tensor, state: MambaForecasterState | None = None
+        self, y: Tensor, state: MambaForecasterState | None = None, *,
+        exog: Exog | None = None,
     ) -> tuple[Gaussian, MambaForecasterState]:
         """Predictive distribution of y[:, t] given y[:, :t] (and ``state``) for every t.
 
-        y: (B, T, C), NaN = missing. Returns (Gaussian (B, T, C), state after the last step).
+        y: (B, T, C), NaN = missing; exog: the inputs u (B, T, K) and time steps dt (B, T) of
+        these rows (see the module docstring). Returns (Gaussian (B, T, C), state after the
+        last step).
         """
         y = self._check_series(y, "y")
         state = self._check_state(state, y)
+        u, ratio = self._exog(y, exog, "one_step")
+        u = None if u is None else u[:, : y.shape[1]]
         length, r, p = y.shape[1], state.pending.shape[1], self.patch_len
         series = torch.cat([state.pending.to(y.dtype), y], dim=1)  # (B, r+T, C)
+        u_series = None if u is None else torch.cat([state.pending_u.to(u.dtype), u], dim=1)
+        ratio_series = self._ratio_series(state, ratio, length)  # (B, r+T) or None
         n_tok = series.shape[1] // p
 
-        hidden, encoder_state, last_hidden = self._encode(series[:, : n_tok * p], state)
+        hidden, encoder_state, last_hidden = self._encode(
+            series[:, : n_tok * p], state, None if u_series is None else u_series[:, : n_tok * p],
+            None if ratio_series is None else ratio_series[:, : n_tok * p])
         # Token k is predicted from the output of token k-1; the first from the carried one.
         origins = torch.cat([state.last_hidden.unsqueeze(1), hidden], dim=1)  # (B', n_tok+1, d)
         n_pred = -(-series.shape[1] // p)  # tokens touching the series: ceil((r+T)/P)
-        dist = self.step_head(origins[:, :n_pred])  # (B', n_pred, P*c_tok)
+        origins = origins[:, :n_pred]
+        lead = lead_log_ratio(ratio_series, p, n_pred)  # (B, n_pred): how far ahead each lies
+        if lead is not None:
+            origins = origins + self._per_sequence_rows(lead)[..., None] * self.lead_time
+        dist = self.step_head(origins)  # (B', n_pred, P*c_tok)
         mean = self._tokens_to_series(dist.mean, y.shape[0])[:, r : r + length]  # (B, T, C)
         var = self._tokens_to_series(dist.var, y.shape[0])[:, r : r + length]
-        new_state = MambaForecasterState(encoder_state, last_hidden, series[:, n_tok * p :])
+        if u is not None:  # feedthrough of the inputs of the predicted rows
+            mean = mean + u.to(mean.dtype) @ self.input_gain.t()
+        new_state = MambaForecasterState(
+            encoder_state, last_hidden, series[:, n_tok * p :],
+            None if u_series is None else u_series[:, n_tok * p :],
+            None if ratio_series is None else ratio_series[:, n_tok * p :],
+            (u[:, -1] if length else state.u_last) if u is not None else None,
+        )
         return Gaussian(mean, var), new_state
 
     def forecast(
-        self, context: Tensor, horizon: int, state: MambaForecasterState | None = None
+        self, context: Tensor, horizon: int, state: MambaForecasterState | None = None, *,
+        exog: Exog | None = None,
     ) -> Gaussian:
         """Predictive distribution of the ``horizon`` steps after ``context`` (B, L, C).
 
         Returns Gaussian (B, horizon, C). With ``state`` (from ``one_step``) the context continues
         the carried stream and may be empty; RevIN then cannot be used (see module docstring).
+        exog: u over the context and the horizon (B, L + horizon, K) when the future inputs are
+        known, over the context only (B, L, K) when not (the last input is held); dt over the
+        context (more rows are ignored).
         """
         if not isinstance(horizon, int) or not 1 <= horizon <= self.horizon:
             raise ModelError(
@@ -246,7 +336,7 @@ class MambaForecaster(nn.Module):
                     "the last input_len context steps themselves; pass the full context with "
                     "state=None"
                 )
-            return self._forecast_flatten(context, horizon)
+            return self._forecast_flatten(context, horizon, exog)
         if state is not None and self.revin:
             raise ModelError(
                 "forecast with a carried state needs revin=False: RevIN normalises by statistics "
@@ -255,7 +345,11 @@ class MambaForecaster(nn.Module):
             )
         state = self._check_state(state, context)
         batch, p = context.shape[0], self.patch_len
+        u, ratio = self._exog(context, exog, "forecast")
         series = torch.cat([state.pending.to(context.dtype), context], dim=1)  # (B, r+L, C)
+        u_series = (None if u is None else
+                    torch.cat([state.pending_u.to(u.dtype), u[:, : context.shape[1]]], dim=1))
+        ratio_series = self._ratio_series(state, ratio, context.shape[1])
         n_tok = series.shape[1] // p
         skip = series.shape[1] - n_tok * p  # steps of the incomplete trailing patch
 
@@ -263,7 +357,9 @@ class MambaForecaster(nn.Module):
         if self.revin:
             loc, scale = _observed_mean_std(series)  # (B, 1, C) each
             series = (series - loc) / scale
-        _, _, last_hidden = self._encode(series[:, : n_tok * p], state)
+        _, _, last_hidden = self._encode(
+            series[:, : n_tok * p], state, None if u_series is None else u_series[:, : n_tok * p],
+            None if ratio_series is None else ratio_series[:, : n_tok * p])
         if loc is not None:
             loc, scale = self._per_sequence(loc), self._per_sequence(scale)  # (B', 1, c_tok)
         dist = self.forecast_head(
@@ -274,23 +370,37 @@ class MambaForecaster(nn.Module):
         mean = self._tokens_to_series(dist.mean, batch, steps=self._forecast_span)
         var = self._tokens_to_series(dist.var, batch, steps=self._forecast_span)
         mean, var = mean[:, skip : skip + horizon], var[:, skip : skip + horizon]
+        if u is not None:
+            mean = mean + self._input_response(exog.u, context.shape[1], horizon, state.u_last)
         return Gaussian(mean, self.var_calibration(var - MIN_VAR, MIN_VAR))
 
-    def _forecast_flatten(self, context: Tensor, horizon: int) -> Gaussian:
+    def _forecast_flatten(self, context: Tensor, horizon: int, exog: Exog | None = None
+                          ) -> Gaussian:
         """The flatten head over the patches of the last input_len steps (see module doc)."""
         batch, channels = context.shape[0], self.n_channels
         window, loc, scale = self._last_window(context)  # (B, input_len, C), (B, 1, C) x2
+        u, ratio = self._exog(context, exog, "forecast")
         p = self.forecast_patch_len
         n_tok = -(-self.input_len // p)
+        n_steps = n_tok * p
         padded = window
-        if n_tok * p > self.input_len:  # the first patch starts before the window: missing
-            padded = torch.cat([window.new_full((batch, n_tok * p - self.input_len, channels),
+        if n_steps > self.input_len:  # the first patch starts before the window: missing
+            padded = torch.cat([window.new_full((batch, n_steps - self.input_len, channels),
                                                 float("nan")), window], dim=1)
         missing = padded.isnan()
         feats = torch.stack([padded.masked_fill(missing, 0.0), missing.to(padded.dtype)], -1)
         tokens = feats.permute(0, 2, 1, 3).reshape(batch * channels, n_tok, p, 2)
         tokens = torch.cat([tokens[..., 0], tokens[..., 1]], dim=-1)  # (B*C, n_tok, 2P)
-        hidden, _ = self.forecast_encoder(self.embed_dropout(self.forecast_embed(tokens)))
+        time_scale = None
+        if u is not None:  # the inputs of every step of the patch, shared by the channels
+            u_win = _left_pad(_left_pad(u[:, : context.shape[1]], self.input_len, 0.0), n_steps,
+                              0.0).reshape(batch, n_tok, p * self.n_inputs)
+            tokens = torch.cat([tokens, per_sequence(u_win.to(tokens.dtype), channels)], -1)
+        if ratio is not None:  # padded steps count as nominal
+            ratio_win = _left_pad(_left_pad(ratio, self.input_len, 1.0), n_steps, 1.0)
+            time_scale = per_sequence(token_time_scale(ratio_win, p), channels)
+        hidden, _ = self.forecast_encoder(self.embed_dropout(self.forecast_embed(tokens)),
+                                          time_scale=time_scale)
         flat = self.head_dropout(hidden.flatten(1))  # (B*C, n_tok*d)
         mean_n, raw_var = self.forecast_head.proj(flat).split(self.horizon, dim=-1)
         mean_n = mean_n.reshape(batch, channels, self.horizon).transpose(1, 2)  # (B, H, C)
@@ -300,6 +410,8 @@ class MambaForecaster(nn.Module):
         mean = mean_n * scale + loc
         var = positive_variance(raw_var, 0.0, scale) + softplus(self.var_offset)[:, None]
         mean, var = mean[:, :horizon], var[:, :horizon]
+        if u is not None:
+            mean = mean + self._input_response(exog.u, context.shape[1], horizon)
         return Gaussian(mean, self.var_calibration(var, MIN_VAR))
 
     def _last_window(self, series: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -337,10 +449,43 @@ class MambaForecaster(nn.Module):
 
     # ------------------------------------------------------------------ internals
 
+    def _exog(self, y: Tensor, exog: Exog | None, what: str
+              ) -> tuple[Tensor | None, Tensor | None]:
+        """The call's inputs (B, T', K) (all rows given, for a forecast's horizon) or None and
+        time ratios dt / nominal (B, T) or None."""
+        u, dt = exog_rows(exog, y.shape[0], y.shape[1], self.n_inputs, what)
+        if u is not None:
+            u = exog.u.to(y.dtype)
+        return u, time_ratio(dt, self.nominal_step)
+
+    def _ratio_series(self, state: MambaForecasterState, ratio: Tensor | None, length: int
+                      ) -> Tensor | None:
+        """The carried pending rows' ratios and this call's (B, r+T), None without time."""
+        if ratio is None and state.pending_ratio is None:
+            return None
+        b, r = state.pending.shape[:2]
+        device = state.pending.device
+        pending = (state.pending_ratio if state.pending_ratio is not None
+                   else torch.ones(b, r, device=device))
+        new = ratio if ratio is not None else torch.ones(b, length, device=device)
+        return torch.cat([pending.to(new.dtype), new], dim=1)
+
+    def _per_sequence_rows(self, x: Tensor) -> Tensor:
+        """(B, n, ...) per stream -> (B', n, ...) per encoder sequence."""
+        return x if self.channel_mode == "mixing" else per_sequence(x, self.n_channels)
+
+    def _input_response(self, u: Tensor, context_len: int, horizon: int,
+                        u_last: Tensor | None = None) -> Tensor:
+        """The horizon means' response to the forecast's inputs (B, horizon, C)."""
+        v = horizon_inputs(self, u.to(self.embed.weight.dtype), context_len, horizon, u_last)
+        return self.input_response(v, horizon)
+
     def _encode(
-        self, series: Tensor, state: MambaForecasterState
+        self, series: Tensor, state: MambaForecasterState, u: Tensor | None = None,
+        ratio: Tensor | None = None,
     ) -> tuple[Tensor, MambaStackState | None, Tensor]:
-        """Complete patches (B, n*P, C) -> hidden (B', n, d), encoder state, last hidden (B', d)."""
+        """Complete patches (B, n*P, C) (their inputs (B, n*P, K), time ratios (B, n*P)) ->
+        hidden (B', n, d), encoder state, last hidden (B', d)."""
         if series.shape[1] == 0:
             d = self.config.d_model
             return (
@@ -348,8 +493,16 @@ class MambaForecaster(nn.Module):
                 (state.encoder),
                 state.last_hidden,
             )
-        tokens = self.embed_dropout(self.embed(self._series_to_tokens(series)))  # (B', n, d)
-        hidden, encoder_state = self.encoder(tokens, state.encoder)
+        tokens = self._series_to_tokens(series)
+        if u is not None:  # every token also holds the inputs of its steps
+            b, n = series.shape[0], series.shape[1] // self.patch_len
+            tokens = torch.cat([tokens, self._per_sequence_rows(
+                u.reshape(b, n, self.patch_len * self.n_inputs).to(tokens.dtype))], dim=-1)
+        time_scale = token_time_scale(ratio, self.patch_len)
+        if time_scale is not None:
+            time_scale = self._per_sequence_rows(time_scale)
+        tokens = self.embed_dropout(self.embed(tokens))  # (B', n, d)
+        hidden, encoder_state = self.encoder(tokens, state.encoder, time_scale)
         return hidden, encoder_state, hidden[:, -1]
 
     def _series_to_tokens(self, series: Tensor) -> Tensor:
@@ -409,6 +562,14 @@ class MambaForecaster(nn.Module):
                 f"{y.shape[0]}; carry one state per set of streams"
             )
         return state
+
+
+def _left_pad(x: Tensor, length: int, value: float) -> Tensor:
+    """The last ``length`` rows of x (B, T, ...), padded on the left with ``value``."""
+    if x.shape[1] >= length:
+        return x[:, x.shape[1] - length :]
+    pad = x.new_full((x.shape[0], length - x.shape[1], *x.shape[2:]), value)
+    return torch.cat([pad, x], dim=1)
 
 
 def _observed_mean_std(series: Tensor) -> tuple[Tensor, Tensor]:

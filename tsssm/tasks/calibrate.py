@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tsssm.models.base import Gaussian
+from tsssm.models.base import Gaussian, uses_exog
 from tsssm.models.heads import HorizonVarianceScale
 from tsssm.tasks.evaluate import forecast_origins
 
@@ -51,8 +51,10 @@ def calibration_modules(model: torch.nn.Module) -> list[HorizonVarianceScale]:
 
 @torch.no_grad()
 def calibrate_horizon_variance(model: torch.nn.Module, data, context: int, horizon: int,
-                               stride: int = 1, method: str = "coverage") -> np.ndarray | None:
-    """Fit the model's variance factors on the validation windows of ``data`` (PreparedData).
+                               stride: int = 1, method: str = "coverage",
+                               future_inputs: str = "known") -> np.ndarray | None:
+    """Fit the model's variance factors on the validation windows of ``data`` (PreparedData),
+    forecast as evaluation does (with each stream's inputs and time steps, ``future_inputs``).
 
     Returns the fitted factors (horizon,), or None when the model has no
     HorizonVarianceScale or the data has no validation window.
@@ -71,7 +73,9 @@ def calibrate_horizon_variance(model: torch.nn.Module, data, context: int, horiz
         rows = part.rows("val")
         if rows[1] <= rows[0]:
             continue
-        found = forecast_origins(model, part.stream.values, rows, context, horizon, stride)
+        found = forecast_origins(model, part.stream.values, rows, context, horizon, stride,
+                                 exog=part.exog() if uses_exog(model) else None,
+                                 future_inputs=future_inputs)
         if found is None:
             continue
         pred, target, _ = found

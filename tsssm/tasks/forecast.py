@@ -33,7 +33,7 @@ from torch import Tensor
 from tsssm.anomaly.scores import gaussian_nll
 from tsssm.distributed import global_mean
 from tsssm.errors import NumericalError
-from tsssm.models.base import Exog, call_forecast, call_one_step
+from tsssm.models.base import Exog, call_forecast, call_one_step, call_predict_window
 
 VARIANCE_LOSSES = ("joint", "detached")
 
@@ -81,6 +81,13 @@ class ForecastTask(L.LightningModule):
         #: this epoch's (sum of batch losses x batch size, sum of batch sizes)
         self._epoch_loss = (0.0, 0)
 
+    def horizon_exog(self, exog: Exog | None) -> Exog | None:
+        """A window's exog as its horizon forecast may see it: without the inputs of the
+        forecast rows when they are not known ahead (``future_inputs="unknown"``)."""
+        if exog is not None and self.future_inputs != "known" and exog.u is not None:
+            return exog._replace(u=exog.u[:, : -self.horizon])
+        return exog
+
     def one_step_nll(self, ys: list[Tensor], masks: list[Tensor],
                      exogs: list[Exog | None] | None = None) -> Tensor:
         """Mean NLL over every scored entry of several (1, T_i, C) streams or one (B, T, C)."""
@@ -98,14 +105,15 @@ class ForecastTask(L.LightningModule):
         streams = isinstance(y, list)
         exogs = ([batch_exog(batch, i) for i in range(len(y))] if streams
                  else [batch_exog(batch)])
-        shared = (self.horizon_weight > 0 and not streams and exogs[0] is None
+        shared = (self.horizon_weight > 0 and not streams
                   and hasattr(self.model, "predict_window"))
         if shared:
             # One pass gives the one-step predictions over the context and the forecast after
             # it (a filter run once, not once per loss term); the one-step loss then covers
             # the context.
             context, target = y[:, : -self.horizon], y[:, -self.horizon :]
-            one, fpred = self.model.predict_window(context, self.horizon)
+            one, fpred = call_predict_window(self.model, context, self.horizon,
+                                             self.horizon_exog(exogs[0]))
             scored = hide_unscored(context, mask[:, : -self.horizon])
             out["nll_one_step"] = gaussian_nll(scored, one)
             loss = self.one_step_weight * out["nll_one_step"]
@@ -118,10 +126,8 @@ class ForecastTask(L.LightningModule):
         if self.horizon_weight > 0 and not streams:
             if not shared:
                 context, target = y[:, : -self.horizon], y[:, -self.horizon :]
-                exog = exogs[0]
-                if exog is not None and self.future_inputs != "known" and exog.u is not None:
-                    exog = exog._replace(u=exog.u[:, : -self.horizon])
-                fpred = call_forecast(self.model, context, self.horizon, None, exog)
+                fpred = call_forecast(self.model, context, self.horizon, None,
+                                      self.horizon_exog(exogs[0]))
             out["nll_horizon"] = gaussian_nll(target, fpred)
             out["mse_horizon"] = torch.nanmean((fpred.mean - target).square())
             if self.variance_loss == "detached":
