@@ -175,7 +175,7 @@ def read_spec(cfg) -> ReadSpec:
         time_column=cfg.time_column,
         channels=tuple(cfg.channels),
         label_column=cfg.label_column,
-        changepoint_column=cfg.changepoint_column,
+        changepoint_column=cfg.get("changepoint_column"),
         ignore_columns=tuple(cfg.ignore_columns),
         separator=cfg.separator,
         time_format=cfg.time_format,
