@@ -238,7 +238,10 @@ class Case:
 CSV = ("data=csv", "data.path={d}/s.csv", "data.time_column=ts", "data.label_column=label",
        "data.input_len=28", "data.horizon=4", "data.eval_stride=16")
 EM = ("model=kalman", "model.fit=em", "model.em_iters=1")
-MAMBA = ("model=mamba", "model.net.d_model=8", "model.net.n_layers=1", "model.net.d_state=4",
+# with one-step scores: the batch, many-file and live scorers' kind (windowed scores are read
+# whole), so the Mamba bundle exercises the streaming paths
+MAMBA = ("task.window.size=1", "task.score=nis", "task.threshold.scope=pooled", "model=mamba",
+         "model.net.d_model=8", "model.net.n_layers=1", "model.net.d_state=4",
          "trainer.max_epochs=2")
 SCORE2 = ("data=csv", "data.path={d}/s.csv", "data.time_column=ts", "model.checkpoint={bundle2}")
 SCORE1 = ("data=csv", "data.path={d}/s.csv", "data.time_column=ts", "model.checkpoint={bundle1}")
@@ -542,10 +545,8 @@ def ctx(tmp_path_factory, mlflow_db) -> Context:
               f"tracking.artifact_root={root}/artifacts", f"tracking.output_dir={root}/out",
               "trainer.enable_progress_bar=false"]
     data = [a.format(d=root) for a in CSV]
-    one_step = ["task.window.size=1", "task.score=nis", "task.threshold.scope=pooled"]
-    assert main(["train", *common, *data, *MAMBA, *one_step]) == 0
-    # one-step scores: the batch, many-file and live scorers' kind (windowed scores read whole)
-    assert main(["train", *common, *data, *EM, "data.channels=[a]", *one_step]) == 0
+    assert main(["train", *common, *data, *MAMBA]) == 0
+    assert main(["train", *common, *data, *EM, "data.channels=[a]"]) == 0
     client = MlflowClient(mlflow_db)
     exp = client.get_experiment_by_name("catalogue-models")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])

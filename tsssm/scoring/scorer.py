@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from tsssm.anomaly.scores import MIN_VAR, SCORE_KINDS, anomaly_scores
+from tsssm.anomaly.scores import MIN_VAR, SCORE_KINDS, ScoreSpec, anomaly_scores
 from tsssm.bundle import Bundle
 from tsssm.data.scaling import StandardScaler
 from tsssm.errors import ConfigError, DataError, ModelError, NumericalError
@@ -124,6 +124,15 @@ class Scorer:
         if bundle.score_kind not in SCORE_KINDS:
             raise ModelError(f"the bundle's score kind {bundle.score_kind!r} is not one of "
                              f"{', '.join(SCORE_KINDS)}")
+        spec = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
+        if spec.window > 1 or spec.kind not in ("nis", "nll") or \
+                getattr(bundle, "threshold_scope", "pooled") != "pooled":
+            raise ModelError(
+                f"the {bundle.model_name} model scores {spec.window}-row {spec.kind} windows"
+                f"{' with per-stream thresholds' if bundle.threshold_scope != 'pooled' else ''};"
+                " the Scorer computes one-step nis/nll scores with one pooled threshold: train "
+                "with task.window.size=1 task.score=nis (or score the file whole with "
+                "`tsssm score` / tsssm.load(...).score)")
         if engine not in ("auto", "numpy", "torch"):
             raise ConfigError(f"score engine must be auto, numpy or torch, got {engine!r}")
         self.bundle = bundle
