@@ -156,39 +156,17 @@ def transition_powers(F: Tensor, horizon: int) -> Tensor:
     return powers[..., :horizon, :, :]
 
 
-def _compact(x: Tensor, core: int) -> Tensor:
-    """Narrow every broadcast (stride-0) batch axis of ``x`` to length 1: a covariance shared by
-    many series is then propagated once (results broadcast back)."""
-    for dim in range(x.ndim - core):
-        if x.stride(dim) == 0 and x.shape[dim] > 1:
-            x = x.narrow(dim, 0, 1)
-    return x
-
-
 def forecast_invariant(ssm: LinearGaussianSSM, mean: Tensor, cov: Tensor, horizon: int
                        ) -> ObservationForecast:
-    """Observation forecast of a time-invariant model without intercepts or controls, all steps
-    at once: the same moments as :func:`forecast` (``obs_mean``, ``obs_cov``), in O(log h)
-    batched products rather than h sequential steps.
-
-    With G_k = H F^k: mean_k = G_k m, cov_k = G_k P G_k' + sum_{j<k} (H F^j) Q (H F^j)' + R.
-    mean (..., n), cov (..., n, n): the state after the last observation. The noise part depends
-    only on the model, and a covariance shared by many series (an expanded view, as the filter
-    returns when nothing is missing) is propagated once (``cov`` comes back as an expanded view
-    then).
-    """
+    """:func:`forecast_observations` for a validated time-invariant model without intercepts
+    or controls, as an :class:`ObservationForecast`: the same moments as :func:`forecast`
+    (``obs_mean``, ``obs_cov``) in O(log h) batched products. mean (..., n), cov (..., n, n):
+    the state after the last observation (a covariance shared by many series is propagated
+    once and comes back as an expanded view)."""
     if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
         raise ModelError(f"forecast horizon must be a positive integer, got {horizon!r}")
     validate(ssm, None, None)
     if ssm.time_varying or ssm.B is not None or ssm.c is not None or ssm.d is not None:
         raise ModelError("forecast_invariant needs a time-invariant model without B, c or d; "
                          "use forecast()")
-    F, H, Q, R = ssm.F, ssm.H, ssm.Q, ssm.R
-    G = H.unsqueeze(-3) @ transition_powers(F, horizon)  # (mb.., h, p, n): H F^1 .. H F^h
-    obs_mean = (G @ mean.unsqueeze(-2).unsqueeze(-1)).squeeze(-1)  # (..., h, p)
-    P = _compact(cov, 2).unsqueeze(-3)  # (cb.., 1, n, n)
-    state_part = G @ P @ G.mT  # (..., h, p, p)
-    Gq = torch.cat([H.unsqueeze(-3), G[..., :-1, :, :]], dim=-3)  # H F^0 .. H F^(h-1)
-    noise = torch.cumsum(Gq @ Q.unsqueeze(-3) @ Gq.mT, dim=-3) + R.unsqueeze(-3)
-    obs_cov = symmetrize(state_part + noise)
-    return ObservationForecast(obs_mean, obs_cov.expand(*obs_mean.shape, obs_mean.shape[-1]))
+    return ObservationForecast(*forecast_observations(ssm, mean, cov, horizon))
