@@ -282,7 +282,10 @@ class KalmanPart:
     seasonal_kind: str = "trig"
     seasonal_harmonics: int | None = 4
     ar_order: int = 1
-    method: str = "sequential"
+    #: window: training windows (nothing missing, time-invariant part) filtered by a few
+    #: batched ops (covariance doubling + one triangular solve), anything else sequentially;
+    #: sequential: always step by step (same results)
+    method: str = "window"
     dtype: str = "float64"
 
 
