@@ -60,7 +60,8 @@ NO_KERNEL = {
     "aten::unsqueeze_", "aten::as_strided_", "aten::set_", "aten::_local_scalar_dense",
     "aten::item", "aten::is_nonzero", "aten::resize_", "aten::mH", "aten::adjoint",
     "aten::conj", "aten::_conj", "aten::contiguous", "aten::flatten", "aten::unflatten",
-    "aten::chunk", "aten::split_with_sizes", "aten::scalar_tensor",
+    "aten::chunk", "aten::split_with_sizes", "aten::scalar_tensor", "aten::new_empty",
+    "aten::new_empty_strided",
 }
 
 
