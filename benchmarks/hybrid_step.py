@@ -7,7 +7,9 @@ the horizon MSE + NLL, backward. Rows (``--models``):
 
 - ``mamba``; ``hybrid_residual`` with its Kalman part filtered by ``sequential`` (the recursion
   over the 96 context steps, the old default) and by ``window`` (tsssm.kalman.window, the new
-  default); ``hybrid_dssm`` (time-varying noise: always the sequential filter).
+  default); ``hybrid_dssm`` (time-varying noise: always the sequential filter);
+  ``kalman-part/hybrid_residual:METHOD``: the Kalman part of the hybrid_residual step alone
+  (one-step and horizon moments, forward and backward), the part the method changes.
 
 Columns:
 
@@ -20,13 +22,15 @@ Columns:
 - ``cpu_s``: wall seconds of a step on this CPU at batch ``--batch`` (the real torch scan),
   median of ``--reps``; the models run in turn A B C A B C ... so that a drifting machine moves
   them alike. ``vs sequential``: the median of the per-round ratios of the sequential
-  hybrid_residual's time to this row's.
+  hybrid_residual's time (of its Kalman part, for the kalman-part rows) to this row's.
 
 On a GPU a step of these small models is bound by launches (the H200 runs of 2026-12-01: mamba
 ~0.13 s a step with 12 trainings sharing the GPU and 16 cores, hybrid_residual ~0.9 s), so the
 ``kernels`` ratio is the estimate of the GPU speed-up.
 
     python benchmarks/hybrid_step.py --batch 32 --reps 5 [--out FILE.json]
+    python benchmarks/hybrid_step.py --batch 128 --reps 9 --models \
+        kalman-part/hybrid_residual:sequential kalman-part/hybrid_residual:window
 """
 
 from __future__ import annotations
@@ -81,6 +85,20 @@ def build(model: str, dataset: str, horizon: int):
     torch.manual_seed(0)
     net = build_net(to_plain(cfg.model.net), 7)
     return net.train()
+
+
+def kalman_step_fn(net, y: torch.Tensor, horizon: int):
+    """The Kalman part of a hybrid_residual step alone: its one-step moments over the context
+    and its horizon moments, forward and backward (what ``model.net.kalman.method`` changes)."""
+    context = y[:, :-horizon]
+
+    def step() -> None:
+        net.zero_grad(set_to_none=True)
+        pred, state = net._kalman_one_step(context, None, None)
+        mean, var = net._kalman_forecast(state, horizon)
+        (pred.mean.square().mean() + pred.var.log().mean() + mean.square().mean()
+         + var.log().mean()).backward()
+    return step
 
 
 def step_fn(net, y: torch.Tensor, horizon: int):
@@ -163,8 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)
     g = torch.Generator().manual_seed(0)
     y = torch.randn(args.batch, 96 + args.horizon, 7, generator=g)
-    nets = {m: build(m, args.dataset, args.horizon) for m in args.models}
-    steps = {m: step_fn(net, y, args.horizon) for m, net in nets.items()}
+    nets = {m: build(m.removeprefix("kalman-part/"), args.dataset, args.horizon)
+            for m in args.models}
+    steps = {m: (kalman_step_fn if m.startswith("kalman-part/") else step_fn)(
+        net, y, args.horizon) for m, net in nets.items()}
     counts = {m: count(s) for m, s in steps.items()}
     for s in steps.values():  # warm-up
         s()
@@ -174,9 +194,10 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             s()
             times[m].append(time.perf_counter() - t0)
-    base = times.get("hybrid_residual:sequential")
     rows = []
     for m in steps:
+        base = times.get(("kalman-part/" if m.startswith("kalman-part/") else "")
+                         + "hybrid_residual:sequential")
         ratio = (statistics.median(b / t for b, t in zip(base, times[m]))
                  if base is not None else None)
         rows.append({"model": m, "kernels": counts[m][0], "syncs": counts[m][1],
