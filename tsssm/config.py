@@ -598,7 +598,7 @@ def validate(cfg: DictConfig) -> None:
            "trainer.checkpoint_every_n_steps", "must be >= 1 (or null: every n epochs)")
     _check(tr.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
     _check(tr.strategy in ("auto", "ddp", "ddp_find_unused_parameters_true"), "trainer.strategy",
-           f"is {tr.strategy!r}; use auto, ddp or ddp_find_unused_parameters_true")
+           f"is {tr.strategy!r}; use auto or ddp")
     _check(cfg.score.chunk_size >= 1, "score.chunk_size", "must be >= 1")
     _check(cfg.score.engine in ("local", "dask"), "score.engine",
            f"is {cfg.score.engine!r}; use local or dask")
