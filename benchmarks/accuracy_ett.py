@@ -170,10 +170,15 @@ def _run_trained(args, dataset: str, horizon: int, model: str, deadline: float |
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}): {' | '.join(tail)}")
     tracker = Tracker(_store_uri(args, job_dir), "tsssm")
-    metrics = tracker.run_metrics(tracker.latest_run("train"))
+    run_id = tracker.latest_run("train")
+    metrics = tracker.run_metrics(run_id)
+    # epochs trained (early stopping, trainer.max_time): one epoch_seconds entry per epoch;
+    # none for the models that fit themselves outside the Lightning loop
+    epochs = len(tracker.client.get_metric_history(run_id, "train/epoch_seconds"))
     print(f"  {dataset} h{horizon} {model}: {tail[-3] if len(tail) >= 3 else tail}", flush=True)
     return {**_metrics_record(metrics, dataset, horizon), "model": model,
-            "train_s": round(elapsed, 1), "command": " ".join(command)}
+            "train_s": round(elapsed, 1), **({"epochs": epochs} if epochs else {}),
+            "command": " ".join(command)}
 
 
 def _run_baseline(args, dataset: str, horizon: int, name: str) -> dict:

@@ -18,7 +18,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def commit() -> str:
-    """The checkout's commit (short), with ``-dirty`` when tracked files are modified."""
+    """The checkout's commit (short), with ``-dirty`` when tracked files are modified; the
+    ``TSSSM_COMMIT`` environment variable when set (a copy of the tree whose git metadata is
+    not the branch's, as on the device machine, where it read main's commit)."""
+    if os.environ.get("TSSSM_COMMIT"):
+        return os.environ["TSSSM_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,

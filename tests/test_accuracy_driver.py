@@ -85,3 +85,21 @@ def test_a_training_past_the_deadline_is_not_started(tmp_path):
         accuracy_ett._run_trained(_args(tmp_path), "ett_h1", 96, "mamba",
                                   deadline=time.monotonic() - 1.0)
     assert not (tmp_path / "logs").exists()
+
+
+def test_combination_weights_are_the_simplex_minimiser():
+    """benchmarks/ett_combine.py: the convex weights minimise w' G w over the simplex (checked
+    against a fine grid), including when the unconstrained optimum has a negative weight."""
+    import ett_combine
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    grid = [np.array((a, b, 1 - a - b)) for a in np.linspace(0, 1, 51)
+            for b in np.linspace(0, 1, 51) if a + b <= 1 + 1e-12]
+    for _ in range(30):
+        E = rng.normal(size=(3, 40))
+        E[1] += E[0] * rng.uniform(0, 2)  # correlated errors: a negative unconstrained weight
+        G = E @ E.T
+        w = ett_combine.simplex_weights(G)
+        assert (w >= 0).all() and abs(w.sum() - 1) < 1e-12
+        assert w @ G @ w <= min(v @ G @ v for v in grid) + 1e-9

@@ -316,6 +316,8 @@ CASES: list[Case] = [
          words=("'model.optimizer.name' is 'sgd'",)),
     Case("checkpoint-every", "train", ("trainer.checkpoint_every_n_epochs=0",), status=None,
          words=("trainer.checkpoint_every_n_epochs", "must be >= 1")),
+    Case("max-time", "train", ("trainer.max_time=0",), status=None,
+         words=("trainer.max_time", "must be > 0 seconds")),
     Case("unquoted-separator", "train", ("data.separator=;",), status=None,
          words=("data.separator=;", """'data.separator=";"'""", "quote it")),
     Case("separator-eaten-by-shell", "train", ("data.separator=",), status=None,

@@ -45,3 +45,20 @@ def test_hybrids_run_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db,
         assert code == 0, capsys.readouterr().err
         scored = pl.read_parquet(tmp_path / f"s{i}.parquet")
         assert scored.height == 1145 and scored["score"].is_finite().all()
+
+
+def test_max_time_stops_training_and_still_evaluates(capsys, tracking_overrides, mlflow_db,
+                                                      experiment):
+    """trainer.max_time: a training that would run 500 epochs stops once its time is up, then
+    restores, calibrates and evaluates as after its last epoch (a FINISHED run with every test
+    metric)."""
+    code = main(["train", *tracking_overrides, "model=hybrid_residual", *TINY[1:],
+                 "trainer.max_epochs=500", "trainer.max_time=0.5"])
+    assert code == 0, capsys.readouterr().err
+    client = MlflowClient(mlflow_db)
+    run = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    epochs = client.get_metric_history(run.info.run_id, "train/epoch_seconds")
+    assert 1 <= len(epochs) < 500
+    for key in ("test/h8_mse", "test/h8_coverage95", "val/variance_scale_first"):
+        assert run.data.metrics[key] == run.data.metrics[key], key

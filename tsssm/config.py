@@ -282,7 +282,10 @@ class KalmanPart:
     seasonal_kind: str = "trig"
     seasonal_harmonics: int | None = 4
     ar_order: int = 1
-    method: str = "sequential"
+    #: window: training windows (nothing missing, time-invariant part) filtered by a few
+    #: batched ops (covariance doubling + one triangular solve), anything else sequentially;
+    #: sequential: always step by step (same results)
+    method: str = "window"
     dtype: str = "float64"
 
 
@@ -435,6 +438,9 @@ class TrainerConfig:
     checkpoint_every_n_steps: int | None = None
     early_stopping_patience: int | None = None
     limit_train_batches: float | None = None
+    #: stop training after this many seconds (then, as after the last epoch, the best-validated
+    #: weights are restored, calibrated and evaluated); null: no limit
+    max_time: float | None = None
 
 
 @dataclass
@@ -592,6 +598,7 @@ def validate(cfg: DictConfig) -> None:
            "and task.horizon_weight must be >= 0")
     tr = cfg.trainer
     _check(tr.max_epochs is None or tr.max_epochs >= 1, "trainer.max_epochs", "must be >= 1")
+    _check(tr.max_time is None or tr.max_time > 0, "trainer.max_time", "must be > 0 seconds")
     _check(tr.devices >= 1, "trainer.devices", "must be >= 1")
     _check(tr.checkpoint_every_n_epochs >= 1, "trainer.checkpoint_every_n_epochs", "must be >= 1")
     _check(tr.checkpoint_every_n_steps is None or tr.checkpoint_every_n_steps >= 1,

@@ -326,3 +326,57 @@ def test_residual_hybrid_learns_what_its_kalman_part_cannot(one_thread):
     truth = 0.5 * math.log(2 * math.pi * (0.04 + 0.05**2)) + 0.5  # knows level and wave
     assert learned < kalman_only - 0.4, (learned, kalman_only)
     assert learned < truth + 0.35, (learned, truth)
+
+
+@pytest.mark.parametrize("nan_frac", [0.0, 0.2])
+def test_window_filter_gives_the_sequential_numbers_and_gradients(nan_frac):
+    """The Kalman part's batched window filter (the default) against the step-by-step one:
+    the same one-step and horizon moments and the same gradient of the training loss in every
+    parameter; windows with missing values take the sequential path in both."""
+    kal = {"components": ["level", "seasonal"], "seasonal_period": 4}
+    models = {m: _model(KalmanMambaResidual, kalman={**kal, "method": m}).train()
+              for m in ("sequential", "window")}
+    assert models["window"].kalman.method == "window"
+    with torch.no_grad():  # a Kalman part away from its initial values
+        for model in models.values():
+            model.kalman.theta.copy_(torch.tensor([-1.0, -2.5, -3.0], dtype=torch.float64))
+    y = _series(batch=4, length=14, nan_frac=nan_frac, seed=3)
+    grads, outs = {}, {}
+    for method, model in models.items():
+        one, fc = model.predict_window(y[:, :8], 6)
+        (gaussian_nll(one, y[:, :8]) + gaussian_nll(fc, y[:, 8:])).backward()
+        outs[method] = one, fc
+        grads[method] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for a, b in zip(outs["sequential"], outs["window"]):
+        _close(a, b, atol=1e-5)
+    assert grads["window"].keys() == grads["sequential"].keys()
+    for name, g in grads["window"].items():
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, grads["sequential"][name], rtol=1e-4, atol=1e-6,
+                                   msg=name)
+
+
+def test_kalman_forecaster_window_method_equals_sequential():
+    from tsssm.models.kalman import KalmanForecaster
+
+    torch.manual_seed(0)
+    y = _series(batch=3, length=30, seed=4).double()
+    out = {}
+    for method in ("sequential", "window"):
+        k = KalmanForecaster(3, components=["level", "seasonal"], seasonal_period=4,
+                             method=method)
+        k.initialize(y)
+        pred, state = k.one_step(y)
+        loss = pred.mean.square().sum() + pred.var.log().sum() + state.mean.sum()
+        loss.backward()
+        fc = k.forecast(y, 5)
+        out[method] = pred, state, k.theta.grad, fc
+    s, w = out["sequential"], out["window"]
+    _close(s[0], w[0], atol=1e-10)
+    torch.testing.assert_close(w[1].mean, s[1].mean)
+    torch.testing.assert_close(w[1].cov, s[1].cov)
+    torch.testing.assert_close(w[2], s[2], rtol=1e-8, atol=1e-9)
+    _close(s[3], w[3], atol=1e-10)
+    # a carried state (a prior per stream, so covariances per stream) continues alike
+    with torch.no_grad():
+        _close(k.one_step(y[:, :5], w[1])[0], k.one_step(y[:, :5], s[1])[0], atol=1e-10)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -157,6 +158,8 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
         callbacks=callbacks,
         default_root_dir=str(Path(cfg.tracking.output_dir)),
         limit_train_batches=cfg.trainer.limit_train_batches,
+        max_time=None if cfg.trainer.max_time is None else timedelta(
+            seconds=float(cfg.trainer.max_time)),
         limit_val_batches=1.0 if has_val else 0,
         num_sanity_val_steps=0,
         plugins=[AtomicCheckpointIO()],

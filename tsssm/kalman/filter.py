@@ -32,6 +32,12 @@ Methods (``kalman_filter(..., method=...)``), all exact (same results up to roun
   prefix scan, O(log T) depth (see :mod:`tsssm.kalman.parallel`).
 - ``"fused"``: Triton kernel for many series on CUDA (``tsssm.kalman.fused_triton``), called as
   ``fused_kalman_filter(ssm, y, u, outputs="all") -> FilterResult`` (not differentiable).
+- ``"window"``: many short windows of a time-invariant model with one observed channel and
+  nothing missing (training windows): covariances by O(log T) doublings of the associative
+  elements on the model's batch, the innovations of all windows by one triangular solve
+  (:mod:`tsssm.kalman.window`; a few dozen batched ops instead of a dozen per step, for
+  launch-bound GPUs). Anything else (missing values, long sequences, time-varying models,
+  controls, intercepts) runs ``"sequential"``.
 """
 
 from __future__ import annotations
@@ -59,8 +65,8 @@ from tsssm.kalman.ssm import (
     validate,
 )
 
-Method = Literal["sequential", "auto", "loop", "sqrt", "parallel", "fused"]
-METHODS = ("sequential", "auto", "loop", "sqrt", "parallel", "fused")
+Method = Literal["sequential", "auto", "loop", "sqrt", "parallel", "fused", "window"]
+METHODS = ("sequential", "auto", "loop", "sqrt", "parallel", "fused", "window")
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -149,6 +155,12 @@ def kalman_filter(
         raise ModelError(f"covariances must be 'all' or 'last', got {covariances!r}")
     if method == "auto":
         method = choose_method(ssm, y)
+    if method == "window":
+        from tsssm.kalman.window import window_applies, window_filter
+
+        if window_applies(ssm, y, u):
+            return window_filter(ssm, y, covariances=covariances)
+        method = "sequential"
     if method == "sequential":
         return _filter_two_pass(ssm, y, u, steady_state=steady_state, covariances=covariances)
     res = _dispatch(ssm, y, u, method, steady_state)

@@ -29,8 +29,10 @@ from tsssm.kalman.filter import (
     FilterResult,
     _check_cholesky,
     finish,
+    joseph_update,
     masked_observation,
     prepare,
+    update_gain,
 )
 from tsssm.kalman.scan import associative_scan
 from tsssm.kalman.ssm import LinearGaussianSSM, stacked, state_dim, symmetrize
@@ -132,6 +134,71 @@ def filter_combine(earlier: _Elems, later: _Elems) -> _Elems:
     eta = _mv(A1.mT, w) + eta1
     J = symmetrize(A1.mT @ W + J1)
     return A, b, C, eta, J
+
+
+# --------------------------------------------------------------------------------------------
+# covariances of a time-invariant model: powers of one element
+
+_CovElems = tuple[Tensor, Tensor, Tensor]
+
+
+def covariance_combine(earlier: _CovElems, later: _CovElems, eye: Tensor | None = None
+                       ) -> _CovElems:
+    """The (A, C, J) part of :func:`filter_combine` (the data-free half of the elements: the
+    transfer, the covariance and the information matrix): the same formulas, with the inverse
+    of the small (n x n) M = I + C_i J_j formed once (its eigenvalues are >= 1, see
+    filter_combine; an explicit inverse has the fewest kernels forward and backward). C and J
+    come back symmetric to rounding, not symmetrised (the caller symmetrises what it keeps).
+    ``eye``: the (n, n) identity, to build it once for many calls."""
+    A1, C1, J1 = earlier
+    A2, C2, J2 = later
+    if eye is None:
+        eye = torch.eye(A1.shape[-1], dtype=A1.dtype, device=A1.device)
+    Minv = torch.linalg.inv_ex(eye + C1 @ J2)[0]
+    A2M = A2 @ Minv
+    # (I + J_j C_i)^-1 = ((I + C_i J_j)^-1)'
+    return A2M @ A1, A2M @ C1 @ A2.mT + C2, A1.mT @ (Minv.mT @ (J2 @ A1)) + J1
+
+
+def invariant_filtered_covariances(ssm: LinearGaussianSSM, T: int) -> tuple[Tensor, Tensor]:
+    """Filtered covariances P_t (model batch.., T, n, n) of a time-invariant model observed at
+    every step (nothing missing): they do not depend on the data. Also returns ``info`` (model
+    batch..): nonzero where an innovation covariance was not positive definite (the caller
+    checks it, with its own checks, in one read of the device).
+
+    The element of every step t >= 1 is the same, e (the model does not change), so the prefix
+    combination of step t is e_0 * e^t (e_0: the first step's, from the prior). The powers
+    e^1 .. e^(T-1) come from ceil(log2 T) doublings, e^(m+1..2m) = e^(1..m) * e^m (one batched
+    combine each; the factors commute, all being powers of e), then one combine with e_0:
+    O(log T) batched ops on the model's batch, instead of T small steps.
+    """
+    F, H, Q, R, P0 = ssm.F, ssm.H, ssm.Q, ssm.R, ssm.P0
+    batch = torch.broadcast_shapes(F.shape[:-2], H.shape[:-2], Q.shape[:-2], R.shape[:-2],
+                                   P0.shape[:-2])
+    n, p = F.shape[-1], H.shape[-2]
+    K0, _, info0 = update_gain(P0, H, R)
+    C0 = joseph_update(P0, K0, H, R).expand(*batch, n, n)  # A, J of the first step: 0
+    info0 = info0.expand(batch)
+    if T == 1:
+        return C0.unsqueeze(-3), info0
+    # the element of a later step: its state given x_{t-1} = 0 has covariance Q
+    K, chol, info = update_gain(Q, H, R)
+    eye = torch.eye(n, dtype=F.dtype, device=F.device)
+    HF = H @ F
+    SinvHF = HF / (chol * chol) if p == 1 else torch.cholesky_solve(HF, chol)
+    e = tuple(x.expand(*batch, n, n) for x in ((eye - K @ H) @ F, joseph_update(Q, K, H, R),
+                                                symmetrize(HF.mT @ SinvHF)))
+    powers = tuple(x.unsqueeze(-3) for x in e)  # e^1 .. e^m on axis -3
+    while powers[0].shape[-3] < T - 1:
+        last = tuple(x[..., -1:, :, :] for x in powers)  # e^m
+        more = covariance_combine(powers, last, eye)  # e^(m+1) .. e^(2m)
+        powers = tuple(torch.cat([x, y], dim=-3) for x, y in zip(powers, more))
+    A, C, J = (x[..., : T - 1, :, :] for x in powers)
+    # e_0 * e^t: the A and J of e_0 are 0, so only C is left (filter_combine with A1 = J1 = 0)
+    C0t = C0.unsqueeze(-3)
+    Minv = torch.linalg.inv_ex(eye + C0t @ J)[0]
+    Ct = symmetrize(A @ (Minv @ C0t) @ A.mT + C)
+    return torch.cat([C0t, Ct], dim=-3), info0 | info.expand(batch)
 
 
 def parallel_kalman_filter(

@@ -51,6 +51,7 @@ from tsssm.kalman.forecast import forecast_observations
 from tsssm.kalman.models import StructuralModel
 from tsssm.kalman.smoother import SmootherResult, rts_smoother
 from tsssm.kalman.ssm import LinearGaussianSSM, step_loop_threads, symmetrize
+from tsssm.kalman.window import window_applies, window_predictions
 from tsssm.models.base import Gaussian
 
 ALLOWED_COMPONENTS = ("level", "trend", "damped", "seasonal", "ar")
@@ -77,7 +78,7 @@ class KalmanForecaster(nn.Module):
         seasonal_kind: Literal["dummy", "trig"] = "trig",
         seasonal_harmonics: int | None = None,
         ar_order: int = 1,
-        method: Literal["sequential", "parallel", "fused"] = "sequential",
+        method: Literal["sequential", "parallel", "fused", "window"] = "sequential",
         dtype: Literal["float64", "float32"] = "float64",
         prior_scale: float = 10.0,
         diffuse_level: bool = False,
@@ -92,9 +93,9 @@ class KalmanForecaster(nn.Module):
                 f"model.components has {bad or 'nothing'}; allowed: "
                 f"{', '.join(ALLOWED_COMPONENTS)}"
             )
-        if method not in ("sequential", "parallel", "fused") or method not in METHODS:
+        if method not in ("sequential", "parallel", "fused", "window") or method not in METHODS:
             raise ConfigError(
-                f"model.method must be sequential, parallel or fused, got {method!r}"
+                f"model.method must be sequential, parallel, fused or window, got {method!r}"
             )
         if dtype not in _DTYPES:
             raise ConfigError(f"model.dtype must be float64 or float32, got {dtype!r}")
@@ -193,7 +194,17 @@ class KalmanForecaster(nn.Module):
         yk = self._channels_as_batch(y)
         if y.shape[1] == 0:
             raise DataError("y has no time steps")
-        res = kalman_filter(self.ssm(state), yk, method=self.method, covariances="last")
+        ssm = self.ssm(state)
+        if self.method == "window" and window_applies(ssm, yk):
+            # windows of a fully observed time-invariant model: a few batched ops, the same
+            # numbers (tsssm.kalman.window); only what this method returns is computed
+            win = window_predictions(ssm, yk)
+            mean = win.predicted_obs_mean.transpose(1, 2)  # (B, T, C)
+            var = win.predicted_obs_var.transpose(-1, -2).expand_as(mean)
+            cov = win.filtered_cov.expand(*win.filtered_mean.shape, win.filtered_mean.shape[-1])
+            return (Gaussian(mean.to(y.dtype), var.to(y.dtype)),
+                    KalmanState(win.filtered_mean, cov))
+        res = kalman_filter(ssm, yk, method=self.method, covariances="last")
         mean = res.predicted_obs_mean[..., 0].transpose(1, 2)  # (B, T, C)
         var = res.predicted_obs_cov[..., 0, 0].transpose(1, 2)
         new_state = KalmanState(res.filtered_mean[..., -1, :], res.filtered_cov[..., -1, :, :])
@@ -214,7 +225,8 @@ class KalmanForecaster(nn.Module):
             prior = self.ssm()
             fc = _forecast_from_prior(prior, context.shape[0], horizon)
             return Gaussian(fc[0].to(context.dtype), fc[1].to(context.dtype))
-        if context.shape[1] > 0 and state is None and self.method in ("sequential", "auto"):
+        if context.shape[1] > 0 and state is None and self.method in ("sequential", "auto",
+                                                                     "window"):
             ssm = self.ssm()
             mean, cov = filtered_last(ssm, self._channels_as_batch(context))
         else:
