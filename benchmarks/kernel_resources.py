@@ -49,8 +49,12 @@ def compile_offline(fn, types: dict[str, str], consts: dict, num_warps: int, arc
             cexp[(i,)] = consts[name]
         else:
             sig[name] = types[name]
-            if types[name].startswith("*"):
-                attrs[(i,)] = [["tt.divisibility", 16]]  # what the launcher's tensors give
+            # what the launch gives: 16-byte aligned tensors and, at the benchmark's shapes
+            # (dim 1024, L a multiple of 64), integers divisible by 16, which Triton
+            # specialises on; without it the loads are not vectorised and the tiles get
+            # another layout (1 element per thread along L, 5 shuffle rounds per scan)
+            if types[name].startswith("*") or types[name] == "i32":
+                attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, cexp, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
@@ -107,14 +111,15 @@ def scan_resources(kind: str, dtype: str, cfg: dict, n: int = 16, atomic: bool =
     n_pad = triton.next_power_of_2(n)
     common = dict(N=n, N_PAD=n_pad, BLOCK_D=cfg["BLOCK_D"], BLOCK_L=cfg["BLOCK_L"],
                   HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
-                  PREFETCH=bool(cfg.get("PREFETCH", 0)))
+                  PREFETCH=bool(cfg.get("PREFETCH", 0)), BC_2D=bool(cfg.get("BC_2D", 0)))
     if kind == "fwd":
         consts = dict(common, UNROLL=st._unroll(n, cfg["UNROLL"], 4), HAS_H0=True, SAVE=True)
         fn = st._scan_fwd_kernel
     else:
         consts = dict(common, UNROLL=st._unroll(n, cfg["UNROLL"], 2), HAS_DHLAST=False,
                       ATOMIC_BC=atomic, ATOMIC_SEM=sem, REVERSE_VIA_FLIP=False,
-                      LOG2_BLOCK_L=cfg["BLOCK_L"].bit_length() - 1)
+                      LOG2_BLOCK_L=cfg["BLOCK_L"].bit_length() - 1,
+                      STATE_PREFETCH=bool(cfg.get("STATE_PREFETCH", 0)))
         fn = st._scan_bwd_kernel
     k = compile_offline(fn, scan_kernel_types(dtype, kind), consts, cfg["num_warps"])
     res = resource_usage(k)

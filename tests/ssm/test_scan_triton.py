@@ -104,6 +104,16 @@ INTERP_CASES = [
     (torch.bfloat16, 6, 37, None, True, dict(prefetch=(0, 1), bc="partials")),
     (torch.float16, 8, 20, 4, True, dict(with_z=False, prefetch=(1, 1))),
     (torch.float16, 8, 20, 4, True, dict(with_z=False, prefetch=(0, 0), bc="acq_rel")),
+    # B/C loaded as 2-D tiles (fwd and bwd), the backward's per-state prefetch (one or two
+    # states ahead, masked past N: N = 5 pads to 8), 2-channel backward blocks
+    (torch.float32, 6, 37, None, True, dict(unroll=(4, 2), prefetch=(1, 0), N=5,
+                                            extra=dict(BC_2D=1, STATE_PREFETCH=1))),
+    (torch.float32, 6, 33, None, False, dict(with_z=False, with_h0=False, prefetch=(0, 1),
+                                             bc="partials", bwd_block_d=2,
+                                             extra=dict(STATE_PREFETCH=1))),
+    (torch.float32, 8, 45, 2, True, dict(with_D=False, unroll=(2, 1), bwd_block_d=2,
+                                         extra=dict(BC_2D=1, STATE_PREFETCH=1))),
+    (torch.bfloat16, 6, 16, None, True, dict(unroll=(1, 2), extra=dict(BC_2D=1))),
 ]
 
 
@@ -115,8 +125,11 @@ def test_interpreted_kernels_match_reference(
     # small blocks: several chunks (L not a multiple of 16) and several, partly masked, dim blocks
     monkeypatch.setitem(st.FWD_CONFIG, "BLOCK_L", 16)
     monkeypatch.setitem(st.FWD_CONFIG, "BLOCK_D", 4)
-    monkeypatch.setitem(st.BWD_CONFIG, "BLOCK_D", 4)
     opts = dict(opts)
+    monkeypatch.setitem(st.BWD_CONFIG, "BLOCK_D", opts.pop("bwd_block_d", 4))
+    for key, value in opts.pop("extra", {}).items():  # kernel switches, in both configs
+        monkeypatch.setitem(st.FWD_CONFIG, key, value)
+        monkeypatch.setitem(st.BWD_CONFIG, key, value)
     fwd_unroll, bwd_unroll = opts.pop("unroll", (1, 1))  # states per loop iteration
     monkeypatch.setitem(st.FWD_CONFIG, "UNROLL", fwd_unroll)
     monkeypatch.setitem(st.BWD_CONFIG, "UNROLL", bwd_unroll)
