@@ -346,9 +346,10 @@ def kernel_profile(s: Session, impls: dict) -> list[dict]:
                             f()
                         gs.sync()
                 for e in prof.key_averages():
-                    dev_us = getattr(e, "device_time_total", None)
+                    # self time: the kernels' own; an op's total would count its kernels twice
+                    dev_us = getattr(e, "self_device_time_total", None)
                     if dev_us is None:
-                        dev_us = getattr(e, "cuda_time_total", 0.0)
+                        dev_us = getattr(e, "self_cuda_time_total", 0.0)
                     if not dev_us:
                         continue
                     rows.append(dict(impl=name, dtype=dt, L=L, kernel=e.key[:90],
