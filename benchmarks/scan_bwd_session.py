@@ -77,7 +77,10 @@ def train_variants() -> dict[str, dict]:
         "bwd bc2d+sp unroll1": v(dict(sp, UNROLL=1)),
         "bwd d2 bc2d": v(dict(BC_2D=1, BLOCK_D=2)),
         "bwd d2 bc2d+sp": v(dict(sp, BLOCK_D=2)),
+        "bwd d2 bc2d+sp unroll1": v(dict(sp, BLOCK_D=2, UNROLL=1)),
         "L32 bwd bc2d+sp": v(sp, dict(BLOCK_L=32, BLOCK_D=16, num_warps=2)),
+        # one channel per program: no dB/dC reduction across rows, atomics per channel
+        "L128 bwd d1 bc2d+sp": v(dict(sp, BLOCK_D=1), dict(BLOCK_L=128, BLOCK_D=8)),
     }
 
 

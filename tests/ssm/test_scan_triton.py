@@ -114,6 +114,8 @@ INTERP_CASES = [
     (torch.float32, 8, 45, 2, True, dict(with_D=False, unroll=(2, 1), bwd_block_d=2,
                                          extra=dict(BC_2D=1, STATE_PREFETCH=1))),
     (torch.bfloat16, 6, 16, None, True, dict(unroll=(1, 2), extra=dict(BC_2D=1))),
+    (torch.float32, 3, 37, None, True, dict(unroll=(2, 2), bwd_block_d=1,
+                                            extra=dict(BC_2D=1, STATE_PREFETCH=1))),
 ]
 
 
