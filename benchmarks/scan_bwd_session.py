@@ -94,7 +94,8 @@ def fwd_variants() -> dict[str, dict]:
         return out
 
     return {"default": v(), "fwd bc2d": v(BC_2D=1), "fwd bc2d pf0": v(BC_2D=1, PREFETCH=0),
-            "fwd d8 w2 bc2d": v(BC_2D=1, BLOCK_D=8, num_warps=2)}
+            "fwd d8 w2 bc2d": v(BC_2D=1, BLOCK_D=8, num_warps=2),
+            "fwd d8 L128 bc2d": v(BC_2D=1, BLOCK_D=8, BLOCK_L=128)}
 
 
 #: A dry run (CPU, interpreter) exercises the code paths with the first variants only.

@@ -108,12 +108,13 @@ INTERP_CASES = [
     # states ahead, masked past N: N = 5 pads to 8), 2-channel backward blocks
     (torch.float32, 6, 37, None, True, dict(unroll=(4, 2), prefetch=(1, 0), N=5,
                                             extra=dict(BC_2D=1, STATE_PREFETCH=1))),
-    (torch.float32, 6, 33, None, False, dict(with_z=False, with_h0=False, prefetch=(0, 1),
-                                             bc="partials", bwd_block_d=2,
-                                             extra=dict(STATE_PREFETCH=1))),
+    pytest.param(torch.float32, 6, 33, None, False,
+                 dict(with_z=False, with_h0=False, prefetch=(0, 1), bc="partials",
+                      bwd_block_d=2, extra=dict(STATE_PREFETCH=1)), marks=pytest.mark.slow),
     (torch.float32, 8, 45, 2, True, dict(with_D=False, unroll=(2, 1), bwd_block_d=2,
                                          extra=dict(BC_2D=1, STATE_PREFETCH=1))),
-    (torch.bfloat16, 6, 16, None, True, dict(unroll=(1, 2), extra=dict(BC_2D=1))),
+    pytest.param(torch.bfloat16, 6, 16, None, True, dict(unroll=(1, 2), extra=dict(BC_2D=1)),
+                 marks=pytest.mark.slow),
     (torch.float32, 3, 37, None, True, dict(unroll=(2, 2), bwd_block_d=1,
                                             extra=dict(BC_2D=1, STATE_PREFETCH=1))),
 ]
