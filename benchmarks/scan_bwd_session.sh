@@ -28,6 +28,10 @@ timeout -k 5 "$((${BUDGET_S%.*} + 10))" python3 benchmarks/scan_bwd_session.py -
   --mamba-build "$BUILD" --budget-s "$BUDGET_S" "$@"
 rc=$?
 echo "scan_bwd_session.py rc=$rc"
+if [ "$rc" != 0 ] && [ -f "$RES/results.json" ]; then
+  echo "scan_bwd_session.sh: the tables of what finished:" >&2
+  python3 benchmarks/scan_bwd_session.py --out "$RES" --table-only
+fi
 if [ -n "$build_pid" ] && kill -0 "$build_pid" 2>/dev/null; then
   echo "scan_bwd_session.sh: the mamba-ssm build was still running; stopped" >&2
   kill -- "-$build_pid" 2>/dev/null
