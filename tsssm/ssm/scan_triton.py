@@ -39,6 +39,12 @@ FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {}
 #: The backward walks the chunks the forward saved, so it reuses the forward's BLOCK_L.
 #: PREFETCH as in the forward (u, delta, dout, z of the chunk before), off by default: the
 #: backward's 1-warp programs are limited by registers, which prefetching raises.
+#: Switches of both kernels (0 when absent): BC_2D loads each state's B_n, C_n as a
+#: (BLOCK_D, BLOCK_L) tile with repeated rows in the tile's own layout, instead of a
+#: (BLOCK_L,) vector that Triton then moves to that layout through shared memory with a
+#: barrier (the repeated rows come from L1). The backward's STATE_PREFETCH loads the next
+#: UNROLL states' A, B, C and saved state while the current ones are computed, so that their
+#: L2 latency overlaps the scans instead of opening every state-loop iteration.
 BWD_CONFIG = {"BLOCK_D": 4, "num_warps": 1, "UNROLL": 2, "PREFETCH": 0}
 BWD_CONFIG_BY_DTYPE: dict[str, dict] = {}
 #: dB/dC across dim blocks: True = float32 atomic adds into (b, G, N, L) (memory O(b·N·L), like
