@@ -8,6 +8,7 @@ this is the first check of a new kernel variant before it costs device time::
     python benchmarks/kernel_resources.py                   # the configured launch shapes
     python benchmarks/kernel_resources.py --sweep           # the shapes the GPU sweep times
     python benchmarks/kernel_resources.py --dtype float32 --json out.json
+    python benchmarks/kernel_resources.py --bwd-session     # scan_bwd_session.py's variants
 
 The numbers come from this machine's Triton (the device may run another release; ptxas
 decisions can differ slightly between releases).
@@ -132,6 +133,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(_TL))
     p.add_argument("--sweep", action="store_true", help="the launch shapes of the GPU sweep")
+    p.add_argument("--bwd-session", action="store_true",
+                   help="the variants of benchmarks/scan_bwd_session.py")
     p.add_argument("--json", help="write the rows to this file")
     args = p.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence 3.9's notice; the default
@@ -146,6 +149,15 @@ def main() -> None:
     block_l = st.launch_config("fwd", dt)["BLOCK_L"]  # the backward walks the forward's chunks
     bwd_cfgs = [{"BLOCK_L": block_l, **c} for c in
                 (BWD_SWEEP if args.sweep else [st.launch_config("bwd", dt)])]
+    if args.bwd_session:  # each training variant's forward and backward (at its chunk length)
+        from scan_bwd_session import fwd_variants, train_variants
+
+        fwd_cfgs, bwd_cfgs = [], []
+        for v in train_variants().values():
+            if v["fwd_train"] not in fwd_cfgs:
+                fwd_cfgs.append(v["fwd_train"])
+            bwd_cfgs.append({"BLOCK_L": v["fwd_train"]["BLOCK_L"], **v["bwd"]})
+        fwd_cfgs += [v["fwd"] for v in fwd_variants().values() if v["fwd"] not in fwd_cfgs]
     for kind, cfgs in (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)):
         for cfg in cfgs:
             try:
