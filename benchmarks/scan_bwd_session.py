@@ -75,6 +75,8 @@ def train_variants() -> dict[str, dict]:
         "bwd bc2d+sp": v(sp),
         "bwd bc2d+sp, fwd bc2d": v(sp, dict(BC_2D=1)),
         "bwd bc2d+sp unroll1": v(dict(sp, UNROLL=1)),
+        "bwd bc2d+sp unroll1, fwd pf0": v(dict(sp, UNROLL=1), dict(PREFETCH=0)),
+        "bwd bc2d+sp unroll1, fwd bc2d pf0": v(dict(sp, UNROLL=1), dict(BC_2D=1, PREFETCH=0)),
         "bwd d2 bc2d": v(dict(BC_2D=1, BLOCK_D=2)),
         "bwd d2 bc2d+sp": v(dict(sp, BLOCK_D=2)),
         "bwd d2 bc2d+sp unroll1": v(dict(sp, BLOCK_D=2, UNROLL=1)),
@@ -199,8 +201,11 @@ def time_impl(s: Session, call, inp, dout, ctx, fwd: bool = True, peak: bool = F
 
 
 def inputs(s: Session, L: int, dtype):
+    """Inputs and upstream gradient drawn from seeds fixed by (L, dtype): every implementation
+    compared at one (L, dtype) gets the very same tensors, whichever call draws them."""
     inp = gs.scan_inputs(L, dtype, grad=True, **shape(s))
-    dout = torch.randn_like(inp["u"])
+    g = torch.Generator(device=inp["u"].device).manual_seed(L + 1)
+    dout = torch.randn(inp["u"].shape, generator=g, device=inp["u"].device, dtype=dtype)
     return inp, dout
 
 
@@ -351,7 +356,10 @@ def kernel_profile(s: Session, impls: dict) -> list[dict]:
                         for _ in range(3):
                             f()
                         gs.sync()
-                for e in prof.key_averages():
+                events = list(prof.key_averages())
+                # the kernels; the CPU-side ops report their kernels' time as theirs too
+                kernels = [e for e in events if "CUDA" in str(getattr(e, "device_type", ""))]
+                for e in kernels or events:
                     # self time: the kernels' own; an op's total would count its kernels twice
                     dev_us = getattr(e, "self_device_time_total", None)
                     if dev_us is None:

@@ -125,6 +125,9 @@ def test_interpreted_kernels_match_reference(
     interpreted, poisoned, monkeypatch, dtype, dim, L, groups, softplus, opts
 ):
     st = poisoned(interpreted)
+    # each case sets the launch shape itself: no per-dtype default overrides it
+    for name in ("FWD_CONFIG_BY_DTYPE", "FWD_TRAIN_CONFIG_BY_DTYPE", "BWD_CONFIG_BY_DTYPE"):
+        monkeypatch.setattr(st, name, {})
     # small blocks: several chunks (L not a multiple of 16) and several, partly masked, dim blocks
     monkeypatch.setitem(st.FWD_CONFIG, "BLOCK_L", 16)
     monkeypatch.setitem(st.FWD_CONFIG, "BLOCK_D", 4)
@@ -173,16 +176,24 @@ def test_interpreted_training_forward_config(interpreted, poisoned, monkeypatch)
     check_against_reference(inp, True, torch.float32)
 
 
-def test_interpreted_default_config(interpreted, poisoned):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreted_default_config(interpreted, poisoned, dtype):
+    """The module's launch shapes, per-dtype overrides included: training (forward + every
+    gradient) and the inference forward (its own shape) against the reference."""
     st = poisoned(interpreted)
-    inp = make_inputs(dim=6, L=40, groups=None)
-    check_against_reference(inp, True, torch.float32)
+    inp = make_inputs(dim=6, L=40, groups=None, dtype=dtype)
+    check_against_reference(inp, True, dtype)
+    with torch.no_grad():
+        out, _ = triton_fn(**inp, delta_softplus=True)
+        ref, _ = ref_fn(**inp, delta_softplus=True)
+    assert_close("inference out", out, ref, TOL[dtype])
     assert st.FWD_CONFIG["BLOCK_L"] >= 64
 
 
 def test_interpreted_backward_variants_agree(interpreted, poisoned):
     """Every way of reducing dB/dC across dim blocks (relaxed or acq_rel atomics, partial sums),
-    the explicit-flip reverse scan and the prefetching loop give the same gradients."""
+    the explicit-flip reverse scan, the prefetching loop and the B/C load switches give the
+    same gradients."""
     st = poisoned(interpreted)
     inp = {k: (v.detach() if v is not None else None)
            for k, v in make_inputs(dim=4, L=40, groups=2).items()}
@@ -198,7 +209,10 @@ def test_interpreted_backward_variants_agree(interpreted, poisoned):
                 dict(atomic_bc=True, atomic_sem="acq_rel"),
                 dict(atomic_bc=False, reverse_via_flip=True),
                 dict(atomic_bc=True, config={"BLOCK_D": 2, "PREFETCH": 1}),
-                dict(atomic_bc="auto", config={"BLOCK_D": 2, "PREFETCH": 1})]
+                dict(atomic_bc="auto", config={"BLOCK_D": 2, "PREFETCH": 1}),
+                # the backward before 2026-12-01: B/C as vectors, no per-state prefetch
+                dict(atomic_bc=False, config={"BLOCK_D": 2, "PREFETCH": 0, "UNROLL": 2,
+                                              "BC_2D": 0, "STATE_PREFETCH": 0})]
     for kw in variants:
         kw = {"config": {"BLOCK_D": 2, "PREFETCH": 0}, **kw}
         other = st.scan_backward(*args, **kw)

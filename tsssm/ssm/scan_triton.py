@@ -31,11 +31,15 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e)
 #: each chunk); 0 = load each chunk's inputs when it starts (the kernel before 2026-12-01).
 FWD_CONFIG = {"BLOCK_D": 16, "BLOCK_L": 64, "num_warps": 4, "UNROLL": 4, "PREFETCH": 1}
 #: Per input dtype ("float32", "bfloat16", "float16") overrides of FWD_CONFIG / BWD_CONFIG.
-FWD_CONFIG_BY_DTYPE: dict[str, dict] = {}
+#: float32 inference forward: 2-D B/C tiles without prefetch, 3.24 vs 3.51 ms at L 16k on an
+#: H200 (benchmarks/scan_bwd_session.sh, 2026-12-01; bf16: no difference, 2.28 ms both).
+FWD_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 1, "PREFETCH": 0}}
 #: Overrides of the forward's shape when it saves chunk states for a backward (training), whose
-#: BLOCK_L the backward inherits; per dtype in FWD_TRAIN_CONFIG_BY_DTYPE.
+#: BLOCK_L the backward inherits; per dtype in FWD_TRAIN_CONFIG_BY_DTYPE. The float32 training
+#: forward keeps the shape that session measured with the backward (the inference override
+#: above was not timed as a training forward there).
 FWD_TRAIN_CONFIG: dict = {}
-FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {}
+FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 0, "PREFETCH": 1}}
 #: The backward walks the chunks the forward saved, so it reuses the forward's BLOCK_L.
 #: PREFETCH as in the forward (u, delta, dout, z of the chunk before), off by default: the
 #: backward's 1-warp programs are limited by registers, which prefetching raises.
@@ -45,7 +49,11 @@ FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {}
 #: barrier (the repeated rows come from L1). The backward's STATE_PREFETCH loads the next
 #: UNROLL states' A, B, C and saved state while the current ones are computed, so that their
 #: L2 latency overlaps the scans instead of opening every state-loop iteration.
-BWD_CONFIG = {"BLOCK_D": 4, "num_warps": 1, "UNROLL": 2, "PREFETCH": 0}
+#: Default since 2026-12-01 (H200 sweep of benchmarks/scan_bwd_session.sh at L 16k, backward
+#: alone): BC_2D + STATE_PREFETCH + one state per iteration, 10.0 ms bf16 / 10.6 ms fp32 against
+#: 10.8 / 11.2 for the kernel before (UNROLL 2, neither switch); mamba-ssm's 9.5 / 10.9.
+BWD_CONFIG = {"BLOCK_D": 4, "num_warps": 1, "UNROLL": 1, "PREFETCH": 0, "BC_2D": 1,
+              "STATE_PREFETCH": 1}
 BWD_CONFIG_BY_DTYPE: dict[str, dict] = {}
 #: dB/dC across dim blocks: True = float32 atomic adds into (b, G, N, L) (memory O(b·N·L), like
 #: dB itself); False = per-block partial sums then one torch sum (deterministic, but
