@@ -14,8 +14,8 @@ background from ``.anchors/mamba_ssm_scan``), from the repository root::
    is not timed.
 2. Sweep at L 16k, bf16 and fp32 (batch 8, dim 1024, N 16, z, D, delta_bias, softplus):
    training variants (fwd+bwd and bwd alone), inference-forward variants.
-3. Table: the module default, the sweep's best and mamba-ssm at L 1k, 16k, 64k: forward,
-   forward+backward, backward alone, peak memory, times the memory floor; agreement of
+3. Table: main's shapes (MAIN_FWD, MAIN_BWD), the sweep's best and mamba-ssm at L 1k, 16k,
+   64k: forward, forward+backward, backward alone, peak memory, times the memory floor; agreement of
    mamba-ssm's output and gradients with tsssm's at 16k.
 4. torch.profiler: CUDA kernel times per launch of one forward+backward, tsssm's best and
    mamba-ssm's, bf16 and fp32 at 16k.
@@ -47,20 +47,18 @@ import torch  # noqa: E402
 DTYPES = ("bfloat16", "float32")
 
 
-def _full_fwd(**over) -> dict:
-    """A complete forward launch shape (every key, so no module default leaks into it)."""
-    from tsssm.ssm import scan_triton as st
-
-    return {"BC_2D": 0, **st.FWD_CONFIG, **over}
+#: The launch shapes on main before this session's changes (both dtypes): what "main" times.
+MAIN_FWD = {"BC_2D": 0, "BLOCK_D": 16, "BLOCK_L": 64, "num_warps": 4, "UNROLL": 4, "PREFETCH": 1}
+MAIN_BWD = {"BC_2D": 0, "STATE_PREFETCH": 0, "BLOCK_D": 4, "num_warps": 1, "UNROLL": 2,
+            "PREFETCH": 0}
 
 
 def train_variants() -> dict[str, dict]:
-    """name -> variant (training forward + backward), the module default first."""
-    from tsssm.ssm import scan_triton as st
-
-    base = dict(fwd=_full_fwd(), fwd_train=_full_fwd(**st.FWD_TRAIN_CONFIG),
-                bwd={"BC_2D": 0, "STATE_PREFETCH": 0, **st.BWD_CONFIG},
-                atomic=st.BWD_ATOMIC_BC, sem=st.ATOMIC_SEM)
+    """name -> variant (training forward + backward), main's first. Every variant spells out
+    every key, and scan_variant clears the per-dtype overrides: the same shapes in both dtypes.
+    """
+    base = dict(fwd=dict(MAIN_FWD), fwd_train=dict(MAIN_FWD), bwd=dict(MAIN_BWD),
+                atomic=True, sem="relaxed")
 
     def v(bwd=None, fwd_train=None):
         out = json.loads(json.dumps(base))
@@ -70,7 +68,7 @@ def train_variants() -> dict[str, dict]:
 
     sp = dict(BC_2D=1, STATE_PREFETCH=1)
     return {
-        "default": v(),
+        "main": v(),
         "bwd bc2d": v(dict(BC_2D=1)),
         "bwd bc2d+sp": v(sp),
         "bwd bc2d+sp, fwd bc2d": v(sp, dict(BC_2D=1)),
@@ -87,15 +85,15 @@ def train_variants() -> dict[str, dict]:
 
 
 def fwd_variants() -> dict[str, dict]:
-    """name -> variant whose inference forward differs (the backward is the default's)."""
-    base = train_variants()["default"]
+    """name -> variant whose inference forward differs (the rest is main's)."""
+    base = train_variants()["main"]
 
     def v(**over):
         out = json.loads(json.dumps(base))
         out["fwd"].update(over)
         return out
 
-    return {"default": v(), "fwd bc2d": v(BC_2D=1), "fwd bc2d pf0": v(BC_2D=1, PREFETCH=0),
+    return {"main": v(), "fwd bc2d": v(BC_2D=1), "fwd bc2d pf0": v(BC_2D=1, PREFETCH=0),
             "fwd d8 w2 bc2d": v(BC_2D=1, BLOCK_D=8, num_warps=2),
             "fwd d8 L128 bc2d": v(BC_2D=1, BLOCK_D=8, BLOCK_L=128)}
 
@@ -113,7 +111,7 @@ def tasks(dry: bool = False) -> list[dict]:
     for dt in DTYPES:
         out += [dict(kind="train", dtype=dt, name=n) for n in _names(train_variants(), dry)]
         out += [dict(kind="fwd", dtype=dt, name=n) for n in _names(fwd_variants(), dry)
-                if n != "default"]
+                if n != "main"]
     return out
 
 
@@ -232,7 +230,7 @@ def sec_sweep(s: Session, verified: dict) -> dict:
             for name in _names(fwd_variants(), s.dry):
                 v = fwd_variants()[name]
                 rec = verified.get(f"fwd|{dt}|{name}")
-                if name != "default" and not (rec and rec.get("ok")):
+                if name != "main" and not (rec and rec.get("ok")):
                     fwd[name] = {"skipped": "not verified", **(rec or {})}
                     continue
                 with gs.scan_variant(v):
@@ -240,8 +238,8 @@ def sec_sweep(s: Session, verified: dict) -> dict:
                 s.log(f"sweep {dt} fwd {name}: {fwd[name]}")
         timed_t = {k: r["fwd_bwd_ms"] for k, r in train.items() if "fwd_bwd_ms" in r}
         timed_f = {k: r["fwd_ms"] for k, r in fwd.items() if "fwd_ms" in r}
-        best_t = min(timed_t, key=timed_t.get) if timed_t else "default"
-        best_f = min(timed_f, key=timed_f.get) if timed_f else "default"
+        best_t = min(timed_t, key=timed_t.get) if timed_t else "main"
+        best_f = min(timed_f, key=timed_f.get) if timed_f else "main"
         best = json.loads(json.dumps(train_variants()[best_t]))
         best["fwd"] = fwd_variants()[best_f]["fwd"]
         res[dt] = {"L": L, "train": train, "fwd": fwd, "best_train": best_t, "best_fwd": best_f,
@@ -532,7 +530,7 @@ def main() -> None:
     step("sweep", sec_sweep, s, s.results["verified"])
     sweep = s.results["sections"]["sweep"]
     best = {dt: r["best"] for dt, r in sweep.items() if isinstance(r, dict) and "best" in r}
-    ours = {"tsssm default": train_variants()["default"], "tsssm best": best}
+    ours = {"tsssm main": train_variants()["main"], "tsssm best": best}
     Ls = [32] if s.dry else [16384, 1024, 65536]
     agree: dict = {}
     step("table", rows_for, s, ours, Ls, agree)
