@@ -153,6 +153,8 @@ def test_interpreted_kernels_match_reference(
 
 def test_launch_config_per_dtype_overrides(interpreted, monkeypatch):
     st = interpreted
+    for name in ("FWD_CONFIG_BY_DTYPE", "FWD_TRAIN_CONFIG_BY_DTYPE", "BWD_CONFIG_BY_DTYPE"):
+        monkeypatch.setattr(st, name, {})  # from the module's defaults alone
     monkeypatch.setitem(st.FWD_CONFIG_BY_DTYPE, "float32", {"BLOCK_L": 32, "num_warps": 2})
     cfg = st.launch_config("fwd", torch.float32)
     assert cfg["BLOCK_L"] == 32 and cfg["num_warps"] == 2

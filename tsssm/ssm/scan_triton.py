@@ -31,15 +31,18 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e)
 #: each chunk); 0 = load each chunk's inputs when it starts (the kernel before 2026-12-01).
 FWD_CONFIG = {"BLOCK_D": 16, "BLOCK_L": 64, "num_warps": 4, "UNROLL": 4, "PREFETCH": 1}
 #: Per input dtype ("float32", "bfloat16", "float16") overrides of FWD_CONFIG / BWD_CONFIG.
-#: float32 inference forward: 2-D B/C tiles without prefetch, 3.24 vs 3.51 ms at L 16k on an
-#: H200 (benchmarks/scan_bwd_session.sh, 2026-12-01; bf16: no difference, 2.28 ms both).
-FWD_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 1, "PREFETCH": 0}}
+#: The inference forward, as measured on an H200 at L 16k (benchmarks/scan_bwd_session.sh,
+#: 2026-12-01): float32 2-D B/C tiles without chunk prefetch, 3.26 vs 3.54 ms; bfloat16 2-D
+#: B/C tiles, 2.28 ms as before (the sweep's best; float16 was not timed and keeps the default).
+FWD_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 1, "PREFETCH": 0},
+                                        "bfloat16": {"BC_2D": 1}}
 #: Overrides of the forward's shape when it saves chunk states for a backward (training), whose
-#: BLOCK_L the backward inherits; per dtype in FWD_TRAIN_CONFIG_BY_DTYPE. The float32 training
-#: forward keeps the shape that session measured with the backward (the inference override
-#: above was not timed as a training forward there).
+#: BLOCK_L the backward inherits; per dtype in FWD_TRAIN_CONFIG_BY_DTYPE. Same session, with the
+#: backward below: no chunk prefetch (float32 B/C vectors, 3.13 ms against 4.55 with prefetch;
+#: bfloat16 2-D tiles, 2.64 ms), forward+backward 13.8 / 12.6 ms against 15.8 / 13.5 before.
 FWD_TRAIN_CONFIG: dict = {}
-FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 0, "PREFETCH": 1}}
+FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 0, "PREFETCH": 0},
+                                              "bfloat16": {"BC_2D": 1, "PREFETCH": 0}}
 #: The backward walks the chunks the forward saved, so it reuses the forward's BLOCK_L.
 #: PREFETCH as in the forward (u, delta, dout, z of the chunk before), off by default: the
 #: backward's 1-warp programs are limited by registers, which prefetching raises.
