@@ -57,8 +57,11 @@ import torch  # noqa: E402
 from scan_configs import BWD_SWEEP, FWD_SWEEP  # noqa: E402
 
 #: The scan kernel of 2026-11-22 (what the issue's table measured).
-OLD = dict(fwd=dict(BLOCK_D=16, BLOCK_L=64, num_warps=4, UNROLL=4, PREFETCH=0),
-           bwd=dict(BLOCK_D=4, num_warps=1, UNROLL=2, PREFETCH=0), atomic="auto", sem="acq_rel")
+#: (The kernel switches added since are spelled out off: scan_variant merges over the module's
+#: current defaults.)
+OLD = dict(fwd=dict(BLOCK_D=16, BLOCK_L=64, num_warps=4, UNROLL=4, PREFETCH=0, BC_2D=0),
+           bwd=dict(BLOCK_D=4, num_warps=1, UNROLL=2, PREFETCH=0, BC_2D=0, STATE_PREFETCH=0),
+           atomic="auto", sem="acq_rel")
 #: Training forward shapes the backward sweep pairs with (one per chunk length).
 TRAIN_FWD = [dict(BLOCK_D=16, BLOCK_L=64, num_warps=4, UNROLL=4, PREFETCH=1),
              dict(BLOCK_D=16, BLOCK_L=32, num_warps=2, UNROLL=4, PREFETCH=1)]

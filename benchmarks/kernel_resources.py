@@ -8,6 +8,7 @@ this is the first check of a new kernel variant before it costs device time::
     python benchmarks/kernel_resources.py                   # the configured launch shapes
     python benchmarks/kernel_resources.py --sweep           # the shapes the GPU sweep times
     python benchmarks/kernel_resources.py --dtype float32 --json out.json
+    python benchmarks/kernel_resources.py --bwd-session     # scan_bwd_session.py's variants
 
 The numbers come from this machine's Triton (the device may run another release; ptxas
 decisions can differ slightly between releases).
@@ -49,8 +50,12 @@ def compile_offline(fn, types: dict[str, str], consts: dict, num_warps: int, arc
             cexp[(i,)] = consts[name]
         else:
             sig[name] = types[name]
-            if types[name].startswith("*"):
-                attrs[(i,)] = [["tt.divisibility", 16]]  # what the launcher's tensors give
+            # what the launch gives: 16-byte aligned tensors and, at the benchmark's shapes
+            # (dim 1024, L a multiple of 64), integers divisible by 16, which Triton
+            # specialises on; without it the loads are not vectorised and the tiles get
+            # another layout (1 element per thread along L, 5 shuffle rounds per scan)
+            if types[name].startswith("*") or types[name] == "i32":
+                attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, cexp, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
@@ -107,14 +112,15 @@ def scan_resources(kind: str, dtype: str, cfg: dict, n: int = 16, atomic: bool =
     n_pad = triton.next_power_of_2(n)
     common = dict(N=n, N_PAD=n_pad, BLOCK_D=cfg["BLOCK_D"], BLOCK_L=cfg["BLOCK_L"],
                   HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
-                  PREFETCH=bool(cfg.get("PREFETCH", 0)))
+                  PREFETCH=bool(cfg.get("PREFETCH", 0)), BC_2D=bool(cfg.get("BC_2D", 0)))
     if kind == "fwd":
         consts = dict(common, UNROLL=st._unroll(n, cfg["UNROLL"], 4), HAS_H0=True, SAVE=True)
         fn = st._scan_fwd_kernel
     else:
         consts = dict(common, UNROLL=st._unroll(n, cfg["UNROLL"], 2), HAS_DHLAST=False,
                       ATOMIC_BC=atomic, ATOMIC_SEM=sem, REVERSE_VIA_FLIP=False,
-                      LOG2_BLOCK_L=cfg["BLOCK_L"].bit_length() - 1)
+                      LOG2_BLOCK_L=cfg["BLOCK_L"].bit_length() - 1,
+                      STATE_PREFETCH=bool(cfg.get("STATE_PREFETCH", 0)))
         fn = st._scan_bwd_kernel
     k = compile_offline(fn, scan_kernel_types(dtype, kind), consts, cfg["num_warps"])
     res = resource_usage(k)
@@ -127,6 +133,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(_TL))
     p.add_argument("--sweep", action="store_true", help="the launch shapes of the GPU sweep")
+    p.add_argument("--bwd-session", action="store_true",
+                   help="the variants of benchmarks/scan_bwd_session.py")
     p.add_argument("--json", help="write the rows to this file")
     args = p.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence 3.9's notice; the default
@@ -141,6 +149,15 @@ def main() -> None:
     block_l = st.launch_config("fwd", dt)["BLOCK_L"]  # the backward walks the forward's chunks
     bwd_cfgs = [{"BLOCK_L": block_l, **c} for c in
                 (BWD_SWEEP if args.sweep else [st.launch_config("bwd", dt)])]
+    if args.bwd_session:  # each training variant's forward and backward (at its chunk length)
+        from scan_bwd_session import fwd_variants, train_variants
+
+        fwd_cfgs, bwd_cfgs = [], []
+        for v in train_variants().values():
+            if v["fwd_train"] not in fwd_cfgs:
+                fwd_cfgs.append(v["fwd_train"])
+            bwd_cfgs.append({"BLOCK_L": v["fwd_train"]["BLOCK_L"], **v["bwd"]})
+        fwd_cfgs += [v["fwd"] for v in fwd_variants().values() if v["fwd"] not in fwd_cfgs]
     for kind, cfgs in (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)):
         for cfg in cfgs:
             try:

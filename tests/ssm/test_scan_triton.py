@@ -104,6 +104,19 @@ INTERP_CASES = [
     (torch.bfloat16, 6, 37, None, True, dict(prefetch=(0, 1), bc="partials")),
     (torch.float16, 8, 20, 4, True, dict(with_z=False, prefetch=(1, 1))),
     (torch.float16, 8, 20, 4, True, dict(with_z=False, prefetch=(0, 0), bc="acq_rel")),
+    # B/C loaded as 2-D tiles (fwd and bwd), the backward's per-state prefetch (one or two
+    # states ahead, masked past N: N = 5 pads to 8), 2-channel backward blocks
+    (torch.float32, 6, 37, None, True, dict(unroll=(4, 2), prefetch=(1, 0), N=5,
+                                            extra=dict(BC_2D=1, STATE_PREFETCH=1))),
+    pytest.param(torch.float32, 6, 33, None, False,
+                 dict(with_z=False, with_h0=False, prefetch=(0, 1), bc="partials",
+                      bwd_block_d=2, extra=dict(STATE_PREFETCH=1)), marks=pytest.mark.slow),
+    (torch.float32, 8, 45, 2, True, dict(with_D=False, unroll=(2, 1), bwd_block_d=2,
+                                         extra=dict(BC_2D=1, STATE_PREFETCH=1))),
+    pytest.param(torch.bfloat16, 6, 16, None, True, dict(unroll=(1, 2), extra=dict(BC_2D=1)),
+                 marks=pytest.mark.slow),
+    (torch.float32, 3, 37, None, True, dict(unroll=(2, 2), bwd_block_d=1,
+                                            extra=dict(BC_2D=1, STATE_PREFETCH=1))),
 ]
 
 
@@ -112,11 +125,17 @@ def test_interpreted_kernels_match_reference(
     interpreted, poisoned, monkeypatch, dtype, dim, L, groups, softplus, opts
 ):
     st = poisoned(interpreted)
+    # each case sets the launch shape itself: no per-dtype default overrides it
+    for name in ("FWD_CONFIG_BY_DTYPE", "FWD_TRAIN_CONFIG_BY_DTYPE", "BWD_CONFIG_BY_DTYPE"):
+        monkeypatch.setattr(st, name, {})
     # small blocks: several chunks (L not a multiple of 16) and several, partly masked, dim blocks
     monkeypatch.setitem(st.FWD_CONFIG, "BLOCK_L", 16)
     monkeypatch.setitem(st.FWD_CONFIG, "BLOCK_D", 4)
-    monkeypatch.setitem(st.BWD_CONFIG, "BLOCK_D", 4)
     opts = dict(opts)
+    monkeypatch.setitem(st.BWD_CONFIG, "BLOCK_D", opts.pop("bwd_block_d", 4))
+    for key, value in opts.pop("extra", {}).items():  # kernel switches, in both configs
+        monkeypatch.setitem(st.FWD_CONFIG, key, value)
+        monkeypatch.setitem(st.BWD_CONFIG, key, value)
     fwd_unroll, bwd_unroll = opts.pop("unroll", (1, 1))  # states per loop iteration
     monkeypatch.setitem(st.FWD_CONFIG, "UNROLL", fwd_unroll)
     monkeypatch.setitem(st.BWD_CONFIG, "UNROLL", bwd_unroll)
@@ -134,6 +153,8 @@ def test_interpreted_kernels_match_reference(
 
 def test_launch_config_per_dtype_overrides(interpreted, monkeypatch):
     st = interpreted
+    for name in ("FWD_CONFIG_BY_DTYPE", "FWD_TRAIN_CONFIG_BY_DTYPE", "BWD_CONFIG_BY_DTYPE"):
+        monkeypatch.setattr(st, name, {})  # from the module's defaults alone
     monkeypatch.setitem(st.FWD_CONFIG_BY_DTYPE, "float32", {"BLOCK_L": 32, "num_warps": 2})
     cfg = st.launch_config("fwd", torch.float32)
     assert cfg["BLOCK_L"] == 32 and cfg["num_warps"] == 2
@@ -157,16 +178,24 @@ def test_interpreted_training_forward_config(interpreted, poisoned, monkeypatch)
     check_against_reference(inp, True, torch.float32)
 
 
-def test_interpreted_default_config(interpreted, poisoned):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreted_default_config(interpreted, poisoned, dtype):
+    """The module's launch shapes, per-dtype overrides included: training (forward + every
+    gradient) and the inference forward (its own shape) against the reference."""
     st = poisoned(interpreted)
-    inp = make_inputs(dim=6, L=40, groups=None)
-    check_against_reference(inp, True, torch.float32)
+    inp = make_inputs(dim=6, L=40, groups=None, dtype=dtype)
+    check_against_reference(inp, True, dtype)
+    with torch.no_grad():
+        out, _ = triton_fn(**inp, delta_softplus=True)
+        ref, _ = ref_fn(**inp, delta_softplus=True)
+    assert_close("inference out", out, ref, TOL[dtype])
     assert st.FWD_CONFIG["BLOCK_L"] >= 64
 
 
 def test_interpreted_backward_variants_agree(interpreted, poisoned):
     """Every way of reducing dB/dC across dim blocks (relaxed or acq_rel atomics, partial sums),
-    the explicit-flip reverse scan and the prefetching loop give the same gradients."""
+    the explicit-flip reverse scan, the prefetching loop and the B/C load switches give the
+    same gradients."""
     st = poisoned(interpreted)
     inp = {k: (v.detach() if v is not None else None)
            for k, v in make_inputs(dim=4, L=40, groups=2).items()}
@@ -182,7 +211,10 @@ def test_interpreted_backward_variants_agree(interpreted, poisoned):
                 dict(atomic_bc=True, atomic_sem="acq_rel"),
                 dict(atomic_bc=False, reverse_via_flip=True),
                 dict(atomic_bc=True, config={"BLOCK_D": 2, "PREFETCH": 1}),
-                dict(atomic_bc="auto", config={"BLOCK_D": 2, "PREFETCH": 1})]
+                dict(atomic_bc="auto", config={"BLOCK_D": 2, "PREFETCH": 1}),
+                # the backward before 2026-12-01: B/C as vectors, no per-state prefetch
+                dict(atomic_bc=False, config={"BLOCK_D": 2, "PREFETCH": 0, "UNROLL": 2,
+                                              "BC_2D": 0, "STATE_PREFETCH": 0})]
     for kw in variants:
         kw = {"config": {"BLOCK_D": 2, "PREFETCH": 0}, **kw}
         other = st.scan_backward(*args, **kw)

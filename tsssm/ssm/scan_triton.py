@@ -31,15 +31,32 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e)
 #: each chunk); 0 = load each chunk's inputs when it starts (the kernel before 2026-12-01).
 FWD_CONFIG = {"BLOCK_D": 16, "BLOCK_L": 64, "num_warps": 4, "UNROLL": 4, "PREFETCH": 1}
 #: Per input dtype ("float32", "bfloat16", "float16") overrides of FWD_CONFIG / BWD_CONFIG.
-FWD_CONFIG_BY_DTYPE: dict[str, dict] = {}
+#: The inference forward, as measured on an H200 at L 16k (benchmarks/scan_bwd_session.sh,
+#: 2026-12-01): float32 2-D B/C tiles without chunk prefetch, 3.26 vs 3.54 ms; bfloat16 2-D
+#: B/C tiles, 2.28 ms as before (the sweep's best; float16 was not timed and keeps the default).
+FWD_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 1, "PREFETCH": 0},
+                                        "bfloat16": {"BC_2D": 1}}
 #: Overrides of the forward's shape when it saves chunk states for a backward (training), whose
-#: BLOCK_L the backward inherits; per dtype in FWD_TRAIN_CONFIG_BY_DTYPE.
+#: BLOCK_L the backward inherits; per dtype in FWD_TRAIN_CONFIG_BY_DTYPE. Same session, with the
+#: backward below: no chunk prefetch (float32 B/C vectors, 3.13 ms against 4.55 with prefetch;
+#: bfloat16 2-D tiles, 2.64 ms), forward+backward 13.8 / 12.6 ms against 15.8 / 13.5 before.
 FWD_TRAIN_CONFIG: dict = {}
-FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {}
+FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 0, "PREFETCH": 0},
+                                              "bfloat16": {"BC_2D": 1, "PREFETCH": 0}}
 #: The backward walks the chunks the forward saved, so it reuses the forward's BLOCK_L.
 #: PREFETCH as in the forward (u, delta, dout, z of the chunk before), off by default: the
 #: backward's 1-warp programs are limited by registers, which prefetching raises.
-BWD_CONFIG = {"BLOCK_D": 4, "num_warps": 1, "UNROLL": 2, "PREFETCH": 0}
+#: Switches of both kernels (0 when absent): BC_2D loads each state's B_n, C_n as a
+#: (BLOCK_D, BLOCK_L) tile with repeated rows in the tile's own layout, instead of a
+#: (BLOCK_L,) vector that Triton then moves to that layout through shared memory with a
+#: barrier (the repeated rows come from L1). The backward's STATE_PREFETCH loads the next
+#: UNROLL states' A, B, C and saved state while the current ones are computed, so that their
+#: L2 latency overlaps the scans instead of opening every state-loop iteration.
+#: Default since 2026-12-01 (H200 sweep of benchmarks/scan_bwd_session.sh at L 16k, backward
+#: alone): BC_2D + STATE_PREFETCH + one state per iteration, 10.0 ms bf16 / 10.6 ms fp32 against
+#: 10.8 / 11.2 for the kernel before (UNROLL 2, neither switch); mamba-ssm's 9.5 / 10.9.
+BWD_CONFIG = {"BLOCK_D": 4, "num_warps": 1, "UNROLL": 1, "PREFETCH": 0, "BC_2D": 1,
+              "STATE_PREFETCH": 1}
 BWD_CONFIG_BY_DTYPE: dict[str, dict] = {}
 #: dB/dC across dim blocks: True = float32 atomic adds into (b, G, N, L) (memory O(b·N·L), like
 #: dB itself); False = per-block partial sums then one torch sum (deterministic, but
@@ -156,22 +173,32 @@ def _adjoint_combine(f_r, p_r, g_r, f_l, p_l, g_l):
 @triton.jit
 def _fwd_state(
     n, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t, offs_t, A_ptr, B_ptr, C_ptr, bc_row,
-    N: tl.constexpr, L, BLOCK_L: tl.constexpr,
+    N: tl.constexpr, L, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BC_2D: tl.constexpr,
 ):
     """State n over one chunk: scan from h[:, n], return (C_n ⊙ h (D, L), h with column n set to
-    the chunk-end state). n ≥ N (padding of N_PAD) loads a = 1, x = 0, C = 0: a no-op."""
+    the chunk-end state). n ≥ N (padding of N_PAD) loads a = 1, x = 0, C = 0: a no-op.
+    BC_2D: B_n, C_n are loaded as (BLOCK_D, BLOCK_L) tiles with repeated rows, in the tile's
+    own layout (no shared-memory conversion and barrier per load; see _bwd_loads)."""
     ok = n < N
     sel = offs_n[None, :] == n
     A_n = tl.load(A_ptr + offs_d * N + n, mask=mask_d & ok, other=0.0).to(tl.float32) * LOG2E
-    B_n = tl.load(B_ptr + bc_row + n * L + t, mask=mask_t & ok, other=0.0).to(tl.float32)
-    C_n = tl.load(C_ptr + bc_row + n * L + t, mask=mask_t & ok, other=0.0).to(tl.float32)
+    if BC_2D:
+        t2 = tl.full((BLOCK_D,), 0, dtype=tl.int32)[:, None] + t[None, :]  # (BLOCK_D, BLOCK_L)
+        m2 = (tl.full((BLOCK_D,), 0, dtype=tl.int32) == 0)[:, None] & (mask_t & ok)[None, :]
+        B_n = tl.load(B_ptr + bc_row + n * L + t2, mask=m2, other=0.0).to(tl.float32)
+        C_n = tl.load(C_ptr + bc_row + n * L + t2, mask=m2, other=0.0).to(tl.float32)
+    else:
+        B_n = tl.load(B_ptr + bc_row + n * L + t, mask=mask_t & ok,
+                      other=0.0).to(tl.float32)[None, :]
+        C_n = tl.load(C_ptr + bc_row + n * L + t, mask=mask_t & ok,
+                      other=0.0).to(tl.float32)[None, :]
     h_n = _rowsum(tl.where(sel, h, 0.0))  # (BLOCK_D,)
     a = tl.exp2(dt * A_n[:, None])
-    x = dtu * B_n[None, :]
+    x = dtu * B_n
     a_cum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_affine_combine)
     hs = hs + a_cum * h_n[:, None]  # (BLOCK_D, BLOCK_L) states of this chunk
     h_end = _rowsum(tl.where(offs_t[None, :] == BLOCK_L - 1, hs, 0.0))
-    return hs * C_n[None, :], tl.where(sel, h_end[:, None], h)
+    return hs * C_n, tl.where(sel, h_end[:, None], h)
 
 
 @triton.jit
@@ -182,7 +209,7 @@ def _scan_fwd_kernel(
     N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     UNROLL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, PREFETCH: tl.constexpr,
+    SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, PREFETCH: tl.constexpr, BC_2D: tl.constexpr,
 ):
     # u, dt, z, out: (b, d, L); A: (d, N); B, C: (b, G, N, L); D, bias: (d,); h0, hlast: (b, d, N);
     # hsave: (b, n_chunks, d, N) state at the start of each chunk. All contiguous.
@@ -249,18 +276,21 @@ def _scan_fwd_kernel(
         y = tl.full((BLOCK_D, BLOCK_L), 0.0, dtype=tl.float32)
         for n0 in range(0, N_PAD, UNROLL):  # UNROLL independent states per iteration (ILP)
             y_n, h = _fwd_state(n0, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t, offs_t,
-                                A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_L)
+                                A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_D, BLOCK_L, BC_2D)
             y += y_n
             if UNROLL >= 2:
                 y_n, h = _fwd_state(n0 + 1, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t,
-                                    offs_t, A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_L)
+                                    offs_t, A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_D, BLOCK_L,
+                                    BC_2D)
                 y += y_n
             if UNROLL >= 4:
                 y_n, h = _fwd_state(n0 + 2, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t,
-                                    offs_t, A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_L)
+                                    offs_t, A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_D, BLOCK_L,
+                                    BC_2D)
                 y += y_n
                 y_n, h = _fwd_state(n0 + 3, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t,
-                                    offs_t, A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_L)
+                                    offs_t, A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_D, BLOCK_L,
+                                    BC_2D)
                 y += y_n
         if HAS_D:  # u is loaded again (cache hit) rather than held in registers over the loop
             y += Dv[:, None] * tl.load(u_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -280,29 +310,57 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _bwd_loads(
+    n, offs_d, mask_d, t, mask_t, A_ptr, B_ptr, C_ptr, bc_row, hsave_ptr, hsave_off,
+    N: tl.constexpr, L, BLOCK_D: tl.constexpr, BC_2D: tl.constexpr,
+):
+    """What state n of a chunk reads from memory: A[:, n] (BLOCK_D,) float32, B_n and C_n in
+    their own dtype, and the saved chunk-start state h[:, n] (BLOCK_D,). B_n, C_n are
+    (BLOCK_L,) vectors or, with BC_2D, (BLOCK_D, BLOCK_L) tiles whose rows repeat them (the
+    tile's own layout, so no shared-memory layout conversion follows; the repeated rows are
+    served by L1). n ≥ N loads nothing (masked)."""
+    ok = n < N
+    A_nat = tl.load(A_ptr + offs_d * N + n, mask=mask_d & ok, other=0.0).to(tl.float32)
+    h_n = tl.load(hsave_ptr + hsave_off + n, mask=mask_d & ok, other=0.0)
+    if BC_2D:
+        t2 = tl.full((BLOCK_D,), 0, dtype=tl.int32)[:, None] + t[None, :]  # (BLOCK_D, BLOCK_L)
+        m2 = (tl.full((BLOCK_D,), 0, dtype=tl.int32) == 0)[:, None] & (mask_t & ok)[None, :]
+        B_n = tl.load(B_ptr + bc_row + n * L + t2, mask=m2, other=0.0)
+        C_n = tl.load(C_ptr + bc_row + n * L + t2, mask=m2, other=0.0)
+    else:
+        B_n = tl.load(B_ptr + bc_row + n * L + t, mask=mask_t & ok, other=0.0)
+        C_n = tl.load(C_ptr + bc_row + n * L + t, mask=mask_t & ok, other=0.0)
+    return A_nat, B_n, C_n, h_n
+
+
+@triton.jit
 def _bwd_state(
-    n, p, dA_acc, dt, dtu, dy, ones, offs_d, mask_d, offs_n, t, mask_t, offs_t, A_ptr, B_ptr,
-    C_ptr, bc_row, hsave_ptr, hsave_off, dB_ptr, dC_ptr, dbc_row, N: tl.constexpr, L,
+    n, p, dA_acc, dt, dtu, dy, ones, offs_d, mask_d, offs_n, t, mask_t, offs_t,
+    A_nat, B_raw, C_raw, h_n, dB_ptr, dC_ptr, dbc_row, N: tl.constexpr, L,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, LOG2_BLOCK_L: tl.constexpr,
     ATOMIC_BC: tl.constexpr, ATOMIC_SEM: tl.constexpr, REVERSE_VIA_FLIP: tl.constexpr,
+    BC_2D: tl.constexpr,
 ):
-    """State n over one chunk: recompute h from the saved chunk start, reverse-scan the adjoint
-    g, write the dB, dC contributions; return the (D, L) tiles C_n ⊙ h, g ⊙ B_n and
-    ∂loss/∂Δ through exp(Δ A_n), and p, dA_acc with column n updated. n ≥ N is a no-op."""
+    """State n over one chunk, from what :func:`_bwd_loads` read for it: recompute h from the
+    saved chunk start, reverse-scan the adjoint g, write the dB, dC contributions; return the
+    (D, L) tiles C_n ⊙ h, g ⊙ B_n and ∂loss/∂Δ through exp(Δ A_n), and p, dA_acc with column n
+    updated. n ≥ N is a no-op."""
     ok = n < N
     sel = offs_n[None, :] == n
-    A_nat = tl.load(A_ptr + offs_d * N + n, mask=mask_d & ok, other=0.0).to(tl.float32)
-    B_n = tl.load(B_ptr + bc_row + n * L + t, mask=mask_t & ok, other=0.0).to(tl.float32)
-    C_n = tl.load(C_ptr + bc_row + n * L + t, mask=mask_t & ok, other=0.0).to(tl.float32)
-    h_n = tl.load(hsave_ptr + hsave_off + n, mask=mask_d & ok, other=0.0)
+    if BC_2D:  # (BLOCK_D, BLOCK_L) tiles already
+        B_n = B_raw.to(tl.float32)
+        C_n = C_raw.to(tl.float32)
+    else:
+        B_n = B_raw.to(tl.float32)[None, :]
+        C_n = C_raw.to(tl.float32)[None, :]
     p_n = _rowsum(tl.where(sel, p, 0.0))
     # recompute the chunk's states from its saved start
     a = tl.exp2(dt * (A_nat * LOG2E)[:, None])
-    x = dtu * B_n[None, :]
+    x = dtu * B_n
     a_cum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_affine_combine)
     hs = hs + a_cum * h_n[:, None]
     # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, the chunk's end fed by p (= a_e g_e)
-    cdy = dy * C_n[None, :]
+    cdy = dy * C_n
     if REVERSE_VIA_FLIP:
         _f, pp, gg = tl.associative_scan(
             (_flip_cols(a, BLOCK_D, BLOCK_L, LOG2_BLOCK_L), ones,
@@ -330,7 +388,7 @@ def _bwd_state(
         tl.store(dC_ptr + dbc_row + n * L + t, dC_n, mask=mask_t & ok)
     p = tl.where(sel, p_start[:, None], p)
     dA_acc = tl.where(sel, dA_acc + dA_n[:, None], dA_acc)
-    return hs * C_n[None, :], g * B_n[None, :], w * A_nat[:, None], p, dA_acc
+    return hs * C_n, g * B_n, w * A_nat[:, None], p, dA_acc
 
 
 @triton.jit
@@ -343,6 +401,7 @@ def _scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHLAST: tl.constexpr,
     SOFTPLUS: tl.constexpr, ATOMIC_BC: tl.constexpr, ATOMIC_SEM: tl.constexpr,
     REVERSE_VIA_FLIP: tl.constexpr, LOG2_BLOCK_L: tl.constexpr, PREFETCH: tl.constexpr,
+    STATE_PREFETCH: tl.constexpr, BC_2D: tl.constexpr,
 ):
     # Same tiling as the forward, chunks visited last to first. Outputs: du, ddt, dz (b, d, L) in
     # the inputs' dtype; dA (b, d, N), dD, dbias (b, d) per-batch partials; dB, dC either
@@ -431,20 +490,44 @@ def _scan_bwd_kernel(
         gB = tl.full((BLOCK_D, BLOCK_L), 0.0, dtype=tl.float32)  # Σ_n g B_n
         ddt = tl.full((BLOCK_D, BLOCK_L), 0.0, dtype=tl.float32)
         hsave_off = (pid_b * n_chunks + c) * dim * N + offs_d * N  # (BLOCK_D,)
+        if STATE_PREFETCH:  # states 0 (and 1) of this chunk; each iteration loads the next ones
+            A0n, B0n, C0n, h0n = _bwd_loads(0, offs_d, mask_d, t, mask_t, A_ptr, B_ptr, C_ptr,
+                                            bc_row, hsave_ptr, hsave_off, N, L, BLOCK_D, BC_2D)
+            if UNROLL >= 2:
+                A1n, B1n, C1n, h1n = _bwd_loads(1, offs_d, mask_d, t, mask_t, A_ptr, B_ptr,
+                                                C_ptr, bc_row, hsave_ptr, hsave_off, N, L,
+                                                BLOCK_D, BC_2D)
         for n0 in range(0, N_PAD, UNROLL):  # UNROLL independent states per iteration (ILP)
+            if STATE_PREFETCH:
+                A0, B0, C0, h0 = A0n, B0n, C0n, h0n
+                # past the last state every lane is masked: no memory traffic
+                A0n, B0n, C0n, h0n = _bwd_loads(n0 + UNROLL, offs_d, mask_d, t, mask_t, A_ptr,
+                                                B_ptr, C_ptr, bc_row, hsave_ptr, hsave_off, N,
+                                                L, BLOCK_D, BC_2D)
+                if UNROLL >= 2:
+                    A1, B1, C1, h1 = A1n, B1n, C1n, h1n
+                    A1n, B1n, C1n, h1n = _bwd_loads(n0 + UNROLL + 1, offs_d, mask_d, t, mask_t,
+                                                    A_ptr, B_ptr, C_ptr, bc_row, hsave_ptr,
+                                                    hsave_off, N, L, BLOCK_D, BC_2D)
+            else:
+                A0, B0, C0, h0 = _bwd_loads(n0, offs_d, mask_d, t, mask_t, A_ptr, B_ptr, C_ptr,
+                                            bc_row, hsave_ptr, hsave_off, N, L, BLOCK_D, BC_2D)
+                if UNROLL >= 2:
+                    A1, B1, C1, h1 = _bwd_loads(n0 + 1, offs_d, mask_d, t, mask_t, A_ptr, B_ptr,
+                                                C_ptr, bc_row, hsave_ptr, hsave_off, N, L,
+                                                BLOCK_D, BC_2D)
             y_n, gB_n, ddt_n, p, dA_acc = _bwd_state(
                 n0, p, dA_acc, dt, dtu, dy, ones, offs_d, mask_d, offs_n, t, mask_t, offs_t,
-                A_ptr, B_ptr, C_ptr, bc_row, hsave_ptr, hsave_off, dB_ptr, dC_ptr, dbc_row,
-                N, L, BLOCK_D, BLOCK_L, LOG2_BLOCK_L, ATOMIC_BC, ATOMIC_SEM, REVERSE_VIA_FLIP)
+                A0, B0, C0, h0, dB_ptr, dC_ptr, dbc_row, N, L, BLOCK_D, BLOCK_L, LOG2_BLOCK_L,
+                ATOMIC_BC, ATOMIC_SEM, REVERSE_VIA_FLIP, BC_2D)
             y += y_n
             gB += gB_n
             ddt += ddt_n
             if UNROLL >= 2:
                 y_n, gB_n, ddt_n, p, dA_acc = _bwd_state(
                     n0 + 1, p, dA_acc, dt, dtu, dy, ones, offs_d, mask_d, offs_n, t, mask_t,
-                    offs_t, A_ptr, B_ptr, C_ptr, bc_row, hsave_ptr, hsave_off, dB_ptr, dC_ptr,
-                    dbc_row, N, L, BLOCK_D, BLOCK_L, LOG2_BLOCK_L, ATOMIC_BC, ATOMIC_SEM,
-                    REVERSE_VIA_FLIP)
+                    offs_t, A1, B1, C1, h1, dB_ptr, dC_ptr, dbc_row, N, L, BLOCK_D, BLOCK_L,
+                    LOG2_BLOCK_L, ATOMIC_BC, ATOMIC_SEM, REVERSE_VIA_FLIP, BC_2D)
                 y += y_n
                 gB += gB_n
                 ddt += ddt_n
@@ -615,7 +698,8 @@ def scan_forward(
         UNROLL=_unroll(N, cfg["UNROLL"], 4),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus),
-        SAVE=hsave is not None, PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"],
+        SAVE=hsave is not None, PREFETCH=bool(cfg.get("PREFETCH", 0)),
+        BC_2D=bool(cfg.get("BC_2D", 0)), num_warps=cfg["num_warps"],
     )
     return out, hlast, hsave, block_l
 
@@ -699,7 +783,8 @@ def scan_backward(
         HAS_DHLAST=dh_last is not None, SOFTPLUS=bool(delta_softplus),
         ATOMIC_BC=bool(atomic_bc), ATOMIC_SEM=atomic_sem,
         REVERSE_VIA_FLIP=bool(reverse_via_flip), LOG2_BLOCK_L=block_l.bit_length() - 1,
-        PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"],
+        PREFETCH=bool(cfg.get("PREFETCH", 0)), STATE_PREFETCH=bool(cfg.get("STATE_PREFETCH", 0)),
+        BC_2D=bool(cfg.get("BC_2D", 0)), num_warps=cfg["num_warps"],
     )
     if atomic_bc:
         dB, dC = dB_buf, dC_buf
