@@ -236,21 +236,23 @@ def streams_in_batches(data_cfg, bundle: Bundle) -> bool:
 
 def why_read_whole(data_cfg, bundle: Bundle) -> str | None:
     """Why a file is read whole rather than in batches (None: it streams). The batch scorer
-    covers models without inputs or real time steps whose score is a one-step NIS/NLL with one
-    pooled threshold; windowed or joint (Mahalanobis) scores and per-stream thresholds are
-    computed by the in-memory path."""
+    covers every score (one-step, windowed, joint Mahalanobis, with contributions) and every
+    threshold (pooled, streaming, per stream); models that take inputs or real time steps are
+    scored by the in-memory path."""
     from tsssm.models.base import needs_exog
 
     if bundle.inputs or needs_exog(bundle.model) or option_value(data_cfg.gaps) == "time":
         return "takes inputs (data.inputs) or real time steps (data.gaps=time)"
+    return None
+
+
+def why_not_live(bundle: Bundle) -> str | None:
+    """Why live scoring (one line out per row as it arrives) cannot run this model's score."""
     spec = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
-    if spec.window > 1:
-        return (f"scores {spec.window}-row windows (task.window.size; train with "
-                "task.window.size=1 to stream)")
-    if spec.kind not in ("nis", "nll"):
-        return f"uses the {spec.kind} score (train with task.score=nis to stream)"
-    if bundle.threshold_scope != "pooled":
-        return "fits a threshold per stream (task.threshold.scope=per_stream)"
+    if spec.window > 1 and spec.align == "centered":
+        return (f"scores centered {spec.window}-row windows: a row's score needs the "
+                f"{spec.window // 2} rows after it (train with task.window.align=trailing to "
+                "score live)")
     return None
 
 
