@@ -234,6 +234,14 @@ class Scorer:
         return self.scaler is None or (not self._fast and self.post.pending > 0)
 
     @property
+    def immediate(self) -> bool:
+        """Whether every row's score comes out with it (no per-stream scaler or threshold to
+        fit first, no centered window): then :meth:`update` returns each sample's own score."""
+        spec = self.spec
+        return (not self.calibration_rows and not self.threshold_rows
+                and not (spec.window > 1 and spec.align == "centered"))
+
+    @property
     def contributions(self) -> bool:
         """Whether ScoredRows carry each channel's share of the score (``contrib``)."""
         return self.post.contributions
@@ -317,7 +325,8 @@ class Scorer:
     def update_many(self, rows: np.ndarray | Sequence[Sequence[float]]) -> ScoredRows:
         """Score rows (n, C) (raw units, the model's channel order, NaN = missing), continuing
         the stream. Returns the scores of every row that became ready: normally exactly these
-        rows; while calibrating none, then the held rows together with these."""
+        rows; while calibrating none, then the held rows together with these (with a centered
+        window, the rows up to ``window // 2`` before the last)."""
         values = np.asarray(rows, dtype=np.float32)
         if values.ndim != 2 or values.shape[1] != len(self.channels):
             raise DataError(f"rows must be (n, {len(self.channels)}) for the channels "
