@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from tsssm.anomaly.scores import ScoreSpec
 from tsssm.bundle import save_bundle
 from tsssm.cli import main
 from tsssm.data.io import ReadSpec
@@ -19,8 +20,6 @@ from tsssm.errors import DataError
 from tsssm.scoring.files import score_file
 from tsssm.scoring.live import follow_lines, score_lines
 from tsssm.scoring.scorer import Scorer
-
-from tsssm.anomaly.scores import ScoreSpec
 
 from .conftest import ANOMALY, make_bundle, stream
 
