@@ -83,19 +83,18 @@ def test_a_trailing_window_scores_every_row_at_once_and_a_centered_one_waits():
     assert len(score) == 5 and state.emitted == 5
 
 
-def fed_intervals(flags, score, contrib, time, sizes):
+def fed_intervals(flags, score, contrib, time, sizes, channels):
+    """(start, stop, start time, end time, peak, shares) of every interval found."""
     state = intervals_start()
     out, a = [], 0
-    for n in sizes:
+    for i, n in enumerate([*sizes, 0]):  # an empty batch inside, and the final call
         found, state = intervals_update(state, flags[a : a + n], score[a : a + n],
                                         None if contrib is None else contrib[a : a + n],
-                                        time[a : a + n])
-        out += found
+                                        time[a : a + n], final=i == len(sizes))
+        out += list(zip(found.start, found.stop, found.start_time, found.end_time, found.peak,
+                        found.shares(channels)))
         a += n
-    found, state = intervals_update(state, flags[:0], score[:0],
-                                    None if contrib is None else contrib[:0], time[:0],
-                                    final=True)
-    return out + found
+    return out
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -114,12 +113,11 @@ def test_streamed_intervals_equal_the_whole_stream(seed, with_contrib):
     time = np.arange(rows) * 10 + 1000
     want = flagged_intervals(flags, score, contrib, channels)
     for split_seed in range(3):
-        got = fed_intervals(flags, score, contrib, time, splits(rows, split_seed))
-        assert [(g.start, g.stop) for g in got] == [(w.start, w.stop) for w in want]
-        for g, w in zip(got, want):
-            assert g.peak == w.peak
-            assert g.start_time == time[w.start] and g.end_time == time[w.stop - 1]
-            shares = g.shares(channels)
+        got = fed_intervals(flags, score, contrib, time, splits(rows, split_seed), channels)
+        assert [(g[0], g[1]) for g in got] == [(w.start, w.stop) for w in want]
+        for (_, _, start_time, end_time, peak, shares), w in zip(got, want):
+            assert peak == w.peak
+            assert start_time == time[w.start] and end_time == time[w.stop - 1]
             assert list(shares) == list(w.shares)
             np.testing.assert_allclose(list(shares.values()), list(w.shares.values()),
                                        rtol=1e-12)
@@ -129,11 +127,11 @@ def test_an_empty_batch_does_not_close_an_open_interval():
     state = intervals_start()
     found, state = intervals_update(state, np.array([False, True]), np.array([1.0, 5.0]),
                                     None, np.array([0, 1]))
-    assert found == [] and state.start == 1
+    assert len(found) == 0 and state.start == 1
     found, state = intervals_update(state, np.zeros(0, bool), np.zeros(0), None,
                                     np.zeros(0, int))
-    assert found == [] and state.start == 1
+    assert len(found) == 0 and state.start == 1
     found, state = intervals_update(state, np.array([True, False]), np.array([7.0, 0.0]),
                                     None, np.array([2, 3]))
-    assert [(f.start, f.stop, f.peak, f.start_time, f.end_time) for f in found] == [
+    assert list(zip(found.start, found.stop, found.peak, found.start_time, found.end_time)) == [
         (1, 3, 7.0, 1, 2)]

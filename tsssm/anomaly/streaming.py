@@ -61,20 +61,29 @@ def window_update(state: WindowState, terms: tuple, window: int, kind: str = "me
     """
     if align not in WINDOW_ALIGNS:
         raise ConfigError(f"score window align must be one of {WINDOW_ALIGNS}; got {align!r}")
-    contrib, whitened, observed = terms
-    new = window_inputs(np.asarray(contrib), np.asarray(whitened), np.asarray(observed), kind)
-    x = np.concatenate([state.tail, new]) if len(state.tail) else new  # (k + n, K)
-    base = state.received - len(state.tail)  # stream row of x[0]
-    received = state.received + len(new)
+    contrib, whitened, observed = (np.asarray(t) for t in terms)
+    k, n = len(state.tail), len(contrib)
+    x = np.empty((k + n, state.tail.shape[1]))  # (k + n, K): the tail, then the new rows
+    x[:k] = state.tail
+    window_inputs(contrib, whitened, observed, kind, out=x[k:])
+    base = state.received - k  # stream row of x[0]
+    received = state.received + n
     ahead = 0 if align == "trailing" else window // 2  # rows after t in t's window
     ready = received if final else max(state.emitted, received - ahead)
-    t = np.arange(state.emitted, ready)
-    stop = np.minimum(t + 1 + ahead, received)
-    start = np.maximum(0, stop - window)
     cs = np.empty((len(x) + 1, x.shape[1]))
     cs[0] = 0.0
     np.cumsum(x, axis=0, out=cs[1:])
-    score, out = window_values(cs[stop - base] - cs[start - base], kind, fill)
+    first, m = state.emitted, ready - state.emitted
+    if first + 1 + ahead - window >= 0 and ready + ahead <= received:
+        # every window whole: sums of consecutive rows, by slices
+        lo = first + 1 + ahead - window - base
+        sums = cs[lo + window : lo + window + m] - cs[lo : lo + m]
+    else:  # windows cut at the stream's start or end
+        t = np.arange(first, ready)
+        stop = np.minimum(t + 1 + ahead, received)
+        start = np.maximum(0, stop - window)
+        sums = cs[stop - base] - cs[start - base]
+    score, out = window_values(sums, kind, fill)
     # the rows a later row's window can still reach: from ready + 1 + ahead - window on, and
     # (centered) the last `window` rows, which the windows cut at the stream's end start from
     keep = max(0, min(ready + 1 + ahead - window, received - window if ahead else received))
@@ -82,19 +91,48 @@ def window_update(state: WindowState, terms: tuple, window: int, kind: str = "me
     return score, out, WindowState(received, ready, np.ascontiguousarray(tail))
 
 
-class Interval(NamedTuple):
-    """One maximal run of flagged rows, as :class:`tsssm.anomaly.attribution.FlaggedInterval`
-    with the times of its first and last rows."""
+def window_step(state: WindowState, contrib: np.ndarray, whitened: np.ndarray,
+                observed: np.ndarray, window: int, kind: str = "mean", fill: float = 0.0
+                ) -> tuple[float, np.ndarray, WindowState]:
+    """One row of a trailing window (a live sample): :func:`window_update` of a batch of one
+    row, in fewer array operations. contrib, whitened, observed: (C,). Returns (score,
+    contrib (C,), new state)."""
+    tail = state.tail
+    row = np.empty((1, tail.shape[1]))
+    window_inputs(contrib[None], whitened[None], observed[None], kind, out=row)
+    sums = row if not len(tail) else tail.sum(axis=0, keepdims=True) + row
+    score, out = window_values(sums, kind, fill)
+    keep = window - 1
+    if keep <= 0:
+        new_tail = tail[:0]
+    elif len(tail) < keep:
+        new_tail = np.concatenate([tail, row])
+    else:
+        new_tail = np.concatenate([tail[len(tail) - keep + 1 :], row])
+    received = state.received + 1
+    return float(score[0]), out[0], WindowState(received, received, new_tail)
 
-    start: int  # first row (index in the stream)
-    stop: int  # one past the last row
-    start_time: Any
-    end_time: Any
-    peak: float
-    summed: np.ndarray | None  # (C,) summed contributions over the interval, None without them
 
-    def shares(self, channels: Sequence[str]) -> dict[str, float]:
-        return {} if self.summed is None else interval_shares(self.summed, channels)
+class Intervals(NamedTuple):
+    """Maximal runs of flagged rows (k of them), as :class:`tsssm.anomaly.attribution.
+    FlaggedInterval` with the times of their first and last rows; arrays, as a long stream can
+    have many."""
+
+    start: np.ndarray  # (k,) int64 first row (index in the stream)
+    stop: np.ndarray  # (k,) int64 one past the last row
+    start_time: np.ndarray  # (k,) the times of the first rows
+    end_time: np.ndarray  # (k,) the times of the last rows
+    peak: np.ndarray  # (k,) float64 largest score inside
+    summed: np.ndarray | None  # (k, C) summed contributions, None without them
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def shares(self, channels: Sequence[str]) -> list[dict[str, float]]:
+        """Each interval's channel shares (FlaggedInterval.shares)."""
+        if self.summed is None:
+            return [{} for _ in range(len(self))]
+        return [interval_shares(row, channels) for row in self.summed]
 
 
 class IntervalState(NamedTuple):
@@ -108,13 +146,20 @@ class IntervalState(NamedTuple):
     summed: np.ndarray | None  # (C,) or None (no contributions)
 
 
+def _no_intervals(time: np.ndarray, contrib: np.ndarray | None) -> Intervals:
+    none = np.zeros(0, np.int64)
+    times = np.asarray(time)[:0]
+    return Intervals(none, none, times, times, np.zeros(0),
+                     None if contrib is None else np.zeros((0, np.shape(contrib)[1])))
+
+
 def intervals_start() -> IntervalState:
     return IntervalState(0, -1, None, None, -np.inf, None)
 
 
 def intervals_update(state: IntervalState, flags: np.ndarray, score: np.ndarray,
                      contrib: np.ndarray | None, time: np.ndarray, final: bool = False
-                     ) -> tuple[list[Interval], IntervalState]:
+                     ) -> tuple[Intervals, IntervalState]:
     """The flagged intervals that ended within this batch of consecutive rows (and, with
     ``final``, the one still open at the stream's end).
 
@@ -122,13 +167,13 @@ def intervals_update(state: IntervalState, flags: np.ndarray, score: np.ndarray,
     batch's end stays open in the returned state and continues into the next batch.
     """
     flags = np.asarray(flags, dtype=bool).reshape(-1)
-    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    score = np.asarray(score).reshape(-1)
     n = len(flags)
     if score.shape != (n,) or len(time) != n or (contrib is not None and len(contrib) != n):
         raise DataError(f"{n} flags for {score.size} scores, {len(time)} times and "
                         f"{'no' if contrib is None else len(contrib)} contributions")
     if n == 0 and not final:
-        return [], state
+        return _no_intervals(time, contrib), state
     is_open = state.start >= 0
     edges = np.diff(np.concatenate([[is_open], flags, [False]]).astype(np.int8))
     starts = np.flatnonzero(edges == 1)  # runs that begin in this batch
@@ -141,30 +186,43 @@ def intervals_update(state: IntervalState, flags: np.ndarray, score: np.ndarray,
     else:
         seg_first, seg_stops = first, stops
         ended_before = False
-    if len(seg_first):
-        masked = np.where(flags, score, -np.inf)
-        peaks = np.maximum.reduceat(masked, seg_first)
+    if len(seg_first):  # reduce over the flagged rows only (a few of the batch)
+        rows = np.flatnonzero(flags)
+        at = np.searchsorted(rows, seg_first)  # where each segment starts among them
+        peaks = np.maximum.reduceat(score[rows].astype(np.float64), at)
         sums = None if contrib is None else np.add.reduceat(
-            np.where(flags[:, None], np.asarray(contrib, np.float64), 0.0), seg_first, axis=0)
-    out: list[Interval] = []
+            np.asarray(contrib)[rows].astype(np.float64), at, axis=0)
     row0 = state.rows
-    if ended_before:
-        out.append(Interval(state.start, row0, state.start_time, state.last_time, state.peak,
-                            state.summed))
-    carried = is_open and not ended_before  # the open run goes on in segment 0
-    for k in range(len(seg_first)):
-        a, b = int(seg_first[k]), int(seg_stops[k])
-        peak = float(peaks[k])
-        summed = None if sums is None else sums[k]
-        begin, begin_time = row0 + a, time[a]
-        if k == 0 and carried:
-            peak = max(peak, state.peak)
-            if summed is not None and state.summed is not None:
-                summed = summed + state.summed
-            begin, begin_time = state.start, state.start_time
-        if b == n and not final:  # still open at the batch's end
-            last = time[n - 1] if n else state.last_time
-            return out, IntervalState(row0 + n, begin, begin_time, last, peak, summed)
-        out.append(Interval(begin, row0 + b, begin_time, time[b - 1], peak, summed))
-    last = time[n - 1] if n else state.last_time
-    return out, IntervalState(row0 + n, -1, None, last, -np.inf, None)
+    time_dtype = np.asarray(time).dtype if n else np.asarray(state.last_time).dtype
+    begin = row0 + seg_first.astype(np.int64)
+    stop = row0 + seg_stops.astype(np.int64)
+    begin_time = np.asarray(time)[seg_first].astype(time_dtype)
+    end_time = np.asarray(time)[seg_stops - 1].astype(time_dtype)
+    if not len(seg_first):
+        peaks = np.zeros(0)
+        sums = None if contrib is None else np.zeros((0, np.shape(contrib)[1]))
+    if is_open and not ended_before and len(begin):  # the open run goes on in segment 0
+        begin[0], begin_time[0] = state.start, state.start_time
+        peaks[0] = max(peaks[0], state.peak)
+        if sums is not None and state.summed is not None:
+            sums[0] += state.summed
+    open_state = IntervalState(row0 + n, -1, None, time[n - 1] if n else state.last_time,
+                               -np.inf, None)
+    if len(begin) and stop[-1] == row0 + n and not final:  # still open at the batch's end
+        open_state = IntervalState(row0 + n, int(begin[-1]), begin_time[-1], time[n - 1],
+                                   float(peaks[-1]), None if sums is None else sums[-1].copy())
+        begin, stop, begin_time, end_time = begin[:-1], stop[:-1], begin_time[:-1], end_time[:-1]
+        peaks = peaks[:-1]
+        sums = None if sums is None else sums[:-1]
+    if ended_before:  # the run open before this batch, first
+        begin = np.concatenate([[state.start], begin]).astype(np.int64)
+        stop = np.concatenate([[row0], stop]).astype(np.int64)
+        begin_time = np.concatenate([np.array([state.start_time], time_dtype), begin_time])
+        end_time = np.concatenate([np.array([state.last_time], time_dtype), end_time])
+        peaks = np.concatenate([[state.peak], peaks])
+        if sums is not None or state.summed is not None:
+            width = len(state.summed) if state.summed is not None else sums.shape[1]
+            head = state.summed if state.summed is not None else np.zeros(width)
+            sums = np.concatenate([head[None], sums if sums is not None
+                                   else np.zeros((0, width))])
+    return Intervals(begin, stop, begin_time, end_time, peaks, sums), open_state

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from tsssm.anomaly.attribution import FlaggedInterval
-from tsssm.anomaly.streaming import Interval, intervals_start, intervals_update
+from tsssm.anomaly.streaming import Intervals, intervals_start, intervals_update
 from tsssm.data.io import ReadSpec
 from tsssm.scoring.reader import BATCH_ROWS, Batch, StreamReader
 from tsssm.scoring.scorer import ScoredRows, Scorer
@@ -142,6 +142,19 @@ def _arrow_time(time: np.ndarray) -> pa.Array:
     return pa.array(time)
 
 
+def _tops(shares: np.ndarray, channels: list[str]) -> list[str]:
+    """FlaggedInterval.describe() of every row of shares (k, C) (NaN rows: no attribution)."""
+    order = np.argsort(-np.nan_to_num(shares, nan=-1.0), axis=1, kind="stable")
+    out = []
+    for row, idx in zip(shares, order):
+        if np.isnan(row[0]):
+            out.append("")
+            continue
+        described = FlaggedInterval(0, 0, 0.0, {channels[j]: float(row[j]) for j in idx})
+        out.append(described.describe())
+    return out
+
+
 class ScoresSink:
     """Where one stream's scores go, in order: the scores Parquet (rows matched to the read
     batches for their times and labels), the flagged intervals as they close (their own
@@ -197,27 +210,37 @@ class ScoresSink:
         self.flagged += int(out.flag.sum())
         self.rows += len(out)
 
-    def _intervals(self, found: list[Interval]) -> None:
-        if not found:
+    def _intervals(self, found: Intervals) -> None:
+        """Closed intervals to the intervals Parquet (columns built at once: a long stream
+        can have many), the longest kept for printing."""
+        k, C = len(found), len(self.channels)
+        if not k:
             return
-        rows = []
-        for iv in found:
-            shares = iv.shares(self.channels)
-            described = FlaggedInterval(iv.start, iv.stop, iv.peak, shares).describe() \
-                if shares else ""
-            row = {"stream": self.name, "start": iv.start_time, "end": iv.end_time,
-                   "rows": iv.stop - iv.start, "peak_score": float(iv.peak), "top": described,
-                   **{f"share:{c}": shares.get(c, float("nan")) for c in self.channels}}
-            rows.append(row)
-            item = (row["rows"], -iv.start, row)
-            if len(self.longest) < LONGEST_INTERVALS:
-                heapq.heappush(self.longest, item)
-            elif item[:2] > self.longest[0][:2]:
-                heapq.heapreplace(self.longest, item)
-        self.n_intervals += len(rows)
+        lengths = found.stop - found.start
+        if found.summed is None:
+            shares = np.full((k, C), np.nan)
+        else:
+            part = np.clip(found.summed, 0.0, None)  # (k, C)
+            total = part.sum(1, keepdims=True)
+            shares = np.where(total > 0, part / np.where(total > 0, total, 1.0), np.nan)
+        columns = {"stream": pa.array([self.name] * k, pa.string()),
+                   "start": _arrow_time(found.start_time), "end": _arrow_time(found.end_time),
+                   "rows": pa.array(lengths), "peak_score": pa.array(found.peak),
+                   "top": pa.array(_tops(shares, self.channels), pa.string()),
+                   **{f"share:{c}": pa.array(shares[:, j]) for j, c in enumerate(self.channels)}}
+        table = pa.table(columns).cast(self._interval_schema())
+        for i in range(k):
+            item = (int(lengths[i]), -int(found.start[i]))
+            if len(self.longest) < LONGEST_INTERVALS or item > self.longest[0][:2]:
+                row = {name: table.column(name)[i].as_py() for name in table.column_names}
+                if len(self.longest) < LONGEST_INTERVALS:
+                    heapq.heappush(self.longest, (*item, row))
+                else:
+                    heapq.heapreplace(self.longest, (*item, row))
+        self.n_intervals += k
         if self.interval_writer is None:
             self.interval_writer = ParquetStreamWriter(self.interval_path, threaded=False)
-        self.interval_writer.write(pa.Table.from_pylist(rows, schema=self._interval_schema()))
+        self.interval_writer.write(table)
 
     def _interval_schema(self) -> pa.Schema:
         time_type = self.time_type or pa.int64()

@@ -169,6 +169,7 @@ class Scorer:
         self._fast = self._fast_path()
         self._kalman = self._numpy_engine(engine)
         self._steady_var32: np.ndarray | None = None
+        self._all_observed = np.ones(len(self.channels), bool)
         self.engine = "numpy" if self._kalman is not None else "torch"
         self.reset()
 
@@ -286,6 +287,11 @@ class Scorer:
                 "update() (one score per sample, now) cannot give it; feed update_many (scores "
                 "come out late, ScoredRows.start says which) or train with "
                 "task.window.align=trailing")
+        if self.scaler is not None and self._kalman is not None and not self._fast \
+                and not self.moments:
+            done = self._update_window(row)
+            if done is not None:
+                return done
         if self.scaler is None or self._kalman is None or self.moments or not self._fast:
             out = self.update_many(row[None])
             if len(out) == 0:
@@ -312,6 +318,36 @@ class Scorer:
         self._rows_out += 1
         self._rows_model += 1
         return value, value > self._threshold_value
+
+    def _update_window(self, row: np.ndarray) -> tuple[float, bool] | None:
+        """A live sample through the numpy Kalman engine and the score's window in O(window)
+        array work (StreamScores.push_one); None: not this path (update_many it)."""
+        y = (row - self.scaler.mean) / self.scaler.std  # float32, as .transform does
+        if not np.isfinite(y).all():
+            return None
+        post = self.post
+        if (post.threshold is None or post._window.emitted != post._window.received
+                or (self.spec.window > 1 and self.spec.align != "trailing")):
+            return None
+        mean, var = self._kalman.step(y, observed=True)
+        if self.spec.kind == "nll":
+            terms = numpy_terms(y[None], mean.astype(np.float32)[None], self._var32(var)[None],
+                                "nll")
+            contrib, whitened, observed = (t[0] for t in terms)
+        else:  # every channel observed: numpy_terms' formulas without the masking
+            d = y - mean.astype(np.float32)
+            z2 = d * d / self._var32(var)
+            whitened = np.sqrt(z2) * np.sign(d)
+            contrib = z2 / np.float32(len(z2))
+            observed = self._all_observed
+            if not np.isfinite(z2).all():
+                numpy_terms(y[None], mean.astype(np.float32)[None], self._var32(var)[None],
+                            "nis")  # raises the NumericalError
+        score, flag, _ = post.push_one(contrib, whitened, observed)
+        self._rows_in += 1
+        self._rows_out += 1
+        self._rows_model += 1
+        return score, flag
 
     def _var32(self, var: np.ndarray) -> np.ndarray:
         """var as float32, floored as the scores floor it; the fixed point's is cached."""
@@ -398,7 +434,7 @@ class Scorer:
                 MAX_ROWS_PER_CALL if self.device.type == "cpu" else GPU_ROWS_PER_CALL)
         if not self._fast:
             parts = []
-            for a in range(0, len(values), step):
+            for a in range(0, len(values), step):  # chunks small enough to stay in cache
                 chunk = self._scale(values[a : a + step])
                 terms, mean, var = self._terms_scaled(chunk)
                 extras = {"scaled": chunk, "mean": mean, "var": var} if self.moments else None

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tsssm.anomaly.scores import ScoreSpec
-from tsssm.anomaly.streaming import window_start, window_update
+from tsssm.anomaly.streaming import window_start, window_step, window_update
 from tsssm.anomaly.thresholds import Threshold, threshold_from_dict
 
 log = logging.getLogger("tsssm")
@@ -152,6 +152,25 @@ class StreamScores:
         """Step terms (contrib, whitened, observed) (n, C) of the next rows, and row-aligned
         arrays to return with their scores. Returns the rows that became ready."""
         return self._advance(terms, extras, final=False)
+
+    def push_one(self, contrib: np.ndarray, whitened: np.ndarray, observed: np.ndarray
+                 ) -> tuple[float, bool, np.ndarray] | None:
+        """One row's step terms (C,) -> (score, flag, contrib (C,)), when its score comes out
+        at once (a trailing window, a threshold in force, no extras to delay); else None and
+        nothing changes (use :meth:`push`)."""
+        spec = self.spec
+        if (self.threshold is None or self._window.emitted != self._window.received
+                or (spec.window > 1 and spec.align != "trailing") or self._extras.parts):
+            return None
+        score, contrib, self._window = window_step(self._window, contrib, whitened, observed,
+                                                   spec.window, spec.window_kind)
+        if self.threshold.follows_stream:
+            levels, self._carry = self.threshold.levels_update(np.array([score]), self._carry)
+            flag = score > float(levels[0])
+        else:
+            flag = score > self.threshold.value
+        self._out += 1
+        return score, bool(flag), contrib
 
     def finish(self) -> ScoredRows:
         """The stream's end: every row still waiting."""
