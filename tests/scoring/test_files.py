@@ -107,10 +107,10 @@ def test_default_anomaly_task_streams_with_intervals(tmp_path, family, batch_row
     flags = got["flag"].to_numpy()
     clear = np.abs(pred.score - threshold.value) > 1e-3
     assert (flags[clear] == threshold.flags(pred.score)[clear]).all()
-    want = stream_frame(part, pred, flags, (0, len(flags)))
-    assert got.columns == [c for c in want.columns if c != "threshold"]
+    want = stream_frame(part, pred, flags, (0, len(flags)), threshold)
+    assert got.columns == want.columns  # the per-stream threshold in force is a column
     tol = 1e-5 if family == "kalman" else 1e-4
-    for column in [c for c in got.columns if c.startswith(("score", "contrib:"))]:
+    for column in [c for c in got.columns if c.startswith(("score", "threshold", "contrib:"))]:
         np.testing.assert_allclose(got[column].to_numpy(), want[column].to_numpy(), rtol=tol,
                                    atol=tol)
     streamed = StreamPrediction(pred.mean, pred.var, got["score"].to_numpy().astype(float),

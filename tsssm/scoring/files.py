@@ -128,6 +128,8 @@ def scores_table(name: str, time: np.ndarray, rows: ScoredRows,
         stamps = pa.array(time)
     columns = {"stream": stream, "time": stamps,
                "score": pa.array(rows.score, pa.float32()), "flag": pa.array(rows.flag)}
+    if rows.level is not None:  # the threshold in force, when it is not the bundle's one value
+        columns["threshold"] = pa.array(rows.level, pa.float32())
     if labels is not None:
         columns["label"] = pa.array(labels.astype(np.int8, copy=False))
     if channels is not None and rows.contrib is not None:
@@ -188,7 +190,8 @@ class ScoresSink:
             take = min(len(batch.time) - offset, len(out) - done)
             sl = slice(done, done + take)
             part = ScoredRows(out.start + done, out.score[sl], out.flag[sl],
-                              contrib=None if out.contrib is None else out.contrib[sl])
+                              contrib=None if out.contrib is None else out.contrib[sl],
+                              level=None if out.level is None else out.level[sl])
             time = batch.time[offset : offset + take]
             labels = None if batch.labels is None else batch.labels[offset : offset + take]
             self.writer.write(scores_table(self.name, time, part, labels, self.channels))

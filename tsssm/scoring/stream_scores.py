@@ -49,6 +49,9 @@ class ScoredRows(NamedTuple):
     #: with Scorer(contributions=True): each channel's additive share of the score (n, C)
     #: float32 (the ``contrib:<channel>`` columns; a row's shares sum to its score)
     contrib: np.ndarray | None = None
+    #: the threshold in force at each row (n,) float32, when it is not the bundle's one value
+    #: (a streaming rule such as SPOT, or a per-stream threshold): the ``threshold`` column
+    level: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.score)
@@ -57,6 +60,7 @@ class ScoredRows(NamedTuple):
 def empty_rows(start: int, n_channels: int, contrib: bool = False) -> ScoredRows:
     return ScoredRows(start, np.empty(0, np.float32), np.empty(0, bool),
                       contrib=np.empty((0, n_channels), np.float32) if contrib else None)
+
 
 
 def concat_rows(parts: list[ScoredRows], start: int, n_channels: int,
@@ -138,13 +142,14 @@ class StreamScores:
     @property
     def threshold_note(self) -> str:
         """Which threshold flags this stream, in words."""
+        moving = " (initially; it follows the stream)" if self.pooled.follows_stream else ""
         if not self.threshold_rows:
-            return f"threshold {self.pooled.value:.3g}"
+            return f"threshold {self.pooled.value:.3g}{moving}"
         if self.threshold is None or self.threshold is self.pooled:
-            return (f"per-stream threshold: the pooled training threshold "
-                    f"{self.pooled.value:.3g} (the stream is not longer than the "
+            return (f"threshold per stream: the pooled training threshold "
+                    f"{self.pooled.value:.3g}{moving} (the stream is not longer than the "
                     f"{self.threshold_rows} rows its own is fitted on)")
-        return (f"per-stream threshold {self.threshold.value:.3g}: the model's "
+        return (f"threshold per stream {self.threshold.value:.3g}{moving}: the model's "
                 f"{self.pooled.name} rule refitted on this stream's first "
                 f"{self.threshold_rows} scores (the bundle stores no threshold for a new stream)")
 
@@ -218,12 +223,17 @@ class StreamScores:
         start = self._out
         if len(score) == 0:
             return empty_rows(start, self.n_channels, self.contributions)
+        level = None
         if self.threshold.follows_stream:
             levels, self._carry = self.threshold.levels_update(score, self._carry)
             flag = score > levels
+            level = levels.astype(np.float32)
         else:
             flag = score > self.threshold.value
+            if self.threshold_rows:
+                level = np.full(len(score), self.threshold.value, np.float32)
         self._out += len(score)
         return ScoredRows(start, score.astype(np.float32), flag,
                           *(ext.get(k) for k in EXTRAS),
-                          contrib=contrib.astype(np.float32) if self.contributions else None)
+                          contrib=contrib.astype(np.float32) if self.contributions else None,
+                          level=level)
