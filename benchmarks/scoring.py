@@ -36,6 +36,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHANNELS = 8
 DEFAULT_SIZES = {"kalman": [10**6, 10**7, 10**8], "mamba": [10**5]}
+#: the scores measured (--scores): the one-step NIS, or the default anomaly task's windowed
+#: joint score (conf/task/anomaly.yaml: Mahalanobis, 30-row trailing shift window); "+contrib":
+#: with the contrib:<channel> columns (tsssm score's default, score.contributions=true)
+SCORES = {"one-step": ("nis", 1, "mean"), "anomaly": ("mahalanobis", 30, "shift")}
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -78,18 +82,20 @@ def fleet(folder: Path, n: int, rows: int) -> Path:
     return folder
 
 
-def make_bundle(model: str, folder: Path, device: str) -> Path:
+def make_bundle(model: str, folder: Path, device: str, score: str = "one-step") -> Path:
     """An untrained model of the default size (throughput does not depend on the weights),
-    with a threshold fitted on its own scores of a short normal stretch."""
+    with a threshold fitted on its own scores of a short normal stretch (``score``: a key of
+    SCORES)."""
     import numpy as np
     import torch
 
+    from tsssm.anomaly.scores import ScoreSpec
     from tsssm.anomaly.thresholds import QuantileThreshold
     from tsssm.bundle import Bundle, save_bundle
     from tsssm.data.scaling import StandardScaler
     from tsssm.tasks.evaluate import predict_stream
 
-    path = folder / f"bundle-{model}"
+    path = folder / f"bundle-{model}-{score}"
     if path.exists():
         return path
     torch.manual_seed(0)
@@ -113,11 +119,12 @@ def make_bundle(model: str, folder: Path, device: str) -> Path:
     normal = (rng.standard_normal((2000, CHANNELS)).cumsum(0) * 0.01
               + rng.standard_normal((2000, CHANNELS))).astype(np.float32)
     scaler = StandardScaler.fit([normal], channels)
-    pred = predict_stream(net, scaler.transform(normal), "nis")
+    spec = ScoreSpec(*SCORES[score])
+    pred = predict_stream(net, scaler.transform(normal), spec)
     bundle = Bundle(net, config, model, channels, scaler, False,
-                    QuantileThreshold(0.99).fit(pred.score), "nis",
+                    QuantileThreshold(0.99).fit(pred.score), spec.kind,
                     {"time_column": "ts", "channels": channels, "separator": ",",
-                     "label_column": None})
+                     "label_column": None}, score=spec.to_dict())
     return save_bundle(bundle, path)
 
 
@@ -139,7 +146,7 @@ def child(argv: list[str]) -> None:
         seconds = time.perf_counter() - started
         assert frame.height == 1
     elif kind == "score":
-        path, bundle, device, batch = rest
+        path, bundle, device, batch, contributions = rest
         import numpy as np
 
         from tsssm.bundle import load_bundle
@@ -153,18 +160,20 @@ def child(argv: list[str]) -> None:
         spec = ReadSpec(time_column="ts", channels=tuple(scorer.channels))
         out = Path(path).with_name(Path(path).stem + f".scores-{os.getpid()}.parquet")
         started, cpu = time.perf_counter(), time.process_time()
-        result = score_file(path, scorer, spec, out, batch_rows=int(batch), progress=False)
+        result = score_file(path, scorer, spec, out, batch_rows=int(batch), progress=False,
+                            contributions=contributions == "1")
         seconds = time.perf_counter() - started
         rows = result.rows
         out.unlink()
+        Path(result.intervals_output).unlink(missing_ok=True)
     elif kind == "live":
         bundle, n = rest
         record = live(bundle, int(n))
         print(json.dumps({**record, "peak_rss_mb": high_water_mb(), "tree_rss_mb": 0.0}))
         return
     elif kind == "bundle":
-        model, folder, device = rest
-        print(json.dumps({"path": str(make_bundle(model, Path(folder), device))}))
+        model, folder, device, *score = rest
+        print(json.dumps({"path": str(make_bundle(model, Path(folder), device, *score))}))
         return
     elif kind == "many":
         folder, bundle, engine, workers, device = rest
@@ -355,6 +364,10 @@ def main() -> None:
     p.add_argument("--sizes", nargs="*", help="model=rows,rows ... (default: kalman=1e6,1e7,"
                    "1e8 mamba=1e5; Mamba's CPU scan is too slow for more here)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scores", nargs="+", default=["one-step", "anomaly+contrib"],
+                   help="scores of the long-stream runs: one-step, anomaly (the default anomaly "
+                   "task's windowed Mahalanobis score), each optionally +contrib (with the "
+                   "contrib:<channel> columns)")
     p.add_argument("--batch-rows", type=int, default=None,
                    help="rows per batch (default 100000 on the CPU, 1048576 on a GPU)")
     p.add_argument("--fleet", type=int, default=1000, help="streams in the fleet (0: none)")
@@ -386,11 +399,16 @@ def main() -> None:
             for model, ns in sizes.items():
                 if rows not in ns:
                     continue
-                bundle = run_child(["bundle", model, str(args.workdir), args.device])["path"]
-                runs = [run_child(["score", str(path), str(bundle), args.device, str(batch)])
-                        for _ in range(args.repeats)]
-                records.append(summarise({"device": args.device, "what": model}, runs))
-                print(table(records[-1:]).splitlines()[-1], flush=True)
+                for score in args.scores:
+                    name, _, contrib = score.partition("+")
+                    bundle = run_child(["bundle", model, str(args.workdir), args.device,
+                                        name])["path"]
+                    runs = [run_child(["score", str(path), str(bundle), args.device,
+                                       str(batch), "1" if contrib else "0"])
+                            for _ in range(args.repeats)]
+                    what = f"{model}, {score} score"
+                    records.append(summarise({"device": args.device, "what": what}, runs))
+                    print(table(records[-1:]).splitlines()[-1], flush=True)
         if args.fleet:
             folder = fleet(args.workdir / f"fleet-{args.fleet}", args.fleet, args.fleet_rows)
             for model in args.fleet_models:
@@ -405,12 +423,14 @@ def main() -> None:
                     records.append(summarise({"device": args.device, "what": what}, runs))
                     print(table(records[-1:]).splitlines()[-1], flush=True)
         if args.live and args.device == "cpu":
-            bundle = run_child(["bundle", "kalman", str(args.workdir), "cpu"])["path"]
-            runs = [run_child(["live", str(bundle), str(args.live)])
-                    for _ in range(args.repeats)]
-            records.append(summarise({"device": "cpu (1 core)", "what": "live kalman, "
-                                      "Scorer.update per sample"}, runs))
-            print(table(records[-1:]).splitlines()[-1], flush=True)
+            for name in dict.fromkeys(s.partition("+")[0] for s in args.scores):
+                bundle = run_child(["bundle", "kalman", str(args.workdir), "cpu",
+                                    name])["path"]
+                runs = [run_child(["live", str(bundle), str(args.live)])
+                        for _ in range(args.repeats)]
+                records.append(summarise({"device": "cpu (1 core)", "what": "live kalman, "
+                                          f"{name} score, Scorer.update per sample"}, runs))
+                print(table(records[-1:]).splitlines()[-1], flush=True)
     finally:
         if not args.keep_data:
             shutil.rmtree(args.workdir, ignore_errors=True)

@@ -96,7 +96,16 @@ def test_forecast_and_score_equal_the_cli(trained, tmp_path, capsys):
         capsys.readouterr().err
     cli_scores = pl.read_parquet(scores_path)
     ours = model.score(SAMPLE)
-    assert ours.select(cli_scores.columns).equals(cli_scores)
+    # `tsssm score` streams the file (float32 scores and shares, to rounding of the in-memory
+    # path the API takes); the rest is equal
+    # (the streamed file has the threshold column only where the threshold is not one value)
+    assert [c for c in cli_scores.columns if c != "threshold"] == [
+        c for c in ours.columns if c != "threshold"]
+    numeric = [c for c in cli_scores.columns if c in ("score", "threshold")
+               or c.startswith("contrib:")]
+    assert ours.drop(["threshold", *numeric], strict=False).equals(cli_scores.drop(numeric))
+    np.testing.assert_allclose(cli_scores.select(numeric).to_numpy(),
+                               ours.select(numeric).to_numpy(), rtol=1e-5, atol=1e-6)
     assert ours["stream"][0] == "1" and model.score(frame)["stream"][0] == "frame"
     assert model.score(frame).drop("stream").equals(ours.drop("stream"))  # frame = its file
     contrib = ours.select([f"contrib:{c}" for c in model.channels]).to_numpy().sum(axis=1)

@@ -115,6 +115,15 @@ def future_bundle(d: Path, ctx) -> None:
     meta.write_text(json.dumps({**doc, "format": 99, "tsssm_version": "9.0.0"}))
 
 
+def per_stream_bundle_without_rows(d: Path, ctx) -> None:
+    """The Mamba bundle with per-stream thresholds (refitted on each stream's first
+    data.train_rows rows) but no data.train_rows (as a bundle written by hand)."""
+    meta = _copy_bundle(d, ctx.bundle2) / "meta.json"
+    doc = json.loads(meta.read_text())
+    doc["data_config"].pop("train_rows", None)
+    meta.write_text(json.dumps({**doc, "threshold_scope": "per_stream"}))
+
+
 def hostile_bundle(d: Path, ctx) -> None:
     meta = _copy_bundle(d, ctx.bundle2) / "meta.json"
     doc = json.loads(meta.read_text())
@@ -238,10 +247,9 @@ class Case:
 CSV = ("data=csv", "data.path={d}/s.csv", "data.time_column=ts", "data.label_column=label",
        "data.input_len=28", "data.horizon=4", "data.eval_stride=16")
 EM = ("model=kalman", "model.fit=em", "model.em_iters=1")
-# with one-step scores: the batch, many-file and live scorers' kind (windowed scores are read
-# whole), so the Mamba bundle exercises the streaming paths
-MAMBA = ("task.window.size=1", "task.score=nis", "task.threshold.scope=pooled", "model=mamba",
-         "model.net.d_model=8", "model.net.n_layers=1", "model.net.d_state=4",
+# the default anomaly task (Mahalanobis score, 30-row shift window, POT threshold): the batch,
+# many-file and live scorers stream it
+MAMBA = ("model=mamba", "model.net.d_model=8", "model.net.n_layers=1", "model.net.d_state=4",
          "trainer.max_epochs=2")
 SCORE2 = ("data=csv", "data.path={d}/s.csv", "data.time_column=ts", "model.checkpoint={bundle2}")
 SCORE1 = ("data=csv", "data.path={d}/s.csv", "data.time_column=ts", "model.checkpoint={bundle1}")
@@ -272,22 +280,22 @@ def fleet_with_a_bad_file(d: Path, ctx) -> None:
 
 
 def _fleet_scored(d: Path, ctx, err: str) -> None:
-    assert sorted(p.name for p in (d / "many").iterdir()) == ["p1.parquet", "p2.parquet"]
+    # each good file's scores and flagged intervals; nothing of the bad one
+    assert sorted(p.name for p in (d / "many").iterdir()) == [
+        "p1.intervals.parquet", "p1.parquet", "p2.intervals.parquet", "p2.parquet"]
     assert "fleet/bad.csv" in err
 
 
 def _scores_written(d: Path, ctx, err: str) -> None:
-    # the scores Parquet and, beside it, the flagged intervals with the sensors that caused them
-    # (a file read whole; the batch scorer of one-step scores writes the scores alone)
+    # the scores Parquet with each channel's share of the score and, beside it, the flagged
+    # intervals with the sensors that caused them (streamed in batches)
     files = sorted((d / "out" / "scores").glob("*.parquet"))
     (scores,) = [f for f in files if not f.name.endswith(".intervals.parquet")]
     frame = pl.read_parquet(scores)
     assert frame.height == N_ROWS and frame["score"].is_finite().all()
-    listed = [f for f in files if f.name.endswith(".intervals.parquet")]
-    if "streamed" in err or not listed:
-        assert not listed and "flagged intervals:" not in err
-        return
-    (intervals,) = listed
+    shares = frame.select(pl.col("^contrib:.*$")).to_numpy().sum(1)
+    assert np.allclose(shares, frame["score"].to_numpy(), rtol=1e-4, atol=1e-5)
+    (intervals,) = [f for f in files if f.name.endswith(".intervals.parquet")]
     assert intervals.name == f"{scores.stem}.intervals.parquet"
     found = pl.read_parquet(intervals)
     assert {"stream", "start", "end", "rows", "peak_score", "top"} <= set(found.columns)
@@ -504,6 +512,10 @@ CASES: list[Case] = [
          words=("{d}/bundle/model.pt", "cannot be read safely")),
     Case("score-knows-its-model", "score", ("data.path={d}/s.csv", "model.checkpoint={bundle2}"),
          code=0, status="FINISHED", files=GOOD, check=_scores_written),
+    Case("score-per-stream-threshold-no-rows", "score",
+         (*SCORE2[:3], "model.checkpoint={d}/bundle"), files=GOOD,
+         setup=per_stream_bundle_without_rows,
+         words=("fits a threshold per stream", "data.train_rows is 0", "data.train_rows=N")),
     Case("score-bad-row-deep-in-a-long-file", "score", SCORE2,
          files=_file("s.csv", csv(n=20_000, edit={12_344: "12344,0.5,oops,0"})),
          words=("{d}/s.csv", "column 'b' is not numeric", "row 12345", "'oops'")),

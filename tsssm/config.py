@@ -479,6 +479,9 @@ class ScoreConfig:
     #: log the scored streams' figures (`tsssm run` turns it off: its train step has logged
     #: the same test split's figures already)
     figures: bool = True
+    #: write each channel's additive share of the score (contrib:<channel> columns) beside
+    #: the scores of a file scored in batches; false: the score alone (a smaller file)
+    contributions: bool = True
 
 
 @dataclass

@@ -14,7 +14,7 @@ from tsssm.scoring.files import score_file
 from tsssm.scoring.many import FileTask
 from tsssm.scoring.scorer import Scorer
 
-from .conftest import make_bundle, stream
+from .conftest import ANOMALY, make_bundle, stream
 
 SPEC = ReadSpec(time_column="ts", channels=("a", "b", "c"), label_column="label")
 
@@ -27,8 +27,12 @@ def write(path, rows, seed):
 
 
 @pytest.mark.parametrize("per_stream", [False, True])
-def test_a_group_equals_each_file_alone(tmp_path, family, per_stream):
-    bundle = make_bundle(family, per_stream=per_stream, train_rows=60)
+@pytest.mark.parametrize("anomaly", [False, True])
+def test_a_group_equals_each_file_alone(tmp_path, family, per_stream, anomaly):
+    """anomaly: the default anomaly task (Mahalanobis, 30-row shift window) with per-stream
+    thresholds, computed per lane from the batch's step terms."""
+    score = {"score": ANOMALY, "scope": "per_stream"} if anomaly else {}
+    bundle = make_bundle(family, per_stream=per_stream, train_rows=60, **score)
     lengths = [500, 37, 260, 1, 500]  # shorter than a round, than the calibration, one row
     paths = [write(tmp_path / f"s{i}.parquet", n, seed=i) for i, n in enumerate(lengths)]
     bad = tmp_path / "bad.csv"
@@ -47,9 +51,13 @@ def test_a_group_equals_each_file_alone(tmp_path, family, per_stream):
                            progress=False)
         want = pl.read_parquet(alone.output)
         assert got["time"].to_list() == want["time"].to_list()
-        np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=tol,
-                                   atol=tol)
+        assert got.columns == want.columns
+        for column in [c for c in got.columns if c.startswith(("score", "contrib:"))]:
+            np.testing.assert_allclose(got[column].to_numpy(), want[column].to_numpy(),
+                                       rtol=tol, atol=tol)
         assert result.counts == alone.counts
+        assert result.intervals == alone.intervals
+        assert result.threshold_note == alone.threshold_note
 
 
 def test_sharded_over_two_processes_equals_one(tmp_path):

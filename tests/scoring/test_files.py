@@ -56,12 +56,14 @@ def test_streamed_file_equals_whole_file(tmp_path, family, suffix, gaps, batch_r
     result = score_file(path, Scorer(bundle), SPEC, out, gaps=gaps, batch_rows=batch_rows,
                         progress=False)
     got = pl.read_parquet(out)
-    assert got.columns == ["stream", "time", "score", "flag", "label"]
+    contrib = [f"contrib:{c}" for c in bundle.channels]
+    assert got.columns == ["stream", "time", "score", "flag", "label", *contrib]
     assert got.height == len(part.stream) == result.rows == 3000 + (7 if gaps == "mask" else 0)
     np.testing.assert_array_equal(got["time"].to_numpy(), part.stream.time)
     np.testing.assert_array_equal(got["label"].to_numpy(), part.stream.labels)
     tol = 1e-5 if family == "kalman" else 1e-4
     np.testing.assert_allclose(got["score"].to_numpy(), pred.score, rtol=tol, atol=tol)
+    np.testing.assert_allclose(got.select(contrib).to_numpy(), pred.contrib, rtol=tol, atol=tol)
     clear = np.abs(pred.score - bundle.threshold.value) > 1e-3
     assert (got["flag"].to_numpy()[clear] == flags[clear]).all()
     assert set(got["stream"].unique()) == {"s"}
@@ -76,6 +78,56 @@ def test_streamed_file_equals_whole_file(tmp_path, family, suffix, gaps, batch_r
     assert summary["auc_pr"] == pytest.approx(want["auc_pr"], abs=1e-3)
     assert (result.gap_note is not None) == True  # noqa: E712 - the time gap is reported
     assert not list(out.parent.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("family", ["kalman", "mamba"])
+@pytest.mark.parametrize("batch_rows", [29, 1000])
+def test_default_anomaly_task_streams_with_intervals(tmp_path, family, batch_rows):
+    """The default anomaly task (Mahalanobis, 30-row shift window) with per-stream thresholds:
+    the scores, contributions and flagged intervals of the streamed file equal `tsssm score`'s
+    in-memory path (stream_frame / interval_frame), with batches of 29 rows splitting windows,
+    the gap and the flagged runs."""
+    from tsssm.commands.common import interval_frame, stream_frame
+    from tsssm.commands.score import stream_threshold
+    from tsssm.scoring.files import intervals_output
+    from tsssm.tasks.evaluate import StreamPrediction
+
+    from .conftest import ANOMALY
+
+    bundle = make_bundle(family, score=ANOMALY, scope="per_stream", train_rows=400)
+    path = write_stream(tmp_path, rows=1500)
+    data = load_file(data_cfg(path), bundle)
+    part = data.parts[0]
+    pred = predict_stream(bundle.model, part.stream.values, ANOMALY)
+    threshold = stream_threshold(bundle, pred.score, 400, "s")
+    out = tmp_path / "out" / "scores.parquet"
+    result = score_file(path, Scorer(bundle), SPEC, out, batch_rows=batch_rows, progress=False)
+    got = pl.read_parquet(out)
+    # the in-memory frames, flagged as the streamed file is (flags at rounding ties aside)
+    flags = got["flag"].to_numpy()
+    clear = np.abs(pred.score - threshold.value) > 1e-3
+    assert (flags[clear] == threshold.flags(pred.score)[clear]).all()
+    want = stream_frame(part, pred, flags, (0, len(flags)), threshold)
+    assert got.columns == want.columns  # the per-stream threshold in force is a column
+    tol = 1e-5 if family == "kalman" else 1e-4
+    for column in [c for c in got.columns if c.startswith(("score", "threshold", "contrib:"))]:
+        np.testing.assert_allclose(got[column].to_numpy(), want[column].to_numpy(), rtol=tol,
+                                   atol=tol)
+    streamed = StreamPrediction(pred.mean, pred.var, got["score"].to_numpy().astype(float),
+                                got.select([c for c in got.columns
+                                            if c.startswith("contrib:")]).to_numpy())
+    want_iv = interval_frame(part, streamed, flags, (0, len(flags)))
+    got_iv = pl.read_parquet(intervals_output(out))
+    assert want_iv.height > 1 and result.intervals == want_iv.height
+    assert got_iv.columns == want_iv.columns
+    for column in ("stream", "start", "end", "rows", "top"):
+        assert got_iv[column].to_list() == want_iv[column].to_list()
+    np.testing.assert_allclose(got_iv.select(want_iv.columns[4:5] + want_iv.columns[6:])
+                               .to_numpy(), want_iv.select(want_iv.columns[4:5] +
+                                                           want_iv.columns[6:]).to_numpy(),
+                               rtol=1e-5)
+    assert "refitted on this stream's first 400" in result.threshold_note
+    assert result.longest[0]["rows"] == want_iv["rows"].max()
 
 
 def test_a_corrupt_row_halfway_fails_and_leaves_no_file(tmp_path):
@@ -144,7 +196,8 @@ def test_a_reading_that_overflows_once_scaled_fails_as_in_memory(tmp_path):
 
 def test_models_with_inputs_or_time_steps_are_read_whole():
     """A model that takes inputs or real time steps is not streamed (yet): score reads its file
-    whole, and refuses live or many-file scoring for it."""
+    whole, and refuses live or many-file scoring for it; windowed, joint scores and per-stream
+    thresholds stream."""
     from types import SimpleNamespace
 
     from tsssm.commands.score import streams_in_batches
@@ -152,6 +205,9 @@ def test_models_with_inputs_or_time_steps_are_read_whole():
     bundle = make_bundle("kalman")
     keep, time = OmegaConf.create({"gaps": "keep"}), OmegaConf.create({"gaps": "time"})
     assert streams_in_batches(keep, bundle)
+    from .conftest import ANOMALY
+
+    assert streams_in_batches(keep, make_bundle("kalman", score=ANOMALY, scope="per_stream"))
     assert not streams_in_batches(time, bundle)
     assert not streams_in_batches(keep, SimpleNamespace(inputs=["u"], model=bundle.model))
     exog_model = SimpleNamespace(uses_exog=("dt",))

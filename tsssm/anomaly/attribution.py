@@ -31,6 +31,17 @@ class FlaggedInterval:
         return ", ".join(f"{c} {100 * s:.0f}%" for c, s in self.top(k))
 
 
+def interval_shares(summed: np.ndarray, channels: Sequence[str]) -> dict[str, float]:
+    """Each channel's share of an interval from its summed contributions (C,): negative sums
+    count as 0, largest first; empty when nothing is positive."""
+    part = np.clip(np.asarray(summed, dtype=np.float64), 0.0, None)
+    total = float(part.sum())
+    if not total > 0:
+        return {}
+    order = np.argsort(-part, kind="stable")
+    return {channels[j]: float(part[j] / total) for j in order}
+
+
 def flagged_intervals(flags: np.ndarray, score: np.ndarray, contrib: np.ndarray | None,
                       channels: Sequence[str]) -> list[FlaggedInterval]:
     """Flagged intervals of one stream with each channel's share of the interval's score.
@@ -50,13 +61,8 @@ def flagged_intervals(flags: np.ndarray, score: np.ndarray, contrib: np.ndarray 
                             f"rows and {len(channels)} channels")
     out = []
     for start, stop in runs(flags):
-        shares: dict[str, float] = {}
-        if contrib is not None:
-            part = np.clip(contrib[start:stop].sum(axis=0), 0.0, None)
-            total = float(part.sum())
-            if total > 0:
-                order = np.argsort(-part, kind="stable")
-                shares = {channels[j]: float(part[j] / total) for j in order}
+        shares = {} if contrib is None else interval_shares(contrib[start:stop].sum(axis=0),
+                                                            channels)
         out.append(FlaggedInterval(int(start), int(stop), float(score[start:stop].max()),
                                    shares))
     return out

@@ -336,22 +336,48 @@ def window_scores(terms: StepTerms | tuple, window: int, kind: str = "mean",
         raise ConfigError(f"score window align must be one of {WINDOW_ALIGNS}; got {align!r}")
     contrib, whitened, observed = (np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach")
                                               else t) for t in terms)
-    contrib = contrib.astype(np.float64)
-    obs = observed.astype(np.float64)
+    sums = _window_sums(window_inputs(contrib, whitened, observed, kind), window, align)
+    return window_values(sums, kind, fill)
+
+
+def window_inputs(contrib: np.ndarray, whitened: np.ndarray, observed: np.ndarray,
+                  kind: str, out: np.ndarray | None = None) -> np.ndarray:
+    """What a window of ``kind`` sums over its rows, (..., T, K) float64: for "mean" the step
+    contributions and whether the step has an observation (K = C + 1), for "shift" the whitened
+    innovations and the observed indicators (K = 2C). ``out``: an array to write them into."""
+    C = contrib.shape[-1]
+    shape = (*contrib.shape[:-1], C + 1 if kind == "mean" else 2 * C)
+    out = np.empty(shape) if out is None else out
     if kind == "mean":
-        step_obs = obs.max(axis=-1, keepdims=True)  # (..., T, 1): the step has an observation
-        total = _window_sums(np.concatenate([contrib, step_obs], axis=-1), window, align)
-        count = total[..., -1:]
-        out = np.where(count > 0, total[..., :-1] / np.maximum(count, 1.0), 0.0)
+        out[..., :C] = contrib
+        np.any(observed, axis=-1, out=out[..., C])  # the step has an observation
+    else:
+        out[..., :C] = whitened
+        out[..., C:] = observed
+    return out
+
+
+def window_values(sums: np.ndarray, kind: str, fill: float = 0.0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Window scores (..., T) and contributions (..., T, C) from the window sums of
+    :func:`window_inputs` (the same formula for a whole stream and a streamed one).
+
+    A window without observations has sums exactly 0 (its entries are exact zeros), so its
+    contributions come out 0 without masking; its score is ``fill``.
+    """
+    if kind == "mean":
+        count = sums[..., -1:]
+        out = sums[..., :-1] / np.maximum(count, 1.0)
         has = count[..., 0] > 0
     else:
-        u = whitened.astype(np.float64)
-        C = u.shape[-1]
-        sums = _window_sums(np.concatenate([u, obs], axis=-1), window, align)
+        C = sums.shape[-1] // 2
         s, n = sums[..., :C], sums[..., C:]
-        per_channel = np.where(n > 0, s * s / np.maximum(n, 1.0), 0.0)
-        n_channels = (n > 0).sum(axis=-1, keepdims=True)
-        out = per_channel / np.maximum(n_channels, 1)
+        out = s * s
+        out /= np.maximum(n, 1.0)
+        n_channels = np.count_nonzero(n > 0, axis=-1)[..., None]
+        out /= np.maximum(n_channels, 1)
         has = n_channels[..., 0] > 0
-    score = np.where(has, out.sum(axis=-1), fill)
+    score = out.sum(axis=-1)
+    if fill != 0.0 or not has.all():
+        score = np.where(has, score, fill)
     return score, out

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -53,6 +53,9 @@ class Threshold(ABC):
 
     #: Registry name (used by build_threshold and to_dict).
     name: ClassVar[str]
+    #: True when the level follows the stream (SPOT): a stream fed in pieces carries
+    #: :meth:`levels_update`'s state; False: one constant level
+    follows_stream: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._value: float | None = None
@@ -102,6 +105,13 @@ class Threshold(ABC):
         arr = np.asarray(scores, dtype=np.float64)
         _as_scores(arr, "scores to flag")
         return np.full(arr.shape, self.value)
+
+    def levels_update(self, scores: Any, carry: Any = None) -> tuple[np.ndarray, Any]:
+        """The levels of the next scores (1-D) of a stream fed in pieces, continuing from
+        ``carry`` (None: the stream's start). Returns (levels, carry for the next piece); the
+        pieces' levels equal :meth:`levels` of the whole stream (a constant rule carries
+        nothing)."""
+        return self.levels(scores), None
 
     def flags(self, scores: Any) -> np.ndarray:
         """Boolean array of the same shape as ``scores``: ``score > level`` (strictly)."""
@@ -290,6 +300,7 @@ class SPOTThreshold(POTThreshold):
     """
 
     name = "spot"
+    follows_stream = True
 
     def _fit(self, scores: np.ndarray) -> dict[str, Any]:
         state = super()._fit(self._transform_train(scores))
@@ -309,15 +320,25 @@ class SPOTThreshold(POTThreshold):
     def levels(self, scores: Any) -> np.ndarray:
         if hasattr(scores, "detach"):
             scores = scores.detach().cpu().numpy()
+        return self.levels_update(scores)[0].reshape(np.shape(scores))
+
+    def levels_update(self, scores: Any, carry: SpotCarry | None = None
+                      ) -> tuple[np.ndarray, SpotCarry]:
+        """The SPOT recursion over the next scores, from ``carry`` (None: the fitted state)."""
+        if hasattr(scores, "detach"):
+            scores = scores.detach().cpu().numpy()
         arr = _as_scores(scores, "scores to flag")
-        shape = np.shape(scores)
         value = self.value  # raises if not fitted
         st = self._state
-        init, n = st["init_threshold"], int(st["n"])
-        peaks = list(st.get("peaks", []))
-        s1, s2, k = float(np.sum(peaks)), float(np.sum(np.square(peaks))), len(peaks)
-        z = value
+        init = st["init_threshold"]
+        if carry is None:
+            peaks = list(st.get("peaks", []))
+            carry = SpotCarry(value, int(st["n"]), float(np.sum(peaks)),
+                              float(np.sum(np.square(peaks))), len(peaks), ())
+        z, n, s1, s2, k = carry.z, carry.n, carry.s1, carry.s2, carry.k
         drift = self._drift()
+        if drift is not None:
+            drift.window = list(carry.recent)
         out = np.empty(arr.size)
         for i, x in enumerate(arr):
             base = drift.level() if drift is not None else 0.0
@@ -337,7 +358,20 @@ class SPOTThreshold(POTThreshold):
                     ratio = mean * mean / var
                     gamma, sigma = 0.5 * (1.0 - ratio), 0.5 * mean * (ratio + 1.0)
                     z = _pot_value(init, gamma, sigma, self.q, n, k)
-        return out.reshape(shape)
+        recent = tuple(drift.window) if drift is not None else ()
+        return out, SpotCarry(z, n, s1, s2, k, recent)
+
+
+class SpotCarry(NamedTuple):
+    """What SPOT carries along a stream: the current threshold, the score count, the tail's
+    sums and size, and (DSPOT) the last ``depth`` unflagged scores."""
+
+    z: float
+    n: int
+    s1: float
+    s2: float
+    k: int
+    recent: tuple[float, ...]
 
 
 class _Drift:

@@ -236,21 +236,13 @@ def streams_in_batches(data_cfg, bundle: Bundle) -> bool:
 
 def why_read_whole(data_cfg, bundle: Bundle) -> str | None:
     """Why a file is read whole rather than in batches (None: it streams). The batch scorer
-    covers models without inputs or real time steps whose score is a one-step NIS/NLL with one
-    pooled threshold; windowed or joint (Mahalanobis) scores and per-stream thresholds are
-    computed by the in-memory path."""
+    covers every score (one-step, windowed, joint Mahalanobis, with contributions) and every
+    threshold (pooled, streaming, per stream); models that take inputs or real time steps are
+    scored by the in-memory path."""
     from tsssm.models.base import needs_exog
 
     if bundle.inputs or needs_exog(bundle.model) or option_value(data_cfg.gaps) == "time":
         return "takes inputs (data.inputs) or real time steps (data.gaps=time)"
-    spec = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
-    if spec.window > 1:
-        return (f"scores {spec.window}-row windows (task.window.size; train with "
-                "task.window.size=1 to stream)")
-    if spec.kind not in ("nis", "nll"):
-        return f"uses the {spec.kind} score (train with task.score=nis to stream)"
-    if bundle.threshold_scope != "pooled":
-        return "fits a threshold per stream (task.threshold.scope=per_stream)"
     return None
 
 
@@ -260,18 +252,23 @@ def _read_options(data_cfg: DictConfig) -> dict:
 
 
 def _log_scores(tracker: Tracker, folder: Path, files: list[Path], rows: int,
-                limit: int) -> None:
+                limit: int, intervals: list[Path] | None = None) -> None:
     """The scores as the run's ``scores/`` artifact when there are at most ``limit`` rows;
-    longer ones stay where they were written, named by a tag (no second copy of 10^8 rows)."""
+    longer ones stay where they were written, named by a tag (no second copy of 10^8 rows).
+    ``intervals``: the flagged intervals files (logged beside them, as intervals.parquet)."""
     if rows > limit:
         tracker.set_tags({"tsssm.scores": str(files[0].parent if len(files) > 1 else files[0])})
         log.info("%d scored rows: the scores stay at %s (score.artifact_max_rows=%d)", rows,
                  files[0] if len(files) == 1 else files[0].parent, limit)
         return
     (folder / "scores").mkdir(parents=True, exist_ok=True)
-    for i, f in enumerate(files):
-        dest = folder / "scores" / ("scores.parquet" if len(files) == 1 else
-                                    f"{i:05d}_{f.name}")
+    named = [(f, "scores.parquet" if len(files) == 1 else f"{i:05d}_{f.name}")
+             for i, f in enumerate(files)]
+    intervals = intervals or []
+    named += [(f, "intervals.parquet" if len(intervals) == 1 else f"{i:05d}_{f.name}")
+              for i, f in enumerate(intervals)]
+    for f, name in named:
+        dest = folder / "scores" / name
         try:
             os.link(f, dest)
         except OSError:
@@ -287,9 +284,10 @@ def _score_one(cfg, data_cfg, spec, bundle, options, output, tracker, source) ->
     scorer = Scorer(bundle, device=cfg.score.device, **options)
     result = score_file(path, scorer, spec, output, **_read_options(data_cfg),
                         batch_rows=cfg.score.chunk_size, progress=True,
-                        figures=bool(cfg.score.figures))
+                        figures=bool(cfg.score.figures),
+                        contributions=bool(cfg.score.contributions))
     metrics = {"test/rows": float(result.rows), "test/flagged": float(result.flagged),
-               "test/rows_per_s": result.rows_per_s}
+               "test/intervals": float(result.intervals), "test/rows_per_s": result.rows_per_s}
     metrics.update({f"test/{k}": v for k, v in detection_summary([result]).items()})
     tracker.log_metrics(metrics)
     if result.gap_note:
@@ -299,13 +297,24 @@ def _score_one(cfg, data_cfg, spec, bundle, options, output, tracker, source) ->
             _figures(folder / "figures", result, bundle, f"{bundle.model_name} ({source})",
                      f"scores of {cfg.data.path}")
             tracker.log_dir(folder / "figures", "figures")
-        _log_scores(tracker, folder, [output], result.rows, cfg.score.artifact_max_rows)
+        _log_scores(tracker, folder, [output], result.rows, cfg.score.artifact_max_rows,
+                    [Path(result.intervals_output)] if result.intervals_output else [])
     print(f"scored {result.rows} rows of {cfg.data.path} with {bundle.model_name} ({source}): "
-          f"{result.flagged} flagged (threshold {bundle.threshold.value:.3g}), "
+          f"{result.flagged} flagged in {result.intervals} intervals ({result.threshold_note}), "
           f"{result.rows_per_s:,.0f} rows/s" + _summary(metrics))
+    print_intervals(longest_frame([result]), total=result.intervals)
     print(f"  scores: {output}")
+    if result.intervals_output:
+        print(f"  flagged intervals: {result.intervals_output}")
     print(f"  MLflow run {tracker.run_id} in {tracker.uri}")
     return tracker.run_id
+
+
+def longest_frame(results: list) -> pl.DataFrame:
+    """The longest flagged intervals the FileResults kept, as rows of the intervals Parquet."""
+    rows = [r for result in results for r in result.longest]
+    rows.sort(key=lambda r: -r["rows"])
+    return pl.DataFrame(rows[:MAX_PRINTED_INTERVALS]) if rows else pl.DataFrame()
 
 
 def _figures(folder: Path, result, bundle: Bundle, title: str, what: str) -> None:
@@ -328,7 +337,7 @@ def _score_many(cfg, data_cfg, spec, bundle, options, out_dir, tracker, source) 
         bundle = _with_scaling(bundle, options)
     files, root = expand_inputs(str(Path(str(cfg.data.path)).expanduser()))
     tasks = plan(files, root, out_dir, spec, **_read_options(data_cfg),
-                 batch_rows=cfg.score.chunk_size)
+                 batch_rows=cfg.score.chunk_size, contributions=bool(cfg.score.contributions))
     started = time.perf_counter()
     results = run_tasks(tasks, bundle, engine=cfg.score.engine, workers=cfg.score.workers,
                         address=cfg.score.address, device=cfg.score.device)
@@ -336,19 +345,27 @@ def _score_many(cfg, data_cfg, spec, bundle, options, out_dir, tracker, source) 
     done = [r for r in results if r.error is None]
     failed = [r for r in results if r.error is not None]
     rows = sum(r.rows for r in done)
+    n_intervals = sum(r.intervals for r in done)
     metrics = {"test/files": float(len(results)), "test/files_failed": float(len(failed)),
                "test/rows": float(rows), "test/flagged": float(sum(r.flagged for r in done)),
+               "test/intervals": float(n_intervals),
                "test/rows_per_s": rows / max(elapsed, 1e-9)}
     metrics.update({f"test/{k}": v for k, v in detection_summary(done).items()})
     tracker.log_metrics(metrics)
     with staging(cfg.tracking.output_dir, tracker.run_id) as folder:
         if done:
             _log_scores(tracker, folder, [Path(r.output) for r in done], rows,
-                        cfg.score.artifact_max_rows)
+                        cfg.score.artifact_max_rows,
+                        [Path(r.intervals_output) for r in done if r.intervals_output])
+    scope = ("per-stream thresholds: the model's rule refitted on each file's first "
+             f"{int(bundle.data_config.get('train_rows', 0))} scores"
+             if bundle.threshold_scope == "per_stream" else
+             f"threshold {bundle.threshold.value:.3g}")
     print(f"scored {len(done)} of {len(results)} files ({rows} rows) of {cfg.data.path} with "
           f"{bundle.model_name} ({source}) on {cfg.score.engine}: "
-          f"{int(metrics['test/flagged'])} flagged (threshold {bundle.threshold.value:.3g}), "
+          f"{int(metrics['test/flagged'])} flagged in {n_intervals} intervals ({scope}), "
           f"{metrics['test/rows_per_s']:,.0f} rows/s" + _summary(metrics))
+    print_intervals(longest_frame(done), total=n_intervals)
     print(f"  scores: {out_dir}/")
     print(f"  MLflow run {tracker.run_id} in {tracker.uri}")
     if failed:
@@ -377,6 +394,10 @@ def _score_live(cfg, data_cfg, spec, bundle, options, tracker, source) -> str:
     from tsssm.scoring.scorer import Scorer
 
     scorer = Scorer(bundle, device=cfg.score.device, **options)
+    if scorer.spec.window > 1 and scorer.spec.align == "centered":
+        log.info("the model scores centered %d-row windows: each row's line comes %d rows "
+                 "later, once the rows after it have arrived", scorer.spec.window,
+                 scorer.spec.window // 2)
     if cfg.data.path == "-":
         lines, where = stdin_lines(), "standard input"
     else:
@@ -388,8 +409,7 @@ def _score_live(cfg, data_cfg, spec, bundle, options, tracker, source) -> str:
     tracker.log_metrics({"test/rows": float(summary.rows),
                          "test/flagged": float(summary.flagged)})
     print(f"scored {summary.rows} rows from {where} with {bundle.model_name} ({source}): "
-          f"{summary.flagged} flagged (threshold {bundle.threshold.value:.3g})",
-          file=sys.stderr)
+          f"{summary.flagged} flagged ({scorer.threshold_note})", file=sys.stderr)
     return tracker.run_id
 
 
@@ -485,14 +505,16 @@ def _score_in_memory(cfg, cfg_data, bundle, output, tracker, source) -> str:
 MAX_PRINTED_INTERVALS = 20
 
 
-def print_intervals(intervals: pl.DataFrame) -> None:
-    """The flagged intervals, longest first, each with the sensors that caused it."""
+def print_intervals(intervals: pl.DataFrame, total: int | None = None) -> None:
+    """The flagged intervals, longest first, each with the sensors that caused it (``total``:
+    how many there are, when ``intervals`` holds only the longest of them)."""
     if intervals.height == 0:
         return
     shown = intervals.sort("rows", descending=True).head(MAX_PRINTED_INTERVALS)
-    more = intervals.height - shown.height
+    total = intervals.height if total is None else total
+    more = total - shown.height
     print(f"  flagged intervals (longest {shown.height}"
-          f"{f' of {intervals.height}' if more else ''}; which sensors caused each):")
+          f"{f' of {total}' if more else ''}; which sensors caused each):")
     for r in shown.sort(["stream", "start"]).iter_rows(named=True):
         print(f"    {r['stream']}  {r['start']} .. {r['end']}  ({r['rows']} rows, peak "
               f"{r['peak_score']:.3g}): {r['top'] or 'no attribution'}")

@@ -8,7 +8,9 @@ call do B times the work for the same launch overhead. Every stream is read, val
 the same number of rows to a round (``rows`` per round, read ahead as needed), so a stream is
 padded with missing rows (NaN) only after its end, where nothing depends on its state any more;
 the scores equal scoring each file alone (tests/scoring/test_batched.py). A file that fails is
-padded from then on and reported; the others go on.
+padded from then on and reported; the others go on. Windowed and joint scores, contributions and
+per-stream or streaming thresholds are computed per stream from the batch's step terms
+(tsssm.scoring.stream_scores), as the single-file Scorer does.
 """
 
 from __future__ import annotations
@@ -20,21 +22,20 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from tsssm.anomaly.scores import anomaly_scores
+from tsssm.anomaly.scores import ScoreSpec, anomaly_scores, step_terms
 from tsssm.bundle import Bundle
 from tsssm.data.scaling import StandardScaler
 from tsssm.errors import DataError, TsssmError
 from tsssm.models.base import Gaussian
-from tsssm.scoring.files import WRITE_OPTIONS, FileResult, scores_table
+from tsssm.scoring.files import FileResult, ScoresSink
 from tsssm.scoring.reader import Batch, StreamReader
-from tsssm.scoring.scorer import ScoredRows
-from tsssm.scoring.writer import ParquetStreamWriter
+from tsssm.scoring.stream_scores import ScoredRows, StreamScores
 
 
 class _Lane:
     """One stream of the batch: its reader, scaling, rows waiting and output."""
 
-    def __init__(self, task, bundle: Bundle, calibration_rows: int) -> None:
+    def __init__(self, task, bundle: Bundle, calibration_rows: int, spec: ScoreSpec) -> None:
         self.task = task
         self.result = FileResult(task.path, task.output, task.name)
         self.started = clock.perf_counter()
@@ -44,13 +45,17 @@ class _Lane:
         self.held: list[np.ndarray] = []  # raw rows before the per-stream scaler exists
         self.ready: deque[np.ndarray] = deque()  # scaled rows not yet scored
         self.n_ready = 0
-        self.waiting: deque[Batch] = deque()  # read rows (time, labels) not yet written
-        self.written = 0  # rows written
-        self.counts = np.zeros(4, np.int64)
+        self.rows_scaled = 0
         self.exhausted = False
         self.failed = False
         self.reader: StreamReader | None = None
-        self.writer: ParquetStreamWriter | None = None
+        self.sink: ScoresSink | None = None
+        contributions = getattr(task, "contributions", True)
+        rows = int(bundle.data_config.get("train_rows", 0))
+        self.post = StreamScores(spec, bundle.threshold, len(bundle.channels),
+                                 threshold_rows=rows if bundle.threshold_scope == "per_stream"
+                                 else 0, contributions=contributions)
+        self.post.reset(task.path)
         self._batches: Iterator[Batch] | None = None
         try:
             self.reader = StreamReader(task.path, task.spec, gaps=task.gaps,
@@ -59,7 +64,7 @@ class _Lane:
             if len(self.reader.channels) != len(bundle.channels):
                 raise DataError(f"{task.path}: {len(self.reader.channels)} channel columns, "
                                 f"the model has {len(bundle.channels)}")
-            self.writer = ParquetStreamWriter(task.output, options=WRITE_OPTIONS)
+            self.sink = ScoresSink(self.reader.name, task.output, list(bundle.channels))
             self._batches = iter(self.reader)
         except TsssmError as err:
             self.fail(str(err))
@@ -72,8 +77,8 @@ class _Lane:
         self.failed = True
         self.result.error = message
         self.result.output = None
-        if self.writer is not None:
-            self.writer.abort()
+        if self.sink is not None:
+            self.sink.abort()
         self.ready.clear()
         self.n_ready = 0
 
@@ -92,7 +97,7 @@ class _Lane:
             except TsssmError as err:
                 self.fail(str(err))
                 return
-            self.waiting.append(batch)
+            self.sink.add(batch)
             if self.scaler is None:
                 self.held.append(batch.values)
                 if sum(len(h) for h in self.held) > self.calibration_rows:
@@ -113,7 +118,7 @@ class _Lane:
             y = self.scaler.transform(raw)
         if np.isinf(y).any():
             i, col = (int(k[0]) for k in np.nonzero(np.isinf(y)))
-            row = self.written + self.n_ready + i + 1
+            row = self.rows_scaled + i + 1
             self.fail(f"{self.task.path}: column '{self.bundle.channels[col]}' row {row} holds "
                       f"{raw[i, col]:g}, which overflows float32 once scaled by the training "
                       f"rows (mean {self.scaler.mean[col]:g}, std {self.scaler.std[col]:g}); "
@@ -121,6 +126,7 @@ class _Lane:
             return
         self.ready.append(y)
         self.n_ready += len(y)
+        self.rows_scaled += len(y)
 
     def take(self, rows: int) -> np.ndarray:
         """Up to ``rows`` ready scaled rows (n, C)."""
@@ -136,46 +142,44 @@ class _Lane:
         return np.concatenate(parts) if parts else np.empty((0, len(self.bundle.channels)),
                                                             np.float32)
 
-    def emit(self, score: np.ndarray, threshold: float) -> None:
-        """Write the scores of the next ``len(score)`` rows."""
-        flag = score > threshold
-        done = 0
+    def emit_scores(self, score: np.ndarray, threshold: float) -> None:
+        """One-step scores of the next rows, flagged by the pooled constant threshold."""
+        self.emit(ScoredRows(self.sink.rows, score, score > threshold))
+
+    def emit_terms(self, terms: tuple) -> None:
+        """Step terms (contrib, whitened, observed) (n, C) of the next rows."""
         try:
-            while done < len(score):
-                batch = self.waiting[0]
-                offset = self.written + done - batch.first_row
-                take = min(len(batch.time) - offset, len(score) - done)
-                part = ScoredRows(self.written + done, score[done : done + take],
-                                  flag[done : done + take])
-                labels = None if batch.labels is None else batch.labels[offset : offset + take]
-                self.writer.write(scores_table(self.reader.name, batch.time[offset:offset + take],
-                                               part, labels))
-                if labels is not None:
-                    lab = labels.astype(bool)
-                    self.counts += [np.count_nonzero(lab & part.flag),
-                                    np.count_nonzero(~lab & part.flag),
-                                    np.count_nonzero(~lab & ~part.flag),
-                                    np.count_nonzero(lab & ~part.flag)]
-                done += take
-                if offset + take == len(batch.time):
-                    self.waiting.popleft()
+            out = self.post.push(terms)
+        except TsssmError as err:
+            self.fail(f"{self.task.path}: {err}")
+            return
+        self.emit(out)
+
+    def emit(self, out: ScoredRows) -> None:
+        """Write the scores of the next rows."""
+        try:
+            self.sink.write(out)
         except TsssmError as err:
             self.fail(str(err))
             return
-        self.written += len(score)
-        self.result.flagged += int(flag.sum())
-        self.result.rows = self.written
+        self.result.flagged, self.result.rows = self.sink.flagged, self.sink.rows
 
     def finish(self) -> FileResult:
-        if not self.failed and self.writer is not None:
+        if not self.failed and self.sink is not None:
             try:
-                self.writer.close()
+                self.emit(self.post.finish())
+                if not self.failed:
+                    self.sink.close()
             except TsssmError as err:
                 self.fail(str(err))
         if not self.failed:
+            sink = self.sink
             self.result.rows_read = self.reader.rows_read
             if self.reader.has_labels:
-                self.result.counts = dict(zip(("tp", "fp", "tn", "fn"), self.counts.tolist()))
+                self.result.counts = dict(zip(("tp", "fp", "tn", "fn"), sink.counts.tolist()))
+            self.result.intervals, self.result.longest = sink.n_intervals, sink.longest_rows()
+            self.result.intervals_output = str(sink.interval_path)
+            self.result.threshold_note = self.post.threshold_note
             report = self.reader.gap_report
             if report is not None and report.n_gaps:
                 self.result.gap_note = (f"{self.reader.name}: {report.n_gaps} gaps; data.gaps="
@@ -193,8 +197,13 @@ def score_group(tasks: list, bundle: Bundle, device: str | torch.device | None =
     model = bundle.model.to(device).eval()
     calibration = int(bundle.data_config.get("train_rows", 0)) if bundle.per_stream_scaling \
         else 0
-    lanes = [_Lane(t, bundle, calibration) for t in tasks]
+    spec = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
+    lanes = [_Lane(t, bundle, calibration, spec) for t in tasks]
     threshold = float(bundle.threshold.value)
+    # one-step scores with one constant threshold and no contributions: (B, T) scores only
+    fast = (spec.window == 1 and spec.kind in ("nis", "nll") and not bundle.threshold.follows_stream
+            and bundle.threshold_scope != "per_stream"
+            and not any(lane.post.contributions for lane in lanes))
     C = len(bundle.channels)
     state = None
     while any(lane.active for lane in lanes):
@@ -210,11 +219,20 @@ def score_group(tasks: list, bundle: Bundle, device: str | torch.device | None =
                 y[i, : len(t)] = t
         yt = torch.from_numpy(y).to(device)
         pred, state = model.one_step(yt, state)
-        pred = Gaussian(pred.mean.float(), pred.var.float())
-        scores = anomaly_scores(yt, pred, kind=bundle.score_kind).cpu().numpy()  # (B, T)
+        if fast:
+            pred = Gaussian(pred.mean.float(), pred.var.float())
+            scores = anomaly_scores(yt, pred, kind=bundle.score_kind).cpu().numpy()  # (B, T)
+            for i, t in enumerate(takes):
+                if t is not None and len(t):
+                    lanes[i].emit_scores(scores[i, : len(t)], threshold)
+            continue
+        st = step_terms(yt, pred, spec.kind)  # each (B, T, C)
+        contrib, whitened = st.contrib.double().cpu().numpy(), st.whitened.double().cpu().numpy()
+        observed = st.observed.cpu().numpy()
         for i, t in enumerate(takes):
             if t is not None and len(t):
-                lanes[i].emit(scores[i, : len(t)], threshold)
+                n = len(t)
+                lanes[i].emit_terms((contrib[i, :n], whitened[i, :n], observed[i, :n]))
     return [lane.finish() for lane in lanes]
 
 

@@ -7,12 +7,17 @@ the output equals scoring the whole stream in memory, row for row. A bad row any
 its row number in the file and leaves no output file (nor a temporary one).
 
 Output columns (the scores Parquet of the project's conventions): ``stream``, ``time``, ``score``,
-``flag``, and ``label`` where the file has the label column.
+``flag``, ``label`` where the file has the label column, and with ``contributions`` one
+``contrib:<channel>`` column per channel (its additive share of the score). The flagged intervals
+(maximal runs of flagged rows, which may cross batch boundaries) go to ``<output
+stem>.intervals.parquet`` as they close, with the columns of the in-memory path's intervals
+(``stream``, ``start``, ``end``, ``rows``, ``peak_score``, ``top``, ``share:<channel>``).
 """
 
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import time as clock
 from collections import deque
@@ -23,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from tsssm.anomaly.attribution import FlaggedInterval
+from tsssm.anomaly.streaming import Intervals, intervals_start, intervals_update
 from tsssm.data.io import ReadSpec
 from tsssm.scoring.reader import BATCH_ROWS, Batch, StreamReader
 from tsssm.scoring.scorer import ScoredRows, Scorer
@@ -41,6 +48,8 @@ FIGURE_MAX_ROWS = 200_000
 #: for nothing. No stored Arrow schema, so readers see ``stream`` as a plain string column.
 WRITE_OPTIONS = {"use_dictionary": ["stream"], "column_encoding": {"time": "DELTA_BINARY_PACKED"},
                  "store_schema": False}
+#: flagged intervals a FileResult keeps for printing (the longest; all are in the Parquet)
+LONGEST_INTERVALS = 20
 
 
 @dataclass
@@ -58,6 +67,11 @@ class FileResult:
     counts: dict[str, int] | None = None
     gap_note: str | None = None
     error: str | None = None
+    intervals: int = 0  # flagged intervals
+    intervals_output: str | None = None
+    #: the LONGEST_INTERVALS longest flagged intervals (rows of the intervals Parquet)
+    longest: list[dict] = field(default_factory=list, repr=False)
+    threshold_note: str = ""  # which threshold flagged the stream
     #: small streams with figures=True: what tsssm.plots needs (time, scaled values, mean, var,
     #: score, flag, label), else None
     figure: dict | None = field(default=None, repr=False)
@@ -96,9 +110,16 @@ class _Progress:
             self.bar.close()
 
 
+def intervals_output(output: str | Path) -> Path:
+    """Where the flagged intervals of the scores ``output`` go: ``<stem>.intervals.parquet``."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.intervals.parquet")
+
+
 def scores_table(name: str, time: np.ndarray, rows: ScoredRows,
-                 labels: np.ndarray | None) -> pa.Table:
-    """One batch of the scores Parquet (columns as tsssm.commands.common.stream_frame)."""
+                 labels: np.ndarray | None, channels: list[str] | None = None) -> pa.Table:
+    """One batch of the scores Parquet (columns as tsssm.commands.common.stream_frame);
+    ``channels``: with ``rows.contrib``, their ``contrib:<channel>`` columns."""
     n = len(rows)
     stream = pa.DictionaryArray.from_arrays(_zeros(n), pa.array([name]), safe=False)
     if time.dtype.kind == "M":  # datetime64[ns]: its int64 as arrow timestamps, no copy
@@ -107,9 +128,149 @@ def scores_table(name: str, time: np.ndarray, rows: ScoredRows,
         stamps = pa.array(time)
     columns = {"stream": stream, "time": stamps,
                "score": pa.array(rows.score, pa.float32()), "flag": pa.array(rows.flag)}
+    if rows.level is not None:  # the threshold in force, when it is not the bundle's one value
+        columns["threshold"] = pa.array(rows.level, pa.float32())
     if labels is not None:
         columns["label"] = pa.array(labels.astype(np.int8, copy=False))
+    if channels is not None and rows.contrib is not None:
+        for j, channel in enumerate(channels):
+            columns[f"contrib:{channel}"] = pa.array(rows.contrib[:, j])
     return pa.table(columns)
+
+
+def _arrow_time(time: np.ndarray) -> pa.Array:
+    if time.dtype.kind == "M":
+        return pa.array(time.astype("datetime64[ns]").view(np.int64)).view(pa.timestamp("ns"))
+    return pa.array(time)
+
+
+def _tops(shares: np.ndarray, channels: list[str]) -> list[str]:
+    """FlaggedInterval.describe() of every row of shares (k, C) (NaN rows: no attribution)."""
+    order = np.argsort(-np.nan_to_num(shares, nan=-1.0), axis=1, kind="stable")
+    out = []
+    for row, idx in zip(shares, order):
+        if np.isnan(row[0]):
+            out.append("")
+            continue
+        described = FlaggedInterval(0, 0, 0.0, {channels[j]: float(row[j]) for j in idx})
+        out.append(described.describe())
+    return out
+
+
+class ScoresSink:
+    """Where one stream's scores go, in order: the scores Parquet (rows matched to the read
+    batches for their times and labels), the flagged intervals as they close (their own
+    Parquet, and the longest kept for printing), and the label counts."""
+
+    def __init__(self, name: str, output: str | Path, channels: list[str],
+                 intervals: bool = True) -> None:
+        self.name, self.channels = name, list(channels)
+        self.writer = ParquetStreamWriter(output, options=WRITE_OPTIONS)
+        self.interval_path = intervals_output(output) if intervals else None
+        self.interval_writer: ParquetStreamWriter | None = None
+        self.waiting: deque[Batch] = deque()  # rows read whose scores have not come out yet
+        self.counts = np.zeros(4, np.int64)  # tp, fp, tn, fn
+        self.rows = self.flagged = self.n_intervals = 0
+        self.state = intervals_start()
+        self.longest: list[tuple[int, int, dict]] = []  # heap of (rows, -start, row)
+        self.time_type: pa.DataType | None = None
+
+    def add(self, batch: Batch) -> None:
+        self.waiting.append(batch)
+        if self.time_type is None:
+            self.time_type = _arrow_time(batch.time[:1]).type
+
+    def write(self, out: ScoredRows, on_piece: Callable | None = None) -> None:
+        """The scores of the oldest waiting rows (``on_piece(part, time, labels, offset)``:
+        called for each piece written, ``offset`` its first row within ``out``)."""
+        done = 0
+        while done < len(out):  # the scores cover the oldest waiting rows, in order
+            batch = self.waiting[0]
+            offset = out.start + done - batch.first_row  # first unscored row of the batch
+            take = min(len(batch.time) - offset, len(out) - done)
+            sl = slice(done, done + take)
+            part = ScoredRows(out.start + done, out.score[sl], out.flag[sl],
+                              contrib=None if out.contrib is None else out.contrib[sl],
+                              level=None if out.level is None else out.level[sl])
+            time = batch.time[offset : offset + take]
+            labels = None if batch.labels is None else batch.labels[offset : offset + take]
+            self.writer.write(scores_table(self.name, time, part, labels, self.channels))
+            if labels is not None:
+                lab = labels.astype(bool)
+                self.counts[:] += [np.count_nonzero(lab & part.flag),
+                                   np.count_nonzero(~lab & part.flag),
+                                   np.count_nonzero(~lab & ~part.flag),
+                                   np.count_nonzero(lab & ~part.flag)]
+            if self.interval_path is not None:
+                found, self.state = intervals_update(self.state, part.flag, part.score,
+                                                     part.contrib, time)
+                self._intervals(found)
+            if on_piece is not None:
+                on_piece(part, time, labels, done)
+            done += take
+            if offset + take == len(batch.time):
+                self.waiting.popleft()
+        self.flagged += int(out.flag.sum())
+        self.rows += len(out)
+
+    def _intervals(self, found: Intervals) -> None:
+        """Closed intervals to the intervals Parquet (columns built at once: a long stream
+        can have many), the longest kept for printing."""
+        k, C = len(found), len(self.channels)
+        if not k:
+            return
+        lengths = found.stop - found.start
+        if found.summed is None:
+            shares = np.full((k, C), np.nan)
+        else:
+            part = np.clip(found.summed, 0.0, None)  # (k, C)
+            total = part.sum(1, keepdims=True)
+            shares = np.where(total > 0, part / np.where(total > 0, total, 1.0), np.nan)
+        columns = {"stream": pa.array([self.name] * k, pa.string()),
+                   "start": _arrow_time(found.start_time), "end": _arrow_time(found.end_time),
+                   "rows": pa.array(lengths), "peak_score": pa.array(found.peak),
+                   "top": pa.array(_tops(shares, self.channels), pa.string()),
+                   **{f"share:{c}": pa.array(shares[:, j]) for j, c in enumerate(self.channels)}}
+        table = pa.table(columns).cast(self._interval_schema())
+        for i in range(k):
+            item = (int(lengths[i]), -int(found.start[i]))
+            if len(self.longest) < LONGEST_INTERVALS or item > self.longest[0][:2]:
+                row = {name: table.column(name)[i].as_py() for name in table.column_names}
+                if len(self.longest) < LONGEST_INTERVALS:
+                    heapq.heappush(self.longest, (*item, row))
+                else:
+                    heapq.heapreplace(self.longest, (*item, row))
+        self.n_intervals += k
+        if self.interval_writer is None:
+            self.interval_writer = ParquetStreamWriter(self.interval_path, threaded=False)
+        self.interval_writer.write(table)
+
+    def _interval_schema(self) -> pa.Schema:
+        time_type = self.time_type or pa.int64()
+        return pa.schema([("stream", pa.string()), ("start", time_type), ("end", time_type),
+                          ("rows", pa.int64()), ("peak_score", pa.float64()),
+                          ("top", pa.string()),
+                          *[(f"share:{c}", pa.float64()) for c in self.channels]])
+
+    def close(self) -> None:
+        """The stream's end: the interval still open closes; both files move into place."""
+        if self.interval_path is not None:
+            found, self.state = intervals_update(self.state, np.zeros(0, bool), np.zeros(0),
+                                                 None, np.zeros(0), final=True)
+            self._intervals(found)
+        self.writer.close(schema=None)
+        if self.interval_path is not None:
+            if self.interval_writer is None:
+                self.interval_writer = ParquetStreamWriter(self.interval_path, threaded=False)
+            self.interval_writer.close(schema=self._interval_schema())
+
+    def abort(self) -> None:
+        self.writer.abort()
+        if self.interval_writer is not None:
+            self.interval_writer.abort()
+
+    def longest_rows(self) -> list[dict]:
+        return [item[2] for item in sorted(self.longest, reverse=True)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -121,12 +282,14 @@ def _zeros(n: int) -> pa.Array:
 def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | Path, *,
                name: str | None = None, gaps: str = "keep", gap_factor: float = 3.0,
                fill: str = "none", batch_rows: int = BATCH_ROWS, progress: bool = True,
-               figures: bool = False,
+               figures: bool = False, contributions: bool = True, intervals: bool = True,
                on_batch: Callable[[int], None] | None = None) -> FileResult:
     """Score one CSV/Parquet file with ``scorer`` (reset first) into ``output`` (Parquet).
 
     spec: how to read it (the model's channels in the model's order); gaps/gap_factor/fill as
-    data.gaps/data.gap_factor/data.fill. Raises DataError on bad input (nothing is written).
+    data.gaps/data.gap_factor/data.fill. ``contributions``: write the ``contrib:<channel>``
+    columns; ``intervals``: write the flagged intervals beside the scores
+    (:func:`intervals_output`). Raises DataError on bad input (nothing is written).
     """
     started = clock.perf_counter()
     reader = StreamReader(path, spec, gaps=gaps, gap_factor=gap_factor, fill=fill,
@@ -141,61 +304,54 @@ def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | P
     # figures need every row's forecast: only for streams short enough to draw
     figures = figures and (reader.total_rows or 0) <= FIGURE_MAX_ROWS
     scorer.moments = figures
+    scorer.contributions = contributions
     result = FileResult(str(reader.path), str(output), reader.name)
     labelled = reader.has_labels
-    counts = np.zeros(4, np.int64)  # tp, fp, tn, fn
     figure: dict[str, list] | None = {k: [] for k in (
         "time", "scaled", "mean", "var", "score", "flag", "label")} if figures else None
-    waiting: deque[Batch] = deque()  # rows read whose scores have not come out yet
     bar = _Progress(reader.total_rows, f"scoring {reader.name}", progress)
+    sink = ScoresSink(reader.name, output, scorer.channels, intervals)
 
-    def emit(out: ScoredRows, writer: ParquetStreamWriter) -> None:
+    def keep_figure(part: ScoredRows, time, labels, offset: int, out: ScoredRows) -> None:
         nonlocal figure
-        done = 0
-        while done < len(out):  # the scores cover the oldest waiting rows, in order
-            batch = waiting[0]
-            offset = out.start + done - batch.first_row  # first unscored row of the batch
-            take = min(len(batch.time) - offset, len(out) - done)
-            part = ScoredRows(out.start + done, out.score[done : done + take],
-                              out.flag[done : done + take])
-            time = batch.time[offset : offset + take]
-            labels = None if batch.labels is None else batch.labels[offset : offset + take]
-            writer.write(scores_table(reader.name, time, part, labels))
-            if labels is not None:
-                lab = labels.astype(bool)
-                counts[:] += [np.count_nonzero(lab & part.flag),
-                              np.count_nonzero(~lab & part.flag),
-                              np.count_nonzero(~lab & ~part.flag),
-                              np.count_nonzero(lab & ~part.flag)]
-            if figure is not None:
-                if out.start + done + take > FIGURE_MAX_ROWS:  # longer than its estimate
-                    figure = None
-                    scorer.moments = False
-                else:
-                    sl = slice(done, done + take)
-                    for key, value in (("time", time), ("scaled", out.scaled[sl]),
-                                       ("mean", out.mean[sl]), ("var", out.var[sl]),
-                                       ("score", part.score), ("flag", part.flag),
-                                       ("label", labels)):
-                        figure[key].append(value)
-            done += take
-            if offset + take == len(batch.time):
-                waiting.popleft()
-        result.flagged += int(out.flag.sum())
-        result.rows += len(out)
+        if figure is None:
+            return
+        if part.start + len(part) > FIGURE_MAX_ROWS:  # longer than its estimate
+            figure = None
+            scorer.moments = False
+            return
+        sl = slice(offset, offset + len(part))
+        for key, value in (("time", time), ("scaled", out.scaled[sl]),
+                           ("mean", out.mean[sl]), ("var", out.var[sl]),
+                           ("score", part.score), ("flag", part.flag), ("label", labels)):
+            figure[key].append(value)
+
+    def emit(out: ScoredRows) -> None:
+        hook = None
+        if figure is not None and out.scaled is not None:
+            def hook(part, time, labels, offset):
+                keep_figure(part, time, labels, offset, out)
+        sink.write(out, hook)
 
     try:
-        with ParquetStreamWriter(output, options=WRITE_OPTIONS) as writer:
-            for batch in reader:
-                waiting.append(batch)
-                emit(scorer.update_many(batch.values), writer)
-                bar.update(len(batch.time))
-                if on_batch is not None:
-                    on_batch(len(batch.time))
-            emit(scorer.finish(), writer)
-            writer.close(schema=None)
+        for batch in reader:
+            sink.add(batch)
+            emit(scorer.update_many(batch.values))
+            bar.update(len(batch.time))
+            if on_batch is not None:
+                on_batch(len(batch.time))
+        emit(scorer.finish())
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
     finally:
         bar.close()
+    result.rows, result.flagged = sink.rows, sink.flagged
+    result.intervals, result.longest = sink.n_intervals, sink.longest_rows()
+    result.intervals_output = None if sink.interval_path is None else str(sink.interval_path)
+    result.threshold_note = scorer.threshold_note
+    counts = sink.counts
     result.rows_read = reader.rows_read
     result.seconds = clock.perf_counter() - started
     if labelled:

@@ -4,8 +4,9 @@ growing), one line ``time,score,flag`` out per row, as each arrives.
 The first line is the header; the time column and the model's channels (or ``data.channels``
 mapped onto them) are picked by name, other columns are ignored. A row's values go through
 :meth:`tsssm.scoring.scorer.Scorer.update`: constant work and memory per row, and the scores
-equal batch scoring of the same rows. A model that scales each stream by its own first rows
-holds those rows back and prints them once it can score them.
+equal batch scoring of the same rows. A model that scales each stream by its own first rows, or
+fits its threshold on them, holds those rows back and prints them once it can score them; a
+centered score window prints each row ``window // 2`` rows late.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def score_lines(lines: Iterable[str], scorer: Scorer, spec: ReadSpec, where: str
             raise DataError(f"{where}: time column '{spec.time_column}' is empty at row "
                             f"{number}")
         waiting.append(stamp)
-        if scorer.calibrating or scorer.moments:
+        if not scorer.immediate or scorer.moments:
             emit(scorer.update_many(row[None]))
         else:
             score, flag = scorer.update(row)

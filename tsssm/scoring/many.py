@@ -47,6 +47,7 @@ class FileTask:
     gap_factor: float = 3.0
     fill: str = "none"
     batch_rows: int = 65_536
+    contributions: bool = True  # write the contrib:<channel> columns
 
 
 def is_many(pattern: str) -> bool:
@@ -100,7 +101,8 @@ def score_task(task: FileTask, bundle: Bundle, progress: bool = False,
         scorer = Scorer(bundle, device=device)
         return score_file(task.path, scorer, task.spec, task.output, name=task.name,
                           gaps=task.gaps, gap_factor=task.gap_factor, fill=task.fill,
-                          batch_rows=task.batch_rows, progress=progress)
+                          batch_rows=task.batch_rows, progress=progress,
+                          contributions=task.contributions)
     except TsssmError as err:
         return FileResult(task.path, None, task.name, error=str(err))
     except Exception as err:  # a bug, or a library's error on this file: keep the others going

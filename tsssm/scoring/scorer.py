@@ -16,6 +16,14 @@ first ``train_rows`` rows, as in training. Those rows are held until the stream 
 that (as batch scoring requires), then scored together; a stream that ends first is scaled by the
 training scaler (:meth:`Scorer.finish`), again as in batch scoring.
 
+Any score the bundle was trained with streams (tsssm.scoring.stream_scores): the one-step NIS/NLL,
+the joint Mahalanobis score with the model's full predictive covariance, windowed scores
+(``task.window``: a trailing window's score comes with its row; a centered window's
+``window // 2`` rows later, from :meth:`Scorer.update_many` - :meth:`Scorer.update` is causal
+and refuses it), per-channel contributions (``contributions=True``), streaming thresholds (SPOT)
+and per-stream thresholds (the bundle's rule refitted on the stream's own first ``train_rows``
+scores, which are held until then, as per-stream scaling holds its rows).
+
     scorer = Scorer.load("tsssm_runs/models/<run id>")   # or an MLflow run id
     score, flag = scorer.update([0.1, 2.3, 4.5])        # one sample, the model's channel order
     batch = scorer.update_many(rows)                     # (n, C) rows -> ScoredRows
@@ -28,16 +36,17 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
-from tsssm.anomaly.scores import MIN_VAR, SCORE_KINDS, ScoreSpec, anomaly_scores
+from tsssm.anomaly.scores import MIN_VAR, SCORE_KINDS, ScoreSpec, anomaly_scores, step_terms
 from tsssm.bundle import Bundle
 from tsssm.data.scaling import StandardScaler
 from tsssm.errors import ConfigError, DataError, ModelError, NumericalError
 from tsssm.models.base import Gaussian
+from tsssm.scoring.stream_scores import ScoredRows, StreamScores, concat_rows, empty_rows
 
 log = logging.getLogger("tsssm")
 
@@ -50,22 +59,6 @@ GPU_ROWS_PER_CALL = 1 << 20
 NUMPY_ROWS_PER_CALL = 4096
 
 _HALF_LOG_2PI = np.float32(0.5 * math.log(2.0 * math.pi))
-
-
-class ScoredRows(NamedTuple):
-    """Scores of consecutive rows of a stream: rows ``start .. start + len(score) - 1``."""
-
-    start: int  # index of the first row in the stream (0-based, after any inserted gap rows)
-    score: np.ndarray  # (n,) float32 anomaly score
-    flag: np.ndarray  # (n,) bool: score above the model's threshold
-    #: with Scorer(moments=True): the scaled rows and their one-step predictive mean and
-    #: variance (n, C), float32, in the scaler's units (None otherwise)
-    scaled: np.ndarray | None = None
-    mean: np.ndarray | None = None
-    var: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.score)
 
 
 def numpy_scores(y: np.ndarray, mean: np.ndarray, var: np.ndarray, kind: str) -> np.ndarray:
@@ -105,6 +98,28 @@ def numpy_scores(y: np.ndarray, mean: np.ndarray, var: np.ndarray, kind: str) ->
     return score
 
 
+def numpy_terms(y: np.ndarray, mean: np.ndarray, var: np.ndarray, kind: str
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`tsssm.anomaly.scores.step_terms` of independent channels in numpy, float32:
+    (contrib, whitened, observed), each (n, C), 0 at missing entries (var may be (C,))."""
+    var = np.maximum(var, np.float32(MIN_VAR))
+    observed = ~np.isnan(y)
+    d = np.where(observed, y - mean, np.float32(0.0))
+    z2 = d * d / var
+    whitened = np.sqrt(z2) * np.sign(d)
+    per = np.float32(0.5) * (z2 + np.log(var)) + _HALF_LOG_2PI if kind == "nll" else z2
+    per = np.where(observed, per, np.float32(0.0))
+    n_obs = np.maximum(observed.sum(-1, keepdims=True), 1).astype(np.float32)
+    contrib = per / n_obs
+    if not (np.isfinite(contrib).all() and np.isfinite(whitened).all()):
+        bad = int((~np.isfinite(contrib)).sum())
+        raise NumericalError(
+            f"{bad} anomaly scores are not finite: the model's predictive mean or variance, or "
+            "the data, is NaN/inf at those steps (check the input scaling and the model's "
+            "parameters)")
+    return contrib, whitened, observed
+
+
 class Scorer:
     """Scores and flags of one stream, fed in any pieces, with a trained model's bundle.
 
@@ -113,26 +128,20 @@ class Scorer:
     CPU). ``per_stream_scaling``, ``calibration_rows``: override the bundle's scaling (None:
     the bundle's; a per-stream scaler is fitted on a stream's first ``calibration_rows`` rows).
     ``moments``: also return the scaled rows and the predictive mean and variance (for figures).
+    ``contributions``: also return each channel's additive share of the score (ScoredRows.contrib).
     """
 
     def __init__(self, bundle: Bundle, *, device: str | torch.device | None = None,
                  engine: str = "auto", per_stream_scaling: bool | None = None,
-                 calibration_rows: int | None = None, moments: bool = False) -> None:
+                 calibration_rows: int | None = None, moments: bool = False,
+                 contributions: bool = False) -> None:
         if bundle.threshold is None:
             raise ModelError(f"the {bundle.model_name} model has no fitted threshold; train it "
                              "with task=anomaly to score streams")
         if bundle.score_kind not in SCORE_KINDS:
             raise ModelError(f"the bundle's score kind {bundle.score_kind!r} is not one of "
                              f"{', '.join(SCORE_KINDS)}")
-        spec = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
-        if spec.window > 1 or spec.kind not in ("nis", "nll") or \
-                getattr(bundle, "threshold_scope", "pooled") != "pooled":
-            raise ModelError(
-                f"the {bundle.model_name} model scores {spec.window}-row {spec.kind} windows"
-                f"{' with per-stream thresholds' if bundle.threshold_scope != 'pooled' else ''};"
-                " the Scorer computes one-step nis/nll scores with one pooled threshold: train "
-                "with task.window.size=1 task.score=nis (or score the file whole with "
-                "`tsssm score` / tsssm.load(...).score)")
+        self.spec = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
         if engine not in ("auto", "numpy", "torch"):
             raise ConfigError(f"score engine must be auto, numpy or torch, got {engine!r}")
         self.bundle = bundle
@@ -146,10 +155,21 @@ class Scorer:
             else calibration_rows
         #: rows a per-stream scaler is fitted on (0: the bundle's training scaler is used)
         self.calibration_rows = int(rows) if per_stream else 0
+        #: scores a per-stream threshold is fitted on (0: the bundle's threshold flags)
+        self.threshold_rows = int(rows) if bundle.threshold_scope == "per_stream" else 0
+        if bundle.threshold_scope == "per_stream" and self.threshold_rows <= 0:
+            raise ConfigError("the model fits a threshold per stream on each stream's first "
+                              "data.train_rows rows, but data.train_rows is 0; set "
+                              "data.train_rows=N (N > 0)")
+        self.post = StreamScores(self.spec, self.threshold, len(self.channels),
+                                 threshold_rows=self.threshold_rows,
+                                 contributions=contributions)
         self._threshold_value = float(self.threshold.value)
-        self.moments = moments
+        self._moments = moments
+        self._fast = self._fast_path()
         self._kalman = self._numpy_engine(engine)
         self._steady_var32: np.ndarray | None = None
+        self._all_observed = np.ones(len(self.channels), bool)
         self.engine = "numpy" if self._kalman is not None else "torch"
         self.reset()
 
@@ -198,9 +218,11 @@ class Scorer:
             self._kalman.reset()
         self._rows_in = 0  # rows received
         self._rows_out = 0  # rows scored
+        self._rows_model = 0  # rows through the model
         self._held: list[np.ndarray] = []  # raw rows waiting for the per-stream scaler
         self._n_held = 0
         self.scaler: StandardScaler | None = None if self.calibration_rows else self.bundle.scaler
+        self.post.reset(source)
 
     @property
     def rows_scored(self) -> int:
@@ -208,8 +230,48 @@ class Scorer:
 
     @property
     def calibrating(self) -> bool:
-        """True while rows are held to fit the stream's own scaler (see the module docstring)."""
-        return self.scaler is None
+        """True while rows are held: to fit the stream's own scaler or threshold, or (a
+        centered window) until the rows after them arrive (see the module docstring)."""
+        return self.scaler is None or (not self._fast and self.post.pending > 0)
+
+    @property
+    def immediate(self) -> bool:
+        """Whether every row's score comes out with it (no per-stream scaler or threshold to
+        fit first, no centered window): then :meth:`update` returns each sample's own score."""
+        spec = self.spec
+        return (not self.calibration_rows and not self.threshold_rows
+                and not (spec.window > 1 and spec.align == "centered"))
+
+    @property
+    def contributions(self) -> bool:
+        """Whether ScoredRows carry each channel's share of the score (``contrib``)."""
+        return self.post.contributions
+
+    @contributions.setter
+    def contributions(self, on: bool) -> None:
+        self.post.contributions = bool(on)
+        self._fast = self._fast_path()
+
+    @property
+    def moments(self) -> bool:
+        return self._moments
+
+    @moments.setter
+    def moments(self, on: bool) -> None:
+        self._moments = bool(on)
+        self._fast = self._fast_path()
+
+    def _fast_path(self) -> bool:
+        """Scores without windows, contributions, streaming or per-stream thresholds: computed
+        straight from the model's moments (numpy_scores), no step terms."""
+        spec = self.spec
+        return (spec.window == 1 and spec.kind in ("nis", "nll") and not self.contributions
+                and not self.threshold_rows and not self.threshold.follows_stream)
+
+    @property
+    def threshold_note(self) -> str:
+        """Which threshold flags the current stream, in words."""
+        return self.post.threshold_note
 
     # ------------------------------------------------------------------ scoring
     def update(self, sample: Sequence[float] | np.ndarray | Mapping[str, float]
@@ -218,7 +280,19 @@ class Scorer:
         None = missing). Returns (score, flag), or None while the scorer is calibrating (the held
         rows' scores then come out of :meth:`update_many` or :meth:`finish`)."""
         row = self._row(sample)
-        if self.scaler is None or self._kalman is None or self.moments:
+        if self.spec.window > 1 and self.spec.align == "centered":
+            raise ModelError(
+                f"the {self.bundle.model_name} model scores centered {self.spec.window}-row "
+                f"windows: a row's score needs the {self.spec.window // 2} rows after it, so "
+                "update() (one score per sample, now) cannot give it; feed update_many (scores "
+                "come out late, ScoredRows.start says which) or train with "
+                "task.window.align=trailing")
+        if self.scaler is not None and self._kalman is not None and not self._fast \
+                and not self.moments:
+            done = self._update_window(row)
+            if done is not None:
+                return done
+        if self.scaler is None or self._kalman is None or self.moments or not self._fast:
             out = self.update_many(row[None])
             if len(out) == 0:
                 return None
@@ -236,13 +310,44 @@ class Scorer:
                 numpy_scores(y[None], mean.astype(np.float32)[None], var32[None], "nis")
         else:
             if np.isinf(y).any():  # a reading far outside the scaler's range
-                self._overflow(row[None], y[None], self._rows_out)
+                self._overflow(row[None], y[None], self._rows_model)
             mean, var = self._kalman.step(y.astype(np.float64))
             value = float(numpy_scores(y[None], mean.astype(np.float32)[None],
                                        np.asarray(var, np.float32)[None], self.score_kind)[0])
         self._rows_in += 1
         self._rows_out += 1
+        self._rows_model += 1
         return value, value > self._threshold_value
+
+    def _update_window(self, row: np.ndarray) -> tuple[float, bool] | None:
+        """A live sample through the numpy Kalman engine and the score's window in O(window)
+        array work (StreamScores.push_one); None: not this path (update_many it)."""
+        y = (row - self.scaler.mean) / self.scaler.std  # float32, as .transform does
+        if not np.isfinite(y).all():
+            return None
+        post = self.post
+        if (post.threshold is None or post._window.emitted != post._window.received
+                or (self.spec.window > 1 and self.spec.align != "trailing")):
+            return None
+        mean, var = self._kalman.step(y, observed=True)
+        if self.spec.kind == "nll":
+            terms = numpy_terms(y[None], mean.astype(np.float32)[None], self._var32(var)[None],
+                                "nll")
+            contrib, whitened, observed = (t[0] for t in terms)
+        else:  # every channel observed: numpy_terms' formulas without the masking
+            d = y - mean.astype(np.float32)
+            z2 = d * d / self._var32(var)
+            whitened = np.sqrt(z2) * np.sign(d)
+            contrib = z2 / np.float32(len(z2))
+            observed = self._all_observed
+            if not np.isfinite(z2).all():
+                numpy_terms(y[None], mean.astype(np.float32)[None], self._var32(var)[None],
+                            "nis")  # raises the NumericalError
+        score, flag, _ = post.push_one(contrib, whitened, observed)
+        self._rows_in += 1
+        self._rows_out += 1
+        self._rows_model += 1
+        return score, flag
 
     def _var32(self, var: np.ndarray) -> np.ndarray:
         """var as float32, floored as the scores floor it; the fixed point's is cached."""
@@ -256,7 +361,8 @@ class Scorer:
     def update_many(self, rows: np.ndarray | Sequence[Sequence[float]]) -> ScoredRows:
         """Score rows (n, C) (raw units, the model's channel order, NaN = missing), continuing
         the stream. Returns the scores of every row that became ready: normally exactly these
-        rows; while calibrating none, then the held rows together with these."""
+        rows; while calibrating none, then the held rows together with these (with a centered
+        window, the rows up to ``window // 2`` before the last)."""
         values = np.asarray(rows, dtype=np.float32)
         if values.ndim != 2 or values.shape[1] != len(self.channels):
             raise DataError(f"rows must be (n, {len(self.channels)}) for the channels "
@@ -281,18 +387,24 @@ class Scorer:
         """End of the stream: score rows still held for calibration (the stream was not longer
         than the calibration rows: they are scaled by the training scaler, as batch scoring
         does, with a warning). Afterwards the scorer can take a new stream (``reset``)."""
-        if self.scaler is not None or not self._held:
-            return self._empty()
-        held = np.concatenate(self._held)
-        self._held, self._n_held = [], 0
-        log.warning("the stream has %d rows, not more than the %d the model scales each stream "
-                    "by; using the training scaler", len(held), self.calibration_rows)
-        self.scaler = self.bundle.scaler
-        return self._score(held)
+        parts = []
+        if self.scaler is None and self._held:
+            held = np.concatenate(self._held)
+            self._held, self._n_held = [], 0
+            log.warning("%s has %d rows, not more than the %d the model scales each stream "
+                        "by; using the training scaler", self.source, len(held),
+                        self.calibration_rows)
+            self.scaler = self.bundle.scaler
+            parts.append(self._score(held))
+        if not self._fast:
+            out = self.post.finish()
+            self._rows_out += len(out)
+            parts.append(out)
+        return concat_rows(parts, self._rows_out, len(self.channels), self.contributions)
 
     # ------------------------------------------------------------------ internals
     def _empty(self) -> ScoredRows:
-        return ScoredRows(self._rows_out, np.empty(0, np.float32), np.empty(0, bool))
+        return empty_rows(self._rows_out, len(self.channels), self.contributions)
 
     def _row(self, sample) -> np.ndarray:
         if isinstance(sample, Mapping):
@@ -315,17 +427,25 @@ class Scorer:
         return row
 
     def _score(self, values: np.ndarray) -> ScoredRows:
-        """Scale and score raw rows (n, C) from the current state."""
+        """Scale and score raw rows (n, C) from the current state; returns the rows whose
+        scores are ready (all of them, unless the window or a per-stream threshold waits)."""
         start = self._rows_out
-        scores = np.empty(len(values), np.float32)
-        scaled, means, variances = [], [], []
         step = (NUMPY_ROWS_PER_CALL if self._kalman is not None else
                 MAX_ROWS_PER_CALL if self.device.type == "cpu" else GPU_ROWS_PER_CALL)
+        if not self._fast:
+            parts = []
+            for a in range(0, len(values), step):  # chunks small enough to stay in cache
+                chunk = self._scale(values[a : a + step])
+                terms, mean, var = self._terms_scaled(chunk)
+                extras = {"scaled": chunk, "mean": mean, "var": var} if self.moments else None
+                out = self.post.push(terms, extras)
+                self._rows_out += len(out)
+                parts.append(out)
+            return concat_rows(parts, start, len(self.channels), self.contributions)
+        scores = np.empty(len(values), np.float32)
+        scaled, means, variances = [], [], []
         for a in range(0, len(values), step):
-            with np.errstate(over="ignore"):
-                chunk = self.scaler.transform(values[a : a + step])  # (n, C) float32
-            if np.isinf(chunk).any():
-                self._overflow(values[a : a + step], chunk, start + a)
+            chunk = self._scale(values[a : a + step])
             scores[a : a + len(chunk)], mean, var = self._score_scaled(chunk)
             if self.moments:
                 scaled.append(chunk)
@@ -337,6 +457,15 @@ class Scorer:
                               np.concatenate(scaled), np.concatenate(means),
                               np.concatenate(variances))
         return ScoredRows(start, scores, scores > self._threshold_value)
+
+    def _scale(self, raw: np.ndarray) -> np.ndarray:
+        """Raw rows (n, C) in the scaler's units, float32; the next rows of the model."""
+        with np.errstate(over="ignore"):
+            chunk = self.scaler.transform(raw)  # (n, C) float32
+        if np.isinf(chunk).any():
+            self._overflow(raw, chunk, self._rows_model)
+        self._rows_model += len(chunk)
+        return chunk
 
     def _overflow(self, raw: np.ndarray, scaled: np.ndarray, first: int) -> None:
         """A reading far outside the scaler's range overflows float32 (as check_scaled)."""
@@ -368,6 +497,31 @@ class Scorer:
             if not self.moments:
                 return score, None, None
             return score, pred.mean[0].cpu().numpy(), pred.var[0].cpu().numpy()
+
+
+    def _terms_scaled(self, y: np.ndarray) -> tuple[tuple, np.ndarray, np.ndarray]:
+        """Step terms (contrib, whitened, observed) (n, C) of scaled rows y (n, C), and the
+        predictive mean and variance (n, C), advancing the model's state."""
+        kind = self.spec.kind
+        if self._kalman is not None:  # independent channels: mahalanobis is the NIS
+            with _one_blas_thread():
+                mean, var = self._kalman.filter(y)
+            mean = mean.astype(np.float32)
+            var = var[0] if var.strides[0] == 0 else var  # one variance for every row
+            var = var.astype(np.float32)
+            terms = numpy_terms(y, mean, var, kind)
+            if self.moments and var.ndim == 1:
+                var = np.broadcast_to(var, mean.shape).copy()
+            return terms, mean, var
+        with torch.no_grad(), _few_torch_threads(len(y)):
+            t = torch.from_numpy(np.ascontiguousarray(y)).to(self.device).unsqueeze(0)
+            pred, self._state = self.model.one_step(t, self._state)
+            st = step_terms(t, pred, kind)  # as tsssm.tasks.evaluate.predict_stream
+            terms = (st.contrib[0].double().cpu().numpy(), st.whitened[0].double().cpu().numpy(),
+                     st.observed[0].cpu().numpy())
+            if not self.moments:
+                return terms, None, None
+            return terms, pred.mean[0].float().cpu().numpy(), pred.var[0].float().cpu().numpy()
 
 
 @functools.cache

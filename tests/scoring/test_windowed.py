@@ -1,0 +1,177 @@
+"""Windowed, joint (Mahalanobis) scores, contributions and per-stream or streaming thresholds
+stream: a stream fed to the Scorer in pieces of any size - pieces that split the 30-row windows
+and the rows with no observation - gets the scores, flags and ``contrib:<channel>`` shares of the
+whole stream scored at once (tsssm score's in-memory path: predict_stream, then the threshold)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tsssm.anomaly.scores import ScoreSpec
+from tsssm.anomaly.thresholds import SPOTThreshold
+from tsssm.commands.score import stream_threshold
+from tsssm.data.scaling import StandardScaler
+from tsssm.errors import ModelError
+from tsssm.scoring.scorer import Scorer
+from tsssm.tasks.evaluate import predict_stream
+
+from .conftest import ANOMALY, make_bundle, stream
+
+#: the default anomaly task on both families: Kalman (numpy engine), VAR Kalman (joint
+#: covariance, torch), Mamba (torch)
+FAMILIES = ["kalman", "var_kalman", "mamba"]
+
+SPLITS = {
+    "whole": [700],
+    "ones-then-rest": [1, 1, 1, 697],
+    "inside-windows": [7, 13, 29, 31, 3, 250, 367],  # boundaries inside 30-row windows
+    "through-the-gap": [205, 10, 485],  # rows 200..230 hold no observation at all
+}
+
+
+def whole(bundle, raw: np.ndarray):
+    """What `tsssm score` computes for a file read whole: scores, flags, contributions."""
+    scaler = bundle.scaler
+    rows = bundle.data_config["train_rows"]
+    if bundle.per_stream_scaling and len(raw) > rows:
+        scaler = StandardScaler.fit([raw[:rows]], bundle.channels)
+    spec = ScoreSpec.from_dict(bundle.score, bundle.score_kind)
+    pred = predict_stream(bundle.model, scaler.transform(raw), spec, chunk_size=10**9)
+    threshold = stream_threshold(bundle, pred.score, rows, "s")
+    return pred.score, threshold.flags(pred.score), pred.contrib
+
+
+def fed(scorer: Scorer, raw: np.ndarray, sizes: list[int]):
+    parts, start, expected = [], 0, 0
+    for size in sizes:
+        out = scorer.update_many(raw[start : start + size])
+        start += size
+        assert out.start == expected  # rows come out in order, none skipped
+        expected += len(out)
+        parts.append(out)
+    rest = scorer.finish()
+    assert rest.start == expected
+    parts.append(rest)
+    assert start == len(raw)
+    return (np.concatenate([p.score for p in parts]), np.concatenate([p.flag for p in parts]),
+            np.concatenate([p.contrib for p in parts]))
+
+
+def assert_same(family, got, want, level=None):
+    score, flag, contrib = got
+    ref_score, ref_flag, ref_contrib = want
+    assert score.shape == ref_score.shape and contrib.shape == ref_contrib.shape
+    tol = 1e-5 if family == "kalman" else 1e-4
+    np.testing.assert_allclose(score, ref_score, rtol=tol, atol=tol)
+    np.testing.assert_allclose(contrib, ref_contrib, rtol=tol, atol=tol)
+    np.testing.assert_allclose(contrib.sum(-1), score, rtol=1e-5, atol=1e-5)
+    level = np.full(len(score), np.nan) if level is None else level
+    clear = ~np.isclose(ref_score, level, rtol=1e-3, atol=1e-3)  # not a rounding tie
+    assert (flag[clear] == ref_flag[clear]).all()
+    assert ref_flag.any() and not ref_flag.all()  # the threshold separates something
+
+
+def raw_stream(seed: int = 3) -> np.ndarray:
+    raw = stream(700, nan_frac=0.02, gap=(200, 230), seed=seed)
+    raw[400:440, 1] += 12.0  # a level shift of one sensor: flagged, and attributed to it
+    return raw
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("split", SPLITS)
+def test_default_anomaly_score_chunked_equals_whole(family, split):
+    bundle = make_bundle(family, score=ANOMALY)
+    raw = raw_stream()
+    want = whole(bundle, raw)
+    got = fed(Scorer(bundle, contributions=True), raw, SPLITS[split])
+    assert_same(family, got, want, np.full(len(raw), bundle.threshold.value))
+    # chunked == one call of the same scorer, to rounding
+    one = fed(Scorer(bundle, contributions=True), raw, [700])
+    np.testing.assert_allclose(got[0], one[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[2], one[2], rtol=1e-6, atol=1e-6)
+    # the shifted sensor carries the flagged rows' score
+    flagged = got[1][400:440]
+    assert flagged.any()
+    assert (got[2][400:440][flagged].argmax(-1) == 1).mean() > 0.8
+
+
+def test_joint_score_uses_the_full_covariance():
+    bundle = make_bundle("var_kalman", score=ScoreSpec("mahalanobis"))
+    raw = raw_stream()
+    joint = fed(Scorer(bundle, contributions=True), raw, [123, 577])
+    nis = whole(make_bundle("var_kalman", score=ScoreSpec("nis")), raw)
+    assert not np.allclose(joint[0], nis[0], rtol=1e-3)  # a different score...
+    assert_same("var_kalman", joint, whole(bundle, raw))  # ...equal to the whole path's
+
+
+@pytest.mark.parametrize("family", ["kalman", "mamba"])
+@pytest.mark.parametrize("spec", [ScoreSpec("nis", 9, "mean", "centered"),
+                                  ScoreSpec("nll", 1), ScoreSpec("mahalanobis", 30, "shift",
+                                                                 "centered")])
+def test_other_windows_chunked_equal_whole(family, spec):
+    bundle = make_bundle(family, score=spec)
+    raw = raw_stream(4)
+    got = fed(Scorer(bundle, contributions=True), raw, SPLITS["inside-windows"])
+    assert_same(family, got, whole(bundle, raw), np.full(len(raw), bundle.threshold.value))
+
+
+def test_centered_window_scores_come_out_late_and_update_refuses_it():
+    bundle = make_bundle("kalman", score=ScoreSpec("nis", 9, "mean", "centered"))
+    scorer = Scorer(bundle)
+    out = scorer.update_many(raw_stream()[:10])
+    assert out.start == 0 and len(out) == 6  # row t waits for row t + 4
+    assert scorer.calibrating
+    with pytest.raises(ModelError, match="centered 9-row windows"):
+        scorer.update(raw_stream()[10])
+
+
+@pytest.mark.parametrize("family", ["kalman", "mamba"])
+@pytest.mark.parametrize("sizes", [[700], [20, 30, 1, 649], [101, 599], [99, 1, 1, 599]])
+def test_per_stream_threshold_is_refitted_on_the_first_rows(family, sizes):
+    bundle = make_bundle(family, score=ANOMALY, scope="per_stream", train_rows=100,
+                         per_stream=True)
+    raw = raw_stream() + 5.0
+    want = whole(bundle, raw)
+    scorer = Scorer(bundle, contributions=True)
+    got = fed(scorer, raw, sizes)
+    level = stream_threshold(bundle, want[0], 100, "s").value
+    assert level != bundle.threshold.value
+    assert f"{level:.3g}" in scorer.threshold_note and "refitted" in scorer.threshold_note
+    assert_same(family, got, want, np.full(len(raw), level))
+
+
+def test_short_stream_with_a_per_stream_threshold_uses_the_pooled_one(caplog):
+    bundle = make_bundle("kalman", score=ANOMALY, scope="per_stream", train_rows=100)
+    raw = raw_stream()[:100]
+    scorer = Scorer(bundle, contributions=True)
+    assert len(scorer.update_many(raw)) == 0
+    out = scorer.finish()
+    assert len(out) == 100 and "pooled training threshold" in caplog.text
+    np.testing.assert_array_equal(out.flag, out.score > bundle.threshold.value)
+
+
+@pytest.mark.parametrize("family", ["kalman", "mamba"])
+def test_spot_threshold_carries_its_recursion(family):
+    bundle = make_bundle(family, score=ANOMALY, threshold=SPOTThreshold(q=0.01, level=0.9))
+    raw = raw_stream()
+    score, flags, _ = whole(bundle, raw)
+    levels = bundle.threshold.levels(score)
+    assert np.ptp(levels) > 0  # the level moves along the stream
+    got = fed(Scorer(bundle, contributions=True), raw, SPLITS["inside-windows"])
+    assert_same(family, got, (score, flags, whole(bundle, raw)[2]), levels)
+
+
+@pytest.mark.parametrize("family", ["kalman", "mamba"])
+def test_live_samples_equal_batch(family):
+    bundle = make_bundle(family, score=ANOMALY)
+    raw = raw_stream()[:300]
+    scorer = Scorer(bundle)
+    results = [scorer.update(row) for row in raw]
+    score = np.array([r[0] for r in results])
+    flag = np.array([r[1] for r in results])
+    want_score, want_flag, _ = whole(bundle, raw)
+    tol = 1e-5 if family == "kalman" else 1e-4
+    np.testing.assert_allclose(score, want_score, rtol=tol, atol=tol)
+    clear = ~np.isclose(want_score, bundle.threshold.value, rtol=1e-3)
+    assert (flag[clear] == want_flag[clear]).all()

@@ -1,0 +1,228 @@
+"""Window scores and flagged intervals of a stream that arrives in pieces, as pure functions over
+a small carried state.
+
+A stream scored in batches of any size - a file read in row batches, a live sensor one sample at a
+time - gets the window scores, contributions and flagged intervals of the whole stream scored at
+once (:func:`tsssm.anomaly.scores.window_scores`, :func:`tsssm.anomaly.attribution.
+flagged_intervals`), whatever the batch boundaries split: windows, gaps (rows with no observed
+channel) or flagged runs. Memory is O(window) per stream:
+
+- :class:`WindowState` carries the step terms of the last rows that a later row's window still
+  reaches (``window - 1`` rows trailing, ``window`` rows centered) plus, for a centered window,
+  the ``window // 2`` rows whose score waits for the rows after them;
+- :class:`IntervalState` carries the open flagged run: where it started, its peak and the summed
+  per-channel contributions so far.
+
+Both functions use the same formulas as the whole-stream path (``window_inputs`` /
+``window_values``), so they differ from it only by floating-point rounding (the window sums are
+differences of cumulative sums that start at the carried tail rather than at the stream's first
+row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from tsssm.anomaly.attribution import interval_shares
+from tsssm.anomaly.scores import WINDOW_ALIGNS, WINDOW_KINDS, window_inputs, window_values
+from tsssm.errors import ConfigError, DataError
+
+
+class WindowState(NamedTuple):
+    """What a stream's window scores carry from one batch to the next."""
+
+    received: int  # step rows received so far
+    emitted: int  # rows whose window score has been returned (all rows before this one)
+    #: (k, K) float64: the window inputs (``window_inputs``) of rows received - k .. received - 1
+    tail: np.ndarray
+
+
+def window_start(n_channels: int, kind: str = "mean") -> WindowState:
+    """The state before a stream's first row."""
+    if kind not in WINDOW_KINDS:
+        raise ConfigError(f"score window kind must be one of {WINDOW_KINDS}; got {kind!r}")
+    width = n_channels + 1 if kind == "mean" else 2 * n_channels
+    return WindowState(0, 0, np.zeros((0, width)))
+
+
+def window_update(state: WindowState, terms: tuple, window: int, kind: str = "mean",
+                  align: str = "trailing", final: bool = False, fill: float = 0.0
+                  ) -> tuple[np.ndarray, np.ndarray, WindowState]:
+    """Window scores of the rows that became ready with this batch of step terms.
+
+    terms: (contrib, whitened, observed), each (n, C) (StepTerms of one stream, numpy; n may be
+    0). A trailing window's rows are ready at once; a centered window's row t once row
+    t + window // 2 has arrived, or at the stream's end (``final=True``: every row left, with the
+    window cut at the end as the whole-stream path cuts it). Returns (score (m,), contrib (m, C)
+    float64, new state): the scores of rows ``state.emitted .. state.emitted + m - 1``.
+    """
+    if align not in WINDOW_ALIGNS:
+        raise ConfigError(f"score window align must be one of {WINDOW_ALIGNS}; got {align!r}")
+    contrib, whitened, observed = (np.asarray(t) for t in terms)
+    k, n = len(state.tail), len(contrib)
+    x = np.empty((k + n, state.tail.shape[1]))  # (k + n, K): the tail, then the new rows
+    x[:k] = state.tail
+    window_inputs(contrib, whitened, observed, kind, out=x[k:])
+    base = state.received - k  # stream row of x[0]
+    received = state.received + n
+    ahead = 0 if align == "trailing" else window // 2  # rows after t in t's window
+    ready = received if final else max(state.emitted, received - ahead)
+    cs = np.empty((len(x) + 1, x.shape[1]))
+    cs[0] = 0.0
+    np.cumsum(x, axis=0, out=cs[1:])
+    first, m = state.emitted, ready - state.emitted
+    if first + 1 + ahead - window >= 0 and ready + ahead <= received:
+        # every window whole: sums of consecutive rows, by slices
+        lo = first + 1 + ahead - window - base
+        sums = cs[lo + window : lo + window + m] - cs[lo : lo + m]
+    else:  # windows cut at the stream's start or end
+        t = np.arange(first, ready)
+        stop = np.minimum(t + 1 + ahead, received)
+        start = np.maximum(0, stop - window)
+        sums = cs[stop - base] - cs[start - base]
+    score, out = window_values(sums, kind, fill)
+    # the rows a later row's window can still reach: from ready + 1 + ahead - window on, and
+    # (centered) the last `window` rows, which the windows cut at the stream's end start from
+    keep = max(0, min(ready + 1 + ahead - window, received - window if ahead else received))
+    tail = x[keep - base :] if not final else x[:0]
+    return score, out, WindowState(received, ready, np.ascontiguousarray(tail))
+
+
+def window_step(state: WindowState, contrib: np.ndarray, whitened: np.ndarray,
+                observed: np.ndarray, window: int, kind: str = "mean", fill: float = 0.0
+                ) -> tuple[float, np.ndarray, WindowState]:
+    """One row of a trailing window (a live sample): :func:`window_update` of a batch of one
+    row, in fewer array operations. contrib, whitened, observed: (C,). Returns (score,
+    contrib (C,), new state)."""
+    tail = state.tail
+    row = np.empty((1, tail.shape[1]))
+    window_inputs(contrib[None], whitened[None], observed[None], kind, out=row)
+    sums = row if not len(tail) else tail.sum(axis=0, keepdims=True) + row
+    score, out = window_values(sums, kind, fill)
+    keep = window - 1
+    if keep <= 0:
+        new_tail = tail[:0]
+    elif len(tail) < keep:
+        new_tail = np.concatenate([tail, row])
+    else:
+        new_tail = np.concatenate([tail[len(tail) - keep + 1 :], row])
+    received = state.received + 1
+    return float(score[0]), out[0], WindowState(received, received, new_tail)
+
+
+class Intervals(NamedTuple):
+    """Maximal runs of flagged rows (k of them), as :class:`tsssm.anomaly.attribution.
+    FlaggedInterval` with the times of their first and last rows; arrays, as a long stream can
+    have many."""
+
+    start: np.ndarray  # (k,) int64 first row (index in the stream)
+    stop: np.ndarray  # (k,) int64 one past the last row
+    start_time: np.ndarray  # (k,) the times of the first rows
+    end_time: np.ndarray  # (k,) the times of the last rows
+    peak: np.ndarray  # (k,) float64 largest score inside
+    summed: np.ndarray | None  # (k, C) summed contributions, None without them
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def shares(self, channels: Sequence[str]) -> list[dict[str, float]]:
+        """Each interval's channel shares (FlaggedInterval.shares)."""
+        if self.summed is None:
+            return [{} for _ in range(len(self))]
+        return [interval_shares(row, channels) for row in self.summed]
+
+
+class IntervalState(NamedTuple):
+    """The open flagged run of a stream (``start`` < 0: none) after ``rows`` rows."""
+
+    rows: int
+    start: int
+    start_time: Any
+    last_time: Any  # the time of the last row seen
+    peak: float
+    summed: np.ndarray | None  # (C,) or None (no contributions)
+
+
+def _no_intervals(time: np.ndarray, contrib: np.ndarray | None) -> Intervals:
+    none = np.zeros(0, np.int64)
+    times = np.asarray(time)[:0]
+    return Intervals(none, none, times, times, np.zeros(0),
+                     None if contrib is None else np.zeros((0, np.shape(contrib)[1])))
+
+
+def intervals_start() -> IntervalState:
+    return IntervalState(0, -1, None, None, -np.inf, None)
+
+
+def intervals_update(state: IntervalState, flags: np.ndarray, score: np.ndarray,
+                     contrib: np.ndarray | None, time: np.ndarray, final: bool = False
+                     ) -> tuple[Intervals, IntervalState]:
+    """The flagged intervals that ended within this batch of consecutive rows (and, with
+    ``final``, the one still open at the stream's end).
+
+    flags (n,) bool, score (n,), contrib (n, C) or None, time (n,). A run that reaches the
+    batch's end stays open in the returned state and continues into the next batch.
+    """
+    flags = np.asarray(flags, dtype=bool).reshape(-1)
+    score = np.asarray(score).reshape(-1)
+    n = len(flags)
+    if score.shape != (n,) or len(time) != n or (contrib is not None and len(contrib) != n):
+        raise DataError(f"{n} flags for {score.size} scores, {len(time)} times and "
+                        f"{'no' if contrib is None else len(contrib)} contributions")
+    if n == 0 and not final:
+        return _no_intervals(time, contrib), state
+    is_open = state.start >= 0
+    edges = np.diff(np.concatenate([[is_open], flags, [False]]).astype(np.int8))
+    starts = np.flatnonzero(edges == 1)  # runs that begin in this batch
+    stops = np.flatnonzero(edges == -1)  # one past each run's last row (n: reaches the end)
+    # segment k of the flagged rows of this batch: rows first[k] .. stops[k] - 1
+    first = np.concatenate([[0], starts]) if is_open else starts
+    if is_open and (n == 0 or not flags[0]):  # the open run ended before this batch
+        seg_first, seg_stops = first[1:], stops[1:]
+        ended_before = True
+    else:
+        seg_first, seg_stops = first, stops
+        ended_before = False
+    if len(seg_first):  # reduce over the flagged rows only (a few of the batch)
+        rows = np.flatnonzero(flags)
+        at = np.searchsorted(rows, seg_first)  # where each segment starts among them
+        peaks = np.maximum.reduceat(score[rows].astype(np.float64), at)
+        sums = None if contrib is None else np.add.reduceat(
+            np.asarray(contrib)[rows].astype(np.float64), at, axis=0)
+    row0 = state.rows
+    time_dtype = np.asarray(time).dtype if n else np.asarray(state.last_time).dtype
+    begin = row0 + seg_first.astype(np.int64)
+    stop = row0 + seg_stops.astype(np.int64)
+    begin_time = np.asarray(time)[seg_first].astype(time_dtype)
+    end_time = np.asarray(time)[seg_stops - 1].astype(time_dtype)
+    if not len(seg_first):
+        peaks = np.zeros(0)
+        sums = None if contrib is None else np.zeros((0, np.shape(contrib)[1]))
+    if is_open and not ended_before and len(begin):  # the open run goes on in segment 0
+        begin[0], begin_time[0] = state.start, state.start_time
+        peaks[0] = max(peaks[0], state.peak)
+        if sums is not None and state.summed is not None:
+            sums[0] += state.summed
+    open_state = IntervalState(row0 + n, -1, None, time[n - 1] if n else state.last_time,
+                               -np.inf, None)
+    if len(begin) and stop[-1] == row0 + n and not final:  # still open at the batch's end
+        open_state = IntervalState(row0 + n, int(begin[-1]), begin_time[-1], time[n - 1],
+                                   float(peaks[-1]), None if sums is None else sums[-1].copy())
+        begin, stop, begin_time, end_time = begin[:-1], stop[:-1], begin_time[:-1], end_time[:-1]
+        peaks = peaks[:-1]
+        sums = None if sums is None else sums[:-1]
+    if ended_before:  # the run open before this batch, first
+        begin = np.concatenate([[state.start], begin]).astype(np.int64)
+        stop = np.concatenate([[row0], stop]).astype(np.int64)
+        begin_time = np.concatenate([np.array([state.start_time], time_dtype), begin_time])
+        end_time = np.concatenate([np.array([state.last_time], time_dtype), end_time])
+        peaks = np.concatenate([[state.peak], peaks])
+        if sums is not None or state.summed is not None:
+            width = len(state.summed) if state.summed is not None else sums.shape[1]
+            head = state.summed if state.summed is not None else np.zeros(width)
+            sums = np.concatenate([head[None], sums if sums is not None
+                                   else np.zeros((0, width))])
+    return Intervals(begin, stop, begin_time, end_time, peaks, sums), open_state

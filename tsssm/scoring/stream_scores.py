@@ -1,0 +1,239 @@
+"""From a model's step terms to a stream's scores, contributions and flags, in pieces.
+
+What the whole-stream path (tsssm.tasks.evaluate.predict_stream, then the threshold) computes
+from the step terms of every row, :class:`StreamScores` computes from consecutive batches of them
+with a small carried state, so the batch boundaries change nothing:
+
+- the window score (``task.window``: trailing or centered, mean or shift) and each channel's
+  additive share of it, by :func:`tsssm.anomaly.streaming.window_update` (O(window) rows
+  carried; a centered window's scores come out ``window // 2`` rows late);
+- the flags: the bundle's threshold (a streaming rule such as SPOT carries its recursion), or,
+  with per-stream thresholds (``task.threshold.scope=per_stream``), the same rule refitted on the
+  stream's own first ``threshold_rows`` scores, exactly as ``tsssm score`` does for a file read
+  whole: those scores are held until the stream has more rows than that, then flagged together;
+  a stream that ends first is flagged by the pooled training threshold, with a warning;
+- other row-aligned arrays (the scaled rows and forecasts kept for figures) are delayed with the
+  scores so that every output row carries its own.
+
+:class:`ScoredRows` is what comes out: rows ``start .. start + n - 1`` of the stream, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import numpy as np
+
+from tsssm.anomaly.scores import ScoreSpec
+from tsssm.anomaly.streaming import window_start, window_step, window_update
+from tsssm.anomaly.thresholds import Threshold, threshold_from_dict
+
+log = logging.getLogger("tsssm")
+
+#: fields of ScoredRows that travel with the scores (row-aligned, (n, C))
+EXTRAS = ("scaled", "mean", "var")
+
+
+class ScoredRows(NamedTuple):
+    """Scores of consecutive rows of a stream: rows ``start .. start + len(score) - 1``."""
+
+    start: int  # index of the first row in the stream (0-based, after any inserted gap rows)
+    score: np.ndarray  # (n,) float32 anomaly score
+    flag: np.ndarray  # (n,) bool: score above the threshold in force
+    #: with Scorer(moments=True): the scaled rows and their one-step predictive mean and
+    #: variance (n, C), float32, in the scaler's units (None otherwise)
+    scaled: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    var: np.ndarray | None = None
+    #: with Scorer(contributions=True): each channel's additive share of the score (n, C)
+    #: float32 (the ``contrib:<channel>`` columns; a row's shares sum to its score)
+    contrib: np.ndarray | None = None
+    #: the threshold in force at each row (n,) float32, when it is not the bundle's one value
+    #: (a streaming rule such as SPOT, or a per-stream threshold): the ``threshold`` column
+    level: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+
+def empty_rows(start: int, n_channels: int, contrib: bool = False) -> ScoredRows:
+    return ScoredRows(start, np.empty(0, np.float32), np.empty(0, bool),
+                      contrib=np.empty((0, n_channels), np.float32) if contrib else None)
+
+
+
+def concat_rows(parts: list[ScoredRows], start: int, n_channels: int,
+                contrib: bool = False) -> ScoredRows:
+    """One ScoredRows of consecutive pieces (the first's start, or ``start`` when empty)."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return empty_rows(start, n_channels, contrib)
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(field: str):
+        values = [getattr(p, field) for p in parts]
+        return None if values[0] is None else np.concatenate(values)
+
+    return ScoredRows(parts[0].start, *(cat(f) for f in ScoredRows._fields[1:]))
+
+
+class _Fifo:
+    """Row-aligned arrays waiting for their scores: push n rows, pop the oldest m."""
+
+    def __init__(self) -> None:
+        self.parts: list[dict[str, np.ndarray]] = []
+
+    def push(self, arrays: dict[str, np.ndarray]) -> None:
+        if arrays and len(next(iter(arrays.values()))):
+            self.parts.append(arrays)
+
+    def pop(self, n: int) -> dict[str, np.ndarray]:
+        taken: list[dict[str, np.ndarray]] = []
+        while n > 0 and self.parts:
+            head = self.parts[0]
+            size = len(next(iter(head.values())))
+            if size <= n:
+                taken.append(self.parts.pop(0))
+                n -= size
+            else:
+                taken.append({k: v[:n] for k, v in head.items()})
+                self.parts[0] = {k: v[n:] for k, v in head.items()}
+                n = 0
+        if not taken:
+            return {}
+        return {k: np.concatenate([t[k] for t in taken]) for k in taken[0]}
+
+
+class StreamScores:
+    """Window scores, contributions and flags of one stream fed step terms in pieces.
+
+    spec: the bundle's ScoreSpec; threshold: the bundle's fitted threshold; threshold_rows > 0:
+    per-stream thresholds (the rule refitted on the stream's first ``threshold_rows`` scores);
+    contributions: also return each channel's share of the score.
+    """
+
+    def __init__(self, spec: ScoreSpec, threshold: Threshold, n_channels: int, *,
+                 threshold_rows: int = 0, contributions: bool = False) -> None:
+        self.spec = spec
+        self.pooled = threshold
+        self.n_channels = n_channels
+        self.threshold_rows = int(threshold_rows)
+        self.contributions = contributions
+        self.reset()
+
+    def reset(self, source: str = "the stream") -> None:
+        self.source = source
+        self._window = window_start(self.n_channels, self.spec.window_kind)
+        self._extras = _Fifo()
+        #: the threshold flagging this stream (None while the per-stream one waits for rows)
+        self.threshold: Threshold | None = None if self.threshold_rows else self.pooled
+        self._carry = None  # a streaming threshold's recursion
+        self._held: list[tuple[np.ndarray, np.ndarray, dict]] = []  # scores before the fit
+        self._n_held = 0
+        self._out = 0  # rows returned
+
+    @property
+    def pending(self) -> int:
+        """Rows pushed whose scores have not come out yet (window lookahead, threshold fit)."""
+        return self._window.received - self._out
+
+    @property
+    def threshold_note(self) -> str:
+        """Which threshold flags this stream, in words."""
+        moving = " (initially; it follows the stream)" if self.pooled.follows_stream else ""
+        if not self.threshold_rows:
+            return f"threshold {self.pooled.value:.3g}{moving}"
+        if self.threshold is None or self.threshold is self.pooled:
+            return (f"threshold per stream: the pooled training threshold "
+                    f"{self.pooled.value:.3g}{moving} (the stream is not longer than the "
+                    f"{self.threshold_rows} rows its own is fitted on)")
+        return (f"threshold per stream {self.threshold.value:.3g}{moving}: the model's "
+                f"{self.pooled.name} rule refitted on this stream's first "
+                f"{self.threshold_rows} scores (the bundle stores no threshold for a new stream)")
+
+    def push(self, terms: tuple, extras: dict[str, np.ndarray] | None = None) -> ScoredRows:
+        """Step terms (contrib, whitened, observed) (n, C) of the next rows, and row-aligned
+        arrays to return with their scores. Returns the rows that became ready."""
+        return self._advance(terms, extras, final=False)
+
+    def push_one(self, contrib: np.ndarray, whitened: np.ndarray, observed: np.ndarray
+                 ) -> tuple[float, bool, np.ndarray] | None:
+        """One row's step terms (C,) -> (score, flag, contrib (C,)), when its score comes out
+        at once (a trailing window, a threshold in force, no extras to delay); else None and
+        nothing changes (use :meth:`push`)."""
+        spec = self.spec
+        if (self.threshold is None or self._window.emitted != self._window.received
+                or (spec.window > 1 and spec.align != "trailing") or self._extras.parts):
+            return None
+        score, contrib, self._window = window_step(self._window, contrib, whitened, observed,
+                                                   spec.window, spec.window_kind)
+        if self.threshold.follows_stream:
+            levels, self._carry = self.threshold.levels_update(np.array([score]), self._carry)
+            flag = score > float(levels[0])
+        else:
+            flag = score > self.threshold.value
+        self._out += 1
+        return score, bool(flag), contrib
+
+    def finish(self) -> ScoredRows:
+        """The stream's end: every row still waiting."""
+        C = self.n_channels
+        none = (np.zeros((0, C)), np.zeros((0, C)), np.zeros((0, C), bool))
+        out = self._advance(none, None, final=True)
+        if not self._held:
+            return out
+        log.warning("%s has %d rows, not more than the %d its own threshold is fitted on; using "
+                    "the pooled training threshold", self.source, self._n_held,
+                    self.threshold_rows)
+        self.threshold = self.pooled
+        return concat_rows([out, self._release()], self._out, C, self.contributions)
+
+    # ------------------------------------------------------------------ internals
+    def _advance(self, terms: tuple, extras: dict | None, final: bool) -> ScoredRows:
+        spec = self.spec
+        self._extras.push(extras or {})
+        score, contrib, self._window = window_update(self._window, terms, spec.window,
+                                                     spec.window_kind, spec.align, final)
+        ext = self._extras.pop(len(score))
+        if self.threshold is None:
+            self._held.append((score, contrib, ext))
+            self._n_held += len(score)
+            if self._n_held <= self.threshold_rows:
+                return empty_rows(self._out, self.n_channels, self.contributions)
+            scores = np.concatenate([h[0] for h in self._held])
+            rule = self.pooled.to_dict()
+            self.threshold = threshold_from_dict(
+                {"name": rule["name"], "params": rule["params"]}).fit(
+                scores[: self.threshold_rows])
+            return self._release()
+        return self._flag(score, contrib, ext)
+
+    def _release(self) -> ScoredRows:
+        held, self._held, self._n_held = self._held, [], 0
+        if not held:
+            return empty_rows(self._out, self.n_channels, self.contributions)
+        score = np.concatenate([h[0] for h in held])
+        contrib = np.concatenate([h[1] for h in held])
+        ext = {k: np.concatenate([h[2][k] for h in held]) for k in held[0][2]}
+        return self._flag(score, contrib, ext)
+
+    def _flag(self, score: np.ndarray, contrib: np.ndarray, ext: dict) -> ScoredRows:
+        start = self._out
+        if len(score) == 0:
+            return empty_rows(start, self.n_channels, self.contributions)
+        level = None
+        if self.threshold.follows_stream:
+            levels, self._carry = self.threshold.levels_update(score, self._carry)
+            flag = score > levels
+            level = levels.astype(np.float32)
+        else:
+            flag = score > self.threshold.value
+            if self.threshold_rows:
+                level = np.full(len(score), self.threshold.value, np.float32)
+        self._out += len(score)
+        return ScoredRows(start, score.astype(np.float32), flag,
+                          *(ext.get(k) for k in EXTRAS),
+                          contrib=contrib.astype(np.float32) if self.contributions else None,
+                          level=level)
