@@ -40,6 +40,50 @@ def test_skab_sample_protocol():
     extra = [p for p in data.parts if p.split is None]
     assert [p.stream.name for p in extra] == ["anomaly-free/anomaly-free"]
     assert extra[0].rows("train") == (0, 9405) and extra[0].rows("test") == (0, 0)
+    # the extra normal file is scaled by its first 400 rows too (as `tsssm score` would)
+    first = extra[0].stream.values[:400].astype(np.float64)
+    assert np.allclose(np.nanmean(first, axis=0), 0, atol=1e-4)
+
+
+@pytest.mark.parametrize("inputs", [[], ["Voltage"]])
+def test_training_scales_each_file_as_tsssm_score_does(inputs):
+    """Per-stream scaling: every SKAB file (the extra normal one too), and its inputs, scaled in
+    training exactly as `tsssm score` scales the same file (its first data.train_rows rows)."""
+    from tsssm.bundle import Bundle
+    from tsssm.commands.score import load_file
+
+    channels = [] if not inputs else ["Accelerometer1RMS", "Current", "Pressure"]
+    cfg = data_config("skab_sample", channels=channels, inputs=inputs)
+    data = build_dataset(cfg).load()
+    raw = build_dataset(data_config("skab_sample", channels=channels, inputs=inputs,
+                                    scaler="pooled")).load()
+    data_cfg = OmegaConf.to_container(cfg, resolve=True)
+    bundle = Bundle(model=None, net_config={}, model_name="none", channels=data.channels,
+                    scaler=data.scaler, per_stream_scaling=True, threshold=None,
+                    score_kind="nis", data_config=data_cfg, inputs=data.inputs,
+                    input_scaler=data.input_scaler)
+    for part, pooled in zip(data.parts, raw.parts):
+        path = Path(part.stream.path)
+        scored = load_file(OmegaConf.create({**data_cfg, "path": str(path), "channels": []}),
+                           bundle).parts[0]
+        assert np.array_equal(scored.stream.values, part.stream.values, equal_nan=True), path
+        assert np.array_equal(scored.scaler.mean, part.scaler.mean), path
+        if inputs:
+            assert np.array_equal(scored.stream.inputs, part.stream.inputs), path
+        # and those rows are the file's first 400, not its 320 training rows
+        first = pooled.scaler.inverse_transform(pooled.stream.values)[:400]
+        np.testing.assert_allclose(part.scaler.mean, np.nanmean(first, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_short_extra_file_is_scaled_by_the_pooled_training_scaler():
+    """An extra training file of no more than data.train_rows rows has no first rows of its
+    own to scale by: training uses the pooled scaler, as `tsssm score` does for such a file."""
+    data = build_dataset(data_config("skab_sample", train_rows=400)).load()
+    (extra,) = [p for p in data.parts if p.split is None]
+    assert extra.scaling_rows(400) == 400 and extra.scaling_rows(10_000) is None
+    faults = [p for p in data.parts if p.split is not None]
+    assert all(p.scaling_rows(400) == 400 for p in faults)
+    assert all(p.scaling_rows(10_000) == p.pre_test_rows() for p in faults)  # never the test
 
 
 def test_pooled_scaler_uses_training_rows_only():

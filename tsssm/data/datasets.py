@@ -69,6 +69,16 @@ class Part:
             return (0, len(self.stream)) if name == "train" else (0, 0)
         return getattr(self.split, name)
 
+    def scaling_rows(self, train_rows: int) -> int | None:
+        """How many first rows a per-stream scaler of this stream is fitted on: its first
+        ``train_rows`` (data.train_rows; SKAB's protocol, and exactly what `tsssm score` fits
+        on a file it scores), never reaching into the test split (a fraction split with fewer
+        rows before it fits on those). None: an extra training file of no more rows than that,
+        scaled by the pooled training scaler, as `tsssm score` scales a file that short."""
+        if self.split is None and len(self.stream) <= train_rows:
+            return None
+        return min(int(train_rows), self.pre_test_rows())
+
     def pre_test_rows(self) -> int:
         """Number of rows before the test split (training + validation; all of an extra file)."""
         if self.split is None:
@@ -267,16 +277,19 @@ class BaseDataset:
         scaler = scaler or StandardScaler.fit(train, channels)
         per_stream = option_value(cfg.scaler) == "per_stream"
         for p in parts:
-            # per_stream (SKAB's protocol): each file is scaled by its own rows before the test
-            # split (training and validation rows: SKAB's first 400, as `tsssm score` does).
-            p.scaler = (StandardScaler.fit([p.stream.values[: p.pre_test_rows()]], channels)
-                        if per_stream else scaler)
+            # per_stream (SKAB's protocol): each file, the extra normal ones too, is scaled by
+            # its own first data.train_rows rows (SKAB's first 400: training and validation
+            # rows), exactly the rows `tsssm score` fits a file's scaler on.
+            rows = p.scaling_rows(cfg.train_rows) if per_stream else None
+            p.scaler = (scaler if rows is None
+                        else StandardScaler.fit([p.stream.values[:rows]], channels))
             raw = p.stream.values
             with np.errstate(over="ignore"):
                 p.stream.values = p.scaler.transform(raw)
             check_scaled(p.stream, raw, p.scaler)
         inputs = list(cfg.get("inputs") or [])
-        input_scaler = self._scale_inputs(parts, inputs, input_scaler, per_stream)
+        input_scaler = self._scale_inputs(parts, inputs, input_scaler, per_stream,
+                                          cfg.train_rows)
         real = option_value(cfg.gaps) == "time"
         for p in parts:
             p.dt = time_steps(p.stream.time, real)
@@ -286,14 +299,17 @@ class BaseDataset:
 
     @staticmethod
     def _scale_inputs(parts: list[Part], inputs: list[str], scaler: StandardScaler | None,
-                      per_stream: bool) -> StandardScaler | None:
-        """Standardise the input columns as the channels are (pooled or per stream)."""
+                      per_stream: bool, train_rows: int) -> StandardScaler | None:
+        """Standardise the input columns as the channels are (pooled on the training rows, or
+        per stream on the same first rows as the channels)."""
         if not inputs:
             return None
         train = [p.stream.inputs[slice(*p.rows("train"))] for p in parts]
         scaler = scaler or StandardScaler.fit(train, inputs)
-        for p, rows in zip(parts, train):
-            p.input_scaler = StandardScaler.fit([rows], inputs) if per_stream else scaler
+        for p in parts:
+            rows = p.scaling_rows(train_rows) if per_stream else None
+            p.input_scaler = (scaler if rows is None
+                              else StandardScaler.fit([p.stream.inputs[:rows]], inputs))
             raw = p.stream.inputs
             with np.errstate(over="ignore"):
                 p.stream.inputs = p.input_scaler.transform(raw)
