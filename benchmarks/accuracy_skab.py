@@ -250,6 +250,34 @@ def grid_cells(bundle, data, cfg) -> list[tuple[tuple[int, float], list, list]]:
     return cells
 
 
+def label_free_choice(data, cells, cfg) -> dict:
+    """The default setting's rule, which reads no label (tsssm.anomaly.selection): the POT risk
+    ``1 / n`` of the ``n`` validation rows the threshold is fitted on, and the window of
+    GRID_WINDOWS whose threshold at that risk flags the smallest persistent shift. Returns the
+    risk, the window, the threshold and that shift of every window, and ``cell``: the chosen
+    setting's ((window, risk), preds, flags), flagged as training flags it."""
+    from tsssm.anomaly.selection import risk_for_rows, smallest_detectable_shift
+    from tsssm.anomaly.thresholds import build_threshold
+    from tsssm.tasks.evaluate import fit_thresholds
+
+    fit_on = cfg.task.threshold.fit_on
+    n_rows = sum(b - a for p in data.parts if p.split is not None
+                 for a, b in [p.rows(fit_on)])
+    risk = risk_for_rows(n_rows)
+    thresholds, flags = {}, {}
+    for w in GRID_WINDOWS:
+        preds = next(pr for (cw, _), pr, _ in cells if cw == w)
+        pooled, own = fit_thresholds(data, preds, lambda s: build_threshold(
+            "pot", q=risk, level=cfg.task.threshold.level).fit(s),
+            scope=cfg.task.threshold.scope, fit_on=fit_on)
+        thresholds[w] = float(pooled.value)
+        flags[w] = (preds, [t.flags(pr.score) for t, pr in zip(own, preds)])
+    window, shift = smallest_detectable_shift(thresholds)
+    return {"risk": risk, "fit_rows": n_rows, "window": window,
+            "thresholds": thresholds, "shift": shift,
+            "cell": ((window, risk), *flags[window])}
+
+
 def grouped_choice(args, model: str, bundle_dir: str, command: str) -> list[dict]:
     """Records of ``model`` with its score window and POT risk chosen leave-one-group-out over
     SKAB's folders (GRID_WINDOWS x GRID_RISKS; tsssm.anomaly.selection): ``<model>[logo]`` (best
@@ -301,13 +329,17 @@ def grouped_choice(args, model: str, bundle_dir: str, command: str) -> list[dict
                                cfg.task.vus_max_buffer))
         return {f"test/{k}": v for k, v in m.items()}
 
+    n_grid = len(cells)
     choices = {
         "logo": choose_by_group(counts, groups, MAX_FAR),
         "logo-f1": choose_by_group(counts, groups),
-        "logo-nab": choose_by_group_with(len(cells), groups, nab_of),
+        "logo-nab": choose_by_group_with(n_grid, groups, nab_of),
     }
+    free = label_free_choice(data, cells, cfg)  # its own cell, after the grid's
+    cells.append(free.pop("cell"))
+    choices["label-free"] = {g: n_grid for g in groups}
     grid = []
-    for k, ((w, risk), _, _) in enumerate(cells):
+    for k, ((w, risk), _, _) in enumerate(cells[:n_grid]):
         m = metrics_of(k)
         grid.append({"window": w, "risk": risk, "f1": m["test/f1"], "far": m["test/far"],
                      "mar": m["test/mar"], "auc_pr": m["test/auc_pr"],
@@ -321,6 +353,8 @@ def grouped_choice(args, model: str, bundle_dir: str, command: str) -> list[dict
                "selection_s": round(time.perf_counter() - started, 1)}
         if how == "logo":
             rec["grid"] = grid
+        if how == "label-free":
+            rec["label_free"] = free
         print(f"  skab {rec['model']}: f1 {rec['f1']:.3f} far {rec['far']:.3f} "
               f"mar {rec['mar']:.3f} nab {rec['nab_standard']:.1f} choice {rec['choice']}",
               flush=True)

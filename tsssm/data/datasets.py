@@ -69,14 +69,15 @@ class Part:
             return (0, len(self.stream)) if name == "train" else (0, 0)
         return getattr(self.split, name)
 
-    def scaling_rows(self, train_rows: int) -> int | None:
-        """How many first rows a per-stream scaler of this stream is fitted on: its first
-        ``train_rows`` (data.train_rows; SKAB's protocol, and exactly what `tsssm score` fits
-        on a file it scores), never reaching into the test split (a fraction split with fewer
-        rows before it fits on those). None: an extra training file of no more rows than that,
-        scaled by the pooled training scaler, as `tsssm score` scales a file that short."""
-        if self.split is None and len(self.stream) <= train_rows:
-            return None
+    def scaling_rows(self, train_rows: int) -> int:
+        """How many first rows a per-stream scaler of this stream is fitted on. A stream with a
+        test split: its first ``train_rows`` (data.train_rows; SKAB's protocol, and exactly the
+        rows `tsssm score` fits on a file it scores), never reaching into the test split (a
+        fraction split with fewer rows before it fits on those). An extra training file (no
+        split, nothing of it is tested): all its rows, so that the normal recording the model
+        learns from is centred on its own operating point."""
+        if self.split is None:
+            return len(self.stream)
         return min(int(train_rows), self.pre_test_rows())
 
     def pre_test_rows(self) -> int:
@@ -277,12 +278,11 @@ class BaseDataset:
         scaler = scaler or StandardScaler.fit(train, channels)
         per_stream = option_value(cfg.scaler) == "per_stream"
         for p in parts:
-            # per_stream (SKAB's protocol): each file, the extra normal ones too, is scaled by
-            # its own first data.train_rows rows (SKAB's first 400: training and validation
-            # rows), exactly the rows `tsssm score` fits a file's scaler on.
-            rows = p.scaling_rows(cfg.train_rows) if per_stream else None
-            p.scaler = (scaler if rows is None
-                        else StandardScaler.fit([p.stream.values[:rows]], channels))
+            # per_stream (SKAB's protocol): each tested file is scaled by its own first
+            # data.train_rows rows (SKAB's first 400: training and validation rows), exactly the
+            # rows `tsssm score` fits a file's scaler on; an extra training file by all its rows
+            p.scaler = (StandardScaler.fit([p.stream.values[: p.scaling_rows(cfg.train_rows)]],
+                                           channels) if per_stream else scaler)
             raw = p.stream.values
             with np.errstate(over="ignore"):
                 p.stream.values = p.scaler.transform(raw)
@@ -307,9 +307,8 @@ class BaseDataset:
         train = [p.stream.inputs[slice(*p.rows("train"))] for p in parts]
         scaler = scaler or StandardScaler.fit(train, inputs)
         for p in parts:
-            rows = p.scaling_rows(train_rows) if per_stream else None
-            p.input_scaler = (scaler if rows is None
-                              else StandardScaler.fit([p.stream.inputs[:rows]], inputs))
+            p.input_scaler = (StandardScaler.fit([p.stream.inputs[: p.scaling_rows(train_rows)]],
+                                                 inputs) if per_stream else scaler)
             raw = p.stream.inputs
             with np.errstate(over="ignore"):
                 p.stream.inputs = p.input_scaler.transform(raw)
