@@ -13,8 +13,10 @@ normaliser or a model setting. One run per figure, seed 0.
 SKAB has no labelled validation split, so a trained detector's score window and POT risk are
 also chosen leave-one-group-out over SKAB's three folders (``grouped_choice``: each folder's files
 flagged with the setting that is best on the other two folders' labels; records
-``<model>[logo]``, ``[logo-f1]``, ``[logo-nab]``); the plain ``<model>`` record is the config's
-defaults, which were set by hand.
+``<model>[logo]``, ``[logo-f1]``, ``[logo-nab]``); ``<model>[label-free]`` is the setting of
+a rule that reads no label (``label_free_choice``: POT risk 1/n of the n validation rows, the
+window that flags the smallest persistent shift), and the plain ``<model>`` record is the
+config's defaults (conf/task/anomaly.yaml holds that rule's choice for var_kalman on SKAB).
 
 Trained models run through the user's own command, ``tsssm train data=skab model=<m>
 task=anomaly``, one process and tracking store each (the record's ``command`` is that exact
@@ -375,10 +377,12 @@ def _pct(x: float) -> str:
 
 def _setting(r: dict) -> str:
     """The score window / POT risk a record was flagged with (per folder when chosen)."""
+    if "label_free" in r:
+        return f"{r['label_free']['window']}/{r['label_free']['risk']:.3g} (label-free rule)"
     if "choice" in r:
         return ", ".join(f"{g} {c['window']}/{c['risk']:g}" for g, c in r["choice"].items())
     if "window" in r:
-        return f"{r['window']}/{r['risk']:g} (set by hand)"
+        return f"{r['window']}/{r['risk']:.3g} (config default)"
     return "–"
 
 
@@ -430,7 +434,8 @@ def sensitivity(bundle_dir: str, root: str, windows=(1, 5, 10, 20, 30, 60),
     """Markdown: a trained detector's test metrics over score windows and POT risks (threshold
     fitted on the validation rows as the default task). A sensitivity study, reported beside the
     headline so that no reader mistakes a chosen cell for a fitted one: the defaults were set by
-    the developers while looking at SKAB's test results, not by any procedure."""
+    the developers while looking at SKAB's test results, not by any procedure (the defaults
+    since 2026-12-01 come from a label-free rule: see conf/task/anomaly.yaml)."""
     from tsssm.anomaly.scores import ScoreSpec
     from tsssm.anomaly.thresholds import build_threshold
     from tsssm.bundle import load_bundle
