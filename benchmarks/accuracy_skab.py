@@ -103,7 +103,30 @@ _FIELDS = {  # record field: metric key
     "event_recall": "test/event_recall", "event_precision": "test/event_precision",
     "event_f1": "test/event_f1", "delay_mean": "test/delay_mean",
     "threshold": "train/threshold",
+    "far_before": "test/far_before", "far_after": "test/far_after",
+    "far_convae_rows": "test/far_convae_rows",
 }
+#: the rows of a file's test split Conv-AE's notebook can flag (its flags cover
+#: range(N_STEPS - 1, len(X) - N_STEPS + 1) of 60-row windows: not the first 59, not the last 118)
+CONVAE_SKIP = (59, 118)
+
+
+def far_where(labels: list[np.ndarray], flags: list[np.ndarray]) -> dict[str, float]:
+    """Where the false alarms sit: the FAR of the normal test rows before each file's first
+    anomalous row, after its last, and on the rows Conv-AE's notebook can flag (CONVAE_SKIP).
+    A reading aid for the FAR column, computed from the flags already chosen."""
+    fp = {"before": 0, "after": 0, "convae_rows": 0}
+    normal = dict.fromkeys(fp, 0)
+    for y, f in zip(labels, flags):
+        y, f = np.asarray(y).astype(bool), np.asarray(f).astype(bool)
+        n = np.arange(len(y))
+        hits = np.flatnonzero(y)
+        first, last = (hits[0], hits[-1]) if hits.size else (len(y), len(y))
+        keep = (n >= CONVAE_SKIP[0]) & (n < len(y) - CONVAE_SKIP[1])
+        for key, rows in (("before", n < first), ("after", n > last), ("convae_rows", keep)):
+            fp[key] += int((f & ~y & rows).sum())
+            normal[key] += int((~y & rows).sum())
+    return {f"far_{k}": fp[k] / normal[k] if normal[k] else math.nan for k in fp}
 
 
 def _record(m: dict[str, float]) -> dict:
@@ -344,6 +367,7 @@ def grouped_choice(args, model: str, bundle_dir: str, command: str) -> list[dict
         m = detection_metrics(np.concatenate(lab), np.concatenate(sco), np.concatenate(flg))
         m.update(range_metrics(lab, sco, flg, cps, tms, cfg.task.nab_window,
                                cfg.task.vus_max_buffer))
+        m.update(far_where(lab, flg))
         return {f"test/{k}": v for k, v in m.items()}
 
     n_grid = len(cells)
@@ -432,6 +456,16 @@ def table(path: Path, only: list[dict] | None = None) -> str:
     for name, (f1, far, mar) in PUBLISHED_OUTLIER.items():
         out.append(f"| {name} (published) | – | {f1:.2f} | {far:.2f} | {mar:.2f} | – | – | – "
                    "| – | – |")
+    located = [r for r in rows if r.get("far_before", math.nan) == r.get("far_before")]
+    if located:
+        out += ["\n#### Where the false alarms sit (FAR % of the normal test rows before each "
+                "file's first anomalous row, after its last, and on the rows Conv-AE's notebook "
+                "can flag: not a file's first 59 or last 118 test rows)\n",
+                "| method | window / risk | FAR % all | before | after | Conv-AE's rows |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {_label(r['model'])} | {_setting(r)} | {_pct(r['far'])} "
+                f"| {_pct(r['far_before'])} | {_pct(r['far_after'])} "
+                f"| {_pct(r['far_convae_rows'])} |" for r in located]
     out += ["\n#### SKAB change-point detection (NAB, 60 s window to the right; 127 change "
             "points)\n", "| method | NAB standard | NAB low FP | NAB low FN | missed CPs | FPs |",
             "|---|---|---|---|---|---|"]
