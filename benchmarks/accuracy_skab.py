@@ -322,8 +322,10 @@ def grouped_choice(args, model: str, bundle_dir: str, command: str) -> list[dict
     """Records of ``model`` with its score window and POT risk chosen leave-one-group-out over
     SKAB's folders (GRID_WINDOWS x GRID_RISKS; tsssm.anomaly.selection): ``<model>[logo]`` (best
     F1 on the other folders within MAX_FAR), ``<model>[logo-f1]`` (best F1) and
-    ``<model>[logo-nab]`` (best NAB standard, for the change-point table). The headline record
-    also holds the whole grid's pooled test metrics (``grid``), in-sample, for the reader."""
+    ``<model>[logo-nab]`` (best NAB standard, for the change-point table), ``<model>[logo-wide]``
+    (the ``[logo]`` rule over WIDE_WINDOWS x WIDE_ALIGNS x WIDE_RISKS) and ``<model>[label-free]``
+    (``label_free_choice``, no label read). The ``[logo]`` record also holds the whole grid's
+    pooled test metrics (``grid``), in-sample, for the reader."""
     from tsssm.anomaly.events import nab_score
     from tsssm.anomaly.selection import choose_by_group, choose_by_group_with, stream_counts
     from tsssm.bundle import load_bundle
