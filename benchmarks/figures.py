@@ -57,8 +57,8 @@ def browser():
 
 
 def open_time(driver, path: Path) -> float:
-    """Seconds from navigation to the score line drawn (the load event comes after the
-    figure scripts, which draw synchronously)."""
+    """Seconds from navigation to the score line drawn (polled: the report draws once the
+    browser has unpacked its gzipped plotly.js, after the load event)."""
     started = time.perf_counter()
     driver.get(path.as_uri())
     while not driver.execute_script(

@@ -3,14 +3,19 @@ What a browser draws from them is tested in tests/browser/."""
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import re
 
 import numpy as np
 import pytest
+from plotly.offline import get_plotlyjs
 
 from tsssm.errors import DataError
 from tsssm.plots import (
+    F4_TOLERANCE,
+    _float32_arrays,
     anomaly_figure,
     attribution_figure,
     comparison_figure,
@@ -201,7 +206,12 @@ def test_report_holds_one_plotly_js_and_every_figure(tmp_path):
     ]
     path = save_report(figs, tmp_path / "nested" / "report.html", title="run 123")
     text = path.read_text(encoding="utf-8")
-    assert len(re.findall(r"plotly\.js v\d+\.\d+\.\d+", text)) == 1  # one bundle, inlined
+    # one bundle, embedded gzipped (the page unpacks it): the installed plotly.js, byte for byte
+    (packed,) = re.findall(r'<script type="application/octet-stream" id="plotly-js-gzip" '
+                           r'data-encoding="gzip\+base64">([A-Za-z0-9+/=]+)</script>', text)
+    assert gzip.decompress(base64.b64decode(packed)).decode() == get_plotlyjs()
+    assert not re.search(r"plotly\.js v\d+\.\d+\.\d+", text)  # and no plain copy besides
+    assert path.stat().st_size < len(get_plotlyjs()) / 2  # 2.0 of plotly.js's 4.8 MB
     assert not re.search(r"<script[^>]+src=", text)  # nothing fetched
     assert text.count('class="figure-json"') == 3
     for name in ("forecast valve1/0", "anomaly &lt;score&gt;", "comparison", "run 123"):
@@ -212,6 +222,43 @@ def test_report_holds_one_plotly_js_and_every_figure(tmp_path):
     assert not list(tmp_path.glob("nested/.*.tmp"))
     with pytest.raises(DataError):
         save_report([], tmp_path / "empty.html")
+
+
+def _typed(values) -> dict:
+    return {"dtype": "f8", "bdata": base64.b64encode(np.asarray(values, "<f8").tobytes()).decode()}
+
+
+def _decoded(typed: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(typed["bdata"]), dtype="<" + typed["dtype"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_report_values_go_as_float32_only_where_that_draws_the_same(seed):
+    rng = np.random.default_rng(seed)
+    scaled = rng.normal(size=500) * 10.0 ** rng.uniform(-3, 3)  # any scale: ratio is what counts
+    scaled[rng.integers(0, 500, 20)] = np.nan
+    epoch_seconds = 1.7e9 + np.arange(500.0)  # a numeric time axis: float32 is off by ~100 s
+    offset = 101_325.0 + rng.normal(scale=0.01, size=500)  # a tiny wobble on a large level
+    constant = np.full(10, 0.1)  # a threshold line: no range, so float32 must be exact
+    huge = np.array([1.0, 1e300])  # beyond float32
+    spec = {"data": [{"x": _typed(epoch_seconds), "y": _typed(scaled)},
+                     {"y": _typed(offset), "z": {"dtype": "i4", "bdata": "AAAAAA=="}},
+                     {"y": _typed(constant), "text": ["a", "b"]}, {"y": _typed(huge)},
+                     {"y": _typed([0.5, 0.25, np.nan])}]}
+    _float32_arrays(spec["data"])
+    x, y = spec["data"][0]["x"], spec["data"][0]["y"]
+    assert x["dtype"] == "f8" and np.array_equal(_decoded(x), epoch_seconds)
+    assert y["dtype"] == "f4"
+    got, finite = _decoded(y).astype(float), np.isfinite(scaled)
+    assert np.array_equal(np.isnan(got), ~finite)  # gaps stay gaps
+    span = np.nanmax(scaled) - np.nanmin(scaled)
+    assert np.max(np.abs(got[finite] - scaled[finite])) <= F4_TOLERANCE * span
+    assert spec["data"][1]["y"]["dtype"] == "f8"  # its float32 would flatten the wobble
+    assert spec["data"][1]["z"] == {"dtype": "i4", "bdata": "AAAAAA=="}  # not a float array
+    assert spec["data"][2]["y"]["dtype"] == "f8"  # 0.1 is not a float32
+    assert spec["data"][3]["y"]["dtype"] == "f8"
+    tail = spec["data"][4]["y"]
+    assert tail["dtype"] == "f4" and np.array_equal(_decoded(tail)[:2], [0.5, 0.25])
 
 
 def test_save_html_is_self_contained(tmp_path):

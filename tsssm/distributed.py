@@ -9,10 +9,13 @@ rebuilds the same data and model from the resolved config rank 0 wrote, takes pa
 and exits - it never touches the tracking store. Processes started by an external launcher
 (torchrun, SLURM: ``RANK`` > 0 in their environment) are treated the same way.
 
-Loss reduction: every rank computes the loss of its shard; :func:`global_mean` turns it into the
-mean over all ranks' scored entries (the single-process loss), identical on every rank, with the
+Loss and metric reduction: every rank computes the losses of its shard (the samples that
+DistributedSampler repeats to even the shards out are left out: tsssm.data.sharding);
+:func:`global_means` turns them into the means over all ranks' scored entries (streams) or
+windows (the single-process values), identical to the last bit on every rank, with the
 gradient DDP's averaging makes exact - so L-BFGS takes the same steps on every rank, and a
-full-batch fit on several processes equals the fit on one.
+full-batch fit on several processes equals the fit on one. The task logs these global means
+weighted by the global batch, so the epoch means need no further averaging over ranks.
 """
 
 from __future__ import annotations
@@ -115,20 +118,69 @@ def run_worker(config_path: str) -> None:
     fit_model(cfg, data, NullTracker(launch.run_id), resume)
 
 
-def global_mean(loss: torch.Tensor, weight: float) -> torch.Tensor:
-    """The weighted mean of every rank's ``loss`` (``weight``: the entries it averages), with
-    this rank's share of its gradient: after DDP averages the gradients over ranks they are
-    the gradient of the global mean. Outside a process group: ``loss`` itself."""
+def _process_group() -> bool:
     import torch
 
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return loss
-    # in float64: the sum of the ranks' shares should round like one process's sum
-    stats = torch.stack([loss.detach().double() * weight,
-                         torch.tensor(float(weight), dtype=torch.float64, device=loss.device)])
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_means(values: dict[str, torch.Tensor], weight: float
+                 ) -> tuple[dict[str, torch.Tensor], float]:
+    """The weighted means over every rank of ``values`` (scalars: this rank's means over what
+    it holds, ``weight`` entries or windows of it; a rank that holds nothing passes weight 0),
+    and the total weight. One all-reduce; outside a process group, the values and ``weight``.
+
+    Each mean is the same to the last bit on every rank: L-BFGS's line search compares loss
+    values, and a rank that saw a different last bit took another branch, after which the
+    ranks' model copies (which DDP never compares) drifted apart and the "global" loss
+    averaged two different models. A value that requires grad keeps this rank's share of the
+    gradient: after DDP averages the gradients over ranks they are the gradient of the global
+    mean."""
+    import torch
+
+    if not _process_group():
+        return values, weight
+    dist = torch.distributed
+    keys = list(values)
+    ref = values[keys[0]]
+    # in float64: the sum of the ranks' shares should round like one process's sum; a rank
+    # that holds nothing adds exact zeros (its values may be NaN, the mean of nothing)
+    own = [v.detach().double() * weight if weight else torch.zeros((), dtype=torch.float64,
+                                                                    device=ref.device)
+           for v in values.values()]
+    stats = torch.stack([*own, torch.tensor(float(weight), dtype=torch.float64,
+                                            device=ref.device)])
     dist.all_reduce(stats)  # sums over ranks
-    total = float(stats[1].clamp_min(1.0))
-    mean = (stats[0] / total).to(loss.dtype)
-    share = loss * (weight * dist.get_world_size() / total)
-    return share + (mean - share).detach()
+    total = float(stats[-1])
+    means = stats[:-1] / max(total, 1.0)
+    out = {}
+    for i, (key, value) in enumerate(values.items()):
+        mean = means[i].to(value.dtype)
+        if value.requires_grad:
+            share = value * (weight * dist.get_world_size() / max(total, 1.0))
+            # share - share.detach() is exactly 0: the value is ``mean`` bit for bit (the old
+            # share + (mean - share).detach() rounded differently on each rank)
+            out[key] = share - share.detach() + mean
+        else:
+            out[key] = mean
+    return out, total
+
+
+def global_mean(loss: torch.Tensor, weight: float) -> torch.Tensor:
+    """The weighted mean of every rank's ``loss`` (see :func:`global_means`)."""
+    return global_means({"loss": loss}, weight)[0]["loss"]
+
+
+def replicas_differ(params: list[torch.Tensor]) -> float:
+    """The largest difference between the ranks' copies of ``params`` (0.0 when DDP kept them
+    identical, as it must; outside a process group 0.0). Two all-reduces of the parameters."""
+    import torch
+
+    if not _process_group() or not params:
+        return 0.0
+    flat = torch.cat([p.detach().reshape(-1).double() for p in params])
+    hi, lo = flat.clone(), -flat
+    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MAX)
+    return float((hi + lo).max())

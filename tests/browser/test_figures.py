@@ -49,7 +49,10 @@ def report(tmp_path_factory, browser):
         ("message", plots.message_figure("nothing to draw")),
     ]
     path = plots.save_report(figures, tmp_path_factory.mktemp("report") / "report.html")
-    expected = {"flags": int(flags.sum()), "label_runs": 2}
+    expected = {"flags": int(flags.sum()), "label_runs": 2,
+                # what Python sent as the first forecast's "actual" line (float64, decimated)
+                "actual": np.asarray(next(t for t in figures[0][1].data
+                                          if t.name == "actual").y, dtype=np.float64)}
     return path, expected
 
 
@@ -147,3 +150,37 @@ def test_the_comparison_chart_of_a_real_compare_run_draws_its_bars(trained_store
     assert g["bars"] == 4 * 3, g
     assert {"kalman", "last_value", "ewma"} <= set(g["xticks"])
     store.close()
+
+
+def test_the_embedded_plotly_js_is_unpacked_and_values_arrive_as_sent(report, drawn, probe):
+    """plotly.js travels gzipped inside the report (2.0 of its 4.8 MB); the page unpacks it
+    with the browser's DecompressionStream. Values go as float32 where that draws the same:
+    what plotly.js decoded (_fullData) is the data to a millionth of its range."""
+    version = probe.driver.execute_script("return window.Plotly && window.Plotly.version")
+    assert version and re.fullmatch(r"\d+\.\d+\.\d+", version)
+    path, _ = report
+    assert path.stat().st_size < 4_000_000  # one plain plotly.js alone is 4.8 MB
+    sent = probe.driver.execute_script(
+        "return document.getElementById('fig-0-plot')._fullData"
+        ".filter(tr => tr.name === 'actual').map(tr => Array.from(tr.y));")
+    expected = report[1]["actual"]
+    assert len(sent) == 3 and len(sent[0]) == expected.size
+    span = expected.max() - expected.min()
+    assert 0 < np.max(np.abs(np.array(sent[0]) - expected)) <= plots.F4_TOLERANCE * span
+
+
+def test_a_browser_that_cannot_unpack_plotly_js_says_so(report, probe):
+    """Without DecompressionStream (browsers before 2023) every figure says what it needs,
+    instead of an empty page."""
+    driver = probe.driver
+    script = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                                    {"source": "delete window.DecompressionStream;"})
+    try:
+        path, _ = report
+        probe.open(path.as_uri(), wait_for=".plotly-missing")
+        messages = [e.text for e in driver.find_elements("css selector", ".plotly-missing")]
+        assert len(messages) == 7 and all("DecompressionStream" in m for m in messages)
+        assert not probe.graphs()
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
+                               {"identifier": script["identifier"]})

@@ -107,7 +107,8 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
         torch.set_num_threads(1)
     dm = SeriesDataModule(data, net.training_input, cfg.data.input_len, cfg.data.horizon,
                           cfg.data.stride, cfg.data.batch_size, cfg.data.num_workers,
-                          eval_stride=cfg.data.eval_stride, exog=uses_exog(net))
+                          eval_stride=cfg.data.eval_stride, exog=uses_exog(net),
+                          seed=cfg.seed)
     if OmegaConf.select(cfg, "model.fit", default="mle") in ("em", "multistep"):
         return fit_by_em(cfg, net, dm, tracker)
     if hasattr(net, "identify"):

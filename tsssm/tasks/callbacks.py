@@ -55,6 +55,11 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs,
                            batch, batch_idx: int) -> None:
+        from tsssm.data.sharding import without_repeats
+
+        batch, real = without_repeats(batch)  # DDP: a sample its sampler repeats counts once
+        if not real:
+            return
         ys = batch["y"] if isinstance(batch["y"], list) else [batch["y"]]  # (B, T, C) each
         self._samples += sum(int(y.shape[0]) for y in ys)
         self._rows += sum(int(y.shape[0]) * int(y.shape[1]) for y in ys)

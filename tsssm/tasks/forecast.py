@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from tsssm.anomaly.scores import gaussian_nll
-from tsssm.distributed import global_mean
+from tsssm.data.sharding import without_repeats
+from tsssm.distributed import global_means, replicas_differ
 from tsssm.errors import NumericalError
 from tsssm.models.base import Exog, call_forecast, call_one_step, call_predict_window
 
@@ -145,12 +146,22 @@ class ForecastTask(L.LightningModule):
                              for y, m in zip(batch["y"], batch["mask"])))
         return float(len(batch["y"]))
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def _reduced(self, batch: dict) -> tuple[dict[str, Tensor], int]:
+        """The batch's losses and the weight to log them with. In one process: the batch's
+        own, weighted by its windows (1 for a stream batch, an epoch's only batch). Under DDP:
+        the means over every rank's batch of this step (each without the samples its sampler
+        repeats; a batch of repeats only weighs 0), the same on every rank, weighted by their
+        global windows or scored entries - so Lightning's epoch mean is the mean over the
+        epoch's samples, each counted once, and needs no averaging over ranks."""
+        batch, real = without_repeats(batch)
         out = self.losses(batch)
-        if self.trainer.world_size > 1:
-            # the mean over every rank's shard, the same value on each (L-BFGS's line search
-            # must agree across ranks), with the gradient DDP's averaging makes exact
-            out["loss"] = global_mean(out["loss"], self._weight(batch))
+        if self.trainer.world_size == 1:
+            return out, 1 if isinstance(batch["y"], list) else len(batch["y"])
+        out, total = global_means(out, self._weight(batch) if real else 0.0)
+        return out, max(int(round(total)), 1)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out, weight = self._reduced(batch)
         if not torch.isfinite(out["loss"]):
             raise NumericalError(
                 f"the training loss became {out['loss'].item()} at epoch {self.current_epoch}; "
@@ -164,27 +175,34 @@ class ForecastTask(L.LightningModule):
         if key == self._logged_step:
             return out["loss"]
         self._logged_step = key
-        # a stream batch is a rank's whole shard: weigh the ranks alike (Lightning weighs the
-        # epoch mean by batch_size, and the value already is the mean over every rank)
-        bs = 1 if isinstance(batch["y"], list) else len(batch["y"])
-        sync = self.trainer.world_size > 1  # epoch metrics averaged over ranks
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False,
-                      on_step=False, on_epoch=True, batch_size=bs, sync_dist=sync)
+                      on_step=False, on_epoch=True, batch_size=weight)
         # the bar shows the running mean of the epoch's batch losses (weighted as Lightning
         # weighs train/loss's epoch mean): at the end of an epoch it is that epoch's train/loss
-        self._epoch_loss = (self._epoch_loss[0] + float(out["loss"].detach()) * bs,
-                            self._epoch_loss[1] + bs)
+        self._epoch_loss = (self._epoch_loss[0] + float(out["loss"].detach()) * weight,
+                            self._epoch_loss[1] + weight)
         self.log("loss", self._epoch_loss[0] / self._epoch_loss[1], prog_bar=True,
-                 on_step=True, on_epoch=False, batch_size=bs, logger=False)
+                 on_step=True, on_epoch=False, batch_size=weight, logger=False)
         return out["loss"]
 
     def on_train_epoch_start(self) -> None:
         self._epoch_loss = (0.0, 0)
 
+    def on_train_epoch_end(self) -> None:
+        if self.trainer.world_size > 1:
+            # DDP keeps the ranks' copies equal only if every rank takes the same steps; a copy
+            # that drifted would make every later loss a mean over different models
+            gap = replicas_differ([p for p in self.model.parameters() if p.requires_grad])
+            if gap > 0:
+                raise NumericalError(
+                    f"after epoch {self.current_epoch} the ranks' copies of the model differ "
+                    f"(by up to {gap:.3g}): DDP training went out of step; train on one "
+                    "device (trainer.devices=1) and report this as a bug")
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out = self.losses(batch)
+        out, weight = self._reduced(batch)
         self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=True, on_epoch=True,
-                      batch_size=len(batch["y"]), sync_dist=self.trainer.world_size > 1)
+                      batch_size=weight)
 
     def on_validation_epoch_end(self) -> None:
         if not self.restore_best or self.trainer.sanity_checking:
