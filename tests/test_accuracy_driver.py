@@ -103,3 +103,21 @@ def test_combination_weights_are_the_simplex_minimiser():
         w = ett_combine.simplex_weights(G)
         assert (w >= 0).all() and abs(w.sum() - 1) < 1e-12
         assert w @ G @ w <= min(v @ G @ v for v in grid) + 1e-9
+
+
+def test_skab_false_alarms_are_located_by_hand():
+    """The SKAB suite's FAR breakdown: before each file's first anomalous row, after its last,
+    and on the rows Conv-AE's notebook can flag (not the first 59 or the last 118)."""
+    import accuracy_skab
+    import numpy as np
+
+    y = np.zeros(300, bool)
+    y[100:150] = True
+    f = np.zeros(300, bool)
+    f[[10, 60, 160, 170, 250]] = True  # 2 before (of 100 normal rows), 3 after (of 150)
+    got = accuracy_skab.far_where([y, np.zeros(200, bool)], [f, np.zeros(200, bool)])
+    # the second file has no anomaly: all its rows are "before", none "after"
+    assert got["far_before"] == pytest.approx(2 / 300)
+    assert got["far_after"] == pytest.approx(3 / 150)
+    # rows 59..181 of the first file (73 normal, flags at 60, 160, 170), 59..81 of the second
+    assert got["far_convae_rows"] == pytest.approx(3 / (73 + 23))

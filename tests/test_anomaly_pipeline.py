@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tsssm.cli import main
@@ -32,9 +33,11 @@ def test_var_kalman_train_and_score_with_attribution(capsys, tmp_path, tracking_
         assert key in m and np.isfinite(m[key]), key
     bundle = next((tmp_path / "out" / "models").iterdir())
     meta = json.loads((bundle / "meta.json").read_text())
-    assert meta["score"] == {"kind": "mahalanobis", "window": 30, "window_kind": "shift",
+    # the task's defaults (conf/task/anomaly.yaml: the label-free rule's choice on SKAB)
+    assert meta["score"] == {"kind": "mahalanobis", "window": 60, "window_kind": "shift",
                              "align": "trailing"}
     assert meta["threshold"]["name"] == "pot" and meta["threshold_scope"] == "pooled"
+    assert meta["threshold"]["params"]["q"] == pytest.approx(1 / 2720)
     scores = pl.read_parquet(client.download_artifacts(run.info.run_id, "scores/scores.parquet",
                                                        str(tmp_path)))
     contrib = [c for c in scores.columns if c.startswith("contrib:")]

@@ -130,9 +130,8 @@ def test_forecast_and_score_equal_the_cli(trained, tmp_path, capsys):
         rows = long.filter(pl.col("channel") == ch)
         assert one[ch].equals(rows["mean"].rename(ch))
         assert one[f"std:{ch}"].equals(rows["std"].rename(f"std:{ch}"))
-    # and, to float rounding, the train run's logged test forecasts: `tsssm train` scales a
-    # SKAB file by its training split (the first 320 rows), `tsssm score` by data.train_rows
-    # (400); the Kalman filter's means hardly notice
+    # and, to float rounding, the train run's logged test forecasts: `tsssm train` and
+    # `tsssm score` both scale a SKAB file by its first data.train_rows (400) rows
     logged = pl.read_parquet(next((out / "artifacts").rglob(
         f"{model.run_id}/artifacts/forecasts/test_one_step.parquet")))
     logged = logged.filter(pl.col("stream") == "valve1/1")

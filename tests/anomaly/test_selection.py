@@ -7,6 +7,8 @@ from tsssm.anomaly.selection import (
     choose_by_group,
     choose_by_group_with,
     pooled_rates,
+    risk_for_rows,
+    smallest_detectable_shift,
     stream_counts,
 )
 from tsssm.errors import DataError
@@ -72,3 +74,36 @@ def test_bad_shapes_are_refused():
         choose_by_group(np.zeros((2, 3, 4)), ["a", "b"])
     with pytest.raises(DataError, match="settings, streams, 4"):
         choose_by_group(np.zeros((2, 3)), ["a", "b", "c"])
+
+
+def test_label_free_rule_by_hand():
+    assert risk_for_rows(2720) == pytest.approx(1 / 2720)
+    # thresholds 4, 4, 32 at windows 1, 4, 16: smallest shifts 2, 1, sqrt(2)
+    window, shift = smallest_detectable_shift({1: 4.0, 4: 4.0, 16: 32.0})
+    assert window == 4 and shift == pytest.approx({1: 2.0, 4: 1.0, 16: 2 ** 0.5})
+    assert smallest_detectable_shift({8: 8.0, 2: 2.0})[0] == 2  # a tie goes to the shorter
+    for bad in ({}, {0: 1.0}, {3: 0.0}, {3: float("nan")}):
+        with pytest.raises(DataError):
+            smallest_detectable_shift(bad)
+    for bad in (0, 2.5, -1):
+        with pytest.raises(DataError):
+            risk_for_rows(bad)
+
+
+def test_the_smallest_detectable_shift_is_what_the_shift_score_flags():
+    """On white innovations, a persistent shift slightly above sqrt(threshold / window) lasting
+    one window is flagged at its last row, one slightly below is not (the rule's premise)."""
+    from tsssm.anomaly.scores import StepTerms, window_scores
+    from tsssm.anomaly.thresholds import build_threshold
+
+    rng = np.random.default_rng(0)
+    C, w = 4, 30
+    normal = rng.standard_normal((20_000, C))
+    obs = np.ones_like(normal, dtype=bool)
+    score, _ = window_scores(StepTerms(normal ** 2 / C, normal, obs), w, "shift")
+    thr = build_threshold("pot", q=risk_for_rows(len(score)), level=0.98).fit(score).value
+    _, shift = smallest_detectable_shift({w: thr})
+    for factor, flagged in ((1.3, True), (0.7, False)):
+        u = np.zeros((w, C)) + factor * shift[w]  # the shift alone, every channel, w rows
+        s, _ = window_scores(StepTerms(u ** 2 / C, u, np.ones_like(u, dtype=bool)), w, "shift")
+        assert bool(s[-1] > thr) is flagged

@@ -40,6 +40,54 @@ def test_skab_sample_protocol():
     extra = [p for p in data.parts if p.split is None]
     assert [p.stream.name for p in extra] == ["anomaly-free/anomaly-free"]
     assert extra[0].rows("train") == (0, 9405) and extra[0].rows("test") == (0, 0)
+    # the extra normal file (nothing of it is tested) is scaled by all its rows
+    assert np.allclose(np.nanmean(extra[0].stream.values.astype(np.float64), axis=0), 0,
+                       atol=1e-4)
+
+
+@pytest.mark.parametrize("inputs", [[], ["Voltage"]])
+def test_training_scales_each_tested_file_as_tsssm_score_does(inputs):
+    """Per-stream scaling: every tested SKAB file, and its inputs, scaled in training exactly
+    as `tsssm score` scales the same file (its first data.train_rows rows, not the 320 rows of
+    its training split)."""
+    from tsssm.bundle import Bundle
+    from tsssm.commands.score import load_file
+
+    channels = [] if not inputs else ["Accelerometer1RMS", "Current", "Pressure"]
+    cfg = data_config("skab_sample", channels=channels, inputs=inputs)
+    data = build_dataset(cfg).load()
+    raw = build_dataset(data_config("skab_sample", channels=channels, inputs=inputs,
+                                    scaler="pooled")).load()
+    data_cfg = OmegaConf.to_container(cfg, resolve=True)
+    bundle = Bundle(model=None, net_config={}, model_name="none", channels=data.channels,
+                    scaler=data.scaler, per_stream_scaling=True, threshold=None,
+                    score_kind="nis", data_config=data_cfg, inputs=data.inputs,
+                    input_scaler=data.input_scaler)
+    tested = [(p, q) for p, q in zip(data.parts, raw.parts) if p.split is not None]
+    assert len(tested) == 3
+    for part, pooled in tested:
+        path = Path(part.stream.path)
+        assert part.scaling_rows(cfg.train_rows) == 400
+        scored = load_file(OmegaConf.create({**data_cfg, "path": str(path), "channels": []}),
+                           bundle).parts[0]
+        assert np.array_equal(scored.stream.values, part.stream.values, equal_nan=True), path
+        assert np.array_equal(scored.scaler.mean, part.scaler.mean), path
+        if inputs:
+            assert np.array_equal(scored.stream.inputs, part.stream.inputs), path
+            first = pooled.input_scaler.inverse_transform(pooled.stream.inputs)[:400]
+            np.testing.assert_allclose(part.input_scaler.mean, first.mean(0), rtol=1e-5)
+        # and those rows are the file's first 400, not its 320 training rows
+        first = pooled.scaler.inverse_transform(pooled.stream.values)[:400]
+        np.testing.assert_allclose(part.scaler.mean, np.nanmean(first, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_per_stream_scaling_never_reaches_the_test_split():
+    data = build_dataset(data_config("skab_sample")).load()
+    for p in data.parts:
+        if p.split is None:  # the extra normal recording: all of it
+            assert p.scaling_rows(400) == len(p.stream) == 9405
+        else:
+            assert p.scaling_rows(400) == 400 and p.scaling_rows(10_000) == p.pre_test_rows()
 
 
 def test_pooled_scaler_uses_training_rows_only():

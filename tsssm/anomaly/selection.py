@@ -13,6 +13,16 @@ streams are an out-of-sample estimate (the leave-one-group-out protocol).
   F1 on the other groups' streams (among the settings whose FAR there is at most ``max_far``).
 - ``choose_by_group_with(n_settings, groups, objective)``: the same for any objective of a
   setting on a set of streams (e.g. SKAB's NAB score).
+
+And a rule that reads no label at all, for a detector's default setting:
+
+- ``risk_for_rows(n)``: the POT risk ``1 / n`` of ``n`` fitting rows (one expected false alarm
+  among the rows the threshold is fitted on: the rarest rate those rows can still witness).
+- ``smallest_detectable_shift(thresholds)``: the score window whose threshold (fitted on normal
+  rows) lets the smallest persistent shift through. A shift of ``delta`` (whitened units) that
+  lasts the whole window adds about ``window * delta**2`` to the ``"shift"`` score
+  (tsssm.anomaly.scores), so the smallest one flagged is ``sqrt(threshold / window)``; a longer
+  window helps only while the normal rows' threshold grows more slowly than the window.
 """
 
 from __future__ import annotations
@@ -91,3 +101,31 @@ def choose_by_group(counts: np.ndarray, groups: Sequence[str],
         allowed = allowed or list(range(counts.shape[0]))
         chosen[g] = max(allowed, key=lambda k: (rates[k][0], -k))
     return chosen
+
+
+def risk_for_rows(n_rows: int) -> float:
+    """POT risk ``1 / n_rows``: one expected exceedance among the ``n_rows`` normal rows a
+    threshold is fitted on (a smaller risk is extrapolated past what those rows can show)."""
+    if int(n_rows) != n_rows or n_rows < 1:
+        raise DataError(f"the number of fitting rows must be a positive integer; got {n_rows!r}")
+    return 1.0 / int(n_rows)
+
+
+def smallest_detectable_shift(thresholds: dict[int, float]) -> tuple[int, dict[int, float]]:
+    """The window whose threshold flags the smallest persistent shift, and that shift for each.
+
+    thresholds: {window (rows): threshold of the ``"shift"`` score with that window, fitted on
+    normal rows}. A persistent shift of ``delta`` whitened units per observed channel scores
+    about ``window * delta**2``, so the smallest shift flagged is ``sqrt(threshold / window)``.
+    Returns (the window with the smallest one (ties: the shorter window), {window: shift}).
+    No label enters: only the thresholds of normal rows' scores."""
+    if not thresholds:
+        raise DataError("no windows to choose from")
+    shift = {}
+    for w, thr in thresholds.items():
+        if int(w) != w or w < 1 or not np.isfinite(thr) or thr <= 0:
+            raise DataError(f"window {w!r}: threshold {thr!r}; need a positive window and a "
+                            "positive finite threshold")
+        shift[int(w)] = float(np.sqrt(thr / w))
+    best = min(shift, key=lambda w: (shift[w], w))
+    return best, shift

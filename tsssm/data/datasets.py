@@ -69,6 +69,17 @@ class Part:
             return (0, len(self.stream)) if name == "train" else (0, 0)
         return getattr(self.split, name)
 
+    def scaling_rows(self, train_rows: int) -> int:
+        """How many first rows a per-stream scaler of this stream is fitted on. A stream with a
+        test split: its first ``train_rows`` (data.train_rows; SKAB's protocol, and exactly the
+        rows `tsssm score` fits on a file it scores), never reaching into the test split (a
+        fraction split with fewer rows before it fits on those). An extra training file (no
+        split, nothing of it is tested): all its rows, so that the normal recording the model
+        learns from is centred on its own operating point."""
+        if self.split is None:
+            return len(self.stream)
+        return min(int(train_rows), self.pre_test_rows())
+
     def pre_test_rows(self) -> int:
         """Number of rows before the test split (training + validation; all of an extra file)."""
         if self.split is None:
@@ -267,16 +278,18 @@ class BaseDataset:
         scaler = scaler or StandardScaler.fit(train, channels)
         per_stream = option_value(cfg.scaler) == "per_stream"
         for p in parts:
-            # per_stream (SKAB's protocol): each file is scaled by its own rows before the test
-            # split (training and validation rows: SKAB's first 400, as `tsssm score` does).
-            p.scaler = (StandardScaler.fit([p.stream.values[: p.pre_test_rows()]], channels)
-                        if per_stream else scaler)
+            # per_stream (SKAB's protocol): each tested file is scaled by its own first
+            # data.train_rows rows (SKAB's first 400: training and validation rows), exactly the
+            # rows `tsssm score` fits a file's scaler on; an extra training file by all its rows
+            p.scaler = (StandardScaler.fit([p.stream.values[: p.scaling_rows(cfg.train_rows)]],
+                                           channels) if per_stream else scaler)
             raw = p.stream.values
             with np.errstate(over="ignore"):
                 p.stream.values = p.scaler.transform(raw)
             check_scaled(p.stream, raw, p.scaler)
         inputs = list(cfg.get("inputs") or [])
-        input_scaler = self._scale_inputs(parts, inputs, input_scaler, per_stream)
+        input_scaler = self._scale_inputs(parts, inputs, input_scaler, per_stream,
+                                          cfg.train_rows)
         real = option_value(cfg.gaps) == "time"
         for p in parts:
             p.dt = time_steps(p.stream.time, real)
@@ -286,14 +299,16 @@ class BaseDataset:
 
     @staticmethod
     def _scale_inputs(parts: list[Part], inputs: list[str], scaler: StandardScaler | None,
-                      per_stream: bool) -> StandardScaler | None:
-        """Standardise the input columns as the channels are (pooled or per stream)."""
+                      per_stream: bool, train_rows: int) -> StandardScaler | None:
+        """Standardise the input columns as the channels are (pooled on the training rows, or
+        per stream on the same first rows as the channels)."""
         if not inputs:
             return None
         train = [p.stream.inputs[slice(*p.rows("train"))] for p in parts]
         scaler = scaler or StandardScaler.fit(train, inputs)
-        for p, rows in zip(parts, train):
-            p.input_scaler = StandardScaler.fit([rows], inputs) if per_stream else scaler
+        for p in parts:
+            p.input_scaler = (StandardScaler.fit([p.stream.inputs[: p.scaling_rows(train_rows)]],
+                                                 inputs) if per_stream else scaler)
             raw = p.stream.inputs
             with np.errstate(over="ignore"):
                 p.stream.inputs = p.input_scaler.transform(raw)

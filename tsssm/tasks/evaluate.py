@@ -79,6 +79,24 @@ def predict_stream(model, values: np.ndarray, score_kind: ScoreSpec | str,
     exog: the stream's inputs and time steps, passed to models that use them.
     """
     spec = as_spec(score_kind)
+    mean, var, terms = stream_terms(model, values, spec.kind, chunk_size, progress, desc, exog)
+    return window_prediction(mean, var, terms, spec)
+
+
+def window_prediction(mean: np.ndarray, var: np.ndarray, terms: StepTerms,
+                      spec: ScoreSpec) -> StreamPrediction:
+    """The StreamPrediction of a stream's step terms (``stream_terms``) under a score window:
+    one filter pass serves every window of the same score kind."""
+    score, contrib = window_scores(terms, spec.window, spec.window_kind, spec.align)
+    return StreamPrediction(mean, var, score, contrib)
+
+
+@torch.no_grad()
+def stream_terms(model, values: np.ndarray, kind: str, chunk_size: int = 100_000,
+                 progress: bool = False, desc: str = "scoring",
+                 exog: ExogArrays | None = None) -> tuple[np.ndarray, np.ndarray, StepTerms]:
+    """One-step means (T, C), variances (T, C) and step terms (numpy, (T, C) each) of a whole
+    stream under ``model.one_step``, in chunks with the state carried (see predict_stream)."""
     device = _device_of(model)
     exog = exog if uses_exog(model) else None
     state = None
@@ -91,7 +109,7 @@ def predict_stream(model, values: np.ndarray, score_kind: ScoreSpec | str,
         y = torch.from_numpy(np.ascontiguousarray(values[rows]))
         y = y.to(device=device, dtype=torch.float32).unsqueeze(0)  # (1, T, C)
         pred, state = call_one_step(model, y, state, exog_tensors(exog, [rows], device))
-        terms = step_terms(y, pred, spec.kind)  # each (1, T, C)
+        terms = step_terms(y, pred, kind)  # each (1, T, C)
         means.append(pred.mean[0].float().cpu().numpy())
         variances.append(pred.var[0].float().cpu().numpy())
         contribs.append(terms.contrib[0].double().cpu().numpy())
@@ -100,8 +118,7 @@ def predict_stream(model, values: np.ndarray, score_kind: ScoreSpec | str,
         bar.update(y.shape[1])
     bar.close()
     terms = StepTerms(np.concatenate(contribs), np.concatenate(whitened), np.concatenate(observed))
-    score, contrib = window_scores(terms, spec.window, spec.window_kind, spec.align)
-    return StreamPrediction(np.concatenate(means), np.concatenate(variances), score, contrib)
+    return np.concatenate(means), np.concatenate(variances), terms
 
 
 def forecast_origin_rows(rows: tuple[int, int], context: int, horizon: int,
