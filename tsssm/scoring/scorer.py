@@ -90,12 +90,14 @@ def numpy_scores(y: np.ndarray, mean: np.ndarray, var: np.ndarray, kind: str) ->
         score = np.where(n_obs > 0, score, np.float32(0.0))
     score = score.astype(np.float32, copy=False)
     if not np.isfinite(score).all():
-        raise NumericalError(
-            f"{int((~np.isfinite(score)).sum())} anomaly scores are not finite: the model's "
-            "predictive mean or variance, or the data, is NaN/inf at those steps (check the "
-            "input scaling and the model's parameters)"
-        )
+        _not_finite(int((~np.isfinite(score)).sum()))
     return score
+
+
+def _not_finite(bad: int) -> None:
+    raise NumericalError(
+        f"{bad} anomaly scores are not finite: the model's predictive mean or variance, or the "
+        "data, is NaN/inf at those steps (check the input scaling and the model's parameters)")
 
 
 def numpy_terms(y: np.ndarray, mean: np.ndarray, var: np.ndarray, kind: str
@@ -112,11 +114,7 @@ def numpy_terms(y: np.ndarray, mean: np.ndarray, var: np.ndarray, kind: str
     n_obs = np.maximum(observed.sum(-1, keepdims=True), 1).astype(np.float32)
     contrib = per / n_obs
     if not (np.isfinite(contrib).all() and np.isfinite(whitened).all()):
-        bad = int((~np.isfinite(contrib)).sum())
-        raise NumericalError(
-            f"{bad} anomaly scores are not finite: the model's predictive mean or variance, or "
-            "the data, is NaN/inf at those steps (check the input scaling and the model's "
-            "parameters)")
+        _not_finite(int((~np.isfinite(contrib)).sum()))
     return contrib, whitened, observed
 
 
