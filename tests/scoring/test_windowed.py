@@ -175,3 +175,52 @@ def test_live_samples_equal_batch(family):
     np.testing.assert_allclose(score, want_score, rtol=tol, atol=tol)
     clear = ~np.isclose(want_score, bundle.threshold.value, rtol=1e-3)
     assert (flag[clear] == want_flag[clear]).all()
+
+
+#: the torch families, whose trailing windows can be summed on the model's device
+DEVICE_FAMILIES = ["var_kalman", "mamba"]
+
+
+@pytest.mark.parametrize("family", DEVICE_FAMILIES)
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("spec", [ANOMALY, ScoreSpec("nll", 9, "mean"), ScoreSpec("nis", 1)])
+def test_window_on_the_device_equals_whole(family, split, spec):
+    # the GPU path (tsssm.scoring.device_window), here on the CPU: windows summed in torch
+    bundle = make_bundle(family, score=spec)
+    raw = raw_stream()
+    scorer = Scorer(bundle, contributions=True, device_window=True)
+    got = fed(scorer, raw, SPLITS[split])
+    assert scorer._window  # the device path ran, not the numpy window
+    assert_same(family, got, whole(bundle, raw), np.full(len(raw), bundle.threshold.value))
+    host = fed(Scorer(bundle, contributions=True, device_window=False), raw, SPLITS[split])
+    np.testing.assert_allclose(got[0], host[0], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got[2], host[2], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[1], host[1])
+
+
+@pytest.mark.parametrize("family", DEVICE_FAMILIES)
+def test_window_on_the_device_with_per_stream_and_spot_thresholds(family):
+    raw = raw_stream() + 5.0
+    for kwargs, level in ((dict(scope="per_stream", train_rows=100, per_stream=True), None),
+                          (dict(threshold=SPOTThreshold(q=0.01, level=0.9)), "spot")):
+        bundle = make_bundle(family, score=ANOMALY, **kwargs)
+        want = whole(bundle, raw)
+        scorer = Scorer(bundle, contributions=True, device_window=True)
+        got = fed(scorer, raw, [20, 30, 1, 649])
+        assert scorer._window
+        levels = bundle.threshold.levels(want[0]) if level else np.full(
+            len(raw), stream_threshold(bundle, want[0], 100, "s").value)
+        assert_same(family, got, want, levels)
+
+
+def test_window_on_the_device_without_contributions_and_centered_falls_back():
+    bundle = make_bundle("mamba", score=ANOMALY)
+    raw = raw_stream()
+    scorer = Scorer(bundle, device_window=True)
+    out = scorer.update_many(raw)
+    assert out.contrib is None and scorer._window
+    np.testing.assert_allclose(out.score, whole(bundle, raw)[0], rtol=1e-4, atol=1e-4)
+    centered = Scorer(make_bundle("mamba", score=ScoreSpec("nis", 9, "mean", "centered")),
+                      device_window=True)
+    centered.update_many(raw[:50])
+    assert centered._window is False  # a centered window is summed on the host

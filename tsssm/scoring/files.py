@@ -31,6 +31,7 @@ import pyarrow as pa
 from tsssm.anomaly.attribution import FlaggedInterval
 from tsssm.anomaly.streaming import Intervals, intervals_start, intervals_update
 from tsssm.data.io import ReadSpec
+from tsssm.scoring.pipeline import OrderedWorker, prefetch
 from tsssm.scoring.reader import BATCH_ROWS, Batch, StreamReader
 from tsssm.scoring.scorer import ScoredRows, Scorer
 from tsssm.scoring.writer import ParquetStreamWriter
@@ -283,13 +284,16 @@ def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | P
                name: str | None = None, gaps: str = "keep", gap_factor: float = 3.0,
                fill: str = "none", batch_rows: int = BATCH_ROWS, progress: bool = True,
                figures: bool = False, contributions: bool = True, intervals: bool = True,
-               on_batch: Callable[[int], None] | None = None) -> FileResult:
+               on_batch: Callable[[int], None] | None = None,
+               pipelined: bool = True) -> FileResult:
     """Score one CSV/Parquet file with ``scorer`` (reset first) into ``output`` (Parquet).
 
     spec: how to read it (the model's channels in the model's order); gaps/gap_factor/fill as
     data.gaps/data.gap_factor/data.fill. ``contributions``: write the ``contrib:<channel>``
     columns; ``intervals``: write the flagged intervals beside the scores
-    (:func:`intervals_output`). Raises DataError on bad input (nothing is written).
+    (:func:`intervals_output`); ``pipelined``: read ahead and write on threads beside the
+    scoring (the same output; False: one thread). Raises DataError on bad input (nothing is
+    written).
     """
     started = clock.perf_counter()
     reader = StreamReader(path, spec, gaps=gaps, gap_factor=gap_factor, fill=fill,
@@ -333,16 +337,34 @@ def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | P
                 keep_figure(part, time, labels, offset, out)
         sink.write(out, hook)
 
+    # the next batch is read and validated on one thread, the last one's scores written on
+    # another, while this one scores (tsssm.scoring.pipeline); the figures' hook changes the
+    # scorer as it goes, so a stream drawn is scored in this thread alone
+    worker = OrderedWorker(name="scores-sink") if pipelined and figure is None else None
+    batches = prefetch(iter(reader), name="batch-reader") if worker is not None else reader
     try:
-        for batch in reader:
-            sink.add(batch)
-            emit(scorer.update_many(batch.values))
+        for batch in batches:
+            out = scorer.update_many(batch.values)
+            if worker is None:
+                sink.add(batch)
+                emit(out)
+            else:  # in order: the batch's rows, then the scores that came out
+                worker.submit(sink.add, batch)
+                worker.submit(emit, out)
             bar.update(len(batch.time))
             if on_batch is not None:
                 on_batch(len(batch.time))
-        emit(scorer.finish())
+        if worker is None:
+            emit(scorer.finish())
+        else:
+            worker.submit(emit, scorer.finish())
+            worker.join()
         sink.close()
     except BaseException:
+        if worker is not None:
+            worker.cancel()
+        if batches is not reader:
+            batches.close()  # stops the reading thread
         sink.abort()
         raise
     finally:

@@ -41,7 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from tsssm.anomaly.scores import MIN_VAR, SCORE_KINDS, ScoreSpec, anomaly_scores, step_terms
+from tsssm.anomaly.scores import (
+    MIN_VAR,
+    SCORE_KINDS,
+    ScoreSpec,
+    StepTerms,
+    anomaly_scores,
+    step_terms,
+)
 from tsssm.bundle import Bundle
 from tsssm.data.scaling import StandardScaler
 from tsssm.errors import ConfigError, DataError, ModelError, NumericalError
@@ -127,12 +134,15 @@ class Scorer:
     the bundle's; a per-stream scaler is fitted on a stream's first ``calibration_rows`` rows).
     ``moments``: also return the scaled rows and the predictive mean and variance (for figures).
     ``contributions``: also return each channel's additive share of the score (ScoredRows.contrib).
+    ``device_window``: a torch model's trailing window scores summed on its device
+    (tsssm.scoring.device_window; only the scores and contributions cross to the host); None:
+    when the device is not the CPU.
     """
 
     def __init__(self, bundle: Bundle, *, device: str | torch.device | None = None,
                  engine: str = "auto", per_stream_scaling: bool | None = None,
                  calibration_rows: int | None = None, moments: bool = False,
-                 contributions: bool = False) -> None:
+                 contributions: bool = False, device_window: bool | None = None) -> None:
         if bundle.threshold is None:
             raise ModelError(f"the {bundle.model_name} model has no fitted threshold; train it "
                              "with task=anomaly to score streams")
@@ -169,6 +179,9 @@ class Scorer:
         self._steady_var32: np.ndarray | None = None
         self._all_observed = np.ones(len(self.channels), bool)
         self.engine = "numpy" if self._kalman is not None else "torch"
+        self._device_window_on = (self.device.type != "cpu") if device_window is None \
+            else bool(device_window)
+        self._pinned: torch.Tensor | None = None  # host staging rows for the device (pinned)
         self.reset()
 
     def _numpy_engine(self, engine: str):
@@ -221,6 +234,9 @@ class Scorer:
         self._n_held = 0
         self.scaler: StandardScaler | None = None if self.calibration_rows else self.bundle.scaler
         self.post.reset(source)
+        #: this stream's window on the model's device: None until its first rows are scored
+        #: (then a DeviceWindow, or False: the numpy window), fixed for the stream
+        self._window: Any = None
 
     @property
     def rows_scored(self) -> int:
@@ -432,8 +448,14 @@ class Scorer:
                 MAX_ROWS_PER_CALL if self.device.type == "cpu" else GPU_ROWS_PER_CALL)
         if not self._fast:
             parts = []
+            window = self._device_window()
             for a in range(0, len(values), step):  # chunks small enough to stay in cache
                 chunk = self._scale(values[a : a + step])
+                if window:
+                    out = self.post.push_scores(*self._window_scaled(chunk, window))
+                    self._rows_out += len(out)
+                    parts.append(out)
+                    continue
                 terms, mean, var = self._terms_scaled(chunk)
                 extras = {"scaled": chunk, "mean": mean, "var": var} if self.moments else None
                 out = self.post.push(terms, extras)
@@ -455,6 +477,46 @@ class Scorer:
                               np.concatenate(scaled), np.concatenate(means),
                               np.concatenate(variances))
         return ScoredRows(start, scores, scores > self._threshold_value)
+
+    def _device_window(self):
+        """This stream's DeviceWindow, or False (the numpy window of StreamScores)."""
+        if self._window is None:
+            spec = self.spec
+            on = (self._device_window_on and self._kalman is None and not self.moments
+                  and (spec.window == 1 or spec.align == "trailing"))
+            self._window = False
+            if on:
+                from tsssm.scoring.device_window import DeviceWindow
+
+                self._window = DeviceWindow(spec.window, spec.window_kind, len(self.channels),
+                                            self.device)
+        return self._window
+
+    def _to_device(self, y: np.ndarray) -> torch.Tensor:
+        """Scaled rows (n, C) as a (1, n, C) tensor on the model's device; to a GPU through a
+        pinned staging buffer and an asynchronous copy (the buffer is reused: the previous
+        call's results were copied back, so its copy in is done)."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.ascontiguousarray(y)).to(self.device).unsqueeze(0)
+        n = len(y)
+        if self._pinned is None or len(self._pinned) < n:
+            self._pinned = torch.empty((max(n, 1), y.shape[1]), dtype=torch.float32,
+                                       pin_memory=True)
+        host = self._pinned[:n]
+        np.copyto(host.numpy(), y)
+        return host.to(self.device, non_blocking=True).unsqueeze(0)
+
+    def _window_scaled(self, y: np.ndarray, window) -> tuple[np.ndarray, np.ndarray | None]:
+        """Trailing window scores (n,) float64 and contributions (n, C) float32 (None without
+        contributions) of scaled rows y (n, C), summed on the model's device."""
+        with torch.no_grad(), _few_torch_threads(len(y)):
+            t = self._to_device(y)
+            pred, self._state = self.model.one_step(t, self._state)
+            st = step_terms(t, pred, self.spec.kind)  # each (1, n, C), checked finite
+            score, contrib = window.update(StepTerms(st.contrib[0], st.whitened[0],
+                                                     st.observed[0]))
+            contrib = contrib.float().cpu().numpy() if self.contributions else None
+            return score.cpu().numpy(), contrib
 
     def _scale(self, raw: np.ndarray) -> np.ndarray:
         """Raw rows (n, C) in the scaler's units, float32; the next rows of the model."""
@@ -488,7 +550,7 @@ class Scorer:
             var = var.astype(np.float32)
             return numpy_scores(y, mean, var, self.score_kind), mean, var
         with torch.no_grad(), _few_torch_threads(len(y)):
-            t = torch.from_numpy(np.ascontiguousarray(y)).to(self.device).unsqueeze(0)
+            t = self._to_device(y)
             pred, self._state = self.model.one_step(t, self._state)
             pred = Gaussian(pred.mean.float(), pred.var.float())
             score = anomaly_scores(t, pred, kind=self.score_kind)[0].cpu().numpy()
@@ -512,7 +574,7 @@ class Scorer:
                 var = np.broadcast_to(var, mean.shape).copy()
             return terms, mean, var
         with torch.no_grad(), _few_torch_threads(len(y)):
-            t = torch.from_numpy(np.ascontiguousarray(y)).to(self.device).unsqueeze(0)
+            t = self._to_device(y)
             pred, self._state = self.model.one_step(t, self._state)
             st = step_terms(t, pred, kind)  # as tsssm.tasks.evaluate.predict_stream
             terms = (st.contrib[0].double().cpu().numpy(), st.whitened[0].double().cpu().numpy(),

@@ -191,12 +191,29 @@ class StreamScores:
         return concat_rows([out, self._release()], self._out, C, self.contributions)
 
     # ------------------------------------------------------------------ internals
+    def push_scores(self, score: np.ndarray, contrib: np.ndarray | None) -> ScoredRows:
+        """The trailing window scores (n,) and contributions (n, C) (None without
+        contributions) of the next rows, computed elsewhere (tsssm.scoring.device_window: on
+        the model's device); only the threshold is applied here. Not to be mixed with
+        :meth:`push` within a stream (each carries its own window)."""
+        if self.spec.window > 1 and self.spec.align != "trailing":
+            raise ValueError("push_scores takes trailing windows only")
+        w = self._window
+        n = len(score)
+        self._window = w._replace(received=w.received + n, emitted=w.emitted + n)
+        if contrib is None:
+            contrib = np.zeros((n, 0), np.float32)
+        return self._threshold_rows(score, contrib, {})
+
     def _advance(self, terms: tuple, extras: dict | None, final: bool) -> ScoredRows:
         spec = self.spec
         self._extras.push(extras or {})
         score, contrib, self._window = window_update(self._window, terms, spec.window,
                                                      spec.window_kind, spec.align, final)
         ext = self._extras.pop(len(score))
+        return self._threshold_rows(score, contrib, ext)
+
+    def _threshold_rows(self, score: np.ndarray, contrib: np.ndarray, ext: dict) -> ScoredRows:
         if self.threshold is None:
             self._held.append((score, contrib, ext))
             self._n_held += len(score)
@@ -235,5 +252,6 @@ class StreamScores:
         self._out += len(score)
         return ScoredRows(start, score.astype(np.float32), flag,
                           *(ext.get(k) for k in EXTRAS),
-                          contrib=contrib.astype(np.float32) if self.contributions else None,
+                          contrib=contrib.astype(np.float32, copy=False)
+                          if self.contributions else None,
                           level=level)
