@@ -224,3 +224,17 @@ def test_window_on_the_device_without_contributions_and_centered_falls_back():
                       device_window=True)
     centered.update_many(raw[:50])
     assert centered._window is False  # a centered window is summed on the host
+
+
+@pytest.mark.parametrize("split", ["whole", "inside-windows", "through-the-gap"])
+def test_mamba_scanning_in_segments_equals_whole(monkeypatch, split):
+    # the GPU path of a long stream (tsssm.ssm.segmented, windows on the device), on the CPU
+    import tsssm.models.mamba as mamba
+
+    bundle = make_bundle("mamba", score=ANOMALY)
+    raw = raw_stream()
+    want = whole(bundle, raw)
+    monkeypatch.setattr(mamba, "SEGMENT_DEVICES", ("cpu",))
+    monkeypatch.setattr(mamba, "SEGMENT_ROWS", 16)
+    got = fed(Scorer(bundle, contributions=True, device_window=True), raw, SPLITS[split])
+    assert_same("mamba", got, want, np.full(len(raw), bundle.threshold.value))
