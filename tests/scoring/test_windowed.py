@@ -238,3 +238,19 @@ def test_mamba_scanning_in_segments_equals_whole(monkeypatch, split):
     monkeypatch.setattr(mamba, "SEGMENT_ROWS", 16)
     got = fed(Scorer(bundle, contributions=True, device_window=True), raw, SPLITS[split])
     assert_same("mamba", got, want, np.full(len(raw), bundle.threshold.value))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", ["whole", "inside-windows", "through-the-gap"])
+def test_scorer_on_the_gpu_equals_whole(split):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    bundle = make_bundle("mamba", score=ANOMALY)
+    raw = raw_stream()
+    want = whole(bundle, raw)  # on the CPU
+    scorer = Scorer(bundle, device="cuda", contributions=True)
+    got = fed(scorer, raw, SPLITS[split])
+    assert scorer._window  # windows summed on the GPU
+    assert_same("mamba", got, want, np.full(len(raw), bundle.threshold.value))

@@ -32,7 +32,8 @@ def segmented_scan(
     segment: int, backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """``selective_scan(..., return_final_state=True)`` of u, delta, z (b, d, L), B, C (b, N, L)
-    in segments of ``segment`` rows. Returns (out (b, d, L), final state (b, d, N), float32 or float64 as the scan's)."""
+    in segments of ``segment`` rows. Returns (out (b, d, L), final state (b, d, N): float32,
+    float64 for float64 inputs, as the scan's)."""
     b, d, L = u.shape
     N = A.shape[1]
     dt = delta.to(torch.promote_types(delta.dtype, torch.float32))
