@@ -383,20 +383,45 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+#: seconds a measurement may take before it is stopped and left out of the table (--child-timeout)
+CHILD_TIMEOUT: float | None = None
+
+
+class ChildTimeoutError(Exception):
+    pass
+
+
 def run_child(argv: list[str]) -> dict:
-    """One measurement in a fresh process: its JSON line (with its own peak RSS)."""
+    """One measurement in a fresh process: its JSON line (with its own peak RSS). Raises
+    ChildTimeoutError when it runs past CHILD_TIMEOUT (it is killed)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, __file__, "--child", *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     _CHILDREN.append(proc)
     try:
-        out, err = (x.decode(errors="replace") for x in proc.communicate())
+        out, err = (x.decode(errors="replace") for x in proc.communicate(timeout=CHILD_TIMEOUT))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        print(f"child {argv[:2]} stopped after {CHILD_TIMEOUT:.0f} s (--child-timeout)",
+              flush=True)
+        raise ChildTimeoutError(argv[0]) from None
     finally:
         _CHILDREN.remove(proc)
     proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"child {argv} failed:\n{err[-3000:]}")
     return json.loads(out.strip().splitlines()[-1])
+
+
+def measured(label: dict, argvs: list[list[str]], records: list[dict]) -> None:
+    """Run the children, add their summary to records and print its line (none on timeout)."""
+    try:
+        runs = [run_child(a) for a in argvs]
+    except ChildTimeoutError:
+        return
+    records.append(summarise(label, runs))
+    print(table(records[-1:]).splitlines()[-1], flush=True)
 
 
 # ------------------------------------------------------------------------------ table
@@ -466,10 +491,12 @@ def main() -> None:
     p.add_argument("--engines", nargs="*", default=["local", "dask"])
     p.add_argument("--live", type=int, default=200_000,
                    help="samples of the live (one core, sample by sample) run; 0: none")
-    p.add_argument("--stages", action="store_true",
-                   help="beside each long-stream run: the same run with an identity model (the "
-                   "host bound) and the model with its scores alone on the device (the device "
-                   "bound)")
+    p.add_argument("--stages", nargs="*", default=None,
+                   help="beside each long-stream run of these models (none named: all): the "
+                   "same run with an identity model (the host bound) and the model with its "
+                   "scores alone on the device (the device bound)")
+    p.add_argument("--child-timeout", type=float, default=None,
+                   help="seconds one measurement may take; past it, it is left out")
     p.add_argument("--gen-device", default="cpu",
                    help="where the input's random numbers are drawn (cuda: fast, for 10^8 rows)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/tsssm-scoring-bench"))
@@ -477,6 +504,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scoring.json")
     args = p.parse_args()
     _stop_on_sigterm()
+    global CHILD_TIMEOUT
+    CHILD_TIMEOUT = args.child_timeout
     sizes = parse_sizes(args.sizes)
     batch = args.batch_rows or (100_000 if args.device == "cpu" else 1 << 20)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -500,26 +529,22 @@ def main() -> None:
                     name, _, contrib = score.partition("+")
                     bundle = run_child(["bundle", model, str(args.workdir), args.device,
                                         name])["path"]
-                    runs = [run_child(["score", str(path), str(bundle), args.device,
-                                       str(batch), "1" if contrib else "0"])
-                            for _ in range(args.repeats)]
                     what = f"{model}, {score} score"
-                    records.append(summarise({"device": args.device, "what": what}, runs))
-                    print(table(records[-1:]).splitlines()[-1], flush=True)
-                    if not args.stages:
+                    flag = "1" if contrib else "0"
+                    measured({"device": args.device, "what": what},
+                             [["score", str(path), str(bundle), args.device, str(batch), flag]]
+                             * args.repeats, records)
+                    if args.stages is None or (args.stages and model not in args.stages):
                         continue
                     # the same run with the model taken out (the host's bound), and the model
                     # alone on the device (with the scores: the device's bound)
-                    runs = [run_child(["host", str(path), str(bundle), args.device, str(batch),
-                                       "1" if contrib else "0"])]
-                    records.append(summarise({"device": args.device, "what": f"{what}: host "
-                                              "bound (identity model)"}, runs))
-                    print(table(records[-1:]).splitlines()[-1], flush=True)
-                    runs = [run_child(["model", str(bundle), args.device,
-                                       str(min(rows, 16 * batch)), str(batch), "1"])]
-                    records.append(summarise({"device": args.device, "what": f"{what}: device "
-                                              "bound (model + scores, no I/O)"}, runs))
-                    print(table(records[-1:]).splitlines()[-1], flush=True)
+                    measured({"device": args.device, "what": f"{what}: host bound (identity "
+                              "model)"}, [["host", str(path), str(bundle), args.device,
+                                           str(batch), flag]], records)
+                    measured({"device": args.device, "what": f"{what}: device bound (model + "
+                              "scores, no I/O)"}, [["model", str(bundle), args.device,
+                                                    str(min(rows, 16 * batch)), str(batch),
+                                                    "1"]], records)
         if args.fleet:
             folder = fleet(args.workdir / f"fleet-{args.fleet}", args.fleet, args.fleet_rows)
             for model in args.fleet_models:

@@ -66,6 +66,8 @@ GPU_ROWS_PER_CALL = 1 << 20
 NUMPY_ROWS_PER_CALL = 4096
 
 _HALF_LOG_2PI = np.float32(0.5 * math.log(2.0 * math.pi))
+#: a small array's sum without ndarray.sum's Python wrapper (the live path's checks)
+_SUM = np.add.reduce
 
 
 def numpy_scores(y: np.ndarray, mean: np.ndarray, var: np.ndarray, kind: str) -> np.ndarray:
@@ -236,7 +238,7 @@ class Scorer:
         self.post.reset(source)
         #: this stream's window on the model's device: None until its first rows are scored
         #: (then a DeviceWindow, or False: the numpy window), fixed for the stream
-        self._window: Any = None
+        self._device_win: Any = None
 
     @property
     def rows_scored(self) -> int:
@@ -337,11 +339,11 @@ class Scorer:
         """A live sample through the numpy Kalman engine and the score's window in O(window)
         array work (StreamScores.push_one); None: not this path (update_many it)."""
         y = (row - self.scaler.mean) / self.scaler.std  # float32, as .transform does
-        if not np.isfinite(y).all():
+        # one sum tells that every value is finite (a sum that overflows: checked one by one)
+        if not math.isfinite(float(_SUM(y))) and not np.isfinite(y).all():
             return None
         post = self.post
-        if (post.threshold is None or post._window.emitted != post._window.received
-                or (self.spec.window > 1 and self.spec.align != "trailing")):
+        if not post.can_push_one():
             return None
         mean, var = self._kalman.step(y, observed=True)
         if self.spec.kind == "nll":
@@ -350,13 +352,16 @@ class Scorer:
             contrib, whitened, observed = (t[0] for t in terms)
         else:  # every channel observed: numpy_terms' formulas without the masking
             d = y - mean.astype(np.float32)
-            z2 = d * d / self._var32(var)
-            whitened = np.sqrt(z2) * np.sign(d)
-            contrib = z2 / np.float32(len(z2))
-            observed = self._all_observed
-            if not np.isfinite(z2).all():
+            z2 = d * d
+            z2 /= self._var32(var)
+            if not math.isfinite(float(_SUM(z2))) and not np.isfinite(z2).all():
                 numpy_terms(y[None], mean.astype(np.float32)[None], self._var32(var)[None],
                             "nis")  # raises the NumericalError
+            whitened = np.sqrt(z2)
+            whitened *= np.sign(d)
+            # a shift window sums the whitened innovations only; a mean window the shares
+            contrib = z2 / np.float32(len(z2)) if self.spec.window_kind == "mean" else z2
+            observed = self._all_observed
         score, flag, _ = post.push_one(contrib, whitened, observed)
         self._rows_in += 1
         self._rows_out += 1
@@ -480,17 +485,17 @@ class Scorer:
 
     def _device_window(self):
         """This stream's DeviceWindow, or False (the numpy window of StreamScores)."""
-        if self._window is None:
+        if self._device_win is None:
             spec = self.spec
             on = (self._device_window_on and self._kalman is None and not self.moments
                   and (spec.window == 1 or spec.align == "trailing"))
-            self._window = False
+            self._device_win = False
             if on:
                 from tsssm.scoring.device_window import DeviceWindow
 
-                self._window = DeviceWindow(spec.window, spec.window_kind, len(self.channels),
+                self._device_win = DeviceWindow(spec.window, spec.window_kind, len(self.channels),
                                             self.device)
-        return self._window
+        return self._device_win
 
     def _to_device(self, y: np.ndarray) -> torch.Tensor:
         """Scaled rows (n, C) as a (1, n, C) tensor on the model's device; to a GPU through a
