@@ -415,10 +415,14 @@ def run_child(argv: list[str]) -> dict:
 
 
 def measured(label: dict, argvs: list[list[str]], records: list[dict]) -> None:
-    """Run the children, add their summary to records and print its line (none on timeout)."""
+    """Run the children, add their summary to records and print its line (none when one
+    times out or fails: its error is printed)."""
     try:
         runs = [run_child(a) for a in argvs]
     except ChildTimeoutError:
+        return
+    except SystemExit as failed:  # one measurement failing leaves the others standing
+        print(f"{label['what']}: {failed}", flush=True)
         return
     records.append(summarise(label, runs))
     print(table(records[-1:]).splitlines()[-1], flush=True)
