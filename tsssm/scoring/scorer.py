@@ -455,12 +455,13 @@ class Scorer:
             parts = []
             window = self._device_window()
             for a in range(0, len(values), step):  # chunks small enough to stay in cache
-                chunk = self._scale(values[a : a + step])
                 if window:
-                    out = self.post.push_scores(*self._window_scaled(chunk, window))
+                    t = self._scaled_input(values[a : a + step])
+                    out = self.post.push_scores(*self._window_scores(t, window))
                     self._rows_out += len(out)
                     parts.append(out)
                     continue
+                chunk = self._scale(values[a : a + step])
                 terms, mean, var = self._terms_scaled(chunk)
                 extras = {"scaled": chunk, "mean": mean, "var": var} if self.moments else None
                 out = self.post.push(terms, extras)
@@ -470,6 +471,10 @@ class Scorer:
         scores = np.empty(len(values), np.float32)
         scaled, means, variances = [], [], []
         for a in range(0, len(values), step):
+            if self._kalman is None and not self.moments:  # scaled into the device's input
+                t = self._scaled_input(values[a : a + step])
+                scores[a : a + t.shape[1]] = self._score_tensor(t)
+                continue
             chunk = self._scale(values[a : a + step])
             scores[a : a + len(chunk)], mean, var = self._score_scaled(chunk)
             if self.moments:
@@ -493,8 +498,8 @@ class Scorer:
             if on:
                 from tsssm.scoring.device_window import DeviceWindow
 
-                self._device_win = DeviceWindow(spec.window, spec.window_kind, len(self.channels),
-                                            self.device)
+                self._device_win = DeviceWindow(spec.window, spec.window_kind,
+                                                len(self.channels), self.device)
         return self._device_win
 
     def _to_device(self, y: np.ndarray) -> torch.Tensor:
@@ -511,11 +516,42 @@ class Scorer:
         np.copyto(host.numpy(), y)
         return host.to(self.device, non_blocking=True).unsqueeze(0)
 
-    def _window_scaled(self, y: np.ndarray, window) -> tuple[np.ndarray, np.ndarray | None]:
+    def _scaled_input(self, raw: np.ndarray) -> torch.Tensor:
+        """Raw rows (n, C) float32 scaled as :meth:`_scale` scales them, but written straight
+        into the model's input: on a GPU the pinned staging buffer, sent with an asynchronous
+        copy (no scaled copy on the host, no second pass); (1, n, C) on the device."""
+        mean, std = self.scaler.mean, self.scaler.std
+        if raw.dtype != np.float32 or mean.dtype != np.float32 or std.dtype != np.float32:
+            return self._to_device(self._scale(raw))  # the scaler's own arithmetic
+        n, C = raw.shape
+        if self.device.type == "cuda":
+            if self._pinned is None or len(self._pinned) < n:
+                self._pinned = torch.empty((max(n, 1), C), dtype=torch.float32, pin_memory=True)
+            host = self._pinned[:n]
+            y = host.numpy()
+        else:
+            y = np.empty((n, C), np.float32)
+        with np.errstate(over="ignore"):  # StandardScaler.transform's operations, in place
+            np.subtract(raw, mean, out=y)
+            np.divide(y, std, out=y)
+        if np.isinf(y).any():
+            self._overflow(raw, y, self._rows_model)
+        self._rows_model += n
+        if self.device.type == "cuda":
+            return host.to(self.device, non_blocking=True).unsqueeze(0)
+        return torch.from_numpy(y).to(self.device).unsqueeze(0)
+
+    def _score_tensor(self, t: torch.Tensor) -> np.ndarray:
+        """One-step scores (n,) float32 of scaled rows t (1, n, C) on the model's device."""
+        with torch.no_grad(), _few_torch_threads(t.shape[1]):
+            pred, self._state = self.model.one_step(t, self._state)
+            pred = Gaussian(pred.mean.float(), pred.var.float())
+            return anomaly_scores(t, pred, kind=self.score_kind)[0].cpu().numpy()
+
+    def _window_scores(self, t: torch.Tensor, window) -> tuple[np.ndarray, np.ndarray | None]:
         """Trailing window scores (n,) float64 and contributions (n, C) float32 (None without
-        contributions) of scaled rows y (n, C), summed on the model's device."""
-        with torch.no_grad(), _few_torch_threads(len(y)):
-            t = self._to_device(y)
+        contributions) of scaled rows t (1, n, C), summed on the model's device."""
+        with torch.no_grad(), _few_torch_threads(t.shape[1]):
             pred, self._state = self.model.one_step(t, self._state)
             st = step_terms(t, pred, self.spec.kind)  # each (1, n, C), checked finite
             score, contrib = window.update(StepTerms(st.contrib[0], st.whitened[0],
