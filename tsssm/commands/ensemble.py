@@ -27,7 +27,7 @@ from tsssm.bundle import Bundle, build_net, load_bundle
 from tsssm.commands.common import labelled_training_rows, seed_everything, staging
 from tsssm.config import option_value
 from tsssm.data.datasets import PreparedData, build_dataset
-from tsssm.errors import ConfigError, ModelError
+from tsssm.errors import ConfigError, ModelError, TsssmError
 from tsssm.models.ensemble import ENSEMBLE_TARGET, place_members
 from tsssm.tasks.combine import CombinationFit, fit_combination
 from tsssm.tracking import Tracker
@@ -65,7 +65,10 @@ def _train_in_process(cfg: DictConfig, overrides: list[str], parent: str) -> dic
     runs = {}
     for member in cfg.model.members:
         print(f"\n== ensemble member {member}: tsssm train model={member} ==", flush=True)
-        runs[member] = train(compose(member_overrides(cfg, overrides, member, parent)))
+        try:
+            runs[member] = train(compose(member_overrides(cfg, overrides, member, parent)))
+        except TsssmError as err:  # which member, then its own one-line reason
+            raise type(err)(f"ensemble member {member!r}: {err}") from err
     return runs
 
 
@@ -112,7 +115,7 @@ def _train_in_processes(cfg: DictConfig, overrides: list[str], parent: str,
             except subprocess.TimeoutExpired:
                 proc.kill()
     if failed:
-        raise ModelError(f"model.members: the training of member {failed[0]}")
+        raise ModelError(f"ensemble member {failed[0]}")
     return tracker.child_runs(parent, "train")
 
 

@@ -1,0 +1,61 @@
+"""model=ensemble through the commands on the bundled sample: `tsssm run` trains the members as
+nested runs, fits the weights, scores and compares; the ensemble's bundle scores a new file the
+same in chunks of any size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from mlflow.tracking import MlflowClient
+
+from tsssm.bundle import load_bundle
+from tsssm.cli import main
+from tsssm.models.ensemble import Ensemble
+
+MEMBERS = ["model=ensemble", "model.members=[kalman,mamba]",
+           'model.member_overrides=["kalman:model.fit=em","kalman:model.em_iters=1",'
+           '"mamba:trainer.limit_train_batches=2","mamba:model.net.d_model=8",'
+           '"mamba:model.net.n_layers=1","mamba:model.net.d_state=4"]']
+TINY = ["trainer.max_epochs=1", "data.eval_stride=64"]
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "skab" / "valve1" / "1.csv"
+
+
+def test_ensemble_runs_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db, experiment):
+    code = main(["run", *tracking_overrides, *MEMBERS, *TINY, "run.models=[ensemble]"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "ensemble member kalman" in out and "weights (" in out
+
+    client = MlflowClient(mlflow_db)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert all(r.info.status == "FINISHED" for r in runs)
+    trains = {r.data.tags["tsssm.model"]: r for r in runs
+              if r.data.tags["tsssm.command"] == "train"}
+    assert sorted(trains) == ["ensemble", "kalman", "mamba"]
+    parent = trains["ensemble"].info.run_id
+    for name in ("kalman", "mamba"):  # nested under the ensemble's run
+        assert trains[name].data.tags["mlflow.parentRunId"] == parent
+        assert trains["ensemble"].data.tags[f"tsssm.member.{name}"] == trains[name].info.run_id
+    m = trains["ensemble"].data.metrics
+    w = [m["ensemble/weight_kalman_first"], m["ensemble/weight_mamba_first"]]
+    assert min(w) >= 0 and abs(sum(w) - 1) < 1e-9
+    for key in ("test/h8_mse", "test/h8_coverage95", "test/f1", "val/ensemble_mse"):
+        assert key in m and m[key] == m[key], key
+    # compare found the ensemble and its members
+    assert "ensemble" in out and "compare" in out
+
+    bundle = load_bundle(tmp_path / "out" / "models" / parent)
+    assert isinstance(bundle.model, Ensemble) and bundle.model.names == ["kalman", "mamba"]
+    scored = []
+    for i, chunk in enumerate((100_000, 97)):  # whole, and in chunks of 97 rows
+        code = main(["score", *tracking_overrides, f"model.run_id={parent}",
+                     f"data.path={SAMPLE}", f"score.output={tmp_path}/s{i}.parquet",
+                     f"score.chunk_size={chunk}"])
+        assert code == 0, capsys.readouterr().err
+        scored.append(pl.read_parquet(tmp_path / f"s{i}.parquet"))
+    assert scored[0].height == 1145 and scored[0]["score"].is_finite().all()
+    np.testing.assert_allclose(scored[1]["score"].to_numpy(), scored[0]["score"].to_numpy(),
+                               rtol=1e-5, atol=1e-6)
