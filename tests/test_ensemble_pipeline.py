@@ -1,6 +1,6 @@
-"""model=ensemble through the commands on the bundled sample: `tsssm run` trains the members as
-nested runs, fits the weights, scores and compares; the ensemble's bundle scores a new file the
-same in chunks of any size."""
+"""model=ensemble through the commands on the bundled sample: `tsssm train` trains the members
+as nested runs and fits the weights, the ensemble's bundle scores a new file the same in chunks
+of any size; (slow tier) `tsssm run` trains, scores and compares it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tsssm.bundle import load_bundle
@@ -22,8 +23,9 @@ TINY = ["trainer.max_epochs=1", "data.eval_stride=64"]
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "skab" / "valve1" / "1.csv"
 
 
-def test_ensemble_runs_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db, experiment):
-    code = main(["run", *tracking_overrides, *MEMBERS, *TINY, "run.models=[ensemble]"])
+def test_ensemble_trains_its_members_and_scores_in_chunks(capsys, tmp_path, tracking_overrides,
+                                                         mlflow_db, experiment):
+    code = main(["train", *tracking_overrides, *MEMBERS, *TINY])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "ensemble member kalman" in out and "weights (" in out
@@ -32,20 +34,19 @@ def test_ensemble_runs_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_d
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
     assert all(r.info.status == "FINISHED" for r in runs)
-    trains = {r.data.tags["tsssm.model"]: r for r in runs
-              if r.data.tags["tsssm.command"] == "train"}
+    trains = {r.data.tags["tsssm.model"]: r for r in runs}
     assert sorted(trains) == ["ensemble", "kalman", "mamba"]
     parent = trains["ensemble"].info.run_id
     for name in ("kalman", "mamba"):  # nested under the ensemble's run
         assert trains[name].data.tags["mlflow.parentRunId"] == parent
         assert trains["ensemble"].data.tags[f"tsssm.member.{name}"] == trains[name].info.run_id
     m = trains["ensemble"].data.metrics
-    w = [m["ensemble/weight_kalman_first"], m["ensemble/weight_mamba_first"]]
-    assert min(w) >= 0 and abs(sum(w) - 1) < 1e-9
-    for key in ("test/h8_mse", "test/h8_coverage95", "test/f1", "val/ensemble_mse"):
+    for lead in ("first", "last"):
+        w = [m[f"ensemble/weight_kalman_{lead}"], m[f"ensemble/weight_mamba_{lead}"]]
+        assert min(w) >= 0 and abs(sum(w) - 1) < 1e-9
+    for key in ("test/h8_mse", "test/h8_coverage95", "test/f1", "val/ensemble_mse",
+                "val/variance_scale_first"):
         assert key in m and m[key] == m[key], key
-    # compare found the ensemble and its members
-    assert "ensemble" in out and "compare" in out
 
     bundle = load_bundle(tmp_path / "out" / "models" / parent)
     assert isinstance(bundle.model, Ensemble) and bundle.model.names == ["kalman", "mamba"]
@@ -59,3 +60,17 @@ def test_ensemble_runs_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_d
     assert scored[0].height == 1145 and scored[0]["score"].is_finite().all()
     np.testing.assert_allclose(scored[1]["score"].to_numpy(), scored[0]["score"].to_numpy(),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ensemble_runs_end_to_end(capsys, tracking_overrides, mlflow_db, experiment):
+    """`tsssm run`: train (members nested), score and compare, every run FINISHED."""
+    code = main(["run", *tracking_overrides, *MEMBERS, *TINY, "run.models=[ensemble]"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "== tsssm compare ==" in out and "ensemble" in out.split("== tsssm compare ==")[1]
+    client = MlflowClient(mlflow_db)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(r.data.tags["tsssm.command"] for r in runs) == [
+        "compare", "score", "train", "train", "train"]
