@@ -74,3 +74,23 @@ def test_ensemble_runs_end_to_end(capsys, tracking_overrides, mlflow_db, experim
     assert all(r.info.status == "FINISHED" for r in runs)
     assert sorted(r.data.tags["tsssm.command"] for r in runs) == [
         "compare", "score", "train", "train", "train"]
+
+
+def test_members_inherit_the_command_but_not_the_ensemble_keys():
+    from tsssm.cli import compose
+    from tsssm.commands.ensemble import member_overrides
+
+    overrides = ["experiment=ett", "data=ett_m1", "data.horizon=192", "model=ensemble",
+                 "model.jobs=3", "model.members=[kalman_ett,mamba]", "trainer.max_time=60",
+                 'model.member_overrides=["mamba:model.epochs=2","mamba:trainer.max_time=9"]',
+                 "run_name=mine"]
+    cfg = compose(overrides)
+    got = member_overrides(cfg, overrides, "mamba", "abc")
+    assert got == ["experiment=ett", "data=ett_m1", "data.horizon=192", "trainer.max_time=60",
+                   "model=mamba", "model.epochs=2", "trainer.max_time=9", "parent_run=abc"]
+    member = compose(got)  # the member's own config: its optimiser, the experiment's recipe
+    assert member.model.name == "mamba" and member.model.epochs == 2
+    assert member.model.optimizer.lr_decay == 0.5 and member.trainer.max_time == 9
+    assert member.parent_run == "abc"
+    kalman = compose(member_overrides(cfg, overrides, "kalman_ett", "abc"))
+    assert kalman.model.fit == "multistep" and kalman.trainer.max_time == 60
