@@ -231,8 +231,10 @@ def _print_members(cfg: DictConfig, fit: CombinationFit, member_runs: dict[str, 
                    tracker: Tracker) -> None:
     key = f"test/h{cfg.data.horizon}_mse"
     held = ", ".join(f"{s} {v:.4f}" for s, v in fit.holdout_mse.items())
-    print(f"  weights ({fit.scheme}; fitted on {fit.windows} validation windows"
-          + (f", chosen on the last {fit.holdout_windows}: {held}" if held else "") + "):")
+    why = (f", chosen on the last {fit.holdout_windows}: {held}" if held else
+           "; too few validation windows to hold some out, so one vector"
+           if option_value(cfg.model.weights) == "auto" else "")
+    print(f"  weights ({fit.scheme}; fitted on {fit.windows} validation windows{why}):")
     for k, m in enumerate(cfg.model.members):
         metric = tracker.run_metrics(member_runs[m]).get(key, float("nan"))
         print(f"    {m}: lead 1 {fit.horizon_weights[0, k]:.2f}, lead {cfg.data.horizon} "
