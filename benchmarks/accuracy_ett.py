@@ -170,7 +170,8 @@ def _run_trained(args, dataset: str, horizon: int, model: str, deadline: float |
                             f"{time.perf_counter() - started:.0f} s (log: {job_dir / 'log.txt'})"
                             ) from None
     elapsed = time.perf_counter() - started
-    tail = (job_dir / "log.txt").read_text().strip().splitlines()[-3:]
+    lines = (job_dir / "log.txt").read_text().strip().splitlines()
+    tail = lines[-3:]
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}): {' | '.join(tail)}")
     tracker = Tracker(_store_uri(args, job_dir), "tsssm")
@@ -179,7 +180,10 @@ def _run_trained(args, dataset: str, horizon: int, model: str, deadline: float |
     # epochs trained (early stopping, trainer.max_time): one epoch_seconds entry per epoch;
     # none for the models that fit themselves outside the Lightning loop
     epochs = len(tracker.client.get_metric_history(run_id, "train/epoch_seconds"))
-    print(f"  {dataset} h{horizon} {model}: {tail[-3] if len(tail) >= 3 else tail}", flush=True)
+    # the summary line (an ensemble prints its weights after it)
+    shown = next((x for x in reversed(lines) if x.startswith("trained ")),
+                 tail[-3] if len(tail) >= 3 else tail)
+    print(f"  {dataset} h{horizon} {model}: {shown}", flush=True)
     return {**_metrics_record(metrics, dataset, horizon), "model": model,
             "train_s": round(elapsed, 1), **({"epochs": epochs} if epochs else {}),
             **_ensemble_fields(tracker, run_id, metrics, horizon),
