@@ -213,6 +213,26 @@ def test_steady_state_path(interpret, dtype):
         torch.testing.assert_close(out["loglik"].double(), ref.loglik, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("kw", [
+    dict(rotate=True, prefetch=2),  # unrolled slots; nfull % 2 = 1 chunk left in a slot
+    dict(rotate=True, prefetch=3, chunk_mult=2, ll_chunk=True),
+    dict(series_per_thread=2, ll_chunk=True),
+    dict(series_per_thread=4, rotate=True, prefetch=4),
+])
+def test_launch_knobs_match_sequential(interpret, kw):
+    """The prefetch rotation, per-chunk log-likelihood sums and several series per thread give
+    the sequential filter's numbers: steady path, a missing value, a tail (T % chunk != 0)."""
+    ssm = local_linear_trend()
+    gen = torch.Generator().manual_seed(23)
+    y = random_y(gen, (70, 94, 1), missing=0.0)
+    y[..., 2, :] = 0.5
+    y[3, 50, 0] = math.nan
+    ref = kalman_filter(ssm, y)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
+        res = poisoned_run(to(ssm, dtype), y.to(dtype), **kw)
+        compare(res, ref, rtol=tol, atol=tol)
+
+
 def test_local_linear_trend_matches_statsmodels(interpret):
     kf_mod = pytest.importorskip("statsmodels.tsa.statespace.kalman_filter")
     gen = torch.Generator().manual_seed(3)
@@ -302,7 +322,9 @@ def _gpu():
         # T=1000: 16-byte path (when the model is small); T=1003: element path
         (2, 1, False, torch.float32, 1000,
          [dict(chunk_mult=2, prefetch=3), dict(num_warps=2, prefetch=1),
-          dict(y_layout="time", chunk_mult=4, prefetch=4)]),
+          dict(y_layout="time", chunk_mult=4, prefetch=4),
+          dict(rotate=True, prefetch=4, ll_chunk=True), dict(series_per_thread=2),
+          dict(rotate=True, prefetch=3, chunk_mult=2, series_per_thread=2, ll_chunk=True)]),
         (2, 1, False, torch.float32, 1003, [dict(y_layout="time", chunk_mult=2, prefetch=2)]),
         (2, 1, False, torch.float64, 1003, []),
         (4, 1, True, torch.float32, 1003, []),

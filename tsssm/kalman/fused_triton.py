@@ -101,6 +101,10 @@ class KernelSpec:
     fast_log: bool = False  # lg2.approx through inline PTX (compiled float32 only)
     steady: bool = False  # skip the covariance recursion once it has converged (see below)
     y_time_major: bool = False  # y stored (T, S, p): a warp's loads of one step coalesce
+    # y prefetch without loop-carried copies: the loop body is unrolled over the PREFETCH slots
+    # and each slot is reloaded right after its chunk is consumed (see _kernel_source)
+    rotate: bool = False
+    ll_chunk: bool = False  # float32 log-likelihood terms summed per chunk, then into float64
 
     @property
     def vec16(self) -> int:
@@ -373,7 +377,8 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         src(f"logdet{s} = " + " + ".join(log(f"D{i}{s}") for i in range(p)))
         nobs = " + ".join(f"ob{k}{s}.to({DT})" for k in range(p))
         src(f"ll{s} = -0.5 * (nis{s} + logdet{s}) - {_HALF_LOG_2PI!r} * ({nobs})")
-        src(f"acc += ll{s}.to(tl.float64)")
+        if not spec.ll_chunk:
+            src(f"acc += ll{s}.to(tl.float64)")
         # Gain K' = S^-1 U: W = L^-1 U, Z = D^-1 W, K' = L'^-1 Z.   KT{k}_{i} = K[i][k].
         for k in range(p):
             for i in range(n):
@@ -473,7 +478,8 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
             src(f"e{i}{s} = v{i}{s}" + (f" - ({_sum(terms)})" if terms else ""))
         src(f"nis{s} = " + " + ".join(f"e{i}{s} * e{i}{s} * fiD{i}" for i in range(p)))
         src(f"ll{s} = -0.5 * (nis{s} + flogdet) - {_HALF_LOG_2PI * p!r}")
-        src(f"acc += ll{s}.to(tl.float64)")
+        if not spec.ll_chunk:
+            src(f"acc += ll{s}.to(tl.float64)")
         for i in range(n):
             kv = " + ".join(f"fK{k}_{i} * v{k}{s}" for k in range(p))
             src(f"mf{i}{s} = m_{i} + ({kv})")
@@ -510,6 +516,8 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         else:
             for j in range(ch):
                 emit_step(j, yn[j * p:(j + 1) * p], t0, masked)
+        if spec.ll_chunk:  # both branches define ll_0 .. ll_{CH-1}
+            src("acc += (" + " + ".join(f"ll_{j}" for j in range(ch)) + ").to(tl.float64)")
 
     ngroups = ch * p // vec  # y loads per chunk: (BLOCK_S, VEC) tiles or (BLOCK_S,) vectors
 
@@ -546,18 +554,39 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
     for dd in range(D):
         for g in range(ngroups):
             src(f"yt{dd}_{g} = " + y_fmt(y_load(str(dd)), g))
-    src("for ci in range(0, nfull):")
-    src.indent += 1
-    src(f"t0 = ci * {ch}")
-    for g in range(ngroups):
-        src(f"cur_{g} = yt0_{g}")
-    for dd in range(D - 1):
+    if spec.rotate:
+        # The body is unrolled over the D slots: slot dd holds chunk cs * D + dd and is reloaded
+        # with chunk (cs + 1) * D + dd as soon as its chunk is done, so no register copy waits
+        # on a load in flight (the copies ``yt0 = yt1`` of the loop below do: a move reads its
+        # source, so the load of the chunk D ahead must have landed by the loop's back edge).
+        src(f"nsup = nfull // {D}")
+        src("for cs in range(0, nsup):")
+        src.indent += 1
+        for dd in range(D):
+            src(f"t0 = (cs * {D} + {dd}) * {ch}")
+            emit_chunk([f"yt{dd}_{g}" for g in range(ngroups)], "t0", masked=False)
+            for g in range(ngroups):
+                src(f"yt{dd}_{g} = " + y_fmt(y_load(f"cs * {D} + {D + dd}"), g))
+        src.indent -= 1
+        for dd in range(D - 1):  # the last nfull % D full chunks, already in the slots
+            src(f"if nsup * {D} + {dd} < nfull:")
+            src.indent += 1
+            src(f"t0 = (nsup * {D} + {dd}) * {ch}")
+            emit_chunk([f"yt{dd}_{g}" for g in range(ngroups)], "t0", masked=False)
+            src.indent -= 1
+    else:
+        src("for ci in range(0, nfull):")
+        src.indent += 1
+        src(f"t0 = ci * {ch}")
         for g in range(ngroups):
-            src(f"yt{dd}_{g} = yt{dd + 1}_{g}")
-    for g in range(ngroups):
-        src(f"yt{D - 1}_{g} = " + y_fmt(y_load(f"ci + {D}"), g))
-    emit_chunk([f"cur_{g}" for g in range(ngroups)], "t0", masked=False)
-    src.indent -= 1
+            src(f"cur_{g} = yt0_{g}")
+        for dd in range(D - 1):
+            for g in range(ngroups):
+                src(f"yt{dd}_{g} = yt{dd + 1}_{g}")
+        for g in range(ngroups):
+            src(f"yt{D - 1}_{g} = " + y_fmt(y_load(f"ci + {D}"), g))
+        emit_chunk([f"cur_{g}" for g in range(ngroups)], "t0", masked=False)
+        src.indent -= 1
     # --- tail: the last T % CH steps, element-wise masks ----------------------------------
     if spec.tail:
         src(f"if nfull * {ch} < T:")
@@ -645,6 +674,9 @@ def fused_filter_arrays(
     fast_log: bool = True,
     steady_state: bool = True,
     y_layout: str = "auto",
+    rotate: bool = False,
+    ll_chunk: bool = False,
+    series_per_thread: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Launch the fused filter on flat arrays (the launcher behind ``fused_kalman_filter``).
 
@@ -673,6 +705,12 @@ def fused_filter_arrays(
     "auto": "series", a time-major view copied to rows first (H200, 2026-12-01, 10^4 x 10^4
     local linear trend, float32: series 1.97 ms, time 4.92 ms even for a view read in place,
     the copy ~0.2 ms; benchmarks/RESULTS.md).
+    ``rotate``: with ``prefetch`` > 1, unroll the loop over the prefetch slots so that each slot
+    is reloaded in place (no register copies of loads in flight; see the loop in
+    ``_kernel_source``). ``ll_chunk``: sum a chunk's float32 log-likelihood terms before adding
+    them to the float64 total (one conversion and float64 add per chunk instead of per step).
+    ``series_per_thread``: 1, 2 or 4 series per GPU thread (BLOCK_S = 32 * num_warps * it):
+    independent recursions a thread interleaves.
     ``steady_state``: once the predicted covariance of every series of a block repeats (to 64
     ulps of its largest entry, the sequential filter's test) at the end of a fully observed
     chunk, later chunks without missing values skip the covariance recursion and reuse the
@@ -728,6 +766,8 @@ def fused_filter_arrays(
         fast_log=fast_log and dtype == torch.float32 and not _interpreting(),
         steady=steady_state,
         y_time_major=y_time_major,
+        rotate=rotate and prefetch > 1,
+        ll_chunk=ll_chunk,
     )
     spec = dataclasses.replace(spec, tail=T % spec.chunk != 0)
     shapes = {  # time-major storage
@@ -741,7 +781,10 @@ def fused_filter_arrays(
     }
     stored = {o: torch.empty(shapes[o], device=y.device, dtype=dtype) for o in outputs}
     llsum = torch.empty(S, device=y.device, dtype=torch.float64)
-    block_s = 32 * num_warps
+    if series_per_thread not in (1, 2, 4):
+        raise ModelError(f"fused Kalman filter: series_per_thread must be 1, 2 or 4, got "
+                         f"{series_per_thread}")
+    block_s = 32 * num_warps * series_per_thread  # a (BLOCK_S,) vector wraps around the threads
     nsteady = torch.zeros(triton.cdiv(S, block_s), device=y.device, dtype=torch.int32)
     if S > 0:
         args = {"y_ptr": y_arg, "llsum_ptr": llsum, "nsteady_ptr": nsteady}
@@ -855,6 +898,9 @@ def fused_kalman_filter(
     fast_log: bool = True,
     steady_state: bool = True,
     y_layout: str = "auto",
+    rotate: bool = False,
+    ll_chunk: bool = False,
+    series_per_thread: int = 1,
 ):
     """The Kalman filter as one fused Triton kernel: ``kalman_filter(..., method="fused")``.
 
@@ -936,7 +982,8 @@ def fused_kalman_filter(
             params[name] = value.expand(*batch, *core).reshape(S, *core)
     kw = dict(joseph=joseph, num_warps=num_warps, chunk_mult=chunk_mult, prefetch=prefetch,
               vectorize=vectorize, fast_log=fast_log, steady_state=steady_state,
-              y_layout=y_layout)
+              y_layout=y_layout, rotate=rotate, ll_chunk=ll_chunk,
+              series_per_thread=series_per_thread)
     differentiable = torch.is_grad_enabled() and (
         y.requires_grad or any(v.requires_grad for v in params.values()))
     if differentiable:  # the backward reads every step's predicted state

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tsssm.errors import ModelError
 from tsssm.kalman.filter import (
     FilterResult,
     _check_cholesky,
@@ -201,20 +202,65 @@ def invariant_filtered_covariances(ssm: LinearGaussianSSM, T: int) -> tuple[Tens
     return torch.cat([C0t, Ct], dim=-3), info0 | info.expand(batch)
 
 
+#: Backends of the parallel filter: "auto" (Triton on CUDA when the call allows it, else torch),
+#: "torch" (the odd-even recursion in tensor ops, differentiable), "triton" (the chunked scan
+#: kernels of :mod:`tsssm.kalman.parallel_triton`; an error when the call does not allow them).
+BACKENDS = ("auto", "torch", "triton")
+
+
 def parallel_kalman_filter(
-    ssm: LinearGaussianSSM, y: Tensor, u: Tensor | None = None
+    ssm: LinearGaussianSSM, y: Tensor, u: Tensor | None = None, *, backend: str = "auto",
+    **launch,
 ) -> FilterResult:
-    """Kalman filter by a parallel prefix scan over time; same FilterResult as sequential."""
-    elems, prep = filter_elements(ssm, y, u)
-    _, b, C, _, _ = associative_scan(filter_combine, elems)
-    m_filt = b.movedim(0, -2)  # (..., T, n)
-    P_filt = C.movedim(0, -3)  # (..., T, n, n)
+    """Kalman filter by a parallel prefix scan over time; same FilterResult as sequential.
+
+    ``backend``: see ``BACKENDS``. On CUDA, "auto" runs the Triton kernels for a time-invariant
+    model without controls with n, p <= 4 when no gradient is needed (they have no backward),
+    else the torch ops. ``launch``: launch options of
+    :func:`tsssm.kalman.parallel_triton.parallel_filter_arrays` (block_t, num_warps, block_c).
+    """
+    if backend not in BACKENDS:
+        raise ModelError(f"parallel filter: backend must be one of {BACKENDS}, got {backend!r}")
+    prep = None
+    if backend != "torch":
+        why = _triton_unavailable(ssm, y, u, backend)
+        if why is None:
+            from tsssm.kalman.parallel_triton import flat_params, parallel_filter_arrays
+
+            prep = prepare(ssm, y, u)
+            S = prep.batch.numel()
+            T, p = prep.T, y.shape[-1]
+            y_flat = prep.y.reshape(S, T, p)
+            mean, cov = parallel_filter_arrays(y_flat, flat_params(ssm, tuple(prep.batch)),
+                                               **launch)
+            m_filt = mean.reshape(*prep.batch, T, -1)
+            P_filt = cov.reshape(*prep.batch, T, *cov.shape[-2:])
+        elif backend == "triton":
+            raise ModelError(f"parallel filter: the Triton backend cannot run this call: {why}")
+    if prep is None:
+        elems, prep = filter_elements(ssm, y, u)
+        _, b, C, _, _ = associative_scan(filter_combine, elems)
+        m_filt = b.movedim(0, -2)  # (..., T, n)
+        P_filt = C.movedim(0, -3)  # (..., T, n, n)
     T = prep.T
     F, Q = stacked(ssm, "F", T), stacked(ssm, "Q", T)
     P_prev = symmetrize(F[..., 1:, :, :] @ P_filt[..., :-1, :, :] @ F[..., 1:, :, :].mT
                         + Q[..., 1:, :, :])
     P_pred = prepend_step(ssm.P0, P_prev, 2)
     return finish(ssm, prep, m_filt, P_pred, P_filt)
+
+
+def _triton_unavailable(ssm: LinearGaussianSSM, y: Tensor, u: Tensor | None,
+                        backend: str) -> str | None:
+    """Why the Triton parallel filter cannot run this call (None: it can). "auto" runs it on
+    CUDA only; "triton" also on the CPU under TRITON_INTERPRET=1 (tests)."""
+    if backend == "auto" and y.device.type != "cuda":
+        return "not a CUDA tensor"
+    try:
+        from tsssm.kalman.parallel_triton import eligible
+    except ImportError:
+        return "Triton is not installed (pip install 'tsssm[gpu]')"
+    return eligible(ssm, y, u)
 
 
 # --------------------------------------------------------------------------------------------
