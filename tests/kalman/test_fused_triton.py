@@ -235,6 +235,37 @@ def test_launch_knobs_match_sequential(interpret, kw, dtypes):
         compare(res, ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(rotate=True, prefetch=3, ll_chunk=True),
+                                dict(vectorize=False)])
+def test_series_major_outputs_match_sequential(interpret, kw):
+    """out_layout="series": chunk-wide 16-byte stores per series (element stores in the tail
+    and without vectorisation); contiguous (S, T, ...) results; poisoned outputs."""
+    ssm = local_linear_trend()
+    gen = torch.Generator().manual_seed(29)
+    y = random_y(gen, (40, 94, 1), missing=0.0)
+    y[3, 50, 0] = math.nan
+    ref = kalman_filter(ssm, y)
+    outs = ("log_liks", "filtered_mean", "predicted_mean", "innovation", "nis")
+    real = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    torch.empty = nan_empty
+    try:
+        res = fused_kalman_filter(ssm, y, outputs=outs, out_layout="series", **kw)
+    finally:
+        torch.empty = real
+    for name in outs:
+        assert getattr(res, name).is_contiguous(), name
+        torch.testing.assert_close(getattr(res, name), getattr(ref, name), rtol=1e-10,
+                                   atol=1e-10, msg=name)
+    torch.testing.assert_close(res.loglik, ref.loglik, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ModelError, match="out_layout='series'"):
+        fused_kalman_filter(ssm, y, outputs=("filtered_cov",), out_layout="series")
+
+
 def test_local_linear_trend_matches_statsmodels(interpret):
     kf_mod = pytest.importorskip("statsmodels.tsa.statespace.kalman_filter")
     gen = torch.Generator().manual_seed(3)

@@ -105,6 +105,13 @@ class KernelSpec:
     # and each slot is reloaded right after its chunk is consumed (see _kernel_source)
     rotate: bool = False
     ll_chunk: bool = False  # float32 log-likelihood terms summed per chunk, then into float64
+    # outputs stored series-major (S, T, ...), a full chunk's values of a thread in 16-byte
+    # stores after the chunk (element stores in the tail); covariance outputs excluded
+    out_series: bool = False
+
+    @property
+    def chunk_stores(self) -> bool:
+        return self.out_series and self.vectorize
 
     @property
     def vec16(self) -> int:
@@ -250,10 +257,24 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         src(f"y_rp = y_ptr + r64 * Trow * {p}  # (BLOCK_S,)")
     mask2 = "rmask[:, None]" if vec > 1 else "rmask"
     # Outputs (T, S, w) are time-major: at each step a warp writes one contiguous run.
+    # With out_series they are (S, T, w): a thread's chunk of CH steps is one contiguous run.
     groups = {}
+    if spec.out_series:
+        src(f"Tout = TQ * {vec}" if spec.vectorize else "Tout = T")
     for stream, w in widths.items():
         g = _group(w, spec.vec16)
         groups[stream] = g
+        if spec.out_series:
+            src(f"{stream}_ts = {w}  # elements per step")
+            row = f"r64 * Tout * {w}"
+            if g == 1:
+                src(f"{stream}_rp = {stream}_ptr + {row}")
+            else:
+                src(f"{stream}_rp = {stream}_ptr + ({row})[:, None] + tl.arange(0, {g})[None, :]")
+            if spec.chunk_stores:
+                src(f"{stream}_rc = {stream}_ptr + ({row})[:, None] + "
+                    f"tl.arange(0, {spec.vec16})[None, :]")
+            continue
         src(f"{stream}_ts = S64 * {w}  # elements per step")
         if g == 1:
             src(f"{stream}_rp = {stream}_ptr + r64 * " + ("ONE" if w == 1 else str(w)))
@@ -308,6 +329,8 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         return f"tl.log({x})"
 
     def store(stream: str, vals: list[str], tj: str, masked: bool) -> None:
+        if spec.chunk_stores and not masked:
+            return  # stored per chunk (emit_chunk)
         g = groups[stream]
         src(f"off = ({tj}) * {stream}_ts")
         valid = f"rmask & (izero + ({tj}) < T)" if masked else "rmask"
@@ -337,6 +360,9 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         s = f"_{j}"  # suffix keeping names of different steps apart (readability only)
         tj = f"{t0} + {j}"
         if "predicted_mean" in widths:
+            if spec.chunk_stores:
+                for i in range(n):
+                    src(f"pm{i}{s} = m_{i}")
             store("predicted_mean", [f"m_{i}" for i in range(n)], tj, masked)
         if "predicted_cov" in widths:
             store("predicted_cov", [P(i, jj) for i in range(n) for jj in range(n)], tj, masked)
@@ -465,6 +491,9 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
         s = f"_{j}"
         tj = f"{t0} + {j}"
         if "predicted_mean" in widths:
+            if spec.chunk_stores:
+                for i in range(n):
+                    src(f"pm{i}{s} = m_{i}")
             store("predicted_mean", [f"m_{i}" for i in range(n)], tj, False)
         if "predicted_cov" in widths:
             store("predicted_cov", [P(i, jj) for i in range(n) for jj in range(n)], tj, False)
@@ -518,6 +547,21 @@ def _kernel_source(spec: KernelSpec, name: str) -> str:
                 emit_step(j, yn[j * p:(j + 1) * p], t0, masked)
         if spec.ll_chunk:  # both branches define ll_0 .. ll_{CH-1}
             src("acc += (" + " + ".join(f"ll_{j}" for j in range(ch)) + ").to(tl.float64)")
+        if spec.chunk_stores and not masked:
+            # the chunk's values of each output, contiguous per series: 16-byte stores
+            per_step = {
+                "log_liks": lambda j: [f"ll_{j}"],
+                "filtered_mean": lambda j: [f"mf{i}_{j}" for i in range(n)],
+                "predicted_mean": lambda j: [f"pm{i}_{j}" for i in range(n)],
+                "innovation": lambda j: [f"v{k}_{j}" for k in range(p)],
+                "nis": lambda j: [f"nis_{j}"],
+            }
+            gc = spec.vec16
+            for stream, w in widths.items():
+                vals = [v for j in range(ch) for v in per_step[stream](j)]
+                for k in range(0, ch * w, gc):
+                    src(f"tl.store({stream}_rc + ({t0} * {w} + {k}), "
+                        f"{_join_expr(vals[k:k + gc])}, mask=rmask[:, None])")
 
     ngroups = ch * p // vec  # y loads per chunk: (BLOCK_S, VEC) tiles or (BLOCK_S,) vectors
 
@@ -677,6 +721,7 @@ def fused_filter_arrays(
     rotate: bool = False,
     ll_chunk: bool = False,
     series_per_thread: int = 1,
+    out_layout: str = "time",
 ) -> dict[str, torch.Tensor]:
     """Launch the fused filter on flat arrays (the launcher behind ``fused_kalman_filter``).
 
@@ -711,6 +756,9 @@ def fused_filter_arrays(
     them to the float64 total (one conversion and float64 add per chunk instead of per step).
     ``series_per_thread``: 1, 2 or 4 series per GPU thread (BLOCK_S = 32 * num_warps * it):
     independent recursions a thread interleaves.
+    ``out_layout``: "time" (outputs stored (T, S, ...), returned as views) or "series" (stored
+    (S, T, ...), contiguous; a thread writes a whole chunk of steps of its series in 16-byte
+    stores; not for covariance outputs).
     ``steady_state``: once the predicted covariance of every series of a block repeats (to 64
     ulps of its largest entry, the sequential filter's test) at the end of a fully observed
     chunk, later chunks without missing values skip the covariance recursion and reuse the
@@ -768,6 +816,7 @@ def fused_filter_arrays(
         y_time_major=y_time_major,
         rotate=rotate and prefetch > 1,
         ll_chunk=ll_chunk,
+        out_series=out_layout == "series",
     )
     spec = dataclasses.replace(spec, tail=T % spec.chunk != 0)
     shapes = {  # time-major storage
@@ -779,8 +828,16 @@ def fused_filter_arrays(
         "filtered_cov": (T, S, n, n),
         "predicted_cov": (T, S, n, n),
     }
+    if spec.out_series:  # (S, T, ...)
+        shapes = {o: (S, T, *shp[2:]) for o, shp in shapes.items()}
     stored = {o: torch.empty(shapes[o], device=y.device, dtype=dtype) for o in outputs}
     llsum = torch.empty(S, device=y.device, dtype=torch.float64)
+    if out_layout not in ("time", "series"):
+        raise ModelError(f"fused Kalman filter: out_layout must be time or series, got "
+                         f"{out_layout!r}")
+    if out_layout == "series" and any(o.endswith("_cov") for o in outputs):
+        raise ModelError("fused Kalman filter: out_layout='series' writes means, innovations, "
+                         "log_liks and nis only; request covariances with out_layout='time'")
     if series_per_thread not in (1, 2, 4):
         raise ModelError(f"fused Kalman filter: series_per_thread must be 1, 2 or 4, got "
                          f"{series_per_thread}")
@@ -800,7 +857,10 @@ def fused_filter_arrays(
             BLOCK_S=block_s,
             num_warps=num_warps,
         )
-    result = {o: stored[o].transpose(0, 1) for o in outputs}  # (S, T, ...) views
+    if spec.out_series:
+        result = {o: stored[o] for o in outputs}
+    else:
+        result = {o: stored[o].transpose(0, 1) for o in outputs}  # (S, T, ...) views
     result["loglik"] = llsum.to(dtype)
     result["steady_steps"] = nsteady
     result["spec"] = spec
@@ -901,6 +961,7 @@ def fused_kalman_filter(
     rotate: bool = False,
     ll_chunk: bool = False,
     series_per_thread: int = 1,
+    out_layout: str = "time",
 ):
     """The Kalman filter as one fused Triton kernel: ``kalman_filter(..., method="fused")``.
 
@@ -983,7 +1044,7 @@ def fused_kalman_filter(
     kw = dict(joseph=joseph, num_warps=num_warps, chunk_mult=chunk_mult, prefetch=prefetch,
               vectorize=vectorize, fast_log=fast_log, steady_state=steady_state,
               y_layout=y_layout, rotate=rotate, ll_chunk=ll_chunk,
-              series_per_thread=series_per_thread)
+              series_per_thread=series_per_thread, out_layout=out_layout)
     differentiable = torch.is_grad_enabled() and (
         y.requires_grad or any(v.requires_grad for v in params.values()))
     if differentiable:  # the backward reads every step's predicted state
