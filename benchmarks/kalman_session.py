@@ -86,6 +86,11 @@ FUSED = [
     ("all 7 outputs", dict(outputs="kernel")),
     ("all 7 outputs, rotate 4, ll_chunk", dict(outputs="kernel", rotate=True, prefetch=4,
                                                ll_chunk=True)),
+    ("series out, 2 series/thread, rotate 4, chunk_mult 2, ll_chunk", dict(
+        out_layout="series", series_per_thread=2, rotate=True, prefetch=4, chunk_mult=2,
+        ll_chunk=True)),
+    ("series out, rotate 8, ll_chunk", dict(out_layout="series", rotate=True, prefetch=8,
+                                            ll_chunk=True)),
 ]
 #: Launch shapes of the Triton parallel filter (block_t, num_warps; block_c = 256).
 PARALLEL = [(128, 4), (256, 2), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 4), (1024, 8)]
