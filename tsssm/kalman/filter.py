@@ -29,7 +29,10 @@ Methods (``kalman_filter(..., method=...)``), all exact (same results up to roun
 - ``"loop"``: the textbook filter, one step at a time; the readable specification.
 - ``"sqrt"``: the square-root filter (propagates Cholesky factors; see :mod:`tsssm.kalman.sqrt`).
 - ``"parallel"``: Särkkä & García-Fernández (2021) associative elements combined by a parallel
-  prefix scan, O(log T) depth (see :mod:`tsssm.kalman.parallel`).
+  prefix scan, O(log T) depth (see :mod:`tsssm.kalman.parallel`). On CUDA, for a
+  time-invariant model without controls (n, p <= 4) and when no gradient is needed, the scan
+  runs as three Triton kernels (a chunked scan, :mod:`tsssm.kalman.parallel_triton`); otherwise
+  as batched torch ops (differentiable).
 - ``"fused"``: Triton kernel for many series on CUDA (``tsssm.kalman.fused_triton``), called as
   ``fused_kalman_filter(ssm, y, u, outputs="all") -> FilterResult`` (not differentiable).
 - ``"window"``: many short windows of a time-invariant model with one observed channel and
