@@ -225,16 +225,27 @@ def parallel_kalman_filter(
     if backend != "torch":
         why = _triton_unavailable(ssm, y, u, backend)
         if why is None:
-            from tsssm.kalman.parallel_triton import flat_params, parallel_filter_arrays
+            from tsssm.kalman.parallel_triton import (
+                MAX_SERIES,
+                flat_params,
+                parallel_filter_arrays,
+            )
 
             prep = prepare(ssm, y, u)
             S = prep.batch.numel()
-            T, p = prep.T, y.shape[-1]
-            y_flat = prep.y.reshape(S, T, p)
-            mean, cov = parallel_filter_arrays(y_flat, flat_params(ssm, tuple(prep.batch)),
-                                               **launch)
-            m_filt = mean.reshape(*prep.batch, T, -1)
-            P_filt = cov.reshape(*prep.batch, T, *cov.shape[-2:])
+            if S > MAX_SERIES:
+                why = f"{S} series (the kernels' grid takes up to {MAX_SERIES})"
+                if backend == "triton":
+                    raise ModelError(f"parallel filter: the Triton backend cannot run this "
+                                     f"call: {why}")
+                prep = None
+            else:
+                T, p = prep.T, y.shape[-1]
+                y_flat = prep.y.reshape(S, T, p)
+                mean, cov = parallel_filter_arrays(y_flat, flat_params(ssm, tuple(prep.batch)),
+                                                   **launch)
+                m_filt = mean.reshape(*prep.batch, T, -1)
+                P_filt = cov.reshape(*prep.batch, T, *cov.shape[-2:])
         elif backend == "triton":
             raise ModelError(f"parallel filter: the Triton backend cannot run this call: {why}")
     if prep is None:

@@ -48,6 +48,8 @@ from tsssm.errors import ModelError
 #: n^2 + n (n + 1) + 2 n scalars: 14 for n = 2, 44 for n = 4).
 MAX_STATE_DIM = 4
 MAX_OBS_DIM = 4
+#: Most series of one call (the second axis of the launch grid).
+MAX_SERIES = 65_535
 #: Launch defaults per dtype: steps per block, warps per block, block totals per carry chunk.
 DEFAULTS = {
     torch.float64: dict(block_t=256, num_warps=4, block_c=256),
@@ -538,6 +540,9 @@ def parallel_filter_arrays(
     """
     S, T, p = y.shape
     n = params["F"].shape[-1]
+    if S > MAX_SERIES:
+        raise ModelError(f"parallel Triton filter: {S} series; the launch grid takes up to "
+                         f"{MAX_SERIES} (filter them in groups)")
     if n > MAX_STATE_DIM or p > MAX_OBS_DIM:
         raise ModelError(f"parallel Triton filter: generated for n <= {MAX_STATE_DIM}, p <= "
                          f"{MAX_OBS_DIM}; the model has n={n}, p={p}")
