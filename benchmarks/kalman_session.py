@@ -97,12 +97,20 @@ PARALLEL = [(128, 4), (256, 2), (256, 4), (256, 8), (512, 4), (512, 8), (1024, 4
 PAR_T = (10**5, 10**6)
 
 
+#: Selections of this run (--fused, --par-launch); None = all.
+SELECT: dict = {"fused": None, "parallel": None, "pytest": True}
+
+
 def fused_list(dry: bool) -> list:
     """The fused variants of this run (a dry run exercises a few of each kind)."""
+    if SELECT["fused"] is not None:
+        return [(lab, kw) for lab, kw in FUSED if lab in SELECT["fused"]]
     return [FUSED[i] for i in (0, 5, 17, 22)] if dry else FUSED
 
 
 def parallel_list(dry: bool) -> list:
+    if SELECT["parallel"] is not None:
+        return SELECT["parallel"]
     return PARALLEL[:2] if dry else PARALLEL
 
 
@@ -154,7 +162,7 @@ def poisoned(fn):
 def verify_tasks(dry: bool) -> list[dict]:
     """Every check of the run; the first (pytest) gets worker 0 to itself, the others are dealt
     round-robin to the other workers, the timed variants first."""
-    tasks = [{"kind": "pytest"}] if not dry else []
+    tasks = [{"kind": "pytest"}] if not dry and SELECT["pytest"] else []
     tasks += [{"kind": "parallel", "launch": list(lw), "dtype": dt} for lw in parallel_list(dry)
               for dt in ("float64", "float32")]
     tasks += [{"kind": "fused", "label": lab} for lab, _ in fused_list(dry)]
@@ -410,7 +418,25 @@ def main() -> None:
     ap.add_argument("--worker", type=int, default=None)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--ncu-fused", action="store_true")
+    ap.add_argument("--fused", default=None,
+                    help="fused variants to run, labels separated by ';' (default: all)")
+    ap.add_argument("--par-launch", default=None,
+                    help="parallel launch shapes block_t/num_warps, comma-separated")
+    ap.add_argument("--par-t", default=None, help="parallel filter lengths, comma-separated")
+    ap.add_argument("--no-pytest", action="store_true", help="skip pytest -m gpu")
     args = ap.parse_args()
+    SELECT["pytest"] = not args.no_pytest
+    global PAR_T
+    if args.fused is not None:
+        SELECT["fused"] = [x.strip() for x in args.fused.split(";") if x.strip()]
+        unknown = [x for x in SELECT["fused"] if x not in dict(FUSED)]
+        if unknown:
+            ap.error(f"unknown fused variants {unknown}")
+    if args.par_launch is not None:
+        SELECT["parallel"] = [tuple(int(v) for v in x.split("/"))
+                              for x in args.par_launch.split(",") if x]
+    if args.par_t is not None:
+        PAR_T = tuple(int(float(x)) for x in args.par_t.split(","))
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -452,9 +478,12 @@ def run(args) -> None:
         f.unlink()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT), str(ROOT / "tests" / "kalman"), os.environ.get("PYTHONPATH", "")]))
+    passed = [f"--{k.replace('_', '-')}={v}" for k, v in
+              (("fused", args.fused), ("par_launch", args.par_launch), ("par_t", args.par_t))
+              if v is not None] + (["--no-pytest"] if args.no_pytest else [])
     procs = [subprocess.Popen([sys.executable, __file__, "--out", str(out), "--worker", str(i),
-                               "--workers", str(args.workers)] + (["--dry-run"] if dry else []),
-                              env=env, cwd=ROOT)
+                               "--workers", str(args.workers)] + (["--dry-run"] if dry else [])
+                              + passed, env=env, cwd=ROOT)
              for i in range(args.workers)]
     res: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                  "torch": torch.__version__}
