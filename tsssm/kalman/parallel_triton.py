@@ -51,9 +51,12 @@ MAX_OBS_DIM = 4
 #: Most series of one call (the second axis of the launch grid).
 MAX_SERIES = 65_535
 #: Launch defaults per dtype: steps per block, warps per block, block totals per carry chunk.
+#: From the H200 sweep of 2026-12-02 (benchmarks/RESULTS.md, one LLT series): float64 256/4 had
+#: the fastest kernels at 10^5 and 10^6 steps (0.071 / 0.47 ms), float32 512/4 (0.068 / 0.23 ms,
+#: float32 arithmetic then).
 DEFAULTS = {
     torch.float64: dict(block_t=256, num_warps=4, block_c=256),
-    torch.float32: dict(block_t=256, num_warps=4, block_c=256),
+    torch.float32: dict(block_t=512, num_warps=4, block_c=256),
 }
 _PARAMS = ("F", "H", "Q", "R", "c", "d", "m0", "P0")
 _CORE = {"F": 2, "H": 2, "Q": 2, "R": 2, "c": 1, "d": 1, "m0": 1, "P0": 2}
@@ -376,7 +379,7 @@ def _param_loads(spec: ParallelSpec, g: _Gen) -> None:
 
     def load(name: str, var: str, idx: int, size: int) -> None:
         off = f"s64 * {size} + {idx}" if name in spec.batched else str(idx)
-        g.emit(f"{var} = tl.load({name}_ptr + {off})")
+        g.emit(f"{var} = tl.load({name}_ptr + {off}).to(tl.float64)")
 
     for i in range(n):
         for j in range(n):
@@ -402,7 +405,7 @@ def _param_loads(spec: ParallelSpec, g: _Gen) -> None:
 
 
 def _block_prologue(spec: ParallelSpec, g: _Gen) -> None:
-    DT = "tl.float32" if spec.dtype == "fp32" else "tl.float64"
+    DT = "tl.float64"  # the arithmetic is float64 for float32 data too (see parallel_filter_arrays)
     g.emit("pb = tl.program_id(0)  # block of steps")
     g.emit("s64 = tl.program_id(1).to(tl.int64)  # series")
     g.emit("t = pb * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) steps")
@@ -411,7 +414,7 @@ def _block_prologue(spec: ParallelSpec, g: _Gen) -> None:
     g.emit(f"zero = tl.full((BLOCK_T,), 0.0, {DT})")
     g.emit(f"yrow = y_ptr + (s64 * T + t) * {spec.p}")
     for k in range(spec.p):
-        g.emit(f"y{k} = tl.load(yrow + {k}, mask=valid, other=NAN)")
+        g.emit(f"y{k} = tl.load(yrow + {k}, mask=valid, other=NAN).to(tl.float64)")
     _param_loads(spec, g)
 
 
@@ -444,7 +447,7 @@ def _kernel_source(spec: ParallelSpec) -> str:
 
     # 2. carry: inclusive prefix of the block totals, one program per series
     g = _Gen("v")
-    DT = "tl.float32" if spec.dtype == "fp32" else "tl.float64"
+    DT = "tl.float64"
     g.emit("s64 = tl.program_id(0).to(tl.int64)")
     g.emit("j = tl.arange(0, BLOCK_C)")
     g.emit(f"sz = (tl.program_id(0) * 0).to({DT})  # scalar 0")
@@ -534,7 +537,11 @@ def parallel_filter_arrays(
 
     y: (S, T, p) float32/float64, NaN where missing. params: F (n, n), H (p, n), Q (n, n),
     R (p, p), m0 (n,), P0 (n, n), optionally c (n,), d (p,), each shared or with a leading S
-    axis, y's dtype and device. ``block_t`` (steps per program, a power of two), ``num_warps``,
+    axis, y's dtype and device. The elements and their combinations are computed in float64
+    for float32 data too (results stored in y's dtype): the information-form elements of a
+    non-stationary model grow with the block length (J ~ t^3 for a local linear trend), which
+    float32 does not resolve (H200, 10^6 steps: loglik off by 73 % with float32 arithmetic).
+    ``block_t`` (steps per program, a power of two), ``num_warps``,
     ``block_c`` (block totals per chunk of the carry pass): launch options, defaults per dtype
     in ``DEFAULTS``.
     """
@@ -566,9 +573,10 @@ def parallel_filter_arrays(
     mean = torch.empty(S, T, n, dtype=y.dtype, device=y.device)
     cov = torch.empty(S, T, n, n, dtype=y.dtype, device=y.device)
     args = [y] + [flat[a[:-4]] for a in _kernel_args(spec)[1:]]
-    pre = torch.empty(max(S * nb * K, 1), dtype=y.dtype, device=y.device)
+    # block totals and prefixes in float64 whatever y's dtype (the elements are)
+    pre = torch.empty(max(S * nb * K, 1), dtype=torch.float64, device=y.device)
     if nb > 1:
-        agg = torch.empty(S * nb * K, dtype=y.dtype, device=y.device)
+        agg = torch.empty(S * nb * K, dtype=torch.float64, device=y.device)
         reduce_k[(nb, S)](*args, agg, T, nb, float("nan"), BLOCK_T=block_t, num_warps=num_warps)
         carry_k[(S,)](agg, pre, nb, BLOCK_C=block_c, num_warps=num_warps)
     final_k[(nb, S)](*args, pre, mean, cov, T, nb, float("nan"), BLOCK_T=block_t,
