@@ -1016,7 +1016,7 @@ def fused_kalman_filter(
         raise ModelError("method='fused': y must be a tensor (..., T, p) with T >= 1")
     # Shapes, dtypes and devices, checked on one step of y: validate() also scans y for inf,
     # a whole extra pass over memory; here an inf shows up as a non-finite loglik instead.
-    batch = validate(ssm, y[..., :1, :])
+    batch = validate(ssm, y[..., :1, :], scan_values=False)  # no device sync before the launch
     n, p = ssm.F.shape[-1], ssm.H.shape[-2]
     if y.dtype not in (torch.float32, torch.float64):
         raise ModelError(f"method='fused' supports float32 and float64, got {y.dtype}")
