@@ -52,11 +52,12 @@ MAX_OBS_DIM = 4
 MAX_SERIES = 65_535
 #: Launch defaults per dtype: steps per block, warps per block, block totals per carry chunk.
 #: From the H200 sweep of 2026-12-02 (benchmarks/RESULTS.md, one LLT series): float64 256/4 had
-#: the fastest kernels at 10^5 and 10^6 steps (0.071 / 0.47 ms), float32 512/4 (0.068 / 0.23 ms,
-#: float32 arithmetic then).
+#: the fastest kernels at 10^5 and 10^6 steps (0.071 / 0.47 ms). float32 data take the same shape:
+#: their arithmetic is float64 too (the float32-arithmetic kernels of that sweep were fastest at
+#: 512/4, 0.068 / 0.23 ms, but lost the likelihood at 10^6).
 DEFAULTS = {
     torch.float64: dict(block_t=256, num_warps=4, block_c=256),
-    torch.float32: dict(block_t=512, num_warps=4, block_c=256),
+    torch.float32: dict(block_t=256, num_warps=4, block_c=256),
 }
 _PARAMS = ("F", "H", "Q", "R", "c", "d", "m0", "P0")
 _CORE = {"F": 2, "H": 2, "Q": 2, "R": 2, "c": 1, "d": 1, "m0": 1, "P0": 2}
