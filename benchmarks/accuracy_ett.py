@@ -134,6 +134,17 @@ def train_command(args, dataset: str, horizon: int, model: str, job_dir: Path) -
     return ["tsssm", "train", *overrides]
 
 
+def _selection(metrics: dict[str, float]) -> dict:
+    """Which weights early stopping restored (``best_epoch``; -1: the untrained start, e.g. a
+    hybrid at its fitted Kalman part) and the start's validation horizon MSE, where logged."""
+    out = {}
+    if "val/best_epoch" in metrics:
+        out["best_epoch"] = int(metrics["val/best_epoch"])
+    if "val/start_mse_horizon" in metrics:
+        out["val_start_mse"] = metrics["val/start_mse_horizon"]
+    return out
+
+
 class TimeLimitError(RuntimeError):
     """A training stopped, or never started, because --time-limit ran out."""
 
@@ -178,6 +189,7 @@ def _run_trained(args, dataset: str, horizon: int, model: str, deadline: float |
     print(f"  {dataset} h{horizon} {model}: {tail[-3] if len(tail) >= 3 else tail}", flush=True)
     return {**_metrics_record(metrics, dataset, horizon), "model": model,
             "train_s": round(elapsed, 1), **({"epochs": epochs} if epochs else {}),
+            **_selection(metrics),
             "command": " ".join(command)}
 
 
