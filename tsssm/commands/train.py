@@ -142,8 +142,10 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
     ]
     has_val = dm.has_val()
     # the starting weights are a candidate for the restored ones: a full validation pass (the
-    # trainer's sanity check) before the first epoch scores them
-    validate_start = bool(cfg.task.validate_start and cfg.task.restore_best and has_val)
+    # trainer's sanity check) before the first epoch scores them (a resumed run has its best
+    # weights, the start included, in its checkpoint)
+    validate_start = bool(cfg.task.validate_start and cfg.task.restore_best and has_val
+                          and resume is None)
     if cfg.trainer.early_stopping_patience and has_val:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(
             task.monitor, patience=cfg.trainer.early_stopping_patience))
