@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--store", choices=["sqlite", "file"], default="sqlite",
                     help="each training's tracking store (file: MLflow's file store, for "
                          "machines without SQLAlchemy; set MLFLOW_ALLOW_FILE_STORE=true)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the trainings' seed (ETT; default 0, the tables' figures)")
     ap.add_argument("--print-table", action="store_true", help="print RESULTS.md's table")
     args = ap.parse_args(argv)
     if args.out is None:

@@ -4,7 +4,8 @@ Protocol (``experiment=ett``, Informer / Time-Series-Library): each channel z-sc
 training months (12/4/4 months of 30 days), input length 96, horizons 96/192/336/720, every
 training and test window at stride 1, MSE and MAE over all 7 channels and every lead time on the
 normalised scale. Hyperparameters and early stopping see the validation months only. One run per
-figure, seed 0 (``seed=`` in the record's command).
+figure, seed 0 unless ``--seed`` says otherwise (``seed=`` in the record's command and its
+``seed`` field).
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def extra_overrides(args, dataset: str) -> list[str]:
 def train_command(args, dataset: str, horizon: int, model: str, job_dir: Path) -> list[str]:
     overrides = [
         "experiment=ett", *data_overrides(args, dataset),
-        f"data.horizon={horizon}", f"model={model}", f"trainer={args.accelerator}", "seed=0",
+        f"data.horizon={horizon}", f"model={model}", f"trainer={args.accelerator}",
+        f"seed={getattr(args, 'seed', 0)}",
         f"tracking.uri={_store_uri(args, job_dir)}",
         f"tracking.artifact_root={job_dir}/artifacts", f"tracking.output_dir={job_dir}",
         "trainer.enable_progress_bar=false",
@@ -136,6 +138,17 @@ def train_command(args, dataset: str, horizon: int, model: str, job_dir: Path) -
         *extra_overrides(args, dataset),
     ]
     return ["tsssm", "train", *overrides]
+
+
+def _selection(metrics: dict[str, float]) -> dict:
+    """Which weights early stopping restored (``best_epoch``; -1: the untrained start, e.g. a
+    hybrid at its fitted Kalman part) and the start's validation horizon MSE, where logged."""
+    out = {}
+    if "val/best_epoch" in metrics:
+        out["best_epoch"] = int(metrics["val/best_epoch"])
+    if "val/start_mse_horizon" in metrics:
+        out["val_start_mse"] = metrics["val/start_mse_horizon"]
+    return out
 
 
 class TimeLimitError(RuntimeError):
@@ -186,7 +199,7 @@ def _run_trained(args, dataset: str, horizon: int, model: str, deadline: float |
     print(f"  {dataset} h{horizon} {model}: {shown}", flush=True)
     return {**_metrics_record(metrics, dataset, horizon), "model": model,
             "train_s": round(elapsed, 1), **({"epochs": epochs} if epochs else {}),
-            **_ensemble_fields(tracker, run_id, metrics, horizon),
+            **_selection(metrics), **_ensemble_fields(tracker, run_id, metrics, horizon),
             "command": " ".join(command)}
 
 
@@ -264,7 +277,8 @@ def run(args) -> list[dict]:
     models = args.models or (TRAINED + BASELINES)
     limit = getattr(args, "time_limit", None)
     deadline = None if limit is None else time.monotonic() + limit
-    common = {"device": device_name(args.accelerator), "commit": commit(), "runs": 1, "seed": 0}
+    common = {"device": device_name(args.accelerator), "commit": commit(), "runs": 1,
+              "seed": getattr(args, "seed", 0)}
     records: list[dict] = []
     lock = threading.Lock()
 

@@ -43,6 +43,16 @@ def test_parquet_copies_are_named_per_dataset(tmp_path):
     assert "data.files=[ETTm1.parquet]" in pq and "data=ett_m1" in pq
 
 
+def test_seed_goes_into_the_command_and_the_selection_fields_into_the_record(tmp_path):
+    job = tmp_path / "job"
+    assert "seed=0" in accuracy_ett.train_command(_args(tmp_path), "ett_h1", 96, "mamba", job)
+    cmd = accuracy_ett.train_command(_args(tmp_path, seed=3), "ett_h1", 96, "mamba", job)
+    assert "seed=3" in cmd and "seed=0" not in cmd
+    assert accuracy_ett._selection({"val/best_epoch": -1.0, "val/start_mse_horizon": 0.5}) == {
+        "best_epoch": -1, "val_start_mse": 0.5}
+    assert accuracy_ett._selection({"test/h96_mse": 0.4}) == {}
+
+
 def test_jobs_start_model_by_model_longest_first():
     jobs = accuracy_ett.job_order(["ett_h1", "ett_m1"], [96, 720],
                                   ["hybrid_dssm", "mamba", "last_value"])

@@ -51,14 +51,23 @@ def test_max_time_stops_training_and_still_evaluates(capsys, tracking_overrides,
                                                       experiment):
     """trainer.max_time: a training that would run 500 epochs stops once its time is up, then
     restores, calibrates and evaluates as after its last epoch (a FINISHED run with every test
-    metric)."""
+    metric). With restore_best the starting weights (the hybrid at its fitted Kalman part) are
+    validated before training and are a candidate: their score and the restored epoch are
+    logged."""
     code = main(["train", *tracking_overrides, "model=hybrid_residual", *TINY[1:],
-                 "trainer.max_epochs=500", "trainer.max_time=0.5"])
+                 "trainer.max_epochs=500", "trainer.max_time=0.5", "task.restore_best=true",
+                 "task.monitor=val/mse_horizon"])
     assert code == 0, capsys.readouterr().err
     client = MlflowClient(mlflow_db)
     run = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])[0]
     assert run.info.status == "FINISHED"
     epochs = client.get_metric_history(run.info.run_id, "train/epoch_seconds")
     assert 1 <= len(epochs) < 500
-    for key in ("test/h8_mse", "test/h8_coverage95", "val/variance_scale_first"):
+    for key in ("test/h8_mse", "test/h8_coverage95", "val/variance_scale_first",
+                "val/start_mse_horizon", "val/start_loss"):
         assert run.data.metrics[key] == run.data.metrics[key], key
+    best = run.data.metrics["val/best_epoch"]
+    assert best == int(best) and -1 <= best < len(epochs)
+    if best == -1:  # the start was kept: its score is the best of every epoch's
+        history = client.get_metric_history(run.info.run_id, "val/mse_horizon")
+        assert run.data.metrics["val/start_mse_horizon"] <= min(m.value for m in history)

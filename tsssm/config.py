@@ -121,6 +121,9 @@ class OptimizerConfig:
     max_iter: int = 20
     #: the learning rate is multiplied by this after every epoch (TSLib halves it: 0.5)
     lr_decay: float = 1.0
+    #: hybrids: the learning rate of the Kalman part is lr times this (0: the Kalman part
+    #: stays as fitted before training and gets no gradient)
+    kalman_lr: float = 1.0
 
 
 @dataclass
@@ -288,6 +291,29 @@ class KalmanPart:
     #: sequential: always step by step (same results)
     method: str = "window"
     dtype: str = "float64"
+    #: a (practically) infinite prior variance on the level (with a fitted prior: forecasts
+    #: shift with the context instead of being drawn toward the training level)
+    diffuse_level: bool = False
+    prior_scale: float = 10.0
+
+
+@dataclass
+class KalmanPartFit:
+    """How a hybrid fits its Kalman part before training (on the training split; see
+    KalmanModelConfig: the same fits as model.fit=em / multistep, contexts of input_len steps,
+    the model's horizon, no variance calibration)."""
+
+    #: none: moment estimates (then em_iters EM iterations on whole streams); em; multistep
+    fit: str = "none"
+    em_iters: int = 50
+    #: cut the training streams into segments of this many steps (null: whole streams)
+    em_segment: int | None = None
+    #: also fit the prior (mean and covariance of the first state)
+    em_prior: bool = False
+    #: L-BFGS evaluations of the exact likelihood after EM
+    em_polish: int = 0
+    #: multistep: L-BFGS evaluations of the multi-step criterion
+    multistep_iters: int = 200
 
 
 @dataclass
@@ -309,8 +335,11 @@ class HybridNet:
     head_dropout: float = 0.0
     linear_skip: bool = True
     scan_backend: str = "auto"
-    #: EM iterations fitting the Kalman part on the training streams before training
+    #: EM iterations fitting the Kalman part on the training streams before training (used
+    #: when kalman_fit.fit is none)
     em_iters: int = 0
+    #: fit the Kalman part before training as the Kalman model fits itself
+    kalman_fit: KalmanPartFit = field(default_factory=KalmanPartFit)
     #: number of input channels (covariates); set by `tsssm train` from data.inputs
     n_inputs: int = 0
 
@@ -443,6 +472,9 @@ class TaskConfig:
     monitor: str = "val/loss"
     #: evaluate and save the weights of the best-validated epoch, not the last
     restore_best: bool = False
+    #: with restore_best: validate the weights training starts from too (a full validation
+    #: pass before the first epoch), so the restored weights may be the starting ones
+    validate_start: bool = True
     #: per-lead-time variance factor fitted on validation windows after training: "coverage"
     #: (the ±1.96 sd band covers 95% there), "nll" (maximum likelihood) or "none"
     calibration: str = "coverage"
@@ -634,6 +666,11 @@ def validate(cfg: DictConfig) -> None:
         _check(value >= 0, key, f"must be >= 0, got {value}")
     _check(m.optimizer.lr > 0, "model.optimizer.lr", "must be > 0")
     _check(0 < m.optimizer.lr_decay <= 1, "model.optimizer.lr_decay", "must lie in (0, 1]")
+    _check(m.optimizer.kalman_lr >= 0, "model.optimizer.kalman_lr",
+           f"must be >= 0 (0: the Kalman part is frozen), got {m.optimizer.kalman_lr}")
+    part_fit = OmegaConf.select(cfg, "model.net.kalman_fit.fit", default="none")
+    _check(part_fit in ("none", "em", "multistep"), "model.net.kalman_fit.fit",
+           f"is {part_fit!r}; use none, em or multistep")
     if OmegaConf.select(cfg, "model.members") is not None:
         _check_ensemble(m)
     t = cfg.task

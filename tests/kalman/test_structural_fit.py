@@ -244,6 +244,57 @@ def test_multistep_fit_lowers_the_criterion_and_calibration_matches_the_errors()
     assert torch.isfinite(longer.var).all() and longer.var.shape == (3, 30, 2)
 
 
+def test_multistep_fit_keeps_its_best_point_when_a_trial_step_leaves_the_valid_models(
+        monkeypatch, caplog):
+    """A line-search trial that makes the model invalid (the filter's NumericalError, as when
+    a variance ratio whose optimum is infinite runs to an overflow) ends the fit at its best
+    evaluation, with a warning, instead of failing the whole training; an invalid start is
+    still an error. Log-variances stay at or below MULTISTEP_LOG_VAR_MAX."""
+    import tsssm.kalman.fit as fit
+    from tsssm.errors import NumericalError
+
+    y = _seasonal_streams(T=600)
+    model = KalmanForecaster(n_channels=2, components=["level", "ar"])
+    model.initialize(y)
+    model.fit_em([y], n_iter=3, segment=48, fit_prior=True)
+    real, calls = fit.forecast_maps, []
+
+    def failing_after(n):
+        def maps(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > n:
+                raise NumericalError("the innovation variance is not positive definite")
+            return real(*args, **kwargs)
+        return maps
+
+    reference = KalmanForecaster(n_channels=2, components=["level", "ar"])
+    reference.load_state_dict(model.state_dict())
+    full = reference.fit_multistep([y], 48, 12, stride=4, max_iter=6)
+    monkeypatch.setattr(fit, "forecast_maps", failing_after(4))
+    with caplog.at_level("WARNING", logger="tsssm"):
+        history = model.fit_multistep([y], 48, 12, stride=4, max_iter=6)
+    assert len(history) == 4 and history == full[:4]  # the same path up to the failure
+    assert "multi-step fit: stopped after 4 evaluations" in caplog.text
+    # the parameters are those of the best of the 4 evaluations: their criterion is its value
+    monkeypatch.setattr(fit, "forecast_maps", real)
+    mom = model._window_moments([y], 48, 12, 4)
+    with torch.no_grad():
+        ssm = model.ssm()
+        crit = float(fit.multistep_mse(fit.forecast_maps(ssm, 48, 12, ssm.F.shape[:-2]),
+                                       mom).mean())
+    assert crit == pytest.approx(min(history), rel=1e-9)
+    calls.clear()
+    monkeypatch.setattr(fit, "forecast_maps", failing_after(0))
+    with pytest.raises(NumericalError, match="at the start of the multi-step fit"):
+        model.fit_multistep([y], 48, 12, stride=4, max_iter=6)
+    monkeypatch.setattr(fit, "forecast_maps", real)
+    with torch.no_grad():  # a log-variance above the bound comes back at the bound
+        model.theta[:, model.param_names.index("log_var_level")] = 40.0
+    model.fit_multistep([y], 48, 12, stride=4, max_iter=1)
+    level = model.theta[:, model.param_names.index("log_var_level")]
+    assert (level <= fit.MULTISTEP_LOG_VAR_MAX).all()
+
+
 def test_diffuse_level_makes_forecasts_move_with_the_data():
     y = _seasonal_streams(T=1200)
     model = KalmanForecaster(n_channels=2, components=["level", "seasonal", "ar"],

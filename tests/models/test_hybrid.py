@@ -380,3 +380,77 @@ def test_kalman_forecaster_window_method_equals_sequential():
     # a carried state (a prior per stream, so covariances per stream) continues alike
     with torch.no_grad():
         _close(k.one_step(y[:, :5], w[1])[0], k.one_step(y[:, :5], s[1])[0], atol=1e-10)
+
+
+# ------------------------------------------------ the Kalman part fitted as model=kalman_ett
+
+#: the structure of conf/model/kalman_ett.yaml at the test's period (4 rows)
+ETT_PART = {"components": ["level", "seasonal", "ar"], "seasonal_period": 4,
+            "seasonal_kind": "trig", "seasonal_harmonics": 1, "ar_order": 1,
+            "diffuse_level": True}
+ETT_FIT = {"fit": "multistep", "em_iters": 3, "em_segment": 8, "em_prior": True,
+           "multistep_iters": 8}
+
+
+@pytest.mark.parametrize("cls", KINDS)
+def test_untrained_hybrid_forecasts_as_the_fitted_kalman_model(cls, one_thread):
+    """With ``kalman_fit`` the hybrid's Kalman part is fitted exactly as the Kalman model fits
+    itself (EM on segments with a fitted prior, then the multi-step criterion over the
+    model's horizon from input_len contexts): same parameters and prior, and the untrained
+    hybrid's horizon means are that model's forecasts (on contexts with and without missing
+    values). The fit really moves the parameters (else the test would prove nothing)."""
+    from tsssm.models.kalman import KalmanForecaster, fit_forecaster
+
+    y = _series(batch=3, length=64, seed=5)
+    torch.manual_seed(0)
+    model = cls(3, horizon=6, input_len=8, d_model=8, n_layers=1, d_state=4, patch_len=4,
+                scan_backend="torch", kalman=ETT_PART, kalman_fit=ETT_FIT).eval()
+    assert model.kalman.method == "window"  # the fit runs sequentially, training by windows
+    model.initialize(y)
+    assert model.kalman.method == "window"
+    ref = KalmanForecaster(3, **ETT_PART)
+    ref.initialize(y)
+    moments = ref.theta.detach().clone()
+    report = fit_forecaster(ref, [y], fit="multistep", em_iters=3, em_segment=8, em_prior=True,
+                            multistep_iters=8, context=8, horizon=6)
+    assert report.multistep_mse and not torch.allclose(ref.theta, moments)
+    torch.testing.assert_close(model.kalman.theta, ref.theta, rtol=0, atol=0)
+    torch.testing.assert_close(model.kalman.prior_mean, ref.prior_mean, rtol=0, atol=0)
+    torch.testing.assert_close(model.kalman.prior_cov, ref.prior_cov, rtol=0, atol=0)
+    assert bool(model.kalman.prior_fitted)
+    contexts = [_series(batch=4, length=8, seed=6), _series(batch=4, length=8, seed=7,
+                                                            nan_frac=0.2)]
+    with torch.no_grad():
+        for ctx in contexts:
+            torch.testing.assert_close(model.forecast(ctx, 6).mean, ref.forecast(ctx, 6).mean,
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_kalman_fit_is_checked():
+    with pytest.raises(ConfigError, match="kalman_fit has unknown keys"):
+        _model(KalmanMambaResidual, kalman_fit={"fit": "multistep", "iters": 3})
+    with pytest.raises(ConfigError, match="kalman_fit.fit must be"):
+        _model(KalmanMambaResidual, kalman_fit={"fit": "lbfgs"})
+    with pytest.raises(ConfigError, match="kalman_fit.multistep_iters"):
+        _model(KalmanMambaResidual, kalman_fit={"fit": "multistep", "multistep_iters": -1})
+
+
+def test_configs_start_the_hybrids_as_kalman_ett():
+    """conf/model/hybrid_*.yaml fit their Kalman part as conf/model/kalman_ett.yaml fits
+    itself: the same structure and the same fitting keys (so the untrained hybrid is that
+    model), and keep it frozen while the corrections train."""
+    from tsssm.cli import compose
+
+    common = ["experiment=ett", "data.horizon=192"]
+    ref = compose([*common, "model=kalman_ett"]).model
+    for name in ("hybrid_residual", "hybrid_dssm"):
+        m = compose([*common, f"model={name}"]).model
+        part = m.net.kalman
+        for key in ("components", "seasonal_period", "seasonal_kind", "seasonal_harmonics",
+                    "ar_order", "diffuse_level", "dtype"):
+            assert part[key] == ref.net[key], (name, key)
+        fit = m.net.kalman_fit
+        assert fit.fit == ref.fit == "multistep"
+        for key in ("em_iters", "em_segment", "em_prior", "multistep_iters"):
+            assert fit[key] == ref[key], (name, key)
+        assert m.net.horizon == 192 and m.optimizer.kalman_lr == 0.0

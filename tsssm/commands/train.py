@@ -121,7 +121,8 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
                         horizon_weight=cfg.task.horizon_weight,
                         variance_loss=cfg.task.variance_loss, monitor=cfg.task.monitor,
                         restore_best=cfg.task.restore_best,
-                        future_inputs=option_value(cfg.data.future_inputs))
+                        future_inputs=option_value(cfg.data.future_inputs),
+                        validate_start=cfg.task.validate_start)
     every_steps = cfg.trainer.checkpoint_every_n_steps
     watch = InterruptWatch()
     callbacks: list = [
@@ -141,6 +142,11 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
         watch,
     ]
     has_val = dm.has_val()
+    # the starting weights are a candidate for the restored ones: a full validation pass (the
+    # trainer's sanity check) before the first epoch scores them (a resumed run has its best
+    # weights, the start included, in its checkpoint)
+    validate_start = bool(cfg.task.validate_start and cfg.task.restore_best and has_val
+                          and resume is None)
     if cfg.trainer.early_stopping_patience and has_val:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(
             task.monitor, patience=cfg.trainer.early_stopping_patience))
@@ -162,7 +168,7 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
         max_time=None if cfg.trainer.max_time is None else timedelta(
             seconds=float(cfg.trainer.max_time)),
         limit_val_batches=1.0 if has_val else 0,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=-1 if validate_start else 0,
         plugins=[AtomicCheckpointIO()],
     )
     ckpt = None if resume is None else str(resume.path)
@@ -181,6 +187,14 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
             raise ModelError(f"trainer.resume: {resume.path} does not fit this model "
                              f"({str(err).splitlines()[0]})") from err
         raise
+    if task.start_metrics:  # the starting weights' validation (validate_start)
+        tracker.log_metrics({f"val/start_{k.split('/', 1)[1]}": v
+                             for k, v in task.start_metrics.items()})
+    if task.best_epoch is not None:  # -1: the starting weights were kept
+        tracker.log_metrics({"val/best_epoch": float(task.best_epoch)})
+        log.info("restored the weights of %s (%s %.4f)", "the start (before training)"
+                 if task.best_epoch < 0 else f"epoch {task.best_epoch}", task.monitor,
+                 task.best_score)
     # Lightning hands the model back on the CPU; evaluate on the training device (the bundle
     # is saved from CPU copies of the weights).
     net = task.model.to(trainer.strategy.root_device).eval()

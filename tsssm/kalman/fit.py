@@ -7,6 +7,7 @@ optimiser run fits them all.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
@@ -181,7 +182,14 @@ def standard_errors(
 # EM
 
 
+log = logging.getLogger("tsssm")
+
 EM_FIELDS = ("F", "H", "Q", "R", "m0", "P0")
+#: the multi-step criterion's log-variances stay at or below this (variances up to e^30 ~ 1e13
+#: times the data's scale): the criterion only sees ratios of variances, and where its optimum
+#: lies at an infinite ratio (a noise that should swamp the others) the unbounded parameter
+#: would run to an overflow; below the bound nothing changes
+MULTISTEP_LOG_VAR_MAX = 30.0
 
 
 def fit_em(
@@ -807,11 +815,13 @@ def fit_structural_multistep(
     exponential smoothing, Hyndman et al. 2008, ch. 5), by L-BFGS on the exact quadratic form
     (:func:`multistep_mse`). The means do not change when every variance (and P0) is scaled by
     one factor, so the parameters in ``fixed`` (by default the observation variance) stay at
-    their starting values. ``prior_extra``: as in :func:`fit_structural_em`. Returns the
-    parameters, the prior and the criterion (mean over leads and batch entries) after every
-    evaluation (``history``).
+    their starting values; the free log-variances stay at or below ``MULTISTEP_LOG_VAR_MAX``
+    (a bound that only a criterion whose optimum lies at an infinite variance ratio reaches).
+    ``prior_extra``: as in :func:`fit_structural_em`. Returns the parameters, the prior and the
+    criterion (mean over leads and batch entries) after every evaluation (``history``).
     """
     free = torch.tensor([name not in fixed for name in model.param_names])
+    log_var = torch.tensor([name.startswith("log_var") for name in model.param_names])[free]
     theta0 = theta.detach().clone()
     free_part = theta0[..., free].clone().requires_grad_(True)
     params = [free_part]
@@ -825,27 +835,51 @@ def fit_structural_multistep(
 
     def current() -> tuple[Tensor, Tensor, Tensor]:
         th = theta0.clone()
-        th[..., free] = free_part
+        th[..., free] = torch.where(log_var.to(free_part.device),
+                                    free_part.clamp(max=MULTISTEP_LOG_VAR_MAX), free_part)
         return th, m0_p, (_tril_cov(raw) if fit_prior else P0.detach())
 
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
                             tolerance_change=tol, history_size=20,
                             line_search_fn="strong_wolfe")
 
+    best: list = []  # (criterion, parameters) of the best evaluation so far
+
     def closure() -> Tensor:
         opt.zero_grad()
         th, m, P = current()
-        W = forecast_maps(model.to_ssm(th, m, _with_extra(P, prior_extra)), context, horizon,
-                          batch)
+        try:
+            W = forecast_maps(model.to_ssm(th, m, _with_extra(P, prior_extra)), context,
+                              horizon, batch)
+        except NumericalError as err:
+            raise _DivergedError(str(err)) from err
         loss = multistep_mse(W, moments).mean()
         if not torch.isfinite(loss):
-            raise NumericalError("the multi-step criterion is not finite; rescale the data or "
-                                 "start from other parameters")
+            raise _DivergedError("the multi-step criterion is not finite")
         history.append(float(loss.detach()))
+        if not best or history[-1] < best[0]:
+            best[:] = [history[-1], [p.detach().clone() for p in params]]
         loss.backward()
         return loss
 
-    opt.step(closure)
+    try:
+        opt.step(closure)
+    except _DivergedError as err:
+        # a trial step of the line search left the valid models (e.g. a variance ratio whose
+        # optimum is infinite, run to an overflow): the best evaluation is the fit
+        if not best:
+            raise NumericalError(f"{err} at the start of the multi-step fit; rescale the data "
+                                 "or start from other parameters") from None
+        log.warning("multi-step fit: stopped after %d evaluations (a trial step made the model "
+                    "invalid: %s); keeping the best parameters found", len(history),
+                    str(err).split(";")[0])
+        with torch.no_grad():
+            for p, value in zip(params, best[1]):
+                p.copy_(value)
     with torch.no_grad():
         th, m, P = current()
     return StructuralEMResult(th.detach(), m.detach(), symmetrize(P.detach()), history)
+
+
+class _DivergedError(Exception):
+    """A multi-step trial point outside the valid models (the criterion cannot be evaluated)."""

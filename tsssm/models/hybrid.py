@@ -33,7 +33,12 @@ var_k = v_k exp(gamma_k) (w_k a learned weight per lead, skip RLinear's linear m
 normalised context, delta/gamma a flatten head over the context's patch tokens).
 
 Both start as their Kalman part exactly (every correction is zero-initialised), so training can
-only move away from the filter where the data reward it. Horizon forecasts read the last
+only move away from the filter where the data reward it. With ``kalman_fit`` the Kalman part is
+fitted before training as ``model=kalman_ett`` fits itself (:func:`tsssm.models.kalman.
+fit_forecaster`: EM on context-length segments with a fitted prior, then the multi-step
+criterion over the model's horizon), so the untrained hybrid forecasts the horizon means of that
+model, number for number (the task validates that starting point as a candidate for the
+restored weights: ``task.validate_start``). Horizon forecasts read the last
 ``input_len`` context steps (RevIN-normalised for the encoder; the filter runs on the whole
 given context) and need ``state=None``. Horizon variances carry a fitted per-lead factor
 (:class:`tsssm.models.heads.HorizonVarianceScale`, fitted on validation after training).
@@ -79,7 +84,7 @@ from tsssm.models.covariates import (
     token_time_scale,
 )
 from tsssm.models.heads import HorizonVarianceScale
-from tsssm.models.kalman import KalmanForecaster, KalmanState
+from tsssm.models.kalman import KalmanForecaster, KalmanState, fit_forecaster
 from tsssm.models.mamba import MambaConfig, MambaStack, MambaStackState, detach_state
 from tsssm.models.mamba_forecaster import _observed_mean_std
 
@@ -89,6 +94,13 @@ MIN_VAR = 1e-4
 LOG_SCALE_LIMIT = 12.0
 
 __all__ = ["HybridState", "KalmanMambaResidual", "MambaKalmanFilter"]
+
+#: how :meth:`_HybridBase.initialize` fits the Kalman part before training (``kalman_fit``):
+#: the keys and defaults of :func:`tsssm.models.kalman.fit_forecaster` (``fit="none"``: moment
+#: estimates only, then the legacy ``em_iters`` EM iterations on whole streams)
+KALMAN_FIT_DEFAULTS: dict[str, Any] = {"fit": "none", "em_iters": 50, "em_segment": None,
+                                       "em_prior": False, "em_polish": 0,
+                                       "multistep_iters": 200}
 
 
 # ---------------------------------------------------------------------------------- pieces
@@ -228,6 +240,24 @@ def _standardised(y: Tensor, pred: Gaussian) -> Tensor:
     return torch.where(observed, z, torch.full_like(z, float("nan")))
 
 
+def _kalman_fit(spec: dict | None) -> dict[str, Any]:
+    """``model.kalman_fit`` with its defaults, checked."""
+    spec = dict(spec or {})
+    unknown = sorted(set(spec) - set(KALMAN_FIT_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"model.kalman_fit has unknown keys {unknown}; allowed: "
+                          f"{', '.join(KALMAN_FIT_DEFAULTS)}")
+    out = {**KALMAN_FIT_DEFAULTS, **spec}
+    if out["fit"] not in ("none", "em", "multistep"):
+        raise ConfigError(f"model.kalman_fit.fit must be none, em or multistep, got "
+                          f"{out['fit']!r}")
+    for key in ("em_iters", "em_polish", "multistep_iters"):
+        value = out[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"model.kalman_fit.{key} must be an integer >= 0, got {value!r}")
+    return out
+
+
 def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
     lin = nn.Linear(d_in, d_out)
     nn.init.zeros_(lin.weight)
@@ -245,8 +275,9 @@ class _HybridBase(nn.Module):
                  n_step_features: int, n_horizon_features: int, d_model: int, n_layers: int,
                  d_state: int, d_conv: int, expand: int, patch_len: int, step_patch_len: int,
                  dropout: float, head_dropout: float, linear_skip: bool, scan_backend: str,
-                 em_iters: int, n_inputs: int = 0) -> None:
+                 em_iters: int, n_inputs: int = 0, kalman_fit: dict | None = None) -> None:
         super().__init__()
+        self.kalman_fit = _kalman_fit(kalman_fit)
         if not isinstance(n_inputs, int) or isinstance(n_inputs, bool) or n_inputs < 0:
             raise ConfigError(f"model.n_inputs must be an integer >= 0, got {n_inputs!r}")
         self.n_inputs = n_inputs
@@ -318,13 +349,35 @@ class _HybridBase(nn.Module):
     @torch.no_grad()
     def initialize(self, y: Tensor, exog: Exog | None = None) -> None:
         """Data-based start of the Kalman part from training streams y (B, T, C): moment
-        estimates, then ``em_iters`` EM iterations (variance-only structures); the nominal time
-        step is the median of ``exog.dt`` where the steps vary (see
+        estimates, then either the fit of ``kalman_fit`` (``fit`` em / multistep: exactly
+        what ``model.fit`` does for the Kalman model, with contexts of ``input_len`` steps and
+        this model's horizon; no variance calibration: the hybrid's horizon variance has its
+        own, fitted on validation) or, without one, ``em_iters`` EM iterations on the whole
+        streams; the nominal time step is the median of ``exog.dt`` where the steps vary (see
         MambaForecaster.initialize; on an evenly spaced grid time steps are not used)."""
         self.nominal_step.fill_(nominal_step(exog))
         self.kalman.initialize(y)
-        if self.em_iters:
+        spec = self.kalman_fit
+        if spec["fit"] != "none":
+            # fitted step by step as the Kalman model fits itself (the window filter gives the
+            # same numbers to ~1e-13, but 200 L-BFGS evaluations need not round alike)
+            method, self.kalman.method = self.kalman.method, "sequential"
+            try:
+                with torch.enable_grad():  # the multi-step criterion is minimised by L-BFGS
+                    fit_forecaster(self.kalman, [y], fit=spec["fit"], em_iters=spec["em_iters"],
+                                   em_segment=spec["em_segment"], em_prior=spec["em_prior"],
+                                   em_polish=spec["em_polish"],
+                                   multistep_iters=spec["multistep_iters"], calibrate=False,
+                                   context=self.input_len, horizon=self.horizon)
+            finally:
+                self.kalman.method = method
+        elif self.em_iters:
             self.kalman.fit_em([y.to(self.kalman.compute_dtype)], n_iter=self.em_iters)
+
+    def kalman_parameters(self) -> list[nn.Parameter]:
+        """The Kalman part's trainable parameters (the task may give them their own learning
+        rate, or freeze them: ``model.optimizer.kalman_lr``)."""
+        return list(self.kalman.parameters())
 
     def _check_series(self, y: Tensor, name: str) -> Tensor:
         if not isinstance(y, Tensor) or y.ndim != 3 or y.shape[-1] != self.n_channels:
@@ -470,10 +523,11 @@ class KalmanMambaResidual(_HybridBase):
                  d_state: int = 16, d_conv: int = 4, expand: int = 2, patch_len: int = 16,
                  step_patch_len: int = 1, dropout: float = 0.0, head_dropout: float = 0.0,
                  linear_skip: bool = True, scan_backend: str = "auto", em_iters: int = 0,
-                 n_inputs: int = 0) -> None:
+                 n_inputs: int = 0, kalman_fit: dict | None = None) -> None:
         super().__init__(n_channels, horizon, input_len, kalman, 2, 2, d_model, n_layers,
                          d_state, d_conv, expand, patch_len, step_patch_len, dropout,
-                         head_dropout, linear_skip, scan_backend, em_iters, n_inputs)
+                         head_dropout, linear_skip, scan_backend, em_iters, n_inputs,
+                         kalman_fit)
 
     def _features(self, y: Tensor, pred: Gaussian) -> Tensor:
         """(values, standardised innovations) (B, T, C, 2); NaN where y is missing."""
@@ -555,10 +609,11 @@ class MambaKalmanFilter(_HybridBase):
                  d_state: int = 16, d_conv: int = 4, expand: int = 2, patch_len: int = 16,
                  step_patch_len: int = 1, dropout: float = 0.0, head_dropout: float = 0.0,
                  linear_skip: bool = True, scan_backend: str = "auto", em_iters: int = 0,
-                 n_inputs: int = 0) -> None:
+                 n_inputs: int = 0, kalman_fit: dict | None = None) -> None:
         super().__init__(n_channels, horizon, input_len, kalman, 1, 1, d_model, n_layers,
                          d_state, d_conv, expand, patch_len, step_patch_len, dropout,
-                         head_dropout, linear_skip, scan_backend, em_iters, n_inputs)
+                         head_dropout, linear_skip, scan_backend, em_iters, n_inputs,
+                         kalman_fit)
 
     # ------------------------------------------------------------------ the filter
 

@@ -15,7 +15,16 @@ rate after every epoch (TSLib's recipe halves it: 0.5). ``restore_best`` keeps a
 weights of the epoch with the best ``monitor`` value on validation and puts them back when
 training ends (the model that is evaluated and saved is the best-validated one, as in TSLib); a
 horizon metric (``val/mse_horizon``) falls back to ``val/loss`` for models trained on whole
-streams, which have no horizon loss.
+streams, which have no horizon loss. With ``validate_start`` the weights training starts from
+are a candidate too: the trainer runs a full validation pass before the first epoch (its
+sanity check, ``num_sanity_val_steps=-1``), whose ``monitor`` value is the score to beat, so a
+model that starts as a fitted baseline (a hybrid at its Kalman part) ends no worse than that
+baseline on validation (``best_epoch`` -1: the start was kept; ``start_metrics``: that pass's
+means).
+
+``kalman_lr`` (optimizer key): a hybrid's Kalman part (``model.kalman_parameters()``) learns at
+lr times this factor; 0 freezes it (no gradient is computed for it): the part stays as fitted
+before training while the corrections learn.
 
 Window models may offer ``predict_window(context, horizon) -> (one-step Gaussian over the
 context, horizon Gaussian)``; the task then takes both losses from that one pass (a filter runs
@@ -33,7 +42,7 @@ from torch import Tensor
 from tsssm.anomaly.scores import gaussian_nll
 from tsssm.data.sharding import without_repeats
 from tsssm.distributed import global_means, replicas_differ
-from tsssm.errors import NumericalError
+from tsssm.errors import ConfigError, NumericalError
 from tsssm.models.base import Exog, call_forecast, call_one_step, call_predict_window
 
 VARIANCE_LOSSES = ("joint", "detached")
@@ -57,7 +66,8 @@ class ForecastTask(L.LightningModule):
     def __init__(self, model: torch.nn.Module, optimizer: dict, horizon: int,
                  one_step_weight: float = 1.0, horizon_weight: float = 1.0,
                  variance_loss: str = "joint", monitor: str = "val/loss",
-                 restore_best: bool = False, future_inputs: str = "known") -> None:
+                 restore_best: bool = False, future_inputs: str = "known",
+                 validate_start: bool = False) -> None:
         super().__init__()
         if variance_loss not in VARIANCE_LOSSES:
             raise ValueError(f"variance_loss must be one of {VARIANCE_LOSSES}, got "
@@ -73,9 +83,23 @@ class ForecastTask(L.LightningModule):
         # a model fitted on whole streams has no horizon loss: it is monitored on its own loss
         self.monitor = monitor if self.horizon_weight > 0 or "horizon" not in monitor \
             else "val/loss"
+        factor = float(self.optimizer_cfg.get("kalman_lr", 1.0))
+        if not factor >= 0:
+            raise ConfigError(f"model.optimizer.kalman_lr must be a number >= 0, got "
+                              f"{factor!r}")
+        if factor == 0.0:  # frozen before any wrapper (DDP) registers the parameters
+            for p in self._kalman_parameters():
+                p.requires_grad_(False)
         self.restore_best = restore_best
+        self.validate_start = bool(validate_start)
         self.best_score: float | None = None
         self.best_state: dict[str, Tensor] | None = None
+        #: the epoch whose weights best_state holds (-1: the weights training started from)
+        self.best_epoch: int | None = None
+        #: validate_start: the means of the validation pass before training ({"val/...": x})
+        self.start_metrics: dict[str, float] = {}
+        #: the sanity pass's sums of value x weight and the weights, per metric
+        self._start_sums: dict[str, tuple[float, float]] = {}
         self.save_hyperparameters(ignore=["model"])
         #: (global step, batch index) of the last logged training batch
         self._logged_step: tuple[int, int] | None = None
@@ -201,21 +225,48 @@ class ForecastTask(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out, weight = self._reduced(batch)
+        if self.trainer.sanity_checking:
+            # the start's pass: its means are kept here (Lightning drops a sanity check's
+            # metrics); weighted as Lightning weighs an epoch's mean
+            for k, v in out.items():
+                total, n = self._start_sums.get(f"val/{k}", (0.0, 0.0))
+                self._start_sums[f"val/{k}"] = (total + float(v) * weight, n + weight)
+            return
         self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=True, on_epoch=True,
                       batch_size=weight)
 
     def on_validation_epoch_end(self) -> None:
-        if not self.restore_best or self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:
+            self._keep_start()
+            return
+        if not self.restore_best:
             return
         value = self.trainer.callback_metrics.get(self.monitor)
         if value is None:
             raise ValueError(f"restore_best: no validation metric {self.monitor!r}; choose one of "
                              f"{sorted(k for k in self.trainer.callback_metrics if 'val/' in k)}")
-        value = float(value)
+        self._candidate(float(value), self.current_epoch)
+
+    def _candidate(self, value: float, epoch: int) -> None:
+        """Keep the current weights if ``value`` (of ``monitor``) is the best so far."""
         if value == value and (self.best_score is None or value < self.best_score):
-            self.best_score = value
+            self.best_score, self.best_epoch = value, epoch
             self.best_state = {k: v.detach().clone()
                                for k, v in self.model.state_dict().items()}
+
+    def _keep_start(self) -> None:
+        """After the validation pass before training (validate_start): the start's metrics,
+        and its weights as the first candidate (unless a resumed run restored a best one)."""
+        sums, self._start_sums = self._start_sums, {}
+        if not self.validate_start or not sums:
+            return
+        self.start_metrics = {k: total / max(n, 1e-300) for k, (total, n) in sums.items()}
+        if not self.restore_best or self.best_state is not None:
+            return
+        if self.monitor not in self.start_metrics:
+            raise ValueError(f"restore_best: no validation metric {self.monitor!r}; choose one "
+                             f"of {sorted(self.start_metrics)}")
+        self._candidate(self.start_metrics[self.monitor], -1)
 
     def on_fit_end(self) -> None:
         if self.restore_best and self.best_state is not None:
@@ -223,21 +274,23 @@ class ForecastTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.best_state is not None:  # a resumed run still restores the best epoch
-            checkpoint["tsssm_best"] = {"score": self.best_score,
+            checkpoint["tsssm_best"] = {"score": self.best_score, "epoch": self.best_epoch,
                                         "state": copy.copy(self.best_state)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         best = checkpoint.get("tsssm_best")
         if best is not None:
             self.best_score, self.best_state = best["score"], best["state"]
+            self.best_epoch = best.get("epoch")
 
     def configure_optimizers(self):
         cfg = self.optimizer_cfg
-        params = [p for p in self.model.parameters() if p.requires_grad]
         name = cfg["name"]
         if name == "lbfgs":
+            params = [p for p in self.model.parameters() if p.requires_grad]
             return torch.optim.LBFGS(params, lr=cfg["lr"], max_iter=cfg["max_iter"],
                                      line_search_fn="strong_wolfe")
+        params = self._param_groups(cfg)
         if name == "adam":
             opt = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         else:
@@ -247,3 +300,20 @@ class ForecastTask(L.LightningModule):
             return opt
         schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=decay)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+    def _param_groups(self, cfg: dict) -> list[dict]:
+        """The optimizer's parameter groups: everything at lr, a hybrid's Kalman part at
+        lr * kalman_lr (kalman_lr 0: frozen, left out of the optimizer and of backward)."""
+        factor = float(cfg.get("kalman_lr", 1.0))
+        kalman = self._kalman_parameters() if factor != 1.0 else []
+        ids = {id(p) for p in kalman}
+        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": rest}]
+        trained = [p for p in kalman if p.requires_grad]
+        if trained and factor > 0:
+            groups.append({"params": trained, "lr": cfg["lr"] * factor})
+        return groups
+
+    def _kalman_parameters(self) -> list[Tensor]:
+        part = getattr(self.model, "kalman_parameters", None)
+        return list(part()) if callable(part) else []
