@@ -317,6 +317,8 @@ def _split_names(part, rows) -> list[str]:
 def train(cfg: DictConfig) -> str:
     """Run `tsssm train`; returns the MLflow run id."""
     seed_everything(cfg.seed)
+    if cfg.trainer.threads:
+        torch.set_num_threads(int(cfg.trainer.threads))
     if is_secondary():  # a rank > 0 started by an external launcher: its part of the fit only
         dataset = build_dataset(cfg.data)
         files = [*dataset.files(), *dataset.extra_train_files()]
