@@ -158,6 +158,10 @@ def train_command(args, model: str, job_dir: Path) -> list[str]:
         f"trainer={args.accelerator}", "seed=0", f"tracking.uri={_store_uri(args, job_dir)}",
         f"tracking.artifact_root={job_dir}/artifacts", f"tracking.output_dir={job_dir}",
         "trainer.enable_progress_bar=false",
+        # one intra-op thread on the CPU: a small model's ops are too short to split, and on a
+        # shared or 2-core machine a second thread costs 3.6x the CPU-seconds (mamba on SKAB:
+        # 445 against 124 CPU-s, same figures; RESULTS.md)
+        *(["trainer.threads=1"] if args.accelerator == "cpu" else []),
         *MODEL_OVERRIDES.get(model, []), *(SMALL if args.small else []), *args.set,
     ]
     return ["tsssm", "train", *overrides]
