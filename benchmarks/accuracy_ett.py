@@ -33,7 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: per-model overrides that the benchmark adds to `tsssm train` (visible in each record's
 #: command); a model's ETT settings belong in its config, these are only what differs
-MODEL_OVERRIDES: dict[str, list[str]] = {}
+MODEL_OVERRIDES: dict[str, list[str]] = {
+    # the members (conf/model/ensemble.yaml: kalman_ett, mamba, hybrid_residual) train at
+    # once, each in its own process, as separate trainings of the other models do
+    "ensemble": ["model.jobs=3"],
+}
 #: --small: one dataset, one horizon, a short training (a smoke run, not a benchmark figure)
 SMALL = ["trainer.max_epochs=1", "trainer.limit_train_batches=0.1"]
 
@@ -166,19 +170,51 @@ def _run_trained(args, dataset: str, horizon: int, model: str, deadline: float |
                             f"{time.perf_counter() - started:.0f} s (log: {job_dir / 'log.txt'})"
                             ) from None
     elapsed = time.perf_counter() - started
-    tail = (job_dir / "log.txt").read_text().strip().splitlines()[-3:]
+    lines = (job_dir / "log.txt").read_text().strip().splitlines()
+    tail = lines[-3:]
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}): {' | '.join(tail)}")
     tracker = Tracker(_store_uri(args, job_dir), "tsssm")
-    run_id = tracker.latest_run("train")
+    run_id = tracker.latest_run("train", model)  # an ensemble's store also has its members
     metrics = tracker.run_metrics(run_id)
     # epochs trained (early stopping, trainer.max_time): one epoch_seconds entry per epoch;
     # none for the models that fit themselves outside the Lightning loop
     epochs = len(tracker.client.get_metric_history(run_id, "train/epoch_seconds"))
-    print(f"  {dataset} h{horizon} {model}: {tail[-3] if len(tail) >= 3 else tail}", flush=True)
+    # the summary line (an ensemble prints its weights after it)
+    shown = next((x for x in reversed(lines) if x.startswith("trained ")),
+                 tail[-3] if len(tail) >= 3 else tail)
+    print(f"  {dataset} h{horizon} {model}: {shown}", flush=True)
     return {**_metrics_record(metrics, dataset, horizon), "model": model,
             "train_s": round(elapsed, 1), **({"epochs": epochs} if epochs else {}),
+            **_ensemble_fields(tracker, run_id, metrics, horizon),
             "command": " ".join(command)}
+
+
+def _ensemble_fields(tracker, run_id: str, metrics: dict[str, float], horizon: int) -> dict:
+    """For an ensemble: its fitted scheme, and each member's test metrics and epochs (their
+    runs are nested under the ensemble's), with the weights at the first and last lead."""
+    tags = tracker.client.get_run(run_id).data.tags
+    if "tsssm.ensemble.scheme" not in tags:
+        return {}
+    members = {}
+    for name in tags["tsssm.ensemble.members"].split(","):
+        member_run = tags.get(f"tsssm.member.{name}")
+        m = tracker.run_metrics(member_run) if member_run else {}
+        epochs = len(tracker.client.get_metric_history(member_run, "train/epoch_seconds")
+                     ) if member_run else 0
+        members[name] = {
+            "mse": m.get(f"test/h{horizon}_mse", math.nan),
+            "mae": m.get(f"test/h{horizon}_mae", math.nan),
+            "coverage95": m.get(f"test/h{horizon}_coverage95", math.nan),
+            "val_mse": m.get(f"val/h{horizon}_mse", math.nan),
+            **({"epochs": epochs} if epochs else {}),
+            "weight_first": metrics.get(f"ensemble/weight_{name}_first", math.nan),
+            "weight_last": metrics.get(f"ensemble/weight_{name}_last", math.nan),
+        }
+    holdout = {k.removeprefix("val/ensemble_holdout_mse_"): v for k, v in metrics.items()
+               if k.startswith("val/ensemble_holdout_mse_")}
+    return {"scheme": tags["tsssm.ensemble.scheme"], "members": members,
+            "holdout_mse": holdout}
 
 
 def _run_baseline(args, dataset: str, horizon: int, name: str) -> dict:

@@ -1,4 +1,11 @@
-"""A validation-weighted combination of trained ETT forecasters (same dataset and horizon).
+"""A validation-weighted combination of ETT forecasters trained earlier (same dataset, horizon).
+
+The product form is ``tsssm train ... model=ensemble`` (tsssm/models/ensemble.py,
+tsssm/tasks/combine.py: members trained by the command, weights per lead time or block chosen
+on held-out validation windows, the pooled variance calibrated, a bundle that `score` and
+`compare` use). This script stays for one purpose: combining bundles that separate driver runs
+already left in a logs folder (it reproduces the 2026-12-01 21:12 figure in RESULTS.md) with one
+weight vector per horizon, by the same exact solver (tsssm.tasks.combine.simplex_weights).
 
 For each horizon: the bundles that ``benchmarks/accuracy.py --logs DIR`` left in
 ``DIR/<dataset>-<H>-<model>/models/<run id>`` are loaded, every one forecasts every validation
@@ -19,7 +26,6 @@ Only means are combined (no variance, so no coverage or CRPS for the combination
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -32,31 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy_ett import FILES  # noqa: E402
 
-
-def simplex_weights(G: np.ndarray) -> np.ndarray:
-    """argmin_w w' G w over {w >= 0, sum w = 1} for a small PSD G (K x K), exactly: on each
-    support S the minimiser is G_S^-1 1 / (1' G_S^-1 1); the best non-negative one wins."""
-    K = G.shape[0]
-    best, best_w = np.inf, None
-    for size in range(1, K + 1):
-        for S in itertools.combinations(range(K), size):
-            g = G[np.ix_(S, S)]
-            try:
-                x = np.linalg.solve(g, np.ones(size))
-            except np.linalg.LinAlgError:
-                continue
-            if x.sum() <= 0:
-                continue
-            w = x / x.sum()
-            if (w < -1e-12).any():
-                continue
-            full = np.zeros(K)
-            full[list(S)] = np.clip(w, 0.0, None)
-            full /= full.sum()
-            value = float(full @ G @ full)
-            if value < best:
-                best, best_w = value, full
-    return best_w
+from tsssm.tasks.combine import simplex_weights  # noqa: E402  (the one exact solver)
 
 
 def _bundle(logs: Path, dataset: str, horizon: int, model: str) -> Path:

@@ -37,27 +37,38 @@ ROOT = Path(__file__).resolve().parents[1]
 CHANNELS = 8
 DEFAULT_SIZES = {"kalman": [10**6, 10**7, 10**8], "mamba": [10**5]}
 #: the scores measured (--scores): the one-step NIS, or the default anomaly task's windowed
-#: joint score (conf/task/anomaly.yaml: Mahalanobis, 30-row trailing shift window); "+contrib":
-#: with the contrib:<channel> columns (tsssm score's default, score.contributions=true)
-SCORES = {"one-step": ("nis", 1, "mean"), "anomaly": ("mahalanobis", 30, "shift")}
+#: joint score (conf/task/anomaly.yaml: Mahalanobis, 60-row trailing shift window since
+#: 2026-12-01 20:00; 30 rows before); "+contrib": with the contrib:<channel> columns (tsssm
+#: score's default, score.contributions=true)
+SCORES = {"one-step": ("nis", 1, "mean"), "anomaly": ("mahalanobis", 60, "shift")}
 
 
 # ------------------------------------------------------------------------------ inputs
+#: how the inputs are written (since 2026-12-02): no dictionary pages, the float columns
+#: uncompressed (pyarrow's defaults try a dictionary per column and snappy: 5x the CPU time to
+#: write, 40.6 against 36.0 bytes a row, and 64 s of a device call for 10^8 rows)
+INPUT_OPTIONS = {"use_dictionary": False,
+                 "compression": {"ts": "snappy", **{f"c{i}": "none" for i in range(64)}}}
+
 def generate(path: Path, rows: int, seed: int = 0, channels: int = CHANNELS,
-             group: int = 1 << 20) -> Path:
-    """A random-walk-plus-noise stream to Parquet, row group by row group (flat memory)."""
+             group: int = 1 << 20, device: str = "cpu") -> Path:
+    """A random-walk-plus-noise stream to Parquet, row group by row group (flat memory).
+    ``device="cuda"``: the random numbers drawn on the GPU (torch; another draw of the same
+    process, ~50x faster than numpy on one core: 10^8 rows in seconds)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if path.exists():
         return path
+    if device != "cpu":
+        return _generate_torch(path, rows, seed, channels, group, device)
     rng = np.random.default_rng(seed)
     names = [f"c{i}" for i in range(channels)]
     schema = pa.schema([("ts", pa.int64())] + [(n, pa.float32()) for n in names])
     level = np.zeros(channels)
     tmp = path.with_suffix(".tmp")
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with pq.ParquetWriter(tmp, schema, **INPUT_OPTIONS) as writer:
         for start in range(0, rows, group):
             n = min(group, rows - start)
             steps = rng.standard_normal((n, channels)) * 0.01
@@ -69,6 +80,79 @@ def generate(path: Path, rows: int, seed: int = 0, channels: int = CHANNELS,
             writer.write_table(pa.Table.from_arrays(cols, schema=schema))
     os.replace(tmp, path)
     return path
+
+
+def _generate_torch(path: Path, rows: int, seed: int, channels: int, group: int,
+                    device: str) -> Path:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    names = [f"c{i}" for i in range(channels)]
+    schema = pa.schema([("ts", pa.int64())] + [(n, pa.float32()) for n in names])
+    level = torch.zeros(channels, dtype=torch.float64, device=device)
+    tmp = path.with_suffix(".tmp")
+    with pq.ParquetWriter(tmp, schema, **INPUT_OPTIONS) as writer:
+        for start in range(0, rows, group):
+            n = min(group, rows - start)
+            steps = torch.randn((n, channels), generator=gen, device=device,
+                                dtype=torch.float64) * 0.01
+            walk = level + torch.cumsum(steps, 0)
+            level = walk[-1]
+            noise = torch.randn((n, channels), generator=gen, device=device)
+            values = (walk.float() + noise).T.contiguous().cpu().numpy()  # (C, n)
+            cols = [pa.array(np.arange(start, start + n, dtype=np.int64))]
+            cols += [pa.array(values[j]) for j in range(channels)]
+            writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+    os.replace(tmp, path)
+    return path
+
+
+class Identity:
+    """A forecaster that predicts 0 with variance 1 for every row, on the rows' device: the
+    model's cost taken out of a file-to-file run (its host bound)."""
+
+    def one_step(self, y, state=None):
+        import torch
+
+        from tsssm.models.base import Gaussian
+
+        return Gaussian(torch.zeros_like(y), torch.ones_like(y)), state
+
+
+def model_bound(bundle: str, device: str, rows: int, batch: int, window: bool) -> dict:
+    """The model alone on the device (rows already there, synchronised at the end): one stream
+    in calls of ``batch`` rows with the state carried, and with ``window`` the scores too
+    (step terms and the window sums on the device): the device bound of a file-to-file run."""
+    import torch
+
+    from tsssm.anomaly.scores import ScoreSpec, StepTerms, step_terms
+    from tsssm.bundle import load_bundle
+    from tsssm.scoring.device_window import DeviceWindow
+
+    loaded = load_bundle(bundle)
+    model = loaded.model.to(device).eval()
+    spec = ScoreSpec.from_dict(loaded.score, loaded.score_kind)
+    y = torch.randn((1, batch, CHANNELS), device=device)
+    calls = max(rows // batch, 1)
+    with torch.no_grad():
+        for _ in range(2):  # compile and warm up
+            model.one_step(y, None)
+        torch.cuda.synchronize() if device.startswith("cuda") else None
+        started, cpu = time.perf_counter(), time.process_time()
+        state = None
+        win = DeviceWindow(spec.window, spec.window_kind, CHANNELS, torch.device(device))
+        for _ in range(calls):
+            pred, state = model.one_step(y, state)
+            if window:
+                st = step_terms(y, pred, spec.kind)
+                score, contrib = win.update(StepTerms(st.contrib[0], st.whitened[0],
+                                                      st.observed[0]))
+        torch.cuda.synchronize() if device.startswith("cuda") else None
+    return {"rows": calls * batch, "seconds": time.perf_counter() - started,
+            "cpu_s": time.process_time() - cpu}
 
 
 def fleet(folder: Path, n: int, rows: int) -> Path:
@@ -145,7 +229,12 @@ def child(argv: list[str]) -> None:
         rows = int(pl.scan_parquet(path).select(pl.len()).collect().item())
         seconds = time.perf_counter() - started
         assert frame.height == 1
-    elif kind == "score":
+    elif kind == "model":
+        bundle, device, rows, batch, window = rest
+        record = model_bound(bundle, device, int(rows), int(batch), window == "1")
+        print(json.dumps({**record, "peak_rss_mb": high_water_mb(), "tree_rss_mb": 0.0}))
+        return
+    elif kind in ("score", "host"):
         path, bundle, device, batch, contributions = rest
         import numpy as np
 
@@ -155,7 +244,11 @@ def child(argv: list[str]) -> None:
         from tsssm.scoring.scorer import Scorer
 
         scorer = Scorer(load_bundle(bundle), device=device)
-        scorer.update_many(np.zeros((4096, CHANNELS), np.float32))  # compile kernels, not timed
+        if kind == "host":  # the model taken out: what the rest of the pipeline allows
+            scorer.model = Identity()
+        # compile kernels, not timed (long enough for the segmented scan's shapes too)
+        warm = 4096 if device == "cpu" else min(int(batch), 1 << 20)
+        scorer.update_many(np.zeros((warm, CHANNELS), np.float32))
         scorer.reset()
         spec = ReadSpec(time_column="ts", channels=tuple(scorer.channels))
         out = Path(path).with_name(Path(path).stem + f".scores-{os.getpid()}.parquet")
@@ -296,20 +389,49 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+#: seconds a measurement may take before it is stopped and left out of the table (--child-timeout)
+CHILD_TIMEOUT: float | None = None
+
+
+class ChildTimeoutError(Exception):
+    pass
+
+
 def run_child(argv: list[str]) -> dict:
-    """One measurement in a fresh process: its JSON line (with its own peak RSS)."""
+    """One measurement in a fresh process: its JSON line (with its own peak RSS). Raises
+    ChildTimeoutError when it runs past CHILD_TIMEOUT (it is killed)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, __file__, "--child", *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     _CHILDREN.append(proc)
     try:
-        out, err = (x.decode(errors="replace") for x in proc.communicate())
+        out, err = (x.decode(errors="replace") for x in proc.communicate(timeout=CHILD_TIMEOUT))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        print(f"child {argv[:2]} stopped after {CHILD_TIMEOUT:.0f} s (--child-timeout)",
+              flush=True)
+        raise ChildTimeoutError(argv[0]) from None
     finally:
         _CHILDREN.remove(proc)
     proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"child {argv} failed:\n{err[-3000:]}")
     return json.loads(out.strip().splitlines()[-1])
+
+
+def measured(label: dict, argvs: list[list[str]], records: list[dict]) -> None:
+    """Run the children, add their summary to records and print its line (none when one
+    times out or fails: its error is printed)."""
+    try:
+        runs = [run_child(a) for a in argvs]
+    except ChildTimeoutError:
+        return
+    except SystemExit as failed:  # one measurement failing leaves the others standing
+        print(f"{label['what']}: {failed}", flush=True)
+        return
+    records.append(summarise(label, runs))
+    print(table(records[-1:]).splitlines()[-1], flush=True)
 
 
 # ------------------------------------------------------------------------------ table
@@ -379,11 +501,21 @@ def main() -> None:
     p.add_argument("--engines", nargs="*", default=["local", "dask"])
     p.add_argument("--live", type=int, default=200_000,
                    help="samples of the live (one core, sample by sample) run; 0: none")
+    p.add_argument("--stages", nargs="*", default=None,
+                   help="beside each long-stream run of these models (none named: all): the "
+                   "same run with an identity model (the host bound) and the model with its "
+                   "scores alone on the device (the device bound)")
+    p.add_argument("--child-timeout", type=float, default=None,
+                   help="seconds one measurement may take; past it, it is left out")
+    p.add_argument("--gen-device", default="cpu",
+                   help="where the input's random numbers are drawn (cuda: fast, for 10^8 rows)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/tsssm-scoring-bench"))
     p.add_argument("--keep-data", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scoring.json")
     args = p.parse_args()
     _stop_on_sigterm()
+    global CHILD_TIMEOUT
+    CHILD_TIMEOUT = args.child_timeout
     sizes = parse_sizes(args.sizes)
     batch = args.batch_rows or (100_000 if args.device == "cpu" else 1 << 20)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -392,7 +524,11 @@ def main() -> None:
     started = time.perf_counter()
     try:
         for rows in sorted({n for ns in sizes.values() for n in ns}):
-            path = generate(args.workdir / f"stream-{rows:.0e}.parquet", rows)
+            began = time.perf_counter()
+            path = generate(args.workdir / f"stream-{rows:.0e}.parquet", rows,
+                            device=args.gen_device)
+            print(f"generated {rows:.0e} rows in {time.perf_counter() - began:.1f} s "
+                  f"({path.stat().st_size / 1e9:.2f} GB)", flush=True)
             runs = [run_child(["read", str(path)]) for _ in range(args.repeats)]
             records.append(summarise({"device": args.device, "what": "read"}, runs))
             print(table(records[-1:]).splitlines()[-1], flush=True)
@@ -403,12 +539,22 @@ def main() -> None:
                     name, _, contrib = score.partition("+")
                     bundle = run_child(["bundle", model, str(args.workdir), args.device,
                                         name])["path"]
-                    runs = [run_child(["score", str(path), str(bundle), args.device,
-                                       str(batch), "1" if contrib else "0"])
-                            for _ in range(args.repeats)]
                     what = f"{model}, {score} score"
-                    records.append(summarise({"device": args.device, "what": what}, runs))
-                    print(table(records[-1:]).splitlines()[-1], flush=True)
+                    flag = "1" if contrib else "0"
+                    measured({"device": args.device, "what": what},
+                             [["score", str(path), str(bundle), args.device, str(batch), flag]]
+                             * args.repeats, records)
+                    if args.stages is None or (args.stages and model not in args.stages):
+                        continue
+                    # the same run with the model taken out (the host's bound), and the model
+                    # alone on the device (with the scores: the device's bound)
+                    measured({"device": args.device, "what": f"{what}: host bound (identity "
+                              "model)"}, [["host", str(path), str(bundle), args.device,
+                                           str(batch), flag]], records)
+                    measured({"device": args.device, "what": f"{what}: device bound (model + "
+                              "scores, no I/O)"}, [["model", str(bundle), args.device,
+                                                    str(min(rows, 16 * batch)), str(batch),
+                                                    "1"]], records)
         if args.fleet:
             folder = fleet(args.workdir / f"fleet-{args.fleet}", args.fleet, args.fleet_rows)
             for model in args.fleet_models:

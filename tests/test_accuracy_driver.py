@@ -166,3 +166,16 @@ def test_skab_reanchor_grid_on_the_bundled_sample():
             np.testing.assert_array_equal(flags[i], plain[i].score > own[i].value)
         for i in untested:
             assert not flags[i].any()
+
+
+def test_ensemble_is_one_user_command_whose_members_train_at_once(tmp_path):
+    """--models ensemble: the record's command is the user's `tsssm train ... model=ensemble`
+    with its members trained at once (model.jobs=3), and it composes to a valid config."""
+    from tsssm.cli import compose
+
+    command = accuracy_ett.train_command(_args(tmp_path), "ett_m1", 336, "ensemble", tmp_path)
+    assert command[:2] == ["tsssm", "train"]
+    assert "model=ensemble" in command and "model.jobs=3" in command
+    cfg = compose(command[2:])
+    assert list(cfg.model.members) == ["kalman_ett", "mamba", "hybrid_residual"]
+    assert cfg.model.net.horizon == 336

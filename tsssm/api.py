@@ -169,8 +169,18 @@ def compose(data: DataLike | None = None, model: str | None = None, *, task: str
     path (read as ``data=csv data.path=...``) or a polars DataFrame. Raises ConfigError with
     one line naming an unknown group option, key or bad value.
     """
-    from tsssm.cli import _compose_unchecked
     from tsssm.cli import compose as cli_compose
+
+    return cli_compose(_overrides(data, model, task=task, trainer=trainer, tracking=tracking,
+                                  experiment=experiment, overrides=overrides, **keys))
+
+
+def _overrides(data: DataLike | None = None, model: str | None = None, *,
+               task: str | None = None, trainer: str | None = None,
+               tracking: str | None = None, experiment: str | None = None,
+               overrides: Sequence[str] = (), **keys: Any) -> list[str]:
+    """The command-line overrides of :func:`compose`'s arguments."""
+    from tsssm.cli import _compose_unchecked
 
     key_args = _key_overrides(keys) + list(overrides)
     groups = {"model": model, "task": task, "trainer": trainer, "tracking": tracking,
@@ -180,7 +190,7 @@ def compose(data: DataLike | None = None, model: str | None = None, *, task: str
         # where a DataFrame is kept: the output folder of the config without the data
         output_dir = Path(_compose_unchecked(chosen + key_args).tracking.output_dir)
         chosen = _data_overrides(data, key_args, output_dir) + chosen
-    return cli_compose(chosen + key_args)
+    return chosen + key_args
 
 
 @contextlib.contextmanager
@@ -226,12 +236,14 @@ def train(data: DataLike | None = None, model: str | None = None, *, task: str |
         m = tsssm.train(data=frame, data__channels=["flow"], model="mamba", model__epochs=5)
     """
     from tsssm.bundle import load_bundle
+    from tsssm.cli import compose as cli_compose
     from tsssm.commands.train import train as train_command
 
-    cfg = compose(data, model, task=task, trainer=trainer, tracking=tracking,
-                  experiment=experiment, overrides=overrides, **keys)
+    chosen = _overrides(data, model, task=task, trainer=trainer, tracking=tracking,
+                        experiment=experiment, overrides=overrides, **keys)
+    cfg = cli_compose(chosen)
     with _command_environment(verbose):
-        run_id = train_command(cfg)
+        run_id = train_command(cfg, chosen)
     folder = Path(cfg.tracking.output_dir) / "models" / run_id
     return Model(load_bundle(folder), run_id=run_id, source=str(folder))
 

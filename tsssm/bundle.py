@@ -26,6 +26,7 @@ from tsssm import __version__
 from tsssm.anomaly.thresholds import Threshold, threshold_from_dict
 from tsssm.data.scaling import StandardScaler
 from tsssm.errors import ModelError
+from tsssm.models.ensemble import ENSEMBLE_TARGET, check_member_config
 
 FORMAT_VERSION = 2
 WEIGHTS = "model.safetensors"
@@ -124,6 +125,16 @@ def _check_target(net_config: Any, where: Path) -> None:
     if nested:
         raise ModelError(f"{where}: net_config.{nested[0]} names a class to build; a tsssm "
                          "bundle never does, refusing to load it")
+    if target == ENSEMBLE_TARGET:  # its members' nets are built by the ensemble: check each
+        members = net_config.get("members")
+        if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+            raise ModelError(f"{where}: an ensemble's net_config.members must be a list of "
+                             "{name, net}; the bundle is corrupt")
+        try:
+            for m in members:
+                check_member_config(str(m.get("name")), m.get("net"))
+        except ModelError as err:
+            raise ModelError(f"{where}: {err}") from err
 
 
 def build_net(net_config: dict[str, Any], n_channels: int) -> torch.nn.Module:

@@ -358,7 +358,9 @@ def _main(command: str, overrides: list[str], flags: set[str], verbose: bool,
             return 0
         if command == "run":
             _runner(command)(cfg, overrides, compose)
-        elif command == "score":  # it tells the keys a user set from those the bundle gives
+        elif command in ("score", "train"):
+            # score tells the keys a user set from those the bundle gives; train composes an
+            # ensemble's members from them
             _runner(command)(cfg, overrides)
         elif command == "dashboard":
             values = values or {}

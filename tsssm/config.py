@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -334,6 +335,47 @@ class HybridDSSMModelConfig(ModelConfig):
     net: DeepSSMNet = field(default_factory=DeepSSMNet)
 
 
+@dataclass
+class EnsembleNet:
+    """Built by `tsssm train` once the members are trained (their net configs added)."""
+
+    _target_: str = "tsssm.models.ensemble.Ensemble"
+    #: the longest forecast the combination weights cover
+    horizon: int = 24
+    #: the members' net configs are built by the ensemble itself, not by Hydra
+    _recursive_: bool = False
+    _convert_: str = "all"
+
+
+class EnsembleWeights(str, Enum):
+    auto = "auto"  # chosen among the three on held-out validation windows
+    one = "one"  # one weight vector for every lead time
+    per_lead = "per_lead"  # one vector per lead time
+    blocks = "blocks"  # one vector per block of lead times (model.blocks blocks)
+
+
+@dataclass
+class EnsembleModelConfig(ModelConfig):
+    net: EnsembleNet = field(default_factory=EnsembleNet)
+    #: the model configs combined (conf/model names); each is trained as
+    #: `tsssm train <this command's overrides> model=<member>`, with its own config, optimiser
+    #: and epochs, as an MLflow run nested under the ensemble's
+    members: list[str] = field(
+        default_factory=lambda: ["kalman_ett", "mamba", "hybrid_residual"])
+    #: extra overrides of one member's training, each "MEMBER:KEY=VALUE", e.g.
+    #: '["mamba:model.epochs=20", "mamba:trainer.max_time=600"]' (data keys stay the ensemble's)
+    member_overrides: list[str] = field(default_factory=list)
+    #: members trained at once (each in its own process when > 1)
+    jobs: int = 1
+    #: combination weights, fitted on the validation windows only: auto, one, per_lead, blocks
+    weights: EnsembleWeights = EnsembleWeights.auto
+    #: weights=blocks (and the blocks candidate of auto): blocks of lead times
+    blocks: int = 8
+    #: weights=auto: the share of the validation windows (the latest) held out to choose the
+    #: scheme
+    holdout: float = 0.3
+
+
 class ScoreKind(str, Enum):
     nis = "nis"  # per-channel normalised innovation squared, averaged over channels
     nll = "nll"  # negative log predictive density per channel
@@ -513,6 +555,9 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0
     run_name: str | None = None
+    #: the MLflow run this training is part of (set by model=ensemble for its members: their
+    #: runs are nested under it)
+    parent_run: str | None = None
     verbose: bool = False
 
 
@@ -531,6 +576,7 @@ def register_schemas() -> None:
     cs.store(group="model", name="hybrid_dssm_schema", node=HybridDSSMModelConfig)
     cs.store(group="model", name="var_kalman_schema", node=VARKalmanModelConfig)
     cs.store(group="model", name="kalman_ct_schema", node=KalmanCTModelConfig)
+    cs.store(group="model", name="ensemble_schema", node=EnsembleModelConfig)
     cs.store(group="task", name="task_schema", node=TaskConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
@@ -592,6 +638,8 @@ def validate(cfg: DictConfig) -> None:
         _check(value >= 0, key, f"must be >= 0, got {value}")
     _check(m.optimizer.lr > 0, "model.optimizer.lr", "must be > 0")
     _check(0 < m.optimizer.lr_decay <= 1, "model.optimizer.lr_decay", "must lie in (0, 1]")
+    if OmegaConf.select(cfg, "model.members") is not None:
+        _check_ensemble(m)
     t = cfg.task
     _check(0 < t.threshold.q < 1, "task.threshold.q", "must lie in (0, 1)")
     _check(t.threshold.factor > 0, "task.threshold.factor", "must be > 0")
@@ -622,6 +670,39 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.score.follow_interval > 0, "score.follow_interval", "must be > 0")
     _check(cfg.score.device in (None, "cpu", "cuda") or str(cfg.score.device).startswith(
         "cuda:"), "score.device", f"is {cfg.score.device!r}; use cpu or cuda")
+
+
+def conf_dir() -> Path:
+    """The packaged config folder (conf/ groups)."""
+    return Path(__file__).resolve().parent / "conf"
+
+
+def model_options() -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
+
+
+def _check_ensemble(m: DictConfig) -> None:
+    members = list(m.members)
+    options = [o for o in model_options() if o != m.name]
+    _check(bool(members), "model.members", "is empty; list the model configs to combine, e.g. "
+           "model.members=[kalman_ett,mamba]")
+    for name in members:
+        _check(name in options, "model.members",
+               f"names {name!r}, which is not a model config; choose from: {', '.join(options)}")
+    _check(len(set(members)) == len(members), "model.members", f"names a model twice: {members}")
+    for item in m.member_overrides:
+        name, sep, o = str(item).partition(":")
+        _check(bool(sep) and name in members, "model.member_overrides",
+               f"has {item!r}; write MEMBER:KEY=VALUE with MEMBER one of {members}")
+        key = o.lstrip("+~").split("=")[0]
+        _check("=" in o and not key.startswith("data.") and
+               key not in ("data", "experiment", "parent_run", "model"),
+               "model.member_overrides",
+               f"has {item!r}; give KEY=VALUE overrides of the member's own training (its "
+               "model, trainer, task keys): every member reads the ensemble's data")
+    _check(1 <= m.jobs <= 32, "model.jobs", f"must lie in 1..32, got {m.jobs}")
+    _check(m.blocks >= 1, "model.blocks", f"must be >= 1, got {m.blocks}")
+    _check(0 <= m.holdout < 1, "model.holdout", f"must lie in [0, 1), got {m.holdout}")
 
 
 def option_value(option: Any) -> str:

@@ -30,7 +30,7 @@ COMMAND_KEYS: dict[str, list[str]] = {
     "dashboard": ["tracking.uri", "tracking.experiment"],
 }
 #: keys no user sets by hand (the class to build, the group's own name)
-HIDDEN = {"_target_", "name", "verbose"}
+HIDDEN = {"_target_", "_recursive_", "_convert_", "name", "verbose"}
 
 
 @lru_cache(maxsize=1)

@@ -394,6 +394,18 @@ class Tracker:
             found.setdefault(run.data.tags.get("tsssm.model", "?"), run.info.run_id)
         return found
 
+    def child_runs(self, parent: str, command: str) -> dict[str, str]:
+        """{model name: newest FINISHED run id} of ``command`` runs nested under ``parent``
+        (tagged ``tsssm.parent``: an ensemble's members)."""
+        query = (f"tags.`tsssm.command` = '{command}' and attributes.status = 'FINISHED' "
+                 f"and tags.`tsssm.parent` = '{parent}'")
+        runs = self.client.search_runs([self.experiment_id], query,
+                                       order_by=["attributes.start_time DESC"], max_results=500)
+        found: dict[str, str] = {}
+        for run in runs:
+            found.setdefault(run.data.tags.get("tsssm.model", "?"), run.info.run_id)
+        return found
+
     def run_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of every metric of a run."""
         return dict(self.client.get_run(run_id).data.metrics)

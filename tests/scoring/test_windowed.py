@@ -175,3 +175,125 @@ def test_live_samples_equal_batch(family):
     np.testing.assert_allclose(score, want_score, rtol=tol, atol=tol)
     clear = ~np.isclose(want_score, bundle.threshold.value, rtol=1e-3)
     assert (flag[clear] == want_flag[clear]).all()
+
+
+#: the torch families, whose trailing windows can be summed on the model's device
+DEVICE_FAMILIES = ["var_kalman", "mamba"]
+
+
+@pytest.mark.parametrize("family", DEVICE_FAMILIES)
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("spec", [ANOMALY, ScoreSpec("nll", 9, "mean"), ScoreSpec("nis", 1)])
+def test_window_on_the_device_equals_whole(family, split, spec):
+    # the GPU path (tsssm.scoring.device_window), here on the CPU: windows summed in torch
+    bundle = make_bundle(family, score=spec)
+    raw = raw_stream()
+    scorer = Scorer(bundle, contributions=True, device_window=True)
+    got = fed(scorer, raw, SPLITS[split])
+    assert scorer._device_win  # the device path ran, not the numpy window
+    assert_same(family, got, whole(bundle, raw), np.full(len(raw), bundle.threshold.value))
+    host = fed(Scorer(bundle, contributions=True, device_window=False), raw, SPLITS[split])
+    np.testing.assert_allclose(got[0], host[0], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got[2], host[2], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[1], host[1])
+
+
+@pytest.mark.parametrize("family", DEVICE_FAMILIES)
+def test_window_on_the_device_with_per_stream_and_spot_thresholds(family):
+    raw = raw_stream() + 5.0
+    for kwargs, level in ((dict(scope="per_stream", train_rows=100, per_stream=True), None),
+                          (dict(threshold=SPOTThreshold(q=0.01, level=0.9)), "spot")):
+        bundle = make_bundle(family, score=ANOMALY, **kwargs)
+        want = whole(bundle, raw)
+        scorer = Scorer(bundle, contributions=True, device_window=True)
+        got = fed(scorer, raw, [20, 30, 1, 649])
+        assert scorer._device_win
+        levels = bundle.threshold.levels(want[0]) if level else np.full(
+            len(raw), stream_threshold(bundle, want[0], 100, "s").value)
+        assert_same(family, got, want, levels)
+
+
+def test_window_on_the_device_without_contributions_and_centered_falls_back():
+    bundle = make_bundle("mamba", score=ANOMALY)
+    raw = raw_stream()
+    scorer = Scorer(bundle, device_window=True)
+    out = scorer.update_many(raw)
+    assert out.contrib is None and scorer._device_win
+    np.testing.assert_allclose(out.score, whole(bundle, raw)[0], rtol=1e-4, atol=1e-4)
+    centered = Scorer(make_bundle("mamba", score=ScoreSpec("nis", 9, "mean", "centered")),
+                      device_window=True)
+    centered.update_many(raw[:50])
+    assert centered._device_win is False  # a centered window is summed on the host
+
+
+@pytest.mark.parametrize("split", ["whole", "inside-windows", "through-the-gap"])
+def test_mamba_scanning_in_segments_equals_whole(monkeypatch, split):
+    # the GPU path of a long stream (tsssm.ssm.segmented, windows on the device), on the CPU
+    import tsssm.models.mamba as mamba
+
+    bundle = make_bundle("mamba", score=ANOMALY)
+    raw = raw_stream()
+    want = whole(bundle, raw)
+    monkeypatch.setattr(mamba, "SEGMENT_DEVICES", ("cpu",))
+    monkeypatch.setattr(mamba, "SEGMENT_ROWS", 16)
+    got = fed(Scorer(bundle, contributions=True, device_window=True), raw, SPLITS[split])
+    assert_same("mamba", got, want, np.full(len(raw), bundle.threshold.value))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", ["whole", "inside-windows", "through-the-gap"])
+def test_scorer_on_the_gpu_equals_whole(split):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    bundle = make_bundle("mamba", score=ANOMALY)
+    raw = raw_stream()
+    want = whole(bundle, raw)  # on the CPU
+    scorer = Scorer(bundle, device="cuda", contributions=True)
+    got = fed(scorer, raw, SPLITS[split])
+    assert scorer._device_win  # windows summed on the GPU
+    assert_same("mamba", got, want, np.full(len(raw), bundle.threshold.value))
+
+
+@pytest.mark.parametrize("kind", ["shift", "mean"])
+def test_running_window_equals_the_batch_window_on_a_long_stream(monkeypatch, kind):
+    # the live path's O(1) window (running sums, recomputed now and then) against window_update
+    import tsssm.anomaly.streaming as streaming
+
+    monkeypatch.setattr(streaming, "RESUM_EVERY", 97)
+    rng = np.random.default_rng(5)
+    n, C, w = 3000, 4, 60
+    contrib = rng.exponential(size=(n, C))
+    whitened = rng.standard_normal((n, C)) * 3
+    observed = rng.random((n, C)) > 0.1
+    observed[1000:1100] = False  # no observation at all for 100 rows
+    contrib[~observed], whitened[~observed] = 0.0, 0.0
+    want, want_c, _ = streaming.window_update(streaming.window_start(C, kind),
+                                              (contrib, whitened, observed), w, kind)
+    live = streaming.RunningWindow(w, kind, C)
+    got = [live.step(contrib[i], whitened[i], observed[i]) for i in range(n)]
+    np.testing.assert_allclose([g[0] for g in got], want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.stack([g[1] for g in got]), want_c, rtol=1e-9, atol=1e-12)
+    # handed to the batch path and back, anywhere
+    state = live.to_state()
+    assert state.received == n and len(state.tail) == w - 1
+    again = streaming.RunningWindow.from_state(state, w, kind, C)
+    assert again.step(contrib[0], whitened[0], observed[0])[0] == pytest.approx(
+        streaming.window_update(state, (contrib[:1], whitened[:1], observed[:1]), w, kind)[0][0])
+
+
+def test_live_samples_interleaved_with_batches_equal_whole():
+    # samples one by one, a sample with a missing reading (the batch path), a batch, samples
+    bundle = make_bundle("kalman", score=ANOMALY)
+    raw = raw_stream()
+    want_score, want_flag, want_contrib = whole(bundle, raw)
+    scorer = Scorer(bundle, contributions=True)
+    scores = []
+    for i in range(0, 150):
+        scores.append(scorer.update(raw[i])[0])
+    scores.extend(scorer.update_many(raw[150:260]).score)  # 200..230: nothing observed
+    for i in range(260, 500):
+        scores.append(scorer.update(raw[i])[0])
+    scores.extend(scorer.update_many(raw[500:]).score)
+    np.testing.assert_allclose(scores, want_score, rtol=1e-5, atol=1e-5)

@@ -41,8 +41,10 @@ def test_torch_steps_equal_scan(groups, softplus):
                                     return_final_state=True)
     state = h0.clone()
     out, state = stream_one_at_a_time(inp, softplus, "torch", state)
-    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
-    assert torch.allclose(state, h_ref, rtol=1e-6, atol=1e-6)
+    # float32 over 29 steps in a different order of operations: rounding reaches ~1e-6 relative
+    # on some draws (one failure seen at 1e-6); a wrong recurrence is off by orders more.
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(state, h_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_step_updates_state_in_place_and_returns_output():

@@ -113,6 +113,101 @@ def window_step(state: WindowState, contrib: np.ndarray, whitened: np.ndarray,
     return float(score[0]), out[0], WindowState(received, received, new_tail)
 
 
+#: a RunningWindow recomputes its sums from the rows it holds every this many samples, so the
+#: rounding of adding and subtracting rows does not build up along an endless stream
+RESUM_EVERY = 4096
+
+
+class RunningWindow:
+    """A trailing window carried sample by sample in O(1) work and no allocation: the window
+    inputs of the last ``window - 1`` rows in a ring, and their running sums; a live sample's
+    window sums are those plus its own row (what :func:`window_step` sums from the tail every
+    time). Same formulas as :func:`window_update` / ``window_values``; the sums differ from
+    theirs by rounding only (and are recomputed from the ring every RESUM_EVERY samples).
+    ``from_state`` / ``to_state`` hand the window over to and from the batch path."""
+
+    def __init__(self, window: int, kind: str, n_channels: int, fill: float = 0.0) -> None:
+        if kind not in WINDOW_KINDS:
+            raise ConfigError(f"score window kind must be one of {WINDOW_KINDS}; got {kind!r}")
+        self.window, self.kind, self.fill, self.C = int(window), kind, float(fill), n_channels
+        width = n_channels + 1 if kind == "mean" else 2 * n_channels
+        self.ring = np.zeros((max(self.window - 1, 1), width))  # the last window - 1 rows
+        self.count = 0  # rows in the ring
+        self.pos = 0  # where the next row goes (the oldest row, once full)
+        self.sums = np.zeros(width)  # of the ring's rows
+        self.received = 0
+        self._row = np.empty(width)
+        self._cur = np.empty(width)  # this sample's window sums
+        self._out = np.empty(n_channels)
+        self._one = np.empty(n_channels)
+        self._since = 0
+
+    @classmethod
+    def from_state(cls, state: WindowState, window: int, kind: str, n_channels: int,
+                   fill: float = 0.0) -> RunningWindow:
+        """Continue a batch path's trailing window (``state.emitted == state.received``)."""
+        live = cls(window, kind, n_channels, fill)
+        tail = state.tail[len(state.tail) - min(len(state.tail), window - 1):] \
+            if window > 1 else state.tail[:0]
+        live.count = len(tail)
+        live.ring[: live.count] = tail
+        live.pos = live.count % len(live.ring)
+        live.sums[:] = tail.sum(axis=0) if len(tail) else 0.0
+        live.received = state.received
+        return live
+
+    def to_state(self) -> WindowState:
+        """The batch path's state of this window (its tail: the ring's rows, oldest first)."""
+        if self.window <= 1:
+            tail = self.ring[:0]
+        elif self.count < len(self.ring):
+            tail = self.ring[: self.count]
+        else:
+            tail = np.concatenate([self.ring[self.pos :], self.ring[: self.pos]])
+        return WindowState(self.received, self.received, tail.copy())
+
+    def step(self, contrib: np.ndarray, whitened: np.ndarray, observed: np.ndarray
+             ) -> tuple[float, np.ndarray]:
+        """One row's step terms (C,) -> (its window score, its contributions (C,), a copy)."""
+        C, row, cur, out = self.C, self._row, self._cur, self._out
+        if self.kind == "mean":
+            row[:C] = contrib
+            row[C] = observed.any()
+        else:
+            row[:C] = whitened
+            row[C:] = observed
+        np.add(self.sums, row, out=cur)
+        if self.kind == "mean":
+            count = float(cur[C])
+            np.divide(cur[:C], max(count, 1.0), out=out)
+            has = count > 0
+        else:
+            s, n = cur[:C], cur[C:]
+            np.multiply(s, s, out=out)
+            np.maximum(n, 1.0, out=self._one)
+            out /= self._one
+            n_channels = np.count_nonzero(n)  # the counts are whole numbers
+            if n_channels > 1:
+                out /= n_channels
+            has = n_channels > 0
+        score = float(np.add.reduce(out)) if has else self.fill
+        if self.window > 1:  # the row joins the ring, the oldest leaves it
+            ring = self.ring
+            if self.count == len(ring):
+                self.sums -= ring[self.pos]
+            else:
+                self.count += 1
+            ring[self.pos] = row
+            self.sums += row
+            self.pos = (self.pos + 1) % len(ring)
+            self._since += 1
+            if self._since >= RESUM_EVERY:
+                self._since = 0
+                np.sum(ring[: self.count], axis=0, out=self.sums)
+        self.received += 1
+        return score, out.copy()
+
+
 class Intervals(NamedTuple):
     """Maximal runs of flagged rows (k of them), as :class:`tsssm.anomaly.attribution.
     FlaggedInterval` with the times of their first and last rows; arrays, as a long stream can

@@ -31,14 +31,16 @@ def run(cfg: DictConfig, overrides: list[str], compose: Callable[[list[str]], Di
     trained: list[str] = []
     for name in cfg.run.models:
         print(f"\n== tsssm train model={name} ==", flush=True)
-        step = compose([*base, f"model={name}"])
+        chosen = [*base, f"model={name}"]
+        step = compose(chosen)
         if step.trainer.resume == "last" and not _resumable(step):
             # `tsssm run ... trainer.resume=last` after an interrupt: the models it had not
             # reached yet start from scratch
             print(f"no checkpoint of model={name} to resume; training it from the start")
             fresh = [o for o in base if not o.startswith("trainer.resume=")]
-            step = compose([*fresh, f"model={name}"])
-        run_id = train(step)
+            chosen = [*fresh, f"model={name}"]
+            step = compose(chosen)
+        run_id = train(step, chosen)
         trained.append(run_id)
         print(f"\n== tsssm score model={name} ==", flush=True)
         step = [*base, f"model={name}", f"model.run_id={run_id}"]

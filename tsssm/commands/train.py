@@ -38,6 +38,7 @@ from tsssm.data.datasets import PreparedData, build_dataset
 from tsssm.distributed import NullTracker, is_distributed, is_secondary, launch_workers_as
 from tsssm.errors import ConfigError, ModelError
 from tsssm.models.base import Exog, uses_exog
+from tsssm.models.ensemble import ENSEMBLE_TARGET
 from tsssm.tasks.calibrate import calibrate_horizon_variance
 from tsssm.tasks.callbacks import (
     InnerIterations,
@@ -314,8 +315,13 @@ def _split_names(part, rows) -> list[str]:
     return names.tolist()
 
 
-def train(cfg: DictConfig) -> str:
-    """Run `tsssm train`; returns the MLflow run id."""
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> str:
+    """Run `tsssm train`; returns the MLflow run id. ``overrides``: the command line's (an
+    ensemble composes its members' trainings from them)."""
+    if is_ensemble(cfg):
+        from tsssm.commands.ensemble import train_ensemble
+
+        return train_ensemble(cfg, overrides)
     seed_everything(cfg.seed)
     if cfg.trainer.threads:
         torch.set_num_threads(int(cfg.trainer.threads))
@@ -327,10 +333,7 @@ def train(cfg: DictConfig) -> str:
         fit_model(cfg, dataset.load(), NullTracker(), resume)
         return ""
     tracker = Tracker.from_config(cfg.tracking)
-    params = flatten(to_plain(cfg))
-    name = cfg.run_name or f"train-{cfg.model.name}-{cfg.data.name}"
-    tags = {"tsssm.model": cfg.model.name, "tsssm.data": cfg.data.name}
-    with tracker.start(name, "train", params, tags) as run:
+    with tracker.start(*run_identity(cfg)) as run:
         log.info("tsssm train: MLflow run %s (%s)", run.run_id, tracker.uri)
         dataset = build_dataset(cfg.data)
         data = dataset.load()
@@ -357,28 +360,52 @@ def train(cfg: DictConfig) -> str:
                 params = log_parameters(net, data, training_streams(dm), tracker, folder)
             ev = log_evaluation(cfg, net, data, tracker, folder,
                                 f"{cfg.model.name} on {cfg.data.name}")
-            bundle = Bundle(
-                model=net, net_config=net_cfg, model_name=cfg.model.name,
-                channels=data.channels, scaler=data.scaler,
-                per_stream_scaling=cfg.data.scaler == "per_stream", threshold=ev.threshold,
-                score_kind=option_value(cfg.task.score),
-                data_config=to_plain(cfg.data),
-                score=score_spec(cfg.task).to_dict(),
-                threshold_scope=cfg.task.threshold.scope,
-                inputs=list(data.inputs), input_scaler=data.input_scaler,
-            )
-            staged = save_bundle(bundle, folder / "model")
-            for sub in ("scores", "forecasts", "figures", "tables"):
-                if (folder / sub).exists():
-                    tracker.log_dir(folder / sub, sub)
-            tracker.log_dir(staged, "model")
-            # Published last, in one rename: a run that fails leaves no bundle behind.
-            model_dir = Path(cfg.tracking.output_dir) / "models" / run.run_id
-            model_dir.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, model_dir)
+            model_dir = publish(cfg, net, net_cfg, data, ev, tracker, folder)
         print_summary(cfg, run.run_id, ev.metrics, model_dir, tracker, params,
                       inputs=list(data.inputs) if uses_exog(net) else [])
         return run.run_id
+
+
+def is_ensemble(cfg: DictConfig) -> bool:
+    """Whether the configured model is a combination of trained members (model=ensemble)."""
+    return OmegaConf.select(cfg, "model.net._target_", default="") == ENSEMBLE_TARGET
+
+
+def run_identity(cfg: DictConfig) -> tuple[str, str, dict, dict]:
+    """(run name, command, params, tags) of a train run; a member of an ensemble is tagged
+    with its parent run, which nests it under that run in MLflow."""
+    params = flatten(to_plain(cfg))
+    name = cfg.run_name or f"train-{cfg.model.name}-{cfg.data.name}"
+    tags = {"tsssm.model": cfg.model.name, "tsssm.data": cfg.data.name}
+    if cfg.parent_run:
+        tags.update({"mlflow.parentRunId": cfg.parent_run, "tsssm.parent": cfg.parent_run})
+    return name, "train", params, tags
+
+
+def publish(cfg: DictConfig, net, net_cfg: dict, data: PreparedData, ev: Evaluation,
+            tracker: Tracker, folder: Path) -> Path:
+    """Save the bundle, log the staged artifacts, and publish the bundle to
+    ``<output_dir>/models/<run id>`` (last, in one rename: a run that fails leaves no bundle
+    behind). Returns the published folder."""
+    bundle = Bundle(
+        model=net, net_config=net_cfg, model_name=cfg.model.name,
+        channels=data.channels, scaler=data.scaler,
+        per_stream_scaling=cfg.data.scaler == "per_stream", threshold=ev.threshold,
+        score_kind=option_value(cfg.task.score),
+        data_config=to_plain(cfg.data),
+        score=score_spec(cfg.task).to_dict(),
+        threshold_scope=cfg.task.threshold.scope,
+        inputs=list(data.inputs), input_scaler=data.input_scaler,
+    )
+    staged = save_bundle(bundle, folder / "model")
+    for sub in ("scores", "forecasts", "figures", "tables"):
+        if (folder / sub).exists():
+            tracker.log_dir(folder / sub, sub)
+    tracker.log_dir(staged, "model")
+    model_dir = Path(cfg.tracking.output_dir) / "models" / tracker.run_id
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, model_dir)
+    return model_dir
 
 
 #: fitted parameters shown in the summary (all of them are in tables/parameters.md)

@@ -42,7 +42,9 @@ class StandardScaler:
 
     def transform(self, values: np.ndarray) -> np.ndarray:
         """Scale raw values (..., C) channel by channel: ``(values - mean) / std``, float32."""
-        return ((values - self.mean) / self.std).astype(np.float32)
+        out = values - self.mean
+        out /= self.std  # in place: the same rounding as (values - mean) / std, one buffer
+        return out.astype(np.float32, copy=False)
 
     def inverse_transform(self, values: np.ndarray) -> np.ndarray:
         """Scaled values (or predictive means) (..., C) back to the original units."""

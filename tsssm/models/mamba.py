@@ -23,7 +23,9 @@ the conv (``conv``) and the SSM state (``ssm``, float32). ``forward(x, state)`` 
 state, and running a sequence in chunks with the state carried equals one pass over it (up to
 float rounding): the conv sees the carried inputs as its left context instead of zero padding,
 and the scan starts from the carried SSM state. A call with ``L == 1`` takes the single-step path
-(``selective_state_update``) when autograd is off, which is what a streaming loop hits.
+(``selective_state_update``) when autograd is off, which is what a streaming loop hits. A long
+sequence in inference on a GPU (scoring a file in chunks of 2^20 rows) is scanned in segments side
+by side, exactly (``SEGMENT_ROWS``, tsssm.ssm.segmented).
 """
 
 from __future__ import annotations
@@ -38,8 +40,15 @@ from torch.nn.functional import silu
 
 from tsssm.errors import ConfigError, ModelError
 from tsssm.ssm import selective_scan, selective_state_update
+from tsssm.ssm.segmented import segmented_scan
 
 _BACKENDS = ("auto", "torch", "triton")
+#: inference scans of one long sequence (scoring a stream) run in segments of this many steps
+#: side by side (exact: tsssm.ssm.segmented), on these devices, when batch * d_inner is below
+#: SEGMENT_LANES (a wide batch keeps the GPU busy already)
+SEGMENT_ROWS = 8192
+SEGMENT_DEVICES = ("cuda",)
+SEGMENT_LANES = 8192
 
 
 @dataclass
@@ -195,6 +204,10 @@ class MambaBlock(nn.Module):
         # (differentiable, and free of the update's in-place state write).
         if length == 1 and not torch.is_grad_enabled():
             y, new_ssm = self._step(u, delta, b, c, z, state.ssm, bias, softplus_inside)
+        elif self._segments(u):  # a long sequence in inference: segments side by side
+            y, new_ssm = segmented_scan(u, delta, self.A, b, c, self.D.float(), z, bias,
+                                        softplus_inside, state.ssm, SEGMENT_ROWS,
+                                        self.config.scan_backend)
         else:
             y, new_ssm = selective_scan(
                 u,
@@ -212,6 +225,14 @@ class MambaBlock(nn.Module):
             )
         out = self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
         return out, MambaBlockState(new_conv, new_ssm)
+
+    @staticmethod
+    def _segments(u: Tensor) -> bool:
+        """Whether this scan runs in segments (tsssm.ssm.segmented): without autograd, on a
+        SEGMENT_DEVICES device, for a sequence of at least 2 * SEGMENT_ROWS steps whose batch
+        leaves the device idle."""
+        return (not torch.is_grad_enabled() and u.device.type in SEGMENT_DEVICES
+                and u.shape[2] >= 2 * SEGMENT_ROWS and u.shape[0] * u.shape[1] < SEGMENT_LANES)
 
     def _step(
         self, u: Tensor, delta: Tensor, b: Tensor, c: Tensor, z: Tensor, ssm: Tensor,

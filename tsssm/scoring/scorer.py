@@ -41,7 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from tsssm.anomaly.scores import MIN_VAR, SCORE_KINDS, ScoreSpec, anomaly_scores, step_terms
+from tsssm.anomaly.scores import (
+    MIN_VAR,
+    SCORE_KINDS,
+    ScoreSpec,
+    StepTerms,
+    anomaly_scores,
+    step_terms,
+)
 from tsssm.bundle import Bundle
 from tsssm.data.scaling import StandardScaler
 from tsssm.errors import ConfigError, DataError, ModelError, NumericalError
@@ -59,6 +66,8 @@ GPU_ROWS_PER_CALL = 1 << 20
 NUMPY_ROWS_PER_CALL = 4096
 
 _HALF_LOG_2PI = np.float32(0.5 * math.log(2.0 * math.pi))
+#: a small array's sum without ndarray.sum's Python wrapper (the live path's checks)
+_SUM = np.add.reduce
 
 
 def numpy_scores(y: np.ndarray, mean: np.ndarray, var: np.ndarray, kind: str) -> np.ndarray:
@@ -127,12 +136,15 @@ class Scorer:
     the bundle's; a per-stream scaler is fitted on a stream's first ``calibration_rows`` rows).
     ``moments``: also return the scaled rows and the predictive mean and variance (for figures).
     ``contributions``: also return each channel's additive share of the score (ScoredRows.contrib).
+    ``device_window``: a torch model's trailing window scores summed on its device
+    (tsssm.scoring.device_window; only the scores and contributions cross to the host); None:
+    when the device is not the CPU.
     """
 
     def __init__(self, bundle: Bundle, *, device: str | torch.device | None = None,
                  engine: str = "auto", per_stream_scaling: bool | None = None,
                  calibration_rows: int | None = None, moments: bool = False,
-                 contributions: bool = False) -> None:
+                 contributions: bool = False, device_window: bool | None = None) -> None:
         if bundle.threshold is None:
             raise ModelError(f"the {bundle.model_name} model has no fitted threshold; train it "
                              "with task=anomaly to score streams")
@@ -169,6 +181,9 @@ class Scorer:
         self._steady_var32: np.ndarray | None = None
         self._all_observed = np.ones(len(self.channels), bool)
         self.engine = "numpy" if self._kalman is not None else "torch"
+        self._device_window_on = (self.device.type != "cpu") if device_window is None \
+            else bool(device_window)
+        self._pinned: torch.Tensor | None = None  # host staging rows for the device (pinned)
         self.reset()
 
     def _numpy_engine(self, engine: str):
@@ -221,6 +236,9 @@ class Scorer:
         self._n_held = 0
         self.scaler: StandardScaler | None = None if self.calibration_rows else self.bundle.scaler
         self.post.reset(source)
+        #: this stream's window on the model's device: None until its first rows are scored
+        #: (then a DeviceWindow, or False: the numpy window), fixed for the stream
+        self._device_win: Any = None
 
     @property
     def rows_scored(self) -> int:
@@ -321,11 +339,11 @@ class Scorer:
         """A live sample through the numpy Kalman engine and the score's window in O(window)
         array work (StreamScores.push_one); None: not this path (update_many it)."""
         y = (row - self.scaler.mean) / self.scaler.std  # float32, as .transform does
-        if not np.isfinite(y).all():
+        # one sum tells that every value is finite (a sum that overflows: checked one by one)
+        if not math.isfinite(float(_SUM(y))) and not np.isfinite(y).all():
             return None
         post = self.post
-        if (post.threshold is None or post._window.emitted != post._window.received
-                or (self.spec.window > 1 and self.spec.align != "trailing")):
+        if not post.can_push_one():
             return None
         mean, var = self._kalman.step(y, observed=True)
         if self.spec.kind == "nll":
@@ -334,13 +352,16 @@ class Scorer:
             contrib, whitened, observed = (t[0] for t in terms)
         else:  # every channel observed: numpy_terms' formulas without the masking
             d = y - mean.astype(np.float32)
-            z2 = d * d / self._var32(var)
-            whitened = np.sqrt(z2) * np.sign(d)
-            contrib = z2 / np.float32(len(z2))
-            observed = self._all_observed
-            if not np.isfinite(z2).all():
+            z2 = d * d
+            z2 /= self._var32(var)
+            if not math.isfinite(float(_SUM(z2))) and not np.isfinite(z2).all():
                 numpy_terms(y[None], mean.astype(np.float32)[None], self._var32(var)[None],
                             "nis")  # raises the NumericalError
+            whitened = np.sqrt(z2)
+            whitened *= np.sign(d)
+            # a shift window sums the whitened innovations only; a mean window the shares
+            contrib = z2 / np.float32(len(z2)) if self.spec.window_kind == "mean" else z2
+            observed = self._all_observed
         score, flag, _ = post.push_one(contrib, whitened, observed)
         self._rows_in += 1
         self._rows_out += 1
@@ -432,7 +453,14 @@ class Scorer:
                 MAX_ROWS_PER_CALL if self.device.type == "cpu" else GPU_ROWS_PER_CALL)
         if not self._fast:
             parts = []
+            window = self._device_window()
             for a in range(0, len(values), step):  # chunks small enough to stay in cache
+                if window:
+                    t = self._scaled_input(values[a : a + step])
+                    out = self.post.push_scores(*self._window_scores(t, window))
+                    self._rows_out += len(out)
+                    parts.append(out)
+                    continue
                 chunk = self._scale(values[a : a + step])
                 terms, mean, var = self._terms_scaled(chunk)
                 extras = {"scaled": chunk, "mean": mean, "var": var} if self.moments else None
@@ -443,6 +471,10 @@ class Scorer:
         scores = np.empty(len(values), np.float32)
         scaled, means, variances = [], [], []
         for a in range(0, len(values), step):
+            if self._kalman is None and not self.moments:  # scaled into the device's input
+                t = self._scaled_input(values[a : a + step])
+                scores[a : a + t.shape[1]] = self._score_tensor(t)
+                continue
             chunk = self._scale(values[a : a + step])
             scores[a : a + len(chunk)], mean, var = self._score_scaled(chunk)
             if self.moments:
@@ -455,6 +487,77 @@ class Scorer:
                               np.concatenate(scaled), np.concatenate(means),
                               np.concatenate(variances))
         return ScoredRows(start, scores, scores > self._threshold_value)
+
+    def _device_window(self):
+        """This stream's DeviceWindow, or False (the numpy window of StreamScores)."""
+        if self._device_win is None:
+            spec = self.spec
+            on = (self._device_window_on and self._kalman is None and not self.moments
+                  and (spec.window == 1 or spec.align == "trailing"))
+            self._device_win = False
+            if on:
+                from tsssm.scoring.device_window import DeviceWindow
+
+                self._device_win = DeviceWindow(spec.window, spec.window_kind,
+                                                len(self.channels), self.device)
+        return self._device_win
+
+    def _to_device(self, y: np.ndarray) -> torch.Tensor:
+        """Scaled rows (n, C) as a (1, n, C) tensor on the model's device; to a GPU through a
+        pinned staging buffer and an asynchronous copy (the buffer is reused: the previous
+        call's results were copied back, so its copy in is done)."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.ascontiguousarray(y)).to(self.device).unsqueeze(0)
+        n = len(y)
+        if self._pinned is None or len(self._pinned) < n:
+            self._pinned = torch.empty((max(n, 1), y.shape[1]), dtype=torch.float32,
+                                       pin_memory=True)
+        host = self._pinned[:n]
+        np.copyto(host.numpy(), y)
+        return host.to(self.device, non_blocking=True).unsqueeze(0)
+
+    def _scaled_input(self, raw: np.ndarray) -> torch.Tensor:
+        """Raw rows (n, C) float32 scaled as :meth:`_scale` scales them, but written straight
+        into the model's input: on a GPU the pinned staging buffer, sent with an asynchronous
+        copy (no scaled copy on the host, no second pass); (1, n, C) on the device."""
+        mean, std = self.scaler.mean, self.scaler.std
+        if raw.dtype != np.float32 or mean.dtype != np.float32 or std.dtype != np.float32:
+            return self._to_device(self._scale(raw))  # the scaler's own arithmetic
+        n, C = raw.shape
+        if self.device.type == "cuda":
+            if self._pinned is None or len(self._pinned) < n:
+                self._pinned = torch.empty((max(n, 1), C), dtype=torch.float32, pin_memory=True)
+            host = self._pinned[:n]
+            y = host.numpy()
+        else:
+            y = np.empty((n, C), np.float32)
+        with np.errstate(over="ignore"):  # StandardScaler.transform's operations, in place
+            np.subtract(raw, mean, out=y)
+            np.divide(y, std, out=y)
+        if np.isinf(y).any():
+            self._overflow(raw, y, self._rows_model)
+        self._rows_model += n
+        if self.device.type == "cuda":
+            return host.to(self.device, non_blocking=True).unsqueeze(0)
+        return torch.from_numpy(y).to(self.device).unsqueeze(0)
+
+    def _score_tensor(self, t: torch.Tensor) -> np.ndarray:
+        """One-step scores (n,) float32 of scaled rows t (1, n, C) on the model's device."""
+        with torch.no_grad(), _few_torch_threads(t.shape[1]):
+            pred, self._state = self.model.one_step(t, self._state)
+            pred = Gaussian(pred.mean.float(), pred.var.float())
+            return anomaly_scores(t, pred, kind=self.score_kind)[0].cpu().numpy()
+
+    def _window_scores(self, t: torch.Tensor, window) -> tuple[np.ndarray, np.ndarray | None]:
+        """Trailing window scores (n,) float64 and contributions (n, C) float32 (None without
+        contributions) of scaled rows t (1, n, C), summed on the model's device."""
+        with torch.no_grad(), _few_torch_threads(t.shape[1]):
+            pred, self._state = self.model.one_step(t, self._state)
+            st = step_terms(t, pred, self.spec.kind)  # each (1, n, C), checked finite
+            score, contrib = window.update(StepTerms(st.contrib[0], st.whitened[0],
+                                                     st.observed[0]))
+            contrib = contrib.float().cpu().numpy() if self.contributions else None
+            return score.cpu().numpy(), contrib
 
     def _scale(self, raw: np.ndarray) -> np.ndarray:
         """Raw rows (n, C) in the scaler's units, float32; the next rows of the model."""
@@ -488,7 +591,7 @@ class Scorer:
             var = var.astype(np.float32)
             return numpy_scores(y, mean, var, self.score_kind), mean, var
         with torch.no_grad(), _few_torch_threads(len(y)):
-            t = torch.from_numpy(np.ascontiguousarray(y)).to(self.device).unsqueeze(0)
+            t = self._to_device(y)
             pred, self._state = self.model.one_step(t, self._state)
             pred = Gaussian(pred.mean.float(), pred.var.float())
             score = anomaly_scores(t, pred, kind=self.score_kind)[0].cpu().numpy()
@@ -512,7 +615,7 @@ class Scorer:
                 var = np.broadcast_to(var, mean.shape).copy()
             return terms, mean, var
         with torch.no_grad(), _few_torch_threads(len(y)):
-            t = torch.from_numpy(np.ascontiguousarray(y)).to(self.device).unsqueeze(0)
+            t = self._to_device(y)
             pred, self._state = self.model.one_step(t, self._state)
             st = step_terms(t, pred, kind)  # as tsssm.tasks.evaluate.predict_stream
             terms = (st.contrib[0].double().cpu().numpy(), st.whitened[0].double().cpu().numpy(),

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tsssm.anomaly.scores import ScoreSpec
-from tsssm.anomaly.streaming import window_start, window_step, window_update
+from tsssm.anomaly.streaming import RunningWindow, WindowState, window_start, window_update
 from tsssm.anomaly.thresholds import Threshold, threshold_from_dict
 
 log = logging.getLogger("tsssm")
@@ -125,7 +125,10 @@ class StreamScores:
 
     def reset(self, source: str = "the stream") -> None:
         self.source = source
-        self._window = window_start(self.n_channels, self.spec.window_kind)
+        self._window_state = window_start(self.n_channels, self.spec.window_kind)
+        #: the window while samples come one by one (push_one); the batch path's state then
+        #: lives in it, handed back by the ``_window`` property
+        self._live: RunningWindow | None = None
         self._extras = _Fifo()
         #: the threshold flagging this stream (None while the per-stream one waits for rows)
         self.threshold: Threshold | None = None if self.threshold_rows else self.pooled
@@ -135,9 +138,23 @@ class StreamScores:
         self._out = 0  # rows returned
 
     @property
+    def _window(self) -> WindowState:
+        """The batch path's window state (taken back from the live window, if one runs)."""
+        if self._live is not None:
+            self._window_state, self._live = self._live.to_state(), None
+        return self._window_state
+
+    @_window.setter
+    def _window(self, state: WindowState) -> None:
+        self._live = None
+        self._window_state = state
+
+    @property
     def pending(self) -> int:
         """Rows pushed whose scores have not come out yet (window lookahead, threshold fit)."""
-        return self._window.received - self._out
+        received = self._live.received if self._live is not None else \
+            self._window_state.received
+        return received - self._out
 
     @property
     def threshold_note(self) -> str:
@@ -158,17 +175,27 @@ class StreamScores:
         arrays to return with their scores. Returns the rows that became ready."""
         return self._advance(terms, extras, final=False)
 
+    def can_push_one(self) -> bool:
+        """Whether :meth:`push_one` takes the next row (its score comes out with it)."""
+        if self._live is not None:
+            return True
+        spec, state = self.spec, self._window_state
+        return not (self.threshold is None or state.emitted != state.received
+                    or (spec.window > 1 and spec.align != "trailing") or self._extras.parts)
+
     def push_one(self, contrib: np.ndarray, whitened: np.ndarray, observed: np.ndarray
                  ) -> tuple[float, bool, np.ndarray] | None:
         """One row's step terms (C,) -> (score, flag, contrib (C,)), when its score comes out
         at once (a trailing window, a threshold in force, no extras to delay); else None and
         nothing changes (use :meth:`push`)."""
         spec = self.spec
-        if (self.threshold is None or self._window.emitted != self._window.received
-                or (spec.window > 1 and spec.align != "trailing") or self._extras.parts):
+        if not self.can_push_one():
             return None
-        score, contrib, self._window = window_step(self._window, contrib, whitened, observed,
-                                                   spec.window, spec.window_kind)
+        live = self._live
+        if live is None:  # the batch path's window continues sample by sample
+            live = self._live = RunningWindow.from_state(self._window, spec.window,
+                                                         spec.window_kind, self.n_channels)
+        score, contrib = live.step(contrib, whitened, observed)
         if self.threshold.follows_stream:
             levels, self._carry = self.threshold.levels_update(np.array([score]), self._carry)
             flag = score > float(levels[0])
@@ -191,12 +218,29 @@ class StreamScores:
         return concat_rows([out, self._release()], self._out, C, self.contributions)
 
     # ------------------------------------------------------------------ internals
+    def push_scores(self, score: np.ndarray, contrib: np.ndarray | None) -> ScoredRows:
+        """The trailing window scores (n,) and contributions (n, C) (None without
+        contributions) of the next rows, computed elsewhere (tsssm.scoring.device_window: on
+        the model's device); only the threshold is applied here. Not to be mixed with
+        :meth:`push` within a stream (each carries its own window)."""
+        if self.spec.window > 1 and self.spec.align != "trailing":
+            raise ValueError("push_scores takes trailing windows only")
+        w = self._window
+        n = len(score)
+        self._window = w._replace(received=w.received + n, emitted=w.emitted + n)
+        if contrib is None:
+            contrib = np.zeros((n, 0), np.float32)
+        return self._threshold_rows(score, contrib, {})
+
     def _advance(self, terms: tuple, extras: dict | None, final: bool) -> ScoredRows:
         spec = self.spec
         self._extras.push(extras or {})
         score, contrib, self._window = window_update(self._window, terms, spec.window,
                                                      spec.window_kind, spec.align, final)
         ext = self._extras.pop(len(score))
+        return self._threshold_rows(score, contrib, ext)
+
+    def _threshold_rows(self, score: np.ndarray, contrib: np.ndarray, ext: dict) -> ScoredRows:
         if self.threshold is None:
             self._held.append((score, contrib, ext))
             self._n_held += len(score)
@@ -235,5 +279,6 @@ class StreamScores:
         self._out += len(score)
         return ScoredRows(start, score.astype(np.float32), flag,
                           *(ext.get(k) for k in EXTRAS),
-                          contrib=contrib.astype(np.float32) if self.contributions else None,
+                          contrib=contrib.astype(np.float32, copy=False)
+                          if self.contributions else None,
                           level=level)

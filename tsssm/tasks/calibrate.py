@@ -46,6 +46,11 @@ def window_origins(model, values: np.ndarray, rows: tuple[int, int], context: in
 
 
 def calibration_modules(model: torch.nn.Module) -> list[HorizonVarianceScale]:
+    """The variance factors calibration fits: those the model names (``variance_scales()``,
+    e.g. an ensemble's own, not its members', which were fitted with them), else every one
+    it holds."""
+    if hasattr(model, "variance_scales"):
+        return list(model.variance_scales())
     return [m for m in model.modules() if isinstance(m, HorizonVarianceScale)]
 
 
