@@ -133,6 +133,51 @@ def test_skab_false_alarms_are_located_by_hand():
     assert got["far_convae_rows"] == pytest.approx(3 / (73 + 23))
 
 
+def test_skab_reanchor_grid_on_the_bundled_sample():
+    """The SKAB suite's re-anchored score grid (reanchor_cells): every setting of the space
+    fixed beforehand, thresholds from the plain score's validation rows, the cells without a
+    moving reference equal to the plain trailing shift score, untested streams never flagged."""
+    import accuracy_skab
+    import numpy as np
+
+    from tsssm.anomaly.scores import ScoreSpec, StepTerms
+    from tsssm.anomaly.thresholds import build_threshold
+    from tsssm.cli import compose
+    from tsssm.data.datasets import build_dataset
+    from tsssm.tasks.evaluate import fit_thresholds, window_prediction
+
+    cfg = compose(["data=skab_sample", "task=anomaly"])
+    data = build_dataset(cfg.data).load()
+    rng = np.random.default_rng(0)
+    terms = []
+    for p in data.parts:
+        T, C = p.stream.values.shape
+        u = rng.standard_normal((T, C))
+        if p.stream.labels is not None:
+            u[p.stream.labels.astype(bool)] += 2.0  # a fault the scores can see
+        obs = np.ones((T, C), bool)
+        terms.append((np.zeros((T, C)), np.ones((T, C)), StepTerms(u * u / C, u, obs)))
+    risk = 1e-3
+    cells = accuracy_skab.reanchor_cells(data, cfg, terms, "mahalanobis", risk)
+    settings = [c[0] for c in cells]
+    assert len(settings) == len(set(settings)) == 98
+    tested = [i for i, p in enumerate(data.parts) if p.split is not None]
+    untested = [i for i, p in enumerate(data.parts) if p.split is None]
+    assert untested  # the anomaly-free recording
+    for w in accuracy_skab.REANCHOR_WINDOWS:
+        spec = ScoreSpec("mahalanobis", w, "shift", "trailing")
+        plain = [window_prediction(*t, spec) for t in terms]
+        _, own = fit_thresholds(data, plain, lambda s: build_threshold(
+            "pot", q=risk, level=cfg.task.threshold.level).fit(s),
+            scope=cfg.task.threshold.scope, fit_on=cfg.task.threshold.fit_on)
+        (_, preds, flags), = [c for c in cells if c[0] == (w, 0.0, 0.5, 0.0, 10)]
+        for i in tested:
+            np.testing.assert_allclose(preds[i].score, plain[i].score, rtol=1e-10, atol=1e-12)
+            np.testing.assert_array_equal(flags[i], plain[i].score > own[i].value)
+        for i in untested:
+            assert not flags[i].any()
+
+
 def test_ensemble_is_one_user_command_whose_members_train_at_once(tmp_path):
     """--models ensemble: the record's command is the user's `tsssm train ... model=ensemble`
     with its members trained at once (model.jobs=3), and it composes to a valid config."""

@@ -330,6 +330,8 @@ CASES: list[Case] = [
          words=("trainer.checkpoint_every_n_epochs", "must be >= 1")),
     Case("max-time", "train", ("trainer.max_time=0",), status=None,
          words=("trainer.max_time", "must be > 0 seconds")),
+    Case("threads", "train", ("trainer.threads=0",), status=None,
+         words=("trainer.threads", "must be >= 1")),
     Case("unquoted-separator", "train", ("data.separator=;",), status=None,
          words=("data.separator=;", """'data.separator=";"'""", "quote it")),
     Case("separator-eaten-by-shell", "train", ("data.separator=",), status=None,

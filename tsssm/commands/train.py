@@ -337,6 +337,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> str:
 
         return train_ensemble(cfg, overrides)
     seed_everything(cfg.seed)
+    if cfg.trainer.threads:
+        torch.set_num_threads(int(cfg.trainer.threads))
     if is_secondary():  # a rank > 0 started by an external launcher: its part of the fit only
         dataset = build_dataset(cfg.data)
         files = [*dataset.files(), *dataset.extra_train_files()]
