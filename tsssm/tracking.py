@@ -383,10 +383,8 @@ class Tracker:
             )
         return runs[0].info.run_id
 
-    def latest_runs_per_model(self, command: str, data: str) -> dict[str, str]:
-        """{model name: newest FINISHED run id} of ``command`` on dataset ``data``."""
-        query = (f"tags.`tsssm.command` = '{command}' and attributes.status = 'FINISHED' "
-                 f"and tags.`tsssm.data` = '{data}'")
+    def _newest_per_model(self, query: str) -> dict[str, str]:
+        """{model name: newest run id} among the runs that match an MLflow search ``query``."""
         runs = self.client.search_runs([self.experiment_id], query,
                                        order_by=["attributes.start_time DESC"], max_results=500)
         found: dict[str, str] = {}
@@ -394,17 +392,18 @@ class Tracker:
             found.setdefault(run.data.tags.get("tsssm.model", "?"), run.info.run_id)
         return found
 
+    def latest_runs_per_model(self, command: str, data: str) -> dict[str, str]:
+        """{model name: newest FINISHED run id} of ``command`` on dataset ``data``."""
+        query = (f"tags.`tsssm.command` = '{command}' and attributes.status = 'FINISHED' "
+                 f"and tags.`tsssm.data` = '{data}'")
+        return self._newest_per_model(query)
+
     def child_runs(self, parent: str, command: str) -> dict[str, str]:
         """{model name: newest FINISHED run id} of ``command`` runs nested under ``parent``
         (tagged ``tsssm.parent``: an ensemble's members)."""
         query = (f"tags.`tsssm.command` = '{command}' and attributes.status = 'FINISHED' "
                  f"and tags.`tsssm.parent` = '{parent}'")
-        runs = self.client.search_runs([self.experiment_id], query,
-                                       order_by=["attributes.start_time DESC"], max_results=500)
-        found: dict[str, str] = {}
-        for run in runs:
-            found.setdefault(run.data.tags.get("tsssm.model", "?"), run.info.run_id)
-        return found
+        return self._newest_per_model(query)
 
     def run_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of every metric of a run."""

@@ -725,6 +725,20 @@ def _entry_codes(M: torch.Tensor) -> tuple[tuple[int, ...], ...]:
 _CORE = {"F": 2, "H": 2, "Q": 2, "R": 2, "c": 1, "d": 1, "m0": 1, "P0": 2}
 
 
+def split_batched(params: dict[str, torch.Tensor | None]
+                  ) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The names of the per-series parameters (one dim more than the model's core shape) and
+    every given parameter detached and contiguous, as the kernels' launchers read them."""
+    batched, flat = [], {}
+    for name, value in params.items():
+        if value is None:
+            continue
+        if value.dim() == _CORE[name] + 1:
+            batched.append(name)
+        flat[name] = value.detach().contiguous()
+    return batched, flat
+
+
 def fused_filter_arrays(
     y: torch.Tensor,
     params: dict[str, torch.Tensor | None],
@@ -796,13 +810,7 @@ def fused_filter_arrays(
         )
     if T * max(n * n, p) >= 2**31:
         raise ModelError(f"fused Kalman filter: T={T} is too long for 32-bit offsets per series")
-    batched, flat = [], {}
-    for name, value in params.items():
-        if value is None:
-            continue
-        if value.dim() == _CORE[name] + 1:
-            batched.append(name)
-        flat[name] = value.detach().contiguous()
+    batched, flat = split_batched(params)
     vec = vector_steps(dtype)
     if vectorize is None:
         vectorize = n * n * p <= 16

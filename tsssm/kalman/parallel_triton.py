@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from tsssm.errors import ModelError
+from tsssm.kalman.fused_triton import split_batched
 
 #: Largest state / observation dimensions the kernels are generated for (the element has
 #: n^2 + n (n + 1) + 2 n scalars: 14 for n = 2, 44 for n = 4).
@@ -60,7 +61,6 @@ DEFAULTS = {
     torch.float32: dict(block_t=256, num_warps=4, block_c=256),
 }
 _PARAMS = ("F", "H", "Q", "R", "c", "d", "m0", "P0")
-_CORE = {"F": 2, "H": 2, "Q": 2, "R": 2, "c": 1, "d": 1, "m0": 1, "P0": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -558,13 +558,7 @@ def parallel_filter_arrays(
     block_t = block_t or d["block_t"]
     num_warps = num_warps or d["num_warps"]
     block_c = block_c or d["block_c"]
-    batched, flat = [], {}
-    for name, value in params.items():
-        if value is None:
-            continue
-        if value.dim() == _CORE[name] + 1:
-            batched.append(name)
-        flat[name] = value.detach().contiguous()
+    batched, flat = split_batched(params)
     spec = ParallelSpec(n=n, p=p, dtype="fp32" if y.dtype == torch.float32 else "fp64",
                         batched=tuple(batched), has_c="c" in flat, has_d="d" in flat)
     reduce_k, carry_k, final_k = _kernels(spec, _interpreting())
