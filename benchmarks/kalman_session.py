@@ -497,9 +497,9 @@ def run(args) -> None:
     from gpu_session import bench_ms, copy_bandwidth, simulate_llt
 
     from tsssm.kalman import kalman_filter
-    from tsssm.kalman.fused_triton import DEFAULT_OUTPUTS, fused_kalman_filter
+    from tsssm.kalman.fused_triton import DEFAULT_OUTPUTS, flat_params, fused_kalman_filter
     from tsssm.kalman.parallel import parallel_kalman_filter
-    from tsssm.kalman.parallel_triton import flat_params, parallel_filter_arrays
+    from tsssm.kalman.parallel_triton import parallel_filter_arrays
 
     t_start = time.time()
     dry = args.dry_run

@@ -739,6 +739,25 @@ def split_batched(params: dict[str, torch.Tensor | None]
     return batched, flat
 
 
+def flat_params(ssm, batch: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The model's matrices as the launchers take them: shared ones in their core shape, per-series
+    ones expanded and flattened to a leading S = prod(batch)."""
+    from tsssm.kalman.ssm import CORE_NDIM, batch_shape_of
+
+    S = math.prod(batch)
+    out = {}
+    for name in _CORE:
+        value = getattr(ssm, name)
+        if value is None:
+            continue
+        core = value.shape[value.ndim - CORE_NDIM[name]:]
+        if len(batch_shape_of(ssm, name)) == 0:
+            out[name] = value  # shared by all series
+        else:
+            out[name] = value.expand(*batch, *core).reshape(S, *core)
+    return out
+
+
 def fused_filter_arrays(
     y: torch.Tensor,
     params: dict[str, torch.Tensor | None],
@@ -1009,7 +1028,7 @@ def fused_kalman_filter(
     passed to ``fused_filter_arrays`` (tuning, ``steady_state``, ``y_layout``).
     """
     from tsssm.kalman.filter import FilterResult
-    from tsssm.kalman.ssm import CORE_NDIM, batch_shape_of, is_time_invariant, validate
+    from tsssm.kalman.ssm import is_time_invariant, validate
 
     if ssm.B is not None or u is not None:
         raise ModelError(
@@ -1057,16 +1076,7 @@ def fused_kalman_filter(
     T = y.shape[-2]
     S = math.prod(batch)
     y_flat = y.expand(*batch, T, p).reshape(S, T, p)
-    params = {}
-    for name in _CORE:
-        value = getattr(ssm, name)
-        if value is None:
-            continue
-        core = value.shape[value.ndim - CORE_NDIM[name]:]
-        if len(batch_shape_of(ssm, name)) == 0:
-            params[name] = value  # shared by all series
-        else:
-            params[name] = value.expand(*batch, *core).reshape(S, *core)
+    params = flat_params(ssm, batch)
     kw = dict(joseph=joseph, num_warps=num_warps, chunk_mult=chunk_mult, prefetch=prefetch,
               vectorize=vectorize, fast_log=fast_log, steady_state=steady_state,
               y_layout=y_layout, rotate=rotate, ll_chunk=ll_chunk,

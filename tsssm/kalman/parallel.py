@@ -225,11 +225,8 @@ def parallel_kalman_filter(
     if backend != "torch":
         why = _triton_unavailable(ssm, y, u, backend)
         if why is None:
-            from tsssm.kalman.parallel_triton import (
-                MAX_SERIES,
-                flat_params,
-                parallel_filter_arrays,
-            )
+            from tsssm.kalman.fused_triton import flat_params
+            from tsssm.kalman.parallel_triton import MAX_SERIES, parallel_filter_arrays
 
             prep = prepare(ssm, y, u)
             S = prep.batch.numel()

@@ -598,23 +598,3 @@ def eligible(ssm, y: torch.Tensor, u: torch.Tensor | None) -> str | None:
     if y.device.type != "cuda" and not _interpreting():
         return "not a CUDA tensor"
     return None
-
-
-def flat_params(ssm, batch: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """The model's matrices shared (core shape) or flattened to a leading S = prod(batch)."""
-    import math
-
-    from tsssm.kalman.ssm import CORE_NDIM, batch_shape_of
-
-    S = math.prod(batch)
-    out = {}
-    for name in _PARAMS:
-        value = getattr(ssm, name)
-        if value is None:
-            continue
-        core = value.shape[value.ndim - CORE_NDIM[name]:]
-        if len(batch_shape_of(ssm, name)) == 0:
-            out[name] = value
-        else:
-            out[name] = value.expand(*batch, *core).reshape(S, *core)
-    return out
