@@ -73,14 +73,13 @@ from tsssm.kalman.forecast import forecast_invariant, transition_powers
 from tsssm.kalman.ssm import LinearGaussianSSM, symmetrize
 from tsssm.models.base import Exog, Gaussian
 from tsssm.models.covariates import (
-    InputResponse,
-    exog_rows,
+    add_exog_weights,
+    check_n_inputs,
+    checked_exog,
     horizon_inputs,
     lead_log_ratio,
     nominal_step,
     per_sequence,
-    register_time_defaults,
-    time_ratio,
     token_time_scale,
 )
 from tsssm.models.heads import HorizonVarianceScale
@@ -278,9 +277,7 @@ class _HybridBase(nn.Module):
                  em_iters: int, n_inputs: int = 0, kalman_fit: dict | None = None) -> None:
         super().__init__()
         self.kalman_fit = _kalman_fit(kalman_fit)
-        if not isinstance(n_inputs, int) or isinstance(n_inputs, bool) or n_inputs < 0:
-            raise ConfigError(f"model.n_inputs must be an integer >= 0, got {n_inputs!r}")
-        self.n_inputs = n_inputs
+        self.n_inputs = check_n_inputs(n_inputs)
         n_step_features += n_inputs  # every channel's tokens also carry the inputs
         n_horizon_features += n_inputs
         _positive_int("n_channels", n_channels)
@@ -327,17 +324,9 @@ class _HybridBase(nn.Module):
         #: weight of the filter's own horizon mean per lead time (normalised units)
         self.kalman_weight = nn.Parameter(torch.ones(horizon))
         self.var_calibration = HorizonVarianceScale(horizon)
-        # Created last and without random draws: a model without inputs is initialised as
-        # before, weight for weight.
-        if n_inputs:
-            #: observation feedthrough G (C, K): y_t = H x_t + G u_t + v_t
-            self.input_gain = nn.Parameter(torch.zeros(n_channels, n_inputs))
-            self.input_response = InputResponse(n_channels, horizon, n_inputs)
-        #: the causal encoder's origins move by log(dt / nominal) times this vector
-        self.lead_time = nn.Parameter(torch.zeros(d_model))
-        #: the nominal (median training) time step; NaN: unknown, time steps are not used
-        self.register_buffer("nominal_step", torch.tensor(float("nan"), dtype=torch.float64))
-        register_time_defaults(self, {"nominal_step": float("nan"), "lead_time": 0.0})
+        # input_gain (G (C, K): y_t = H x_t + G u_t + v_t), input_response, lead_time (the
+        # causal encoder's origins move by log(dt / nominal) times it), nominal_step: last
+        add_exog_weights(self, n_channels, horizon, n_inputs, d_model)
 
     # ------------------------------------------------------------------ shared helpers
 
@@ -479,11 +468,8 @@ class _HybridBase(nn.Module):
               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """(u of these rows (B, T, K), u as given (B, T', K), ratio dt / nominal (B, T)); Nones
         without inputs / time."""
-        u, dt = exog_rows(exog, y.shape[0], y.shape[1], self.n_inputs, what)
-        if u is not None:
-            u = exog.u.to(y.dtype)
-        rows = None if u is None else u[:, : y.shape[1]]
-        return rows, u, time_ratio(dt, self.nominal_step)
+        u, ratio = checked_exog(exog, y, self.n_inputs, self.nominal_step, what)
+        return (None if u is None else u[:, : y.shape[1]]), u, ratio
 
     def _feedthrough(self, u: Tensor | None) -> Tensor | None:
         """G u (B, T, C) of inputs (B, T, K), or None."""
