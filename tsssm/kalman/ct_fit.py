@@ -18,8 +18,8 @@ from torch import Tensor
 
 from tsssm.errors import ConfigError, NumericalError
 from tsssm.kalman.ct import ContinuousLinearSSM, ct_loglik
-from tsssm.kalman.fit import FitResult, lbfgs_fit
-from tsssm.kalman.ssm import step_loop_threads, symmetrize
+from tsssm.kalman.fit import FitResult, lbfgs_fit, observed_information
+from tsssm.kalman.ssm import step_loop_threads
 
 Build = Callable[[Tensor], ContinuousLinearSSM]
 
@@ -135,15 +135,8 @@ def ct_standard_errors(build: Build, theta: Tensor, segments: Sequence[Segment],
     it or drop the component) this raises NumericalError, or with ``strict=False`` gives that
     batch entry NaN standard errors and covariance (for a report that says so).
     """
-    theta = theta.detach().clone().requires_grad_(True)
-    ll = total_loglik(build, theta, segments).sum()
-    (grad,) = torch.autograd.grad(ll, theta, create_graph=True)
+    info = observed_information(lambda th: total_loglik(build, th, segments), theta)
     k = theta.shape[-1]
-    rows = []
-    for j in range(k):
-        (row,) = torch.autograd.grad(grad[..., j].sum(), theta, retain_graph=j < k - 1)
-        rows.append(row)
-    info = -symmetrize(torch.stack(rows, dim=-2))  # (..., k, k)
     free = torch.ones(k, dtype=torch.bool) if fixed is None else ~fixed.to(torch.bool)
     idx = free.nonzero().flatten().to(theta.device)
     sub = info.index_select(-1, idx).index_select(-2, idx)

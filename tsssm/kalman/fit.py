@@ -175,6 +175,23 @@ def fit_mle(
     return FitResult(theta.detach(), ll, n_iter, converged, history)
 
 
+def observed_information(loglik: Callable[[Tensor], Tensor], theta: Tensor) -> Tensor:
+    """The observed information (..., k, k) at theta (..., k): minus the symmetrised Hessian of
+    ``loglik(theta)`` (...), by double backpropagation. The batch entries are independent, so
+    the Hessian of the summed log-likelihood is block diagonal and one backward pass per
+    parameter gives every entry's block. Used by :func:`standard_errors` and
+    :func:`tsssm.kalman.ct_fit.ct_standard_errors`."""
+    theta = theta.detach().clone().requires_grad_(True)
+    ll = loglik(theta).sum()
+    (grad,) = torch.autograd.grad(ll, theta, create_graph=True)
+    k = theta.shape[-1]
+    rows = []
+    for j in range(k):
+        (row,) = torch.autograd.grad(grad[..., j].sum(), theta, retain_graph=j < k - 1)
+        rows.append(row)
+    return -symmetrize(torch.stack(rows, dim=-2))  # (..., k, k)
+
+
 def standard_errors(
     model: StructuralModel,
     theta: Tensor,
@@ -188,16 +205,7 @@ def standard_errors(
     backpropagation). The series are independent, so the Hessian of the summed log-likelihood
     is block diagonal and one backward pass per parameter gives every series' block.
     """
-    theta = theta.detach().clone().requires_grad_(True)
-    ll = structural_loglik(model, theta, y, prior=prior).sum()
-    (grad,) = torch.autograd.grad(ll, theta, create_graph=True)
-    k = theta.shape[-1]
-    rows = []
-    for j in range(k):
-        (row,) = torch.autograd.grad(grad[..., j].sum(), theta, retain_graph=j < k - 1)
-        rows.append(row)
-    hess = torch.stack(rows, dim=-2)  # (..., k, k)
-    info = -symmetrize(hess)
+    info = observed_information(lambda th: structural_loglik(model, th, y, prior=prior), theta)
     cov = torch.linalg.inv(info)  # the covariance of the estimates is what is asked for here
     return torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
 
