@@ -483,6 +483,16 @@ class _HybridBase(nn.Module):
         v = horizon_inputs(self, u_all, context_len, horizon)  # (B, h+1, K)
         return mean + self._feedthrough(v[:, 1:]) + self.input_response(v, horizon)
 
+    def _step_terms(self, feats: Tensor, u: Tensor | None, enc_state: EncoderState,
+                    ratio: Tensor | None) -> tuple[Tensor, EncoderState]:
+        """The one-step path: per-channel features (B, T, C, F) of these rows (and their inputs
+        u, time ratios) through the causal encoder and the step head -> 2 terms per row and
+        channel (B, T, C, 2), clamped to +-LOG_SCALE_LIMIT, and the encoder's new state."""
+        origins, new_enc, r = self.step_encoder.causal(self._step_features(feats, u), enc_state,
+                                                       ratio, self.lead_time)
+        terms = _per_step(self.step_head(origins), feats.shape[0], 2, self.step_patch_len)
+        return terms[:, r : r + feats.shape[1]].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT), new_enc
+
     def _step_features(self, feats: Tensor, u: Tensor | None) -> Tensor:
         """Per-channel features (B, T, C, F) with the inputs (B, T, K) appended to every
         channel."""
@@ -522,10 +532,7 @@ class KalmanMambaResidual(_HybridBase):
     def _corrected_one_step(self, y: Tensor, kpred: Gaussian, enc_state: EncoderState,
                             u: Tensor | None = None, ratio: Tensor | None = None
                             ) -> tuple[Gaussian, EncoderState]:
-        feats = self._step_features(self._features(y, kpred), u)
-        origins, new_enc, r = self.step_encoder.causal(feats, enc_state, ratio, self.lead_time)
-        terms = _per_step(self.step_head(origins), y.shape[0], 2, self.step_patch_len)
-        terms = terms[:, r : r + y.shape[1]].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
+        terms, new_enc = self._step_terms(self._features(y, kpred), u, enc_state, ratio)
         delta, gamma = terms.unbind(-1)  # (B, T, C)
         mean = kpred.mean + delta * kpred.var.sqrt()
         var = kpred.var * gamma.exp() + MIN_VAR
@@ -613,11 +620,7 @@ class MambaKalmanFilter(_HybridBase):
         reads levels learns them by heart). ``last`` (B, C): y of the step before this call."""
         prev = y.new_full(y[:, :1].shape, float("nan")) if last is None else last.unsqueeze(1)
         diff = y - torch.cat([prev.to(y.dtype), y[:, :-1]], dim=1)  # (B, T, C)
-        feats = self._step_features(diff.unsqueeze(-1), u)
-        origins, new_enc, r = self.step_encoder.causal(feats, enc_state, ratio, self.lead_time)
-        terms = _per_step(self.step_head(origins), y.shape[0], 2, self.step_patch_len)
-        terms = terms[:, r : r + y.shape[1]].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
-        return terms, new_enc
+        return self._step_terms(diff.unsqueeze(-1), u, enc_state, ratio)
 
     def filter_ssm(self, terms: Tensor, kstate: KalmanState | None) -> LinearGaussianSSM:
         """The time-varying model of a call: batch (B, C), T steps, Q_t and R_t scaled by
