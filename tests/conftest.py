@@ -1,11 +1,11 @@
 """Shared fixtures: one MLflow store per test session (creating a SQLite store costs seconds),
-a private experiment and output folder per test, the bundled sample file, and the runs a test's
-commands logged."""
+a private experiment and output folder per test, the bundled sample file, the runs a test's
+commands logged, and one intra-op thread for a test of tiny tensors."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,18 @@ def tracking_overrides(tmp_path, mlflow_db, experiment) -> list[str]:
         f"tracking.output_dir={tmp_path}/out",
         "trainer.enable_progress_bar=false",
     ]
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads, and on a busy runner the thread handoff
+    costs 10x the work; pin this test to one thread and restore the setting after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
