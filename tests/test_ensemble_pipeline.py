@@ -4,12 +4,9 @@ of any size; (slow tier) `tsssm run` trains, scores and compares it."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 import pytest
-from mlflow.tracking import MlflowClient
 
 from tsssm.bundle import load_bundle
 from tsssm.cli import main
@@ -20,20 +17,16 @@ MEMBERS = ["model=ensemble", "model.members=[kalman,mamba]",
            '"mamba:trainer.limit_train_batches=2","mamba:model.net.d_model=8",'
            '"mamba:model.net.n_layers=1","mamba:model.net.d_state=4"]']
 TINY = ["trainer.max_epochs=1", "data.eval_stride=64"]
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "skab" / "valve1" / "1.csv"
 
 
 def test_ensemble_trains_its_members_and_scores_in_chunks(capsys, tmp_path, tracking_overrides,
-                                                         mlflow_db, experiment):
+                                                         finished_runs, sample_csv):
     code = main(["train", *tracking_overrides, *MEMBERS, *TINY])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "ensemble member kalman" in out and "weights (" in out
 
-    client = MlflowClient(mlflow_db)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    assert all(r.info.status == "FINISHED" for r in runs)
+    _, runs = finished_runs()
     trains = {r.data.tags["tsssm.model"]: r for r in runs}
     assert sorted(trains) == ["ensemble", "kalman", "mamba"]
     parent = trains["ensemble"].info.run_id
@@ -53,7 +46,7 @@ def test_ensemble_trains_its_members_and_scores_in_chunks(capsys, tmp_path, trac
     scored = []
     for i, chunk in enumerate((100_000, 97)):  # whole, and in chunks of 97 rows
         code = main(["score", *tracking_overrides, f"model.run_id={parent}",
-                     f"data.path={SAMPLE}", f"score.output={tmp_path}/s{i}.parquet",
+                     f"data.path={sample_csv}", f"score.output={tmp_path}/s{i}.parquet",
                      f"score.chunk_size={chunk}"])
         assert code == 0, capsys.readouterr().err
         scored.append(pl.read_parquet(tmp_path / f"s{i}.parquet"))
@@ -63,15 +56,13 @@ def test_ensemble_trains_its_members_and_scores_in_chunks(capsys, tmp_path, trac
 
 
 @pytest.mark.slow
-def test_ensemble_runs_end_to_end(capsys, tracking_overrides, mlflow_db, experiment):
+def test_ensemble_runs_end_to_end(capsys, tracking_overrides, finished_runs):
     """`tsssm run`: train (members nested), score and compare, every run FINISHED."""
     code = main(["run", *tracking_overrides, *MEMBERS, *TINY, "run.models=[ensemble]"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "== tsssm compare ==" in out and "ensemble" in out.split("== tsssm compare ==")[1]
-    client = MlflowClient(mlflow_db)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    assert all(r.info.status == "FINISHED" for r in runs)
+    _, runs = finished_runs()
     assert sorted(r.data.tags["tsssm.command"] for r in runs) == [
         "compare", "score", "train", "train", "train"]
 

@@ -3,10 +3,7 @@ compares both; the train runs log the fitted variance calibration; a bundle scor
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import polars as pl
-from mlflow.tracking import MlflowClient
 
 from tsssm.cli import main
 
@@ -15,7 +12,8 @@ TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "data.eval_stri
         "model.net.input_len=32", "model.net.patch_len=8"]
 
 
-def test_hybrids_run_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db, experiment):
+def test_hybrids_run_end_to_end(capsys, tmp_path, tracking_overrides, finished_runs,
+                                sample_csv):
     # the model= here only makes the hybrid keys of TINY known to the first composition
     code = main(["run", *tracking_overrides, "model=hybrid_residual", *TINY,
                  "run.models=[hybrid_residual,hybrid_dssm]"])
@@ -23,10 +21,7 @@ def test_hybrids_run_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db,
     assert code == 0, err
     assert "hybrid_residual" in out and "hybrid_dssm" in out
 
-    client = MlflowClient(mlflow_db)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    assert all(r.info.status == "FINISHED" for r in runs)
+    _, runs = finished_runs()
     trains = [r for r in runs if r.data.tags["tsssm.command"] == "train"]
     assert sorted(r.data.tags["tsssm.model"] for r in trains) == ["hybrid_dssm",
                                                                   "hybrid_residual"]
@@ -38,17 +33,15 @@ def test_hybrids_run_end_to_end(capsys, tmp_path, tracking_overrides, mlflow_db,
         assert m["val/variance_scale_first"] > 0
 
     bundles = sorted((tmp_path / "out" / "models").iterdir())
-    sample = Path(__file__).resolve().parents[1] / "data" / "skab" / "valve1" / "1.csv"
     for i, bundle in enumerate(bundles):
         code = main(["score", *tracking_overrides, f"model.checkpoint={bundle}",
-                     f"data.path={sample}", f"score.output={tmp_path}/s{i}.parquet"])
+                     f"data.path={sample_csv}", f"score.output={tmp_path}/s{i}.parquet"])
         assert code == 0, capsys.readouterr().err
         scored = pl.read_parquet(tmp_path / f"s{i}.parquet")
         assert scored.height == 1145 and scored["score"].is_finite().all()
 
 
-def test_max_time_stops_training_and_still_evaluates(capsys, tracking_overrides, mlflow_db,
-                                                      experiment):
+def test_max_time_stops_training_and_still_evaluates(capsys, tracking_overrides, finished_runs):
     """trainer.max_time: a training that would run 500 epochs stops once its time is up, then
     restores, calibrates and evaluates as after its last epoch (a FINISHED run with every test
     metric). With restore_best the starting weights (the hybrid at its fitted Kalman part) are
@@ -58,9 +51,7 @@ def test_max_time_stops_training_and_still_evaluates(capsys, tracking_overrides,
                  "trainer.max_epochs=500", "trainer.max_time=0.5", "task.restore_best=true",
                  "task.monitor=val/mse_horizon"])
     assert code == 0, capsys.readouterr().err
-    client = MlflowClient(mlflow_db)
-    run = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])[0]
-    assert run.info.status == "FINISHED"
+    client, (run,) = finished_runs()
     epochs = client.get_metric_history(run.info.run_id, "train/epoch_seconds")
     assert 1 <= len(epochs) < 500
     for key in ("test/h8_mse", "test/h8_coverage95", "val/variance_scale_first",

@@ -54,14 +54,6 @@ def overrides(folder: Path, db: str, experiment: str) -> list[str]:
             f"tracking.output_dir={folder}/out"]
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, mlflow_db):
     """An uninterrupted training (in-process): its final metrics and train/loss curve."""

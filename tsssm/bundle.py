@@ -26,14 +26,12 @@ from tsssm import __version__
 from tsssm.anomaly.thresholds import Threshold, threshold_from_dict
 from tsssm.data.scaling import StandardScaler
 from tsssm.errors import ModelError
-from tsssm.models.ensemble import ENSEMBLE_TARGET, check_member_config
+from tsssm.models.ensemble import ENSEMBLE_TARGET, check_member_config, net_config_problem
 
 FORMAT_VERSION = 2
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 _LEGACY_WEIGHTS = "model.pt"  # format 1
-#: the only modules a bundle's net config may name as its ``_target_``
-_ALLOWED_TARGETS = ("tsssm.models.",)
 
 
 @dataclass
@@ -115,16 +113,19 @@ def save_bundle(bundle: Bundle, folder: str | Path) -> Path:
 
 def _check_target(net_config: Any, where: Path) -> None:
     """Refuse a net config that would instantiate anything but a tsssm model class."""
-    if not isinstance(net_config, dict):
-        raise ModelError(f"{where}: 'net_config' must be a mapping; the bundle is corrupt")
-    target = net_config.get("_target_")
-    if not isinstance(target, str) or not target.startswith(_ALLOWED_TARGETS):
-        raise ModelError(f"{where}: the net to build is {target!r}, not a tsssm model class; "
-                         "refusing to load it")
-    nested = [k for k, v in net_config.items() if isinstance(v, dict) and "_target_" in v]
-    if nested:
-        raise ModelError(f"{where}: net_config.{nested[0]} names a class to build; a tsssm "
-                         "bundle never does, refusing to load it")
+    problem = net_config_problem(net_config)  # the only modules allowed: tsssm.models.*
+    if problem is not None:
+        match problem.kind:
+            case "mapping":
+                why = "'net_config' must be a mapping; the bundle is corrupt"
+            case "target":
+                why = (f"the net to build is {problem.detail!r}, not a tsssm model class; "
+                       "refusing to load it")
+            case _:
+                why = (f"net_config.{problem.detail} names a class to build; a tsssm bundle "
+                       "never does, refusing to load it")
+        raise ModelError(f"{where}: {why}")
+    target = net_config["_target_"]
     if target == ENSEMBLE_TARGET:  # its members' nets are built by the ensemble: check each
         members = net_config.get("members")
         if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tsssm.anomaly.attribution import flagged_intervals
+from tsssm.anomaly.attribution import FlaggedInterval, flagged_intervals, interval_shares
+from tsssm.anomaly.events import runs
 from tsssm.anomaly.scores import window_scores
 from tsssm.anomaly.streaming import (
     intervals_start,
@@ -97,6 +98,18 @@ def fed_intervals(flags, score, contrib, time, sizes, channels):
     return out
 
 
+def reference_intervals(flags, score, contrib, channels):
+    """The oracle, independent of the streaming builder that flagged_intervals also uses: each
+    maximal run of flags (events.runs) sliced out, its max score and summed contributions."""
+    out = []
+    for start, stop in runs(flags):
+        shares = {} if contrib is None else interval_shares(contrib[start:stop].sum(axis=0),
+                                                            channels)
+        out.append(FlaggedInterval(int(start), int(stop), float(score[start:stop].max()),
+                                   shares))
+    return out
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("with_contrib", [True, False])
 def test_streamed_intervals_equal_the_whole_stream(seed, with_contrib):
@@ -111,7 +124,12 @@ def test_streamed_intervals_equal_the_whole_stream(seed, with_contrib):
     score = rng.exponential(size=rows)
     contrib = rng.standard_normal((rows, C)) if with_contrib else None
     time = np.arange(rows) * 10 + 1000
-    want = flagged_intervals(flags, score, contrib, channels)
+    want = reference_intervals(flags, score, contrib, channels)
+    whole = flagged_intervals(flags, score, contrib, channels)  # the whole stream at once
+    assert [(w.start, w.stop, w.peak) for w in whole] == [(w.start, w.stop, w.peak) for w in want]
+    for w, r in zip(whole, want):
+        assert list(w.shares) == list(r.shares)
+        np.testing.assert_allclose(list(w.shares.values()), list(r.shares.values()), rtol=1e-12)
     for split_seed in range(3):
         got = fed_intervals(flags, score, contrib, time, splits(rows, split_seed), channels)
         assert [(g[0], g[1]) for g in got] == [(w.start, w.stop) for w in want]

@@ -1,7 +1,8 @@
 """Shared helpers of the Kalman tests: random models and the statsmodels / dense oracles.
 
 Tests reach them through the ``oracle`` fixture (the suite imports test modules with
-``--import-mode=importlib``, so a helper module cannot be imported by name).
+``--import-mode=importlib``; plain helper modules live in tests/helpers, on pytest's
+``pythonpath``). ``interpret``: run this test's Triton kernels in Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -147,6 +148,13 @@ def assert_close(actual: torch.Tensor, expected, rtol: float = 1e-8, what: str =
     scale = max(np.abs(e).max(), 1e-300)
     err = np.abs(a - e).max() / scale
     assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
+
+
+@pytest.fixture
+def interpret(monkeypatch) -> None:
+    """TRITON_INTERPRET=1 for this test: the kernels are generated and decorated on first use
+    and the cache key holds the mode, so the suite can mix interpreted and compiled runs."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

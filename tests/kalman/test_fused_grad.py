@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from triton_cases import random_y, spd
 
 from tsssm.kalman import LinearGaussianSSM, kalman_filter
 from tsssm.kalman import fused_adjoint as fa
@@ -20,17 +21,6 @@ from tsssm.kalman.fused_triton import fused_kalman_filter
 
 FIELDS = ("F", "H", "Q", "R", "m0", "P0", "c", "d")
 SYM = ("Q", "R", "P0")
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def _spd(gen, *shape, scale=1.0):
-    k = shape[-1]
-    A = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    return scale * (A @ A.mT / k + 0.3 * torch.eye(k, dtype=torch.float64))
 
 
 def random_model(gen, n, p, batch=(), with_cd=True, structural=False):
@@ -49,22 +39,13 @@ def random_model(gen, n, p, batch=(), with_cd=True, structural=False):
         F = torch.randn(*batch, n, n, generator=gen, dtype=torch.float64)
         F = 0.9 * F / torch.linalg.matrix_norm(F, ord=2)[..., None, None]
         H = torch.randn(*batch, p, n, generator=gen, dtype=torch.float64)
-        Q = _spd(gen, *batch, n, n, scale=0.3)
-    R = _spd(gen, *batch, p, p, scale=0.5)
+        Q = spd(gen, *batch, n, n, scale=0.3, jitter=0.3)
+    R = spd(gen, *batch, p, p, scale=0.5, jitter=0.3)
     m0 = torch.randn(*batch, n, generator=gen, dtype=torch.float64)
-    P0 = _spd(gen, *batch, n, n)
+    P0 = spd(gen, *batch, n, n, jitter=0.3)
     c = 0.1 * torch.randn(*batch, n, generator=gen, dtype=torch.float64) if with_cd else None
     d = 0.1 * torch.randn(*batch, p, generator=gen, dtype=torch.float64) if with_cd else None
     return LinearGaussianSSM(F, H, Q, R, m0, P0, d=d, c=c)
-
-
-def random_y(gen, shape, missing=0.15):
-    y = torch.randn(*shape, generator=gen, dtype=torch.float64).cumsum(-2) * 0.3
-    y = y + torch.randn(*shape, generator=gen, dtype=torch.float64)
-    y[torch.rand(*shape, generator=gen) < missing] = math.nan
-    if shape[-2] > 4:
-        y[..., 3, :] = math.nan  # a whole step
-    return y
 
 
 def leaves(ssm, dtype, grad_fields):

@@ -13,6 +13,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from triton_cases import compare_filters, local_linear_trend, nan_filled_empty, spd, to
+from triton_cases import random_y as _random_y
 
 from tsssm.errors import ModelError, NumericalError
 from tsssm.kalman import LinearGaussianSSM, kalman_filter
@@ -23,90 +25,39 @@ from tsssm.kalman.fused_triton import (
     vector_steps,
 )
 
-CHECKED = ("log_liks", "filtered_mean", "predicted_mean", "innovation", "nis",
-           "filtered_cov", "predicted_cov", "predicted_obs_mean", "predicted_obs_cov")
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def _spd(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
-    k = shape[-1]
-    A = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    return scale * (A @ A.mT / k + 0.2 * torch.eye(k, dtype=torch.float64))
-
 
 def random_model(gen, n, p, batch=(), with_cd=True, sparse=False) -> LinearGaussianSSM:
     """Stable random model in float64; ``sparse`` zeroes some entries of F, H and Q."""
     F = torch.randn(*batch, n, n, generator=gen, dtype=torch.float64)
     H = torch.randn(*batch, p, n, generator=gen, dtype=torch.float64)
-    Q = _spd(gen, *batch, n, n, scale=0.3)
+    Q = spd(gen, *batch, n, n, scale=0.3)
     if sparse:
         F[..., 0, n - 1] = 0.0
         H[..., 0, 0] = 0.0
         Q = torch.diag_embed(torch.diagonal(Q, dim1=-2, dim2=-1))
     F = 0.95 * F / torch.linalg.matrix_norm(F, ord=2)[..., None, None]  # stable over long T
-    R = _spd(gen, *batch, p, p, scale=0.5)
+    R = spd(gen, *batch, p, p, scale=0.5)
     m0 = torch.randn(*batch, n, generator=gen, dtype=torch.float64)
-    P0 = _spd(gen, *batch, n, n)
+    P0 = spd(gen, *batch, n, n)
     c = 0.1 * torch.randn(*batch, n, generator=gen, dtype=torch.float64) if with_cd else None
     d = 0.1 * torch.randn(*batch, p, generator=gen, dtype=torch.float64) if with_cd else None
     return LinearGaussianSSM(F, H, Q, R, m0, P0, d=d, c=c)
 
 
-def local_linear_trend(level_var=0.5, slope_var=0.01, obs_var=2.0) -> LinearGaussianSSM:
-    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    return LinearGaussianSSM(
-        F=t([[1.0, 1.0], [0.0, 1.0]]), H=t([[1.0, 0.0]]), Q=t([[level_var, 0.0], [0.0, slope_var]]),
-        R=t([[obs_var]]), m0=t([0.0, 0.0]), P0=t([[10.0, 0.0], [0.0, 1.0]]),
-    )
-
-
 def random_y(gen, shape, missing=0.2) -> torch.Tensor:
-    y = torch.randn(*shape, generator=gen, dtype=torch.float64).cumsum(-2) * 0.3
-    y = y + torch.randn(*shape, generator=gen, dtype=torch.float64)
-    y[torch.rand(*shape, generator=gen) < missing] = math.nan  # single channels
-    if shape[-2] > 3:
-        y[..., 2, :] = math.nan  # a whole step
-    return y
-
-
-def to(ssm: LinearGaussianSSM, dtype, device="cpu") -> LinearGaussianSSM:
-    return ssm._replace(**{f: getattr(ssm, f).to(dtype=dtype, device=device)
-                           for f in ("F", "H", "Q", "R", "m0", "P0", "c", "d")
-                           if getattr(ssm, f) is not None})
+    return _random_y(gen, shape, missing, whole_step=2)
 
 
 def poisoned_run(ssm, y, **kw):
     """fused_kalman_filter with every kernel output pre-filled with NaN."""
-    real = torch.empty
-    poisoned = []
-
-    def nan_empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(math.nan)
-            poisoned.append(t)
-        return t
-
-    torch.empty = nan_empty
-    try:
+    with nan_filled_empty() as poisoned:
         res = fused_kalman_filter(ssm, y, outputs="all", **kw)
-    finally:
-        torch.empty = real
     assert poisoned, "the launcher allocated no outputs"
     return res
 
 
 def compare(res, ref, rtol: float, atol: float) -> None:
-    for name in CHECKED:
-        a, b = getattr(res, name), getattr(ref, name)
-        assert a.shape == b.shape, name
-        assert torch.isfinite(a).all(), f"{name}: not finite (unwritten or NaN passed)"
-        torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=name)
-    torch.testing.assert_close(res.loglik.double(), ref.loglik.double(), rtol=rtol, atol=atol)
+    compare_filters(res, ref, rtol, atol)
     assert torch.equal(res.observed, ref.observed)
 
 

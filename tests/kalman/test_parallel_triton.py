@@ -8,29 +8,15 @@ kernel skips fails the test; models are fresh random ones, with missing values.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from triton_cases import compare_filters, local_linear_trend, nan_filled_empty, spd, to
+from triton_cases import random_y as _random_y
 
 from tsssm.errors import ModelError
 from tsssm.kalman import LinearGaussianSSM, kalman_filter
 from tsssm.kalman.parallel import parallel_kalman_filter
 from tsssm.kalman.parallel_triton import ParallelSpec, kernel_source, n_components
-
-FIELDS = ("filtered_mean", "filtered_cov", "predicted_mean", "predicted_cov", "innovation",
-          "log_liks", "nis", "predicted_obs_mean", "predicted_obs_cov")
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def _spd(gen, *shape, scale=1.0):
-    k = shape[-1]
-    A = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    return scale * (A @ A.mT / k + 0.2 * torch.eye(k, dtype=torch.float64))
 
 
 def random_model(gen, n, p, batch=(), with_cd=True) -> LinearGaussianSSM:
@@ -39,62 +25,27 @@ def random_model(gen, n, p, batch=(), with_cd=True) -> LinearGaussianSSM:
     H = torch.randn(*batch, p, n, generator=gen, dtype=torch.float64)
     c = 0.1 * torch.randn(*batch, n, generator=gen, dtype=torch.float64) if with_cd else None
     d = 0.1 * torch.randn(*batch, p, generator=gen, dtype=torch.float64) if with_cd else None
-    return LinearGaussianSSM(F, H, _spd(gen, *batch, n, n, scale=0.3),
-                             _spd(gen, *batch, p, p, scale=0.5),
+    return LinearGaussianSSM(F, H, spd(gen, *batch, n, n, scale=0.3),
+                             spd(gen, *batch, p, p, scale=0.5),
                              torch.randn(*batch, n, generator=gen, dtype=torch.float64),
-                             _spd(gen, *batch, n, n), d=d, c=c)
-
-
-def local_linear_trend() -> LinearGaussianSSM:
-    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    return LinearGaussianSSM(t([[1.0, 1.0], [0.0, 1.0]]), t([[1.0, 0.0]]), t([[0.5, 0.0],
-                             [0.0, 0.01]]), t([[2.0]]), t([0.0, 0.0]), t([[10.0, 0.0], [0.0, 1.0]]))
+                             spd(gen, *batch, n, n), d=d, c=c)
 
 
 def random_y(gen, shape, missing=0.15) -> torch.Tensor:
-    y = torch.randn(*shape, generator=gen, dtype=torch.float64).cumsum(-2) * 0.3
-    y = y + torch.randn(*shape, generator=gen, dtype=torch.float64)
-    y[torch.rand(*shape, generator=gen) < missing] = math.nan
-    if shape[-2] > 5:
-        y[..., 4, :] = math.nan  # a whole step
-    return y
-
-
-def to(ssm, dtype, device="cpu"):
-    return ssm._replace(**{f: getattr(ssm, f).to(dtype=dtype, device=device)
-                           for f in ("F", "H", "Q", "R", "m0", "P0", "c", "d")
-                           if getattr(ssm, f) is not None})
+    return _random_y(gen, shape, missing, whole_step=4)
 
 
 def poisoned(ssm, y, **kw):
     """parallel_kalman_filter(backend="triton") with every float buffer it allocates filled
     with NaN first."""
-    real = torch.empty
-    made = []
-
-    def nan_empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(math.nan)
-            made.append(t)
-        return t
-
-    torch.empty = nan_empty
-    try:
+    with nan_filled_empty() as made:
         res = parallel_kalman_filter(ssm, y, backend="triton", **kw)
-    finally:
-        torch.empty = real
     assert made, "the launcher allocated nothing"
     return res
 
 
 def compare(res, ref, tol):
-    for name in FIELDS:
-        a, b = getattr(res, name), getattr(ref, name)
-        assert a.shape == b.shape, name
-        assert torch.isfinite(a).all(), f"{name}: not finite (unwritten, or a NaN passed)"
-        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol, msg=name)
-    torch.testing.assert_close(res.loglik.double(), ref.loglik.double(), rtol=tol, atol=tol)
+    compare_filters(res, ref, rtol=tol, atol=tol)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,7 +16,14 @@ from tsssm.bundle import Bundle, load_bundle, save_bundle
 from tsssm.data.scaling import StandardScaler
 from tsssm.errors import ModelError
 from tsssm.models.base import Gaussian
-from tsssm.models.ensemble import ENSEMBLE_TARGET, Ensemble, EnsembleState, linear_pool
+from tsssm.models.ensemble import (
+    ENSEMBLE_TARGET,
+    Ensemble,
+    EnsembleState,
+    check_member_config,
+    linear_pool,
+    net_config_problem,
+)
 from tsssm.tasks.combine import (
     ErrorProducts,
     fit_combination,
@@ -292,3 +299,19 @@ def test_members_are_checked():
         Ensemble(2, [], horizon=H)
     with pytest.raises(ValueError, match="simplex|summing"):
         _ensemble().set_weights(torch.ones(H, 3), torch.ones(3) / 3, "one")
+
+
+def test_net_config_problem_is_the_one_check_for_bundles_and_members():
+    # the checker names the first problem; bundle and member messages word it (tsssm.bundle)
+    assert net_config_problem(MEMBERS[0]["net"]) is None
+    assert net_config_problem([1]) == ("mapping", None)
+    assert net_config_problem({"_target_": "os.system"}) == ("target", "os.system")
+    assert net_config_problem({"x": 1}) == ("target", None)
+    net = {"_target_": "tsssm.models.kalman.KalmanForecaster", "a": 1, "b": {"_target_": "x"}}
+    assert net_config_problem(net) == ("nested", "b")
+    # an ensemble is a tsssm model (a bundle may hold one) but never a member
+    assert net_config_problem({"_target_": ENSEMBLE_TARGET}) is None
+    with pytest.raises(ModelError, match="ensemble member 'e': net.b names a class"):
+        check_member_config("e", net)
+    with pytest.raises(ModelError, match="ensemble member 'e': its net config must be a mapping"):
+        check_member_config("e", None)

@@ -19,14 +19,6 @@ KINDS = [KalmanMambaResidual, MambaKalmanFilter]
 ATOL = 2e-5
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(cls, seed=0, perturb=True, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
     args = dict(horizon=6, input_len=8, d_model=16, n_layers=1, d_state=4, patch_len=4,

@@ -497,15 +497,6 @@ def test_the_deep_ssm_feedthrough_keeps_the_exact_likelihood():
 # ------------------------------------------------------------------ inputs help
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads on a shared runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _fit(model: MambaForecaster, y: torch.Tensor, ex: Exog, steps: int, length: int = 32
          ) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)

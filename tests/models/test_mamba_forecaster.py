@@ -212,16 +212,6 @@ def test_bad_input_is_a_clear_error():
         MambaForecaster(3, patch_len=0)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy runner the thread handoff
-    costs 10x the work; pin this test to one thread and restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("mode,patch", [("mixing", 1), ("independent", 2)])
 def test_tiny_model_learns_a_sine(mode, patch, one_thread):
     """A tiny model fitted for a few seconds on noisy sines beats its start by a wide margin."""

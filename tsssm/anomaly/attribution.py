@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tsssm.anomaly.events import runs
 from tsssm.errors import DataError
 
 
@@ -59,10 +58,11 @@ def flagged_intervals(flags: np.ndarray, score: np.ndarray, contrib: np.ndarray 
         if contrib.shape != (score.size, len(channels)):
             raise DataError(f"contributions of shape {contrib.shape} do not match {score.size} "
                             f"rows and {len(channels)} channels")
-    out = []
-    for start, stop in runs(flags):
-        shares = {} if contrib is None else interval_shares(contrib[start:stop].sum(axis=0),
-                                                            channels)
-        out.append(FlaggedInterval(int(start), int(stop), float(score[start:stop].max()),
-                                   shares))
-    return out
+    # the whole stream is one streaming update (tsssm.anomaly.streaming): one interval builder
+    from tsssm.anomaly.streaming import intervals_start, intervals_update  # (it imports us)
+
+    found, _ = intervals_update(intervals_start(), flags, score, contrib,
+                                np.arange(score.size), final=True)
+    return [FlaggedInterval(int(start), int(stop), float(peak), shares)
+            for start, stop, peak, shares in zip(found.start, found.stop, found.peak,
+                                                 found.shares(channels))]

@@ -7,6 +7,8 @@ the file, the column (and row, where it helps) and what to do about it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,17 +129,25 @@ def unreadable(path: Path, err: BaseException) -> DataError:
                      f"{path.suffix.lstrip('.').upper() or 'data'} file?")
 
 
-def scan_table(path: Path, spec: ReadSpec) -> tuple[pl.LazyFrame, list[str]]:
-    """The table as a lazy frame (nothing read but its header or footer) and its columns."""
+@contextmanager
+def read_errors(path: Path) -> Iterator[None]:
+    """Inside the block, any failure of a reader (polars' parse errors, panics on corrupt files)
+    becomes :func:`unreadable`; a DataError and an interrupt pass as they are."""
     try:
-        frame = _scan(path, spec.separator)
-        columns = frame.collect_schema().names()
+        yield
     except DataError:
         raise
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:
         raise unreadable(path, err) from err
+
+
+def scan_table(path: Path, spec: ReadSpec) -> tuple[pl.LazyFrame, list[str]]:
+    """The table as a lazy frame (nothing read but its header or footer) and its columns."""
+    with read_errors(path):
+        frame = _scan(path, spec.separator)
+        columns = frame.collect_schema().names()
     return frame, columns
 
 
@@ -253,14 +263,8 @@ def _label(frame: pl.DataFrame, column: str | None, path: Path, first_row: int =
 def read_stream(path: str | Path, spec: ReadSpec, name: str | None = None) -> Stream:
     """Read and validate one stream. Rows must be sorted by time with no duplicate timestamps."""
     path = check_file(path)
-    try:
+    with read_errors(path):
         frame = _scan(path, spec.separator).collect()
-    except DataError:
-        raise
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as err:
-        raise unreadable(path, err) from err
     if is_parquet(path):
         _check_parquet_integrity(path, frame)
     channels = check_columns(path, frame.columns, spec)

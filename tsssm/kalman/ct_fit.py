@@ -18,13 +18,10 @@ from torch import Tensor
 
 from tsssm.errors import ConfigError, NumericalError
 from tsssm.kalman.ct import ContinuousLinearSSM, ct_loglik
-from tsssm.kalman.fit import FitResult
-from tsssm.kalman.ssm import step_loop_threads, symmetrize
+from tsssm.kalman.fit import FitResult, lbfgs_fit, observed_information
+from tsssm.kalman.ssm import step_loop_threads
 
 Build = Callable[[Tensor], ContinuousLinearSSM]
-
-#: objective value of a trial point whose likelihood cannot be evaluated (per observation)
-REJECTED_LOSS = 1e12
 
 
 class Segment(NamedTuple):
@@ -110,33 +107,15 @@ def fit_ct_mle(build: Build, segments: Sequence[Segment], theta0: Tensor, *,
         return full
 
     n_obs = count_observed(segments)
-    history: list[float] = []
-    n_iter = 0
-    opt = torch.optim.LBFGS([var], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
-                            tolerance_change=tol, history_size=20, line_search_fn="strong_wolfe")
 
-    def closure() -> Tensor:
-        nonlocal n_iter
-        opt.zero_grad()
+    def loss() -> Tensor | None:  # None: the trial step left the valid region
         try:
-            ll = total_loglik(build, assemble(var), segments)
-            loss = -ll.sum() / n_obs
-            valid = bool(torch.isfinite(loss))
+            value = -total_loglik(build, assemble(var), segments).sum() / n_obs
         except NumericalError:
-            valid = False
-        if not valid:
-            # a trial step of the line search left the valid region (a covariance that is not
-            # positive definite, an overflow): a large finite value makes the search step back
-            var.grad = torch.zeros_like(var)
-            return torch.tensor(REJECTED_LOSS, dtype=var.dtype)
-        loss.backward()
-        n_iter += 1
-        history.append(-float(loss.detach()) * n_obs)
-        return loss
+            return None
+        return value if bool(torch.isfinite(value)) else None
 
-    opt.step(closure)
-    state = opt.state[opt._params[0]]
-    converged = state.get("n_iter", max_iter) < max_iter
+    n_iter, converged, history = lbfgs_fit(var, loss, n_obs, max_iter=max_iter, tol=tol)
     theta = assemble(var.detach())
     with torch.no_grad():
         ll = total_loglik(build, theta, segments)
@@ -156,15 +135,8 @@ def ct_standard_errors(build: Build, theta: Tensor, segments: Sequence[Segment],
     it or drop the component) this raises NumericalError, or with ``strict=False`` gives that
     batch entry NaN standard errors and covariance (for a report that says so).
     """
-    theta = theta.detach().clone().requires_grad_(True)
-    ll = total_loglik(build, theta, segments).sum()
-    (grad,) = torch.autograd.grad(ll, theta, create_graph=True)
+    info = observed_information(lambda th: total_loglik(build, th, segments), theta)
     k = theta.shape[-1]
-    rows = []
-    for j in range(k):
-        (row,) = torch.autograd.grad(grad[..., j].sum(), theta, retain_graph=j < k - 1)
-        rows.append(row)
-    info = -symmetrize(torch.stack(rows, dim=-2))  # (..., k, k)
     free = torch.ones(k, dtype=torch.bool) if fixed is None else ~fixed.to(torch.bool)
     idx = free.nonzero().flatten().to(theta.device)
     sub = info.index_select(-1, idx).index_select(-2, idx)

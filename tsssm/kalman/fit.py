@@ -65,6 +65,44 @@ def _raise_if_not_finite(loglik: Tensor, what: str = "log-likelihood") -> None:
         )
 
 
+#: objective value of a trial point whose likelihood cannot be evaluated (per observation)
+REJECTED_LOSS = 1e12
+
+
+def lbfgs_fit(var: Tensor, loss_fn: Callable[[], Tensor | None], n_obs: int, *,
+              max_iter: int, tol: float) -> tuple[int, bool, list[float]]:
+    """Minimise ``loss_fn()``, the negative log-likelihood per observation as a function of the
+    leaf tensor ``var`` (requires grad), by L-BFGS with a strong Wolfe line search: the one
+    driver of :func:`fit_mle` and :func:`tsssm.kalman.ct_fit.fit_ct_mle`.
+
+    ``loss_fn`` returns None for a trial step of the line search that left the valid region (a
+    covariance that is not positive definite, an overflow): the search sees ``REJECTED_LOSS``
+    with a zero gradient and steps back; such evaluations are not counted. Returns the number
+    of evaluations, whether L-BFGS stopped before ``max_iter`` iterations, and the total
+    log-likelihood after every evaluation.
+    """
+    history: list[float] = []
+    n_iter = 0
+    opt = torch.optim.LBFGS([var], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
+                            tolerance_change=tol, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        nonlocal n_iter
+        opt.zero_grad()
+        loss = loss_fn()
+        if loss is None:
+            var.grad = torch.zeros_like(var)
+            return torch.tensor(REJECTED_LOSS, dtype=var.dtype)
+        loss.backward()
+        n_iter += 1
+        history.append(-float(loss.detach()) * n_obs)
+        return loss
+
+    opt.step(closure)
+    state = opt.state[opt._params[0]]
+    return n_iter, state.get("n_iter", max_iter) < max_iter, history
+
+
 def structural_loglik(
     model: StructuralModel,
     theta: Tensor,
@@ -114,22 +152,8 @@ def fit_mle(
     converged = False
     n_iter = 0
     if optimizer == "lbfgs":
-        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
-                                tolerance_change=tol, history_size=20,
-                                line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            nonlocal n_iter
-            opt.zero_grad()
-            loss, _ = objective()
-            loss.backward()
-            n_iter += 1
-            history.append(-float(loss.detach()) * n_obs)
-            return loss
-
-        opt.step(closure)
-        state = opt.state[opt._params[0]]
-        converged = state.get("n_iter", max_iter) < max_iter
+        n_iter, converged, history = lbfgs_fit(theta, lambda: objective()[0], n_obs,
+                                               max_iter=max_iter, tol=tol)
     else:
         opt = torch.optim.Adam([theta], lr=0.05 if lr is None else lr)
         prev = math.inf
@@ -151,6 +175,23 @@ def fit_mle(
     return FitResult(theta.detach(), ll, n_iter, converged, history)
 
 
+def observed_information(loglik: Callable[[Tensor], Tensor], theta: Tensor) -> Tensor:
+    """The observed information (..., k, k) at theta (..., k): minus the symmetrised Hessian of
+    ``loglik(theta)`` (...), by double backpropagation. The batch entries are independent, so
+    the Hessian of the summed log-likelihood is block diagonal and one backward pass per
+    parameter gives every entry's block. Used by :func:`standard_errors` and
+    :func:`tsssm.kalman.ct_fit.ct_standard_errors`."""
+    theta = theta.detach().clone().requires_grad_(True)
+    ll = loglik(theta).sum()
+    (grad,) = torch.autograd.grad(ll, theta, create_graph=True)
+    k = theta.shape[-1]
+    rows = []
+    for j in range(k):
+        (row,) = torch.autograd.grad(grad[..., j].sum(), theta, retain_graph=j < k - 1)
+        rows.append(row)
+    return -symmetrize(torch.stack(rows, dim=-2))  # (..., k, k)
+
+
 def standard_errors(
     model: StructuralModel,
     theta: Tensor,
@@ -164,16 +205,7 @@ def standard_errors(
     backpropagation). The series are independent, so the Hessian of the summed log-likelihood
     is block diagonal and one backward pass per parameter gives every series' block.
     """
-    theta = theta.detach().clone().requires_grad_(True)
-    ll = structural_loglik(model, theta, y, prior=prior).sum()
-    (grad,) = torch.autograd.grad(ll, theta, create_graph=True)
-    k = theta.shape[-1]
-    rows = []
-    for j in range(k):
-        (row,) = torch.autograd.grad(grad[..., j].sum(), theta, retain_graph=j < k - 1)
-        rows.append(row)
-    hess = torch.stack(rows, dim=-2)  # (..., k, k)
-    info = -symmetrize(hess)
+    info = observed_information(lambda th: structural_loglik(model, th, y, prior=prior), theta)
     cov = torch.linalg.inv(info)  # the covariance of the estimates is what is asked for here
     return torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
 

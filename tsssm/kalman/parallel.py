@@ -278,7 +278,8 @@ def _triton_unavailable(ssm: LinearGaussianSSM, y: Tensor, u: Tensor | None,
 def smoother_combine(
     earlier: tuple[Tensor, Tensor, Tensor], later: tuple[Tensor, Tensor, Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Operator of the smoother elements; reverse scan: value_t = E_t value_{t+1} + g_t."""
+    """Operator of the smoother elements; reverse scan: value_t = E_t value_{t+1} + g_t (vectors)
+    and E_t V_{t+1} E_t' + L_t (matrices). Also the DK-form smoother's (tsssm.kalman.smoother)."""
     E1, g1, L1 = earlier
     E2, g2, L2 = later
     return E1 @ E2, _mv(E1, g2) + g1, symmetrize(E1 @ L2 @ E1.mT + L1)

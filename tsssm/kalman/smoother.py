@@ -26,6 +26,7 @@ from torch import Tensor
 
 from tsssm.errors import ModelError
 from tsssm.kalman.filter import FilterResult, _check_cholesky, masked_observation
+from tsssm.kalman.parallel import smoother_combine
 from tsssm.kalman.scan import associative_scan
 from tsssm.kalman.ssm import LinearGaussianSSM, stacked, step_loop_threads, symmetrize
 
@@ -101,7 +102,7 @@ def rts_smoother(
             return x.movedim(x.ndim - core - 1, 0)
 
         _, r_all, N_all = associative_scan(
-            _backward_combine,
+            smoother_combine,  # value_t = E_t value_{t+1} + g_t, E_t V_{t+1} E_t' + G_t
             (time_first(L.mT, 2), time_first(u, 1), time_first(Lam, 2)),
             reverse=True,
         )
@@ -112,12 +113,3 @@ def rts_smoother(
     lag = lag @ P_p[..., :-1, :, :]
     full = mean.shape[:-1]
     return SmootherResult(mean, cov.expand(*full, n, n), lag.expand(*full[:-1], T - 1, n, n))
-
-
-def _backward_combine(
-    earlier: tuple[Tensor, Tensor, Tensor], later: tuple[Tensor, Tensor, Tensor]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """value_t = E_t value_{t+1} + g_t (vectors) and E_t V_{t+1} E_t' + G_t (matrices)."""
-    E1, g1, G1 = earlier
-    E2, g2, G2 = later
-    return E1 @ E2, _mv(E1, g2) + g1, symmetrize(E1 @ G2 @ E1.mT + G1)

@@ -19,11 +19,12 @@ Pure helpers over :class:`tsssm.models.base.Exog` shared by
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tsssm.errors import DataError
+from tsssm.errors import ConfigError, DataError
 from tsssm.models.base import Exog
 
 log = logging.getLogger("tsssm")
@@ -56,6 +57,41 @@ def exog_rows(exog: Exog | None, batch: int, rows: int, n_inputs: int, what: str
         if not bool(torch.isfinite(u).all()):
             raise DataError(f"{what}: inputs u must be finite (inputs are never missing)")
     return u, dt
+
+
+def check_n_inputs(n_inputs: Any) -> int:
+    """``model.n_inputs`` (the number of known inputs, data.inputs) checked: an integer >= 0."""
+    if not isinstance(n_inputs, int) or isinstance(n_inputs, bool) or n_inputs < 0:
+        raise ConfigError(f"model.n_inputs must be an integer >= 0, got {n_inputs!r}")
+    return n_inputs
+
+
+def checked_exog(exog: Exog | None, y: Tensor, n_inputs: int, nominal: Tensor, what: str
+                 ) -> tuple[Tensor | None, Tensor | None]:
+    """A neural forecaster's exog for a call over y (B, T, C), checked (:func:`exog_rows`):
+    the inputs as given (B, T', K) in y's dtype (T' >= T: a forecast's horizon too) or None,
+    and the time ratios dt / nominal (B, T) or None."""
+    u, dt = exog_rows(exog, y.shape[0], y.shape[1], n_inputs, what)
+    if u is not None:
+        u = exog.u.to(y.dtype)
+    return u, time_ratio(dt, nominal)
+
+
+def add_exog_weights(module: nn.Module, n_channels: int, horizon: int, n_inputs: int,
+                     d_model: int) -> None:
+    """The weights of inputs and time steps, registered on ``module`` last and without random
+    draws (a model without inputs is initialised as before, weight for weight):
+    ``input_gain`` (C, K), the per-step feedthrough of the inputs into the one-step mean
+    (y_t = H x_t + G u_t + v_t in a Kalman part), and ``input_response`` (with inputs only);
+    ``lead_time`` (d_model,), how far the one-step origins move per log(dt / nominal) of the
+    predicted row; the buffer ``nominal_step``, the median training time step (NaN: unknown,
+    time steps are not used). Bundles from before time steps load with their defaults."""
+    if n_inputs:
+        module.input_gain = nn.Parameter(torch.zeros(n_channels, n_inputs))
+        module.input_response = InputResponse(n_channels, horizon, n_inputs)
+    module.lead_time = nn.Parameter(torch.zeros(d_model))
+    module.register_buffer("nominal_step", torch.tensor(float("nan"), dtype=torch.float64))
+    register_time_defaults(module, {"nominal_step": float("nan"), "lead_time": 0.0})
 
 
 def nominal_step(exog: Exog | None) -> float:

@@ -37,8 +37,8 @@ from tsssm.models.base import Exog, Gaussian, call_forecast, call_one_step, need
 from tsssm.models.heads import HorizonVarianceScale
 
 ENSEMBLE_TARGET = "tsssm.models.ensemble.Ensemble"
-#: the only modules a member's net config may name
-_MEMBER_PREFIX = "tsssm.models."
+#: the only modules a net config (a bundle's or an ensemble member's) may name
+MODEL_PREFIX = "tsssm.models."
 #: the floor of the pooled variance (members' variances are positive; the pool is too, but
 #: float cancellation in sum w (var + mu^2) - mean^2 must never give zero)
 MIN_VAR = 1e-8
@@ -50,22 +50,52 @@ class EnsembleState(NamedTuple):
     members: tuple[Any, ...]
 
 
+class NetConfigProblem(NamedTuple):
+    """Why a net config may not be built (:func:`net_config_problem`); each caller words it.
+
+    ``kind`` is ``"mapping"`` (the config is not a mapping), ``"target"`` (its ``_target_``,
+    given in ``detail``, is not a tsssm model class) or ``"nested"`` (the key ``detail`` holds a
+    config that names a class to build)."""
+
+    kind: str
+    detail: Any = None
+
+
+def net_config_problem(net: Any) -> NetConfigProblem | None:
+    """The first reason ``net`` would build anything but a tsssm model class, or None.
+
+    Checked in order: a mapping; a ``_target_`` in ``tsssm.models.*``; no value that is itself
+    a config with a ``_target_`` (Hydra would build it too). The one check for bundles
+    (tsssm.bundle) and ensemble members (:func:`check_member_config`)."""
+    if not isinstance(net, dict):
+        return NetConfigProblem("mapping")
+    target = net.get("_target_")
+    if not isinstance(target, str) or not target.startswith(MODEL_PREFIX):
+        return NetConfigProblem("target", target)
+    nested = [k for k, v in net.items() if isinstance(v, dict) and "_target_" in v]
+    if nested:
+        return NetConfigProblem("nested", nested[0])
+    return None
+
+
 def check_member_config(name: str, net: Any) -> None:
     """Refuse a member net config that would build anything but a tsssm model class (or
     another ensemble)."""
-    if not isinstance(net, dict):
-        raise ModelError(f"ensemble member {name!r}: its net config must be a mapping")
-    target = net.get("_target_")
-    if not isinstance(target, str) or not target.startswith(_MEMBER_PREFIX):
-        raise ModelError(f"ensemble member {name!r}: the net to build is {target!r}, not a tsssm "
-                         "model class; refusing to build it")
-    if target == ENSEMBLE_TARGET:
+    if isinstance(net, dict) and net.get("_target_") == ENSEMBLE_TARGET:
         raise ModelError(f"ensemble member {name!r} is an ensemble itself; list its members "
                          "instead (model.members)")
-    nested = [k for k, v in net.items() if isinstance(v, dict) and "_target_" in v]
-    if nested:
-        raise ModelError(f"ensemble member {name!r}: net.{nested[0]} names a class to build; "
-                         "a member never does, refusing to build it")
+    problem = net_config_problem(net)
+    if problem is not None:
+        match problem.kind:
+            case "mapping":
+                why = "its net config must be a mapping"
+            case "target":
+                why = (f"the net to build is {problem.detail!r}, not a tsssm model class; "
+                       "refusing to build it")
+            case _:
+                why = (f"net.{problem.detail} names a class to build; a member never does, "
+                       "refusing to build it")
+        raise ModelError(f"ensemble member {name!r}: {why}")
 
 
 def build_member(name: str, net: dict, n_channels: int) -> nn.Module:

@@ -73,14 +73,13 @@ from tsssm.kalman.forecast import forecast_invariant, transition_powers
 from tsssm.kalman.ssm import LinearGaussianSSM, symmetrize
 from tsssm.models.base import Exog, Gaussian
 from tsssm.models.covariates import (
-    InputResponse,
-    exog_rows,
+    add_exog_weights,
+    check_n_inputs,
+    checked_exog,
     horizon_inputs,
     lead_log_ratio,
     nominal_step,
     per_sequence,
-    register_time_defaults,
-    time_ratio,
     token_time_scale,
 )
 from tsssm.models.heads import HorizonVarianceScale
@@ -278,9 +277,7 @@ class _HybridBase(nn.Module):
                  em_iters: int, n_inputs: int = 0, kalman_fit: dict | None = None) -> None:
         super().__init__()
         self.kalman_fit = _kalman_fit(kalman_fit)
-        if not isinstance(n_inputs, int) or isinstance(n_inputs, bool) or n_inputs < 0:
-            raise ConfigError(f"model.n_inputs must be an integer >= 0, got {n_inputs!r}")
-        self.n_inputs = n_inputs
+        self.n_inputs = check_n_inputs(n_inputs)
         n_step_features += n_inputs  # every channel's tokens also carry the inputs
         n_horizon_features += n_inputs
         _positive_int("n_channels", n_channels)
@@ -327,17 +324,9 @@ class _HybridBase(nn.Module):
         #: weight of the filter's own horizon mean per lead time (normalised units)
         self.kalman_weight = nn.Parameter(torch.ones(horizon))
         self.var_calibration = HorizonVarianceScale(horizon)
-        # Created last and without random draws: a model without inputs is initialised as
-        # before, weight for weight.
-        if n_inputs:
-            #: observation feedthrough G (C, K): y_t = H x_t + G u_t + v_t
-            self.input_gain = nn.Parameter(torch.zeros(n_channels, n_inputs))
-            self.input_response = InputResponse(n_channels, horizon, n_inputs)
-        #: the causal encoder's origins move by log(dt / nominal) times this vector
-        self.lead_time = nn.Parameter(torch.zeros(d_model))
-        #: the nominal (median training) time step; NaN: unknown, time steps are not used
-        self.register_buffer("nominal_step", torch.tensor(float("nan"), dtype=torch.float64))
-        register_time_defaults(self, {"nominal_step": float("nan"), "lead_time": 0.0})
+        # input_gain (G (C, K): y_t = H x_t + G u_t + v_t), input_response, lead_time (the
+        # causal encoder's origins move by log(dt / nominal) times it), nominal_step: last
+        add_exog_weights(self, n_channels, horizon, n_inputs, d_model)
 
     # ------------------------------------------------------------------ shared helpers
 
@@ -479,11 +468,8 @@ class _HybridBase(nn.Module):
               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """(u of these rows (B, T, K), u as given (B, T', K), ratio dt / nominal (B, T)); Nones
         without inputs / time."""
-        u, dt = exog_rows(exog, y.shape[0], y.shape[1], self.n_inputs, what)
-        if u is not None:
-            u = exog.u.to(y.dtype)
-        rows = None if u is None else u[:, : y.shape[1]]
-        return rows, u, time_ratio(dt, self.nominal_step)
+        u, ratio = checked_exog(exog, y, self.n_inputs, self.nominal_step, what)
+        return (None if u is None else u[:, : y.shape[1]]), u, ratio
 
     def _feedthrough(self, u: Tensor | None) -> Tensor | None:
         """G u (B, T, C) of inputs (B, T, K), or None."""
@@ -496,6 +482,16 @@ class _HybridBase(nn.Module):
             return mean
         v = horizon_inputs(self, u_all, context_len, horizon)  # (B, h+1, K)
         return mean + self._feedthrough(v[:, 1:]) + self.input_response(v, horizon)
+
+    def _step_terms(self, feats: Tensor, u: Tensor | None, enc_state: EncoderState,
+                    ratio: Tensor | None) -> tuple[Tensor, EncoderState]:
+        """The one-step path: per-channel features (B, T, C, F) of these rows (and their inputs
+        u, time ratios) through the causal encoder and the step head -> 2 terms per row and
+        channel (B, T, C, 2), clamped to +-LOG_SCALE_LIMIT, and the encoder's new state."""
+        origins, new_enc, r = self.step_encoder.causal(self._step_features(feats, u), enc_state,
+                                                       ratio, self.lead_time)
+        terms = _per_step(self.step_head(origins), feats.shape[0], 2, self.step_patch_len)
+        return terms[:, r : r + feats.shape[1]].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT), new_enc
 
     def _step_features(self, feats: Tensor, u: Tensor | None) -> Tensor:
         """Per-channel features (B, T, C, F) with the inputs (B, T, K) appended to every
@@ -536,10 +532,7 @@ class KalmanMambaResidual(_HybridBase):
     def _corrected_one_step(self, y: Tensor, kpred: Gaussian, enc_state: EncoderState,
                             u: Tensor | None = None, ratio: Tensor | None = None
                             ) -> tuple[Gaussian, EncoderState]:
-        feats = self._step_features(self._features(y, kpred), u)
-        origins, new_enc, r = self.step_encoder.causal(feats, enc_state, ratio, self.lead_time)
-        terms = _per_step(self.step_head(origins), y.shape[0], 2, self.step_patch_len)
-        terms = terms[:, r : r + y.shape[1]].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
+        terms, new_enc = self._step_terms(self._features(y, kpred), u, enc_state, ratio)
         delta, gamma = terms.unbind(-1)  # (B, T, C)
         mean = kpred.mean + delta * kpred.var.sqrt()
         var = kpred.var * gamma.exp() + MIN_VAR
@@ -627,11 +620,7 @@ class MambaKalmanFilter(_HybridBase):
         reads levels learns them by heart). ``last`` (B, C): y of the step before this call."""
         prev = y.new_full(y[:, :1].shape, float("nan")) if last is None else last.unsqueeze(1)
         diff = y - torch.cat([prev.to(y.dtype), y[:, :-1]], dim=1)  # (B, T, C)
-        feats = self._step_features(diff.unsqueeze(-1), u)
-        origins, new_enc, r = self.step_encoder.causal(feats, enc_state, ratio, self.lead_time)
-        terms = _per_step(self.step_head(origins), y.shape[0], 2, self.step_patch_len)
-        terms = terms[:, r : r + y.shape[1]].clamp(-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT)
-        return terms, new_enc
+        return self._step_terms(diff.unsqueeze(-1), u, enc_state, ratio)
 
     def filter_ssm(self, terms: Tensor, kstate: KalmanState | None) -> LinearGaussianSSM:
         """The time-varying model of a call: batch (B, C), T steps, Q_t and R_t scaled by

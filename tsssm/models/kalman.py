@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tsssm.errors import ConfigError, DataError
 from tsssm.kalman.filter import METHODS, FilterResult, filtered_last, kalman_filter
 from tsssm.kalman.fit import (
+    StructuralEMResult,
     WindowMoments,
     fit_structural_em,
     fit_structural_lbfgs,
@@ -367,13 +368,17 @@ class KalmanForecaster(nn.Module):
                 prior_of=None if fit_prior or bool(self.prior_fitted) else default_prior,
                 prior_extra=extra, max_iter=int(polish_iters))
             history += out.history
-        with torch.no_grad():
-            self.theta.copy_(out.theta.to(self.theta.dtype))
-            if fit_prior:
-                self.prior_mean.copy_(out.m0)
-                self.prior_cov.copy_(out.P0)
-                self.prior_fitted.fill_(True)
+        self._store_fit(out, fit_prior)
         return history
+
+    @torch.no_grad()
+    def _store_fit(self, out: StructuralEMResult, fit_prior: bool) -> None:
+        """Take a fit's parameters (and, with ``fit_prior``, its prior mean and covariance)."""
+        self.theta.copy_(out.theta.to(self.theta.dtype))
+        if fit_prior:
+            self.prior_mean.copy_(out.m0)
+            self.prior_cov.copy_(out.P0)
+            self.prior_fitted.fill_(True)
 
     def _window_moments(self, ys: list[Tensor] | Tensor, context: int, horizon: int,
                         stride: int | None) -> WindowMoments:
@@ -414,12 +419,7 @@ class KalmanForecaster(nn.Module):
         out = fit_structural_multistep(self.structure, theta, mom, ssm.m0, P0, context,
                                        horizon, fit_prior=fit_prior, prior_extra=extra,
                                        max_iter=max_iter)
-        with torch.no_grad():
-            self.theta.copy_(out.theta.to(self.theta.dtype))
-            if fit_prior:
-                self.prior_mean.copy_(out.m0)
-                self.prior_cov.copy_(out.P0)
-                self.prior_fitted.fill_(True)
+        self._store_fit(out, fit_prior)
         return out.history
 
     @torch.no_grad()

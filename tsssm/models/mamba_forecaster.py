@@ -72,14 +72,13 @@ from torch.nn.functional import softplus
 from tsssm.errors import ConfigError, DataError, ModelError
 from tsssm.models.base import Exog, Gaussian
 from tsssm.models.covariates import (
-    InputResponse,
-    exog_rows,
+    add_exog_weights,
+    check_n_inputs,
+    checked_exog,
     horizon_inputs,
     lead_log_ratio,
     nominal_step,
     per_sequence,
-    register_time_defaults,
-    time_ratio,
     token_time_scale,
 )
 from tsssm.models.heads import GaussianHead, HorizonVarianceScale, positive_variance
@@ -155,8 +154,7 @@ class MambaForecaster(nn.Module):
         n_inputs: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(n_inputs, int) or isinstance(n_inputs, bool) or n_inputs < 0:
-            raise ConfigError(f"model.n_inputs must be an integer >= 0, got {n_inputs!r}")
+        check_n_inputs(n_inputs)
         for key, value in (("n_channels", n_channels), ("horizon", horizon)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
@@ -228,17 +226,8 @@ class MambaForecaster(nn.Module):
         if self.linear_skip:  # RLinear: input_len normalised values -> horizon means, per channel
             self.skip = nn.Linear(input_len, horizon)
         self.var_calibration = HorizonVarianceScale(horizon)
-        # Created last and without random draws: a model without inputs is initialised as
-        # before, weight for weight.
-        if n_inputs:
-            #: per-step feedthrough of the inputs into the one-step mean (C, K)
-            self.input_gain = nn.Parameter(torch.zeros(n_channels, n_inputs))
-            self.input_response = InputResponse(n_channels, horizon, n_inputs)
-        #: one-step origins move by log(dt / nominal) of the predicted row times this vector
-        self.lead_time = nn.Parameter(torch.zeros(d_model))
-        #: the nominal (median training) time step; NaN: unknown, time steps are not used
-        self.register_buffer("nominal_step", torch.tensor(float("nan"), dtype=torch.float64))
-        register_time_defaults(self, {"nominal_step": float("nan"), "lead_time": 0.0})
+        # input_gain, input_response, lead_time, nominal_step: last, without random draws
+        add_exog_weights(self, n_channels, horizon, n_inputs, d_model)
 
     # ------------------------------------------------------------------ public API
 
@@ -453,10 +442,7 @@ class MambaForecaster(nn.Module):
               ) -> tuple[Tensor | None, Tensor | None]:
         """The call's inputs (B, T', K) (all rows given, for a forecast's horizon) or None and
         time ratios dt / nominal (B, T) or None."""
-        u, dt = exog_rows(exog, y.shape[0], y.shape[1], self.n_inputs, what)
-        if u is not None:
-            u = exog.u.to(y.dtype)
-        return u, time_ratio(dt, self.nominal_step)
+        return checked_exog(exog, y, self.n_inputs, self.nominal_step, what)
 
     def _ratio_series(self, state: MambaForecasterState, ratio: Tensor | None, length: int
                       ) -> Tensor | None:

@@ -34,6 +34,7 @@ from tsssm.data.io import (
     forward_fill,
     is_parquet,
     order_rows,
+    read_errors,
     read_stream,
     scan_table,
     unreadable,
@@ -125,12 +126,8 @@ class StreamReader:
         self.name = name or self.path.stem
         self._lazy, columns = scan_table(self.path, spec)
         if not is_parquet(self.path):  # a file that is not text at all fails as read whole
-            try:
+            with read_errors(self.path):
                 self._lazy.head(64).collect()
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as err:
-                raise unreadable(self.path, err) from err
         self.channels = check_columns(self.path, columns, spec)
         self.has_labels = spec.label_column is not None and spec.label_column in columns
         self._columns = [spec.time_column, *self.channels] + (
@@ -169,16 +166,10 @@ class StreamReader:
             return
         it = self._csv_batches(columns)
         while True:
-            try:
-                frame = next(it)
-            except StopIteration:
+            with read_errors(self.path):  # polars' parse errors (a malformed row, a bad page)
+                frame = next(it, None)
+            if frame is None:
                 return
-            except DataError:
-                raise
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as err:  # polars' parse errors (a malformed row, a bad page)
-                raise unreadable(self.path, err) from err
             if frame.height:
                 yield frame
 

@@ -251,6 +251,12 @@ def _chunk_tensors(
     return a, x.view(T, batch, dim, N), dtu
 
 
+def _chunk_spans(L: int, chunk: int) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk of ``chunk`` steps of 0..L (the last one may be shorter): the
+    one chunking of the forward passes' saved states and the backward passes' recomputation."""
+    return [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
+
+
 def _per_group(h: Tensor, G: int) -> Tensor:
     """(T, b, d, N) viewed as (T, b, G, d/G, N)."""
     T, batch, dim, N = h.shape
@@ -279,15 +285,14 @@ def chunked_scan_forward(
     G = B.shape[1]
     uT, dtT, BT, CT = _time_major(u), _time_major(dt), _time_major(B), _time_major(C)
     yT = torch.empty_like(uT)  # (L, b, d)
-    starts = range(0, L, chunk)
+    spans = _chunk_spans(L, chunk)
     saved = (
-        torch.empty((len(starts), *h0.shape), dtype=h0.dtype, device=h0.device)
+        torch.empty((len(spans), *h0.shape), dtype=h0.dtype, device=h0.device)
         if save_states
         else None
     )
     h = h0
-    for i, s in enumerate(starts):
-        e = min(s + chunk, L)
+    for i, (s, e) in enumerate(spans):
         if saved is not None:
             saved[i] = h
         a, x, _ = _chunk_tensors(uT[s:e], dtT[s:e], A, BT[s:e])
@@ -323,9 +328,9 @@ def chunked_scan_backward(
     dA = torch.zeros_like(A)
     # p = a_e g_e: what the chunk after this one sends back to our last state.
     p = torch.zeros_like(saved[0]) if dh_final is None else dh_final.to(saved.dtype)
-    starts = list(range(0, L, chunk))
-    for i in reversed(range(len(starts))):
-        s, e = starts[i], min(starts[i] + chunk, L)
+    spans = _chunk_spans(L, chunk)
+    for i in reversed(range(len(spans))):
+        s, e = spans[i]
         h_start = saved[i]  # (b, d, N)
         a, x, dtu = _chunk_tensors(uT[s:e], dtT[s:e], A, BT[s:e])
         a_keep = a.clone()
@@ -408,6 +413,17 @@ def _state_bdn(h: Tensor) -> Tensor:
     return h.transpose(-1, -2).reshape(b, G * dg, N).contiguous()
 
 
+def _state_step_(a: Tensor, h: Tensor, h_prev: Tensor, dt_t: Tensor, At: Tensor, B_t: Tensor,
+                 dtu_t: Tensor) -> Tensor:
+    """One step of the CPU path's recurrence into given slices (b, G, N, dg): the decay
+    a = exp(Δ_t A) and the state h = a h_prev + Δ_t u_t B_t (h may be h_prev: in place).
+    dt_t, dtu_t (b, G, dg); At (G, N, dg); B_t (b, G, N). Returns h."""
+    torch.mul(dt_t.unsqueeze(2), At, out=a)
+    a.exp_()
+    torch.mul(a, h_prev, out=h)
+    return h.addcmul_(B_t.unsqueeze(3), dtu_t.unsqueeze(2))  # + Δu B
+
+
 def stepwise_scan_forward(*args, **kwargs):
     """The CPU path's forward (see :func:`_stepwise_forward`), on one intra-op thread."""
     with _one_thread():
@@ -459,14 +475,8 @@ def _stepwise_forward(
     for t in range(L):
         if saved is not None and not keep_all and t % chunk == 0:
             starts[t // chunk] = h
-        a_t = decays[t] if keep_all else a
-        torch.mul(dtT[t].unsqueeze(2), At, out=a_t)
-        a_t.exp_()
-        if keep_all:
-            h = torch.mul(a_t, h, out=hs[t])
-        else:
-            h.mul_(a_t)
-        h.addcmul_(BT[t].unsqueeze(3), dtuT[t].unsqueeze(2))  # + Δu B
+        h = _state_step_(decays[t] if keep_all else a, hs[t] if keep_all else h, h, dtT[t], At,
+                         BT[t], dtuT[t])
         torch.bmm(CT[t].view(b * G, 1, N), h.view(b * G, N, dg), out=yT[t].view(b * G, 1, dg))
     y = yT.permute(1, 2, 3, 0).reshape(b, d, L)
     return y, _state_bdn(h), saved
@@ -508,7 +518,7 @@ def _stepwise_backward(
         spans = [(0, L)]
     else:
         starts = saved[1]
-        spans = [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
+        spans = _chunk_spans(L, chunk)
         hs = torch.empty((min(chunk, L), *h_init.shape), dtype=h0.dtype, device=h0.device)
         decays = torch.empty_like(hs)
     for i in reversed(range(len(spans))):
@@ -519,11 +529,8 @@ def _stepwise_backward(
             off, h_start = s, starts[i]
             prev = h_start
             for j in range(e - s):
-                torch.mul(dtT[s + j].unsqueeze(2), At, out=decays[j])
-                decays[j].exp_()
-                torch.mul(decays[j], prev, out=hs[j])
-                hs[j].addcmul_(BT[s + j].unsqueeze(3), dtuT[s + j].unsqueeze(2))
-                prev = hs[j]
+                prev = _state_step_(decays[j], hs[j], prev, dtT[s + j], At, BT[s + j],
+                                    dtuT[s + j])
         for t in reversed(range(s, e)):
             j = t - off
             g.addcmul_(CT[t].unsqueeze(3), dyT[t].unsqueeze(2))  # g_t = C_t dy_t + a_{t+1} g_{t+1}
