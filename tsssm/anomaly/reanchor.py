@@ -53,15 +53,24 @@ class ReanchorSpec(NamedTuple):
     hold: int = 20  # ... for this many consecutive rows
 
     def check(self) -> ReanchorSpec:
+        """Raises one ConfigError naming the key (task.window.reanchor.<key>) of a bad value."""
+        key = "task.window.reanchor"
         if not 0.0 <= self.alpha < 1.0:
-            raise ConfigError(f"re-anchor alpha must be in [0, 1); got {self.alpha!r}")
+            raise ConfigError(f"{key}.alpha (re-anchor alpha) must be in [0, 1); got "
+                              f"{self.alpha!r}")
         if not self.gamma > 0.0:
-            raise ConfigError(f"re-anchor gamma must be > 0; got {self.gamma!r}")
+            raise ConfigError(f"{key}.gamma (re-anchor gamma) must be > 0; got {self.gamma!r}")
         if not 0.0 <= self.rho < 1.0:
-            raise ConfigError(f"re-anchor rho must be in [0, 1); got {self.rho!r}")
+            raise ConfigError(f"{key}.rho (re-anchor rho) must be in [0, 1); got {self.rho!r}")
         if int(self.hold) != self.hold or self.hold < 1:
-            raise ConfigError(f"re-anchor hold must be a positive integer; got {self.hold!r}")
+            raise ConfigError(f"{key}.hold (re-anchor hold) must be a positive integer; got "
+                              f"{self.hold!r}")
         return self
+
+    @property
+    def active(self) -> bool:
+        """Whether the reference can move at all (alpha = rho = 0: the plain shift score)."""
+        return self.alpha > 0.0 or self.rho > 0.0
 
 
 def _per_row(x, n: int, name: str, dtype=np.float64) -> np.ndarray:
