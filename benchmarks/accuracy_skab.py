@@ -389,7 +389,7 @@ def reanchor_cells(data, cfg, terms: list, kind: str, risk: float,
             np.tile(u, (K, 1, 1)), np.tile(obs, (K, 1, 1)),
             np.concatenate([thresholds[int(w)] for w in col[:, 0]]), np.repeat(col[:, 0], S),
             alpha=np.repeat(col[:, 1], S), gamma=np.repeat(col[:, 2], S),
-            rho=np.repeat(col[:, 3], S), hold=np.repeat(col[:, 4], S))
+            rho=np.repeat(col[:, 3], S), hold=np.repeat(col[:, 4], S), contributions=False)
         scores += list(score.reshape(K, S, T))
     cells = []
     for setting, score in zip(settings, scores):

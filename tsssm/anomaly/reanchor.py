@@ -180,13 +180,18 @@ class ReanchoredShift:
                 run_s -= np.where(leave[:, None], RE[j, idx], 0.0)
                 run_n -= np.where(leave[:, None], RO[j, idx], 0.0)
             n_ch = np.count_nonzero(run_n > 0.5, axis=1)
-            # after a re-anchor the reference is the mean of `hold` rows, so a sum over n rows
-            # around it has variance n (1 + n / hold) rather than n: scaled back to chi-square
-            inflate = np.where(anchored[:, None], 1.0 + run_n / hcol, 1.0)
             np.multiply(run_s, run_s, out=part)
-            part /= np.maximum(run_n, 1.0) * inflate
+            den = np.maximum(run_n, 1.0)
+            if anchored.any():
+                # after a re-anchor the reference is the mean of `hold` rows, so a sum over n
+                # rows around it has variance n (1 + n / hold) rather than n: scaled back to
+                # chi-square (elsewhere the factor is 1, and x * 1.0 == x exactly)
+                den *= np.where(anchored[:, None], 1.0 + run_n / hcol, 1.0)
+            part /= den
             part /= np.maximum(n_ch, 1)[:, None]
-            part[n_ch == 0] = 0.0
+            empty = n_ch == 0
+            if empty.any():
+                part[empty] = 0.0
             if contrib is not None:
                 contrib[k] = part
             s = part.sum(axis=1)
