@@ -115,3 +115,22 @@ def test_a_window_that_is_not_a_trailing_shift_is_refused():
     for bad in (REANCHOR._replace(window_kind="mean"), REANCHOR._replace(align="centered")):
         with pytest.raises(ConfigError, match="task.window.reanchor"):
             bad.check()
+
+
+def test_alpha_rho_zero_is_the_plain_shift_score():
+    """Off (alpha = rho = 0) gives the plain trailing shift score on every path: the config
+    maps it to no reanchor at all, and a ReanchorSpec that cannot move scores the same."""
+    from tsssm.cli import compose
+    from tsssm.commands.common import score_spec
+
+    assert score_spec(compose(["task=anomaly"]).task).reanchor is None
+    on = score_spec(compose(["task=anomaly", "task.window.reanchor.rho=0.2"]).task)
+    assert on.reanchor == ReanchorSpec(0.0, 0.5, 0.2, 20)
+    plain = make_bundle("kalman", score=REANCHOR._replace(reanchor=None))
+    still = make_bundle("kalman", score=REANCHOR._replace(reanchor=ReanchorSpec()))
+    raw = raw_stream()
+    want = fed(Scorer(plain, contributions=True), raw, SPLITS["inside-windows"])
+    got = fed(Scorer(still, contributions=True), raw, SPLITS["inside-windows"])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[1], want[1])

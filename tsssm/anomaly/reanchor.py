@@ -29,6 +29,12 @@ With ``alpha = 0`` and ``rho = 0`` the score equals the plain trailing ``"shift"
 fitted as usual on the plain score of the validation rows (no label), where the reference has
 not moved. The score is causal (trailing windows only): every row's score uses rows up to it.
 
+In the product it is ``task.window.reanchor.{alpha,gamma,rho,hold}`` (off by default; the
+ScoreSpec's ``reanchor``, saved with the bundle): ``tsssm train`` scores the val/test rows with it
+(tsssm.tasks.evaluate), ``tsssm score`` and the API score whole streams with it
+(``flag_stream``), and files in chunks and live streams carry a :class:`ReanchoredShift` per
+stream (tsssm.scoring.stream_scores), so all of them give the same scores.
+
 Several streams and several settings run as one batch (B, T, C): the loop is over time only, so
 a grid of settings over many streams costs one pass. :class:`ReanchoredShift` carries the whole
 state from one piece of the streams to the next (chunked scoring, live streams): pieces of any
