@@ -189,3 +189,19 @@ def test_ensemble_is_one_user_command_whose_members_train_at_once(tmp_path):
     cfg = compose(command[2:])
     assert list(cfg.model.members) == ["kalman_ett", "mamba", "hybrid_residual"]
     assert cfg.model.net.horizon == 336
+
+
+def test_skab_apriori_reanchor_space_contains_the_old_one():
+    """The clean space ([reanchor-apriori]) is at least as wide as the old one in every axis and
+    holds every old cell, so the old records come from the same run (same tie order)."""
+    import accuracy_skab as s
+
+    for old, new in ((s.REANCHOR_WINDOWS, s.APRIORI_WINDOWS), (s.REANCHOR_ALPHAS, s.APRIORI_ALPHAS),
+                     (s.REANCHOR_GAMMAS, s.APRIORI_GAMMAS), (s.REANCHOR_RHOS, s.APRIORI_RHOS),
+                     (s.REANCHOR_HOLDS, s.APRIORI_HOLDS)):
+        assert set(old) <= set(new) and len(new) >= len(old)
+    apriori = s.reanchor_settings(s.APRIORI_WINDOWS, s.APRIORI_ALPHAS, s.APRIORI_GAMMAS,
+                                  s.APRIORI_RHOS, s.APRIORI_HOLDS)
+    assert len(apriori) == len(set(apriori)) == 351
+    old = [apriori.index(c) for c in s.reanchor_settings()]
+    assert len(old) == 98 and old == sorted(old)  # the old order is kept: ties break alike

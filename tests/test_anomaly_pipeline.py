@@ -82,3 +82,61 @@ def test_streaming_and_per_stream_thresholds(capsys, tmp_path, tracking_override
     assert scored["threshold"].n_unique() > 1
     bad = main(["train", *tracking_overrides, *FAST, "task.threshold.risk=0.5"])
     assert bad == 2 and "task.threshold.risk" in capsys.readouterr().err
+
+
+REANCHOR = ["task.window.reanchor.alpha=0.003", "task.window.reanchor.rho=0.2",
+            "task.window.reanchor.hold=10"]
+
+
+def test_reanchored_score_trained_saved_and_scored_alike(capsys, tmp_path, tracking_overrides,
+                                                         mlflow_db, experiment):
+    """task.window.reanchor through `tsssm train` (its val/test metrics), the bundle, and
+    `tsssm score` of a file in chunks that split the windows: the file's scores and flags are
+    the ones training logged for it."""
+    code = main(["train", *tracking_overrides, *FAST, *REANCHOR])
+    assert code == 0, capsys.readouterr().err
+    client = MlflowClient(mlflow_db)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert np.isfinite(run.data.metrics["test/f1"])
+    bundle = next((tmp_path / "out" / "models").iterdir())
+    meta = json.loads((bundle / "meta.json").read_text())
+    assert meta["score"]["reanchor"] == {"alpha": 0.003, "gamma": 0.5, "rho": 0.2, "hold": 10}
+    trained = pl.read_parquet(client.download_artifacts(run.info.run_id,
+                                                        "scores/scores.parquet", str(tmp_path)))
+    mine = trained.filter(pl.col("stream").str.contains("valve1/1"))
+    assert mine.height == 1145
+    code = main(["score", *tracking_overrides, f"model.checkpoint={bundle}",
+                 f"data.path={SAMPLE}", f"score.output={tmp_path}/s.parquet",
+                 "score.chunk_size=97"])
+    assert code == 0, capsys.readouterr().err
+    scored = pl.read_parquet(tmp_path / "s.parquet")
+    np.testing.assert_allclose(scored["score"].to_numpy(), mine["score"].to_numpy(),
+                               rtol=1e-4, atol=1e-4)
+    assert (scored["flag"].to_numpy() == mine["flag"].to_numpy()).mean() > 0.999
+    # the same training with the plain score (same seed: the same model) scores the file
+    # differently: the reference did move
+    code = main(["train", *tracking_overrides, *FAST])
+    assert code == 0, capsys.readouterr().err
+    other = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                               order_by=["attributes.start_time DESC"])[0]  # the newest
+    assert other.info.run_id != run.info.run_id
+    plain = pl.read_parquet(client.download_artifacts(
+        other.info.run_id, "scores/scores.parquet", str(tmp_path / "plain"))).filter(
+        pl.col("stream").str.contains("valve1/1"))
+    differ = ~np.isclose(plain["score"].to_numpy(), mine["score"].to_numpy(), rtol=1e-3)
+    assert differ.mean() > 0.05
+
+
+@pytest.mark.parametrize("override, key", [
+    ("task.window.reanchor.alpha=1.5", "task.window.reanchor.alpha"),
+    ("task.window.reanchor.rho=-0.1", "task.window.reanchor.rho"),
+    ("task.window.reanchor.hold=0", "task.window.reanchor.hold"),
+    ("task.window.reanchor.gamma=0", "task.window.reanchor.gamma"),
+    ("task.window.kind=mean", "task.window.reanchor"),
+    ("task.threshold.name=spot", "task.window.reanchor"),
+])
+def test_a_bad_reanchor_setting_is_one_clear_config_error(capsys, tracking_overrides, override,
+                                                          key):
+    code = main(["train", *tracking_overrides, *FAST, "task.window.reanchor.rho=0.2", override])
+    err = capsys.readouterr().err
+    assert code == 2 and key in err and "Traceback" not in err

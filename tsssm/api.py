@@ -472,12 +472,19 @@ class Model:
 
         if self.bundle.threshold is None:
             raise ModelError(f"the model from {self.source} has no fitted threshold")
+        from tsssm.anomaly.scores import ScoreSpec
+        from tsssm.tasks.evaluate import flag_stream
+
         part = self._read(data, channels, name)
-        pred = self._predict(part, chunk_size)
         # as `tsssm score`: the bundle's threshold, or (per-stream scope) its rule refitted on
-        # this stream's own first training rows
+        # this stream's own first training rows (and the re-anchored score around it, if the
+        # bundle's task.window.reanchor is on)
         train_rows = int(self.bundle.data_config.get("train_rows", 0))
-        threshold = stream_threshold(self.bundle, pred.score, train_rows, part.stream.name)
+        pred, threshold = flag_stream(
+            self.bundle.model, part.stream.values,
+            ScoreSpec.from_dict(self.bundle.score, self.bundle.score_kind),
+            lambda s: stream_threshold(self.bundle, s, train_rows, part.stream.name),
+            chunk_size, exog=part.exog())
         flags = threshold.flags(pred.score)
         return stream_frame(part, pred, flags, (0, len(part.stream)), threshold)
 

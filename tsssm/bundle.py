@@ -46,7 +46,8 @@ class Bundle:
     score_kind: str
     data_config: dict[str, Any]
     #: the full score spec (tsssm.anomaly.scores.ScoreSpec.to_dict: kind, window, window kind,
-    #: align); None: the one-step score of ``score_kind`` (bundles written before windows)
+    #: align, reanchor: the shift score's moving reference or None); None: the one-step score
+    #: of ``score_kind`` (bundles written before windows)
     score: dict[str, Any] | None = None
     #: "pooled": ``threshold`` flags every stream; "per_stream": a stream is flagged by the same
     #: rule refitted on its own first ``data_config["train_rows"]`` rows' scores

@@ -422,11 +422,30 @@ class WindowAlign(str, Enum):
 
 
 @dataclass
+class ReanchorConfig:
+    """The trailing shift score's guarded moving reference (tsssm/anomaly/reanchor.py); off by
+    default (alpha = rho = 0: the reference stays at the training rows' operating point)."""
+
+    #: drift: on a row scored below gamma x the threshold the reference moves this fraction of
+    #: the way towards the row's innovation (time constant 1 / alpha rows); 0: never drifts
+    alpha: float = 0.0
+    #: "clearly normal" rows for the drift: score below gamma x the threshold
+    gamma: float = 0.5
+    #: re-anchor once an alarm's score has stayed below rho x its peak for `hold` rows: the
+    #: reference jumps to those rows' mean innovation; 0: never
+    rho: float = 0.0
+    hold: int = 20
+
+
+@dataclass
 class WindowConfig:
     #: rows per score window (1: the one-step score)
     size: int = 1
     kind: WindowKind = WindowKind.mean
     align: WindowAlign = WindowAlign.trailing
+    #: kind=shift, align=trailing only: a reference that re-anchors after a fault (off by
+    #: default); the threshold is fitted on the plain score, saved with the bundle
+    reanchor: ReanchorConfig = field(default_factory=ReanchorConfig)
 
 
 @dataclass
@@ -686,6 +705,19 @@ def validate(cfg: DictConfig) -> None:
            f"must lie in (0, 1 - task.threshold.level) = (0, {1 - t.threshold.level:g})")
     _check(t.threshold.depth >= 1, "task.threshold.depth", "must be >= 1")
     _check(t.window.size >= 1, "task.window.size", "must be >= 1")
+    ra = t.window.reanchor
+    _check(0 <= ra.alpha < 1, "task.window.reanchor.alpha", f"must lie in [0, 1), got {ra.alpha}")
+    _check(ra.gamma > 0, "task.window.reanchor.gamma", f"must be > 0, got {ra.gamma}")
+    _check(0 <= ra.rho < 1, "task.window.reanchor.rho", f"must lie in [0, 1), got {ra.rho}")
+    _check(ra.hold >= 1, "task.window.reanchor.hold", f"must be >= 1, got {ra.hold}")
+    if ra.alpha > 0 or ra.rho > 0:
+        _check(option_value(t.window.kind) == "shift" and option_value(t.window.align)
+               == "trailing", "task.window.reanchor",
+               "moves the reference of the trailing shift score: it needs "
+               "task.window.kind=shift and task.window.align=trailing")
+        _check(t.threshold.name not in ("spot", "dspot"), "task.window.reanchor",
+               f"needs a fixed threshold (quantile, max or pot); task.threshold.name is "
+               f"{t.threshold.name!r}, which moves with the stream")
     _check(t.one_step_weight >= 0 and t.horizon_weight >= 0, "task.one_step_weight",
            "and task.horizon_weight must be >= 0")
     tr = cfg.trainer

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tsssm.anomaly.reanchor import ReanchorSpec
 from tsssm.errors import ConfigError, ModelError, NumericalError
 from tsssm.models.base import Gaussian
 
@@ -79,6 +80,9 @@ class ScoreSpec(NamedTuple):
     window: int = 1  # rows per window (1: the step score)
     window_kind: str = "mean"  # one of WINDOW_KINDS
     align: str = "trailing"  # one of WINDOW_ALIGNS
+    #: the shift score's guarded moving reference (tsssm.anomaly.reanchor.ReanchorSpec), None:
+    #: the reference frozen at 0 (the plain score); needs a trailing "shift" window
+    reanchor: ReanchorSpec | None = None
 
     def check(self) -> ScoreSpec:
         if self.kind not in SCORE_KINDS:
@@ -91,17 +95,33 @@ class ScoreSpec(NamedTuple):
         if self.align not in WINDOW_ALIGNS:
             raise ConfigError(f"score window align must be one of {WINDOW_ALIGNS}; got "
                               f"{self.align!r}")
+        if self.reanchor is not None:
+            self.reanchor.check()
+            if self.window_kind != "shift" or self.align != "trailing":
+                raise ConfigError(
+                    "task.window.reanchor moves the reference of the trailing shift score: it "
+                    "needs task.window.kind=shift and task.window.align=trailing; got "
+                    f"kind={self.window_kind!r}, align={self.align!r}")
         return self
 
     def to_dict(self) -> dict:
-        return dict(self._asdict())
+        d = dict(self._asdict())
+        if self.reanchor is None:  # the plain score: the same dict as before the key existed
+            del d["reanchor"]
+        else:
+            d["reanchor"] = dict(self.reanchor._asdict())
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None, kind: str = "nis") -> ScoreSpec:
-        """From ``to_dict`` output (None: the one-step score of ``kind``, as older bundles)."""
+        """From ``to_dict`` output (None: the one-step score of ``kind``, as older bundles;
+        a bundle without ``reanchor`` has the plain score)."""
         if not d:
             return cls(kind=kind).check()
-        return cls(**{k: d[k] for k in cls._fields if k in d}).check()
+        values = {k: d[k] for k in cls._fields if k in d}
+        if values.get("reanchor") is not None:
+            values["reanchor"] = ReanchorSpec(**dict(values["reanchor"]))
+        return cls(**values).check()
 
 
 def observed_mask(y: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ import polars as pl
 import torch
 
 from tsssm.anomaly.attribution import flagged_intervals
+from tsssm.anomaly.reanchor import ReanchorSpec
 from tsssm.anomaly.scores import ScoreSpec
 from tsssm.anomaly.thresholds import Threshold, build_threshold
 from tsssm.bundle import Bundle, load_bundle
@@ -95,8 +96,13 @@ def fit_threshold(cfg_task, train_scores: np.ndarray) -> Threshold:
 def score_spec(cfg_task) -> ScoreSpec:
     """The anomaly score ``task.score`` and ``task.window`` describe."""
     w = cfg_task.window
+    ra = w.get("reanchor") if hasattr(w, "get") else getattr(w, "reanchor", None)
+    reanchor = None
+    if ra is not None:
+        spec = ReanchorSpec(float(ra.alpha), float(ra.gamma), float(ra.rho), int(ra.hold))
+        reanchor = spec.check() if spec.active else None  # off: the plain shift score
     return ScoreSpec(option_value(cfg_task.score), int(w.size), option_value(w.kind),
-                     option_value(w.align)).check()
+                     option_value(w.align), reanchor).check()
 
 
 def evaluation_options(cfg_task) -> dict:

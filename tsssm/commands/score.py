@@ -63,7 +63,7 @@ from tsssm.errors import ConfigError, DataError
 from tsssm.tasks.evaluate import (
     StreamPrediction,
     detection_metrics,
-    predict_stream,
+    flag_stream,
     range_metrics,
 )
 from tsssm.tracking import Tracker, writable_dir
@@ -441,11 +441,11 @@ def _score_in_memory(cfg, cfg_data, bundle, output, tracker, source) -> str:
         for i, part in enumerate(scored_parts(data)):
             rows = part.rows("test")
             # The rows before the test split are history: they warm the state up.
-            pred = predict_stream(bundle.model, part.stream.values[: rows[1]], spec,
-                                  cfg.score.chunk_size, progress=True,
-                                  desc=f"scoring {part.stream.name}",
-                                  exog=part.exog(0, rows[1]))
-            threshold = stream_threshold(bundle, pred.score, train_rows, part.stream.name)
+            pred, threshold = flag_stream(
+                bundle.model, part.stream.values[: rows[1]], spec,
+                lambda s, name=part.stream.name: stream_threshold(bundle, s, train_rows, name),
+                cfg.score.chunk_size, progress=True, desc=f"scoring {part.stream.name}",
+                exog=part.exog(0, rows[1]))
             flags = threshold.flags(pred.score)
             frames.append(stream_frame(part, pred, flags, rows, threshold))
             interval_frames.append(interval_frame(part, pred, flags, rows))

@@ -201,7 +201,8 @@ def score_group(tasks: list, bundle: Bundle, device: str | torch.device | None =
     lanes = [_Lane(t, bundle, calibration, spec) for t in tasks]
     threshold = float(bundle.threshold.value)
     # one-step scores with one constant threshold and no contributions: (B, T) scores only
-    fast = (spec.window == 1 and spec.kind in ("nis", "nll") and not bundle.threshold.follows_stream
+    fast = (spec.window == 1 and spec.kind in ("nis", "nll") and spec.reanchor is None
+            and not bundle.threshold.follows_stream
             and bundle.threshold_scope != "per_stream"
             and not any(lane.post.contributions for lane in lanes))
     C = len(bundle.channels)

@@ -282,7 +282,8 @@ class Scorer:
         straight from the model's moments (numpy_scores), no step terms."""
         spec = self.spec
         return (spec.window == 1 and spec.kind in ("nis", "nll") and not self.contributions
-                and not self.threshold_rows and not self.threshold.follows_stream)
+                and not self.threshold_rows and not self.threshold.follows_stream
+                and spec.reanchor is None)
 
     @property
     def threshold_note(self) -> str:
@@ -493,7 +494,7 @@ class Scorer:
         if self._device_win is None:
             spec = self.spec
             on = (self._device_window_on and self._kalman is None and not self.moments
-                  and (spec.window == 1 or spec.align == "trailing"))
+                  and (spec.window == 1 or spec.align == "trailing") and spec.reanchor is None)
             self._device_win = False
             if on:
                 from tsssm.scoring.device_window import DeviceWindow

@@ -13,7 +13,12 @@ with a small carried state, so the batch boundaries change nothing:
   whole: those scores are held until the stream has more rows than that, then flagged together;
   a stream that ends first is flagged by the pooled training threshold, with a warning;
 - other row-aligned arrays (the scaled rows and forecasts kept for figures) are delayed with the
-  scores so that every output row carries its own.
+  scores so that every output row carries its own;
+- with ``task.window.reanchor`` (the bundle's ``spec.reanchor``), the rows' whitened innovations
+  travel with them too, and once the threshold in force is known the score and contributions are
+  those of the re-anchored shift score (tsssm.anomaly.reanchor.ReanchoredShift, its reference
+  and alarm state carried from piece to piece), as ``tsssm train`` computes them for the whole
+  stream; the threshold (fitted on the plain score) flags them.
 
 :class:`ScoredRows` is what comes out: rows ``start .. start + n - 1`` of the stream, in order.
 """
@@ -25,9 +30,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tsssm.anomaly.reanchor import ReanchoredShift
 from tsssm.anomaly.scores import ScoreSpec
 from tsssm.anomaly.streaming import RunningWindow, WindowState, window_start, window_update
 from tsssm.anomaly.thresholds import Threshold, threshold_from_dict
+from tsssm.errors import ConfigError
 
 log = logging.getLogger("tsssm")
 
@@ -121,6 +128,9 @@ class StreamScores:
         self.n_channels = n_channels
         self.threshold_rows = int(threshold_rows)
         self.contributions = contributions
+        if spec.reanchor is not None and threshold.follows_stream:
+            raise ConfigError("task.window.reanchor needs a fixed threshold (quantile, max or "
+                              f"pot); the bundle's {threshold.name} moves with the stream")
         self.reset()
 
     def reset(self, source: str = "the stream") -> None:
@@ -136,6 +146,8 @@ class StreamScores:
         self._held: list[tuple[np.ndarray, np.ndarray, dict]] = []  # scores before the fit
         self._n_held = 0
         self._out = 0  # rows returned
+        #: the re-anchored score's state (spec.reanchor), made once the threshold is known
+        self._reanchor: ReanchoredShift | None = None
 
     @property
     def _window(self) -> WindowState:
@@ -196,6 +208,10 @@ class StreamScores:
             live = self._live = RunningWindow.from_state(self._window, spec.window,
                                                          spec.window_kind, self.n_channels)
         score, contrib = live.step(contrib, whitened, observed)
+        if spec.reanchor is not None:
+            s, c = self._reanchored(np.asarray(whitened, np.float64)[None],
+                                    np.asarray(observed, bool)[None], True)
+            score, contrib = float(s[0]), c[0]
         if self.threshold.follows_stream:
             levels, self._carry = self.threshold.levels_update(np.array([score]), self._carry)
             flag = score > float(levels[0])
@@ -225,6 +241,8 @@ class StreamScores:
         :meth:`push` within a stream (each carries its own window)."""
         if self.spec.window > 1 and self.spec.align != "trailing":
             raise ValueError("push_scores takes trailing windows only")
+        if self.spec.reanchor is not None:
+            raise ValueError("push_scores takes plain scores only (no task.window.reanchor)")
         w = self._window
         n = len(score)
         self._window = w._replace(received=w.received + n, emitted=w.emitted + n)
@@ -234,7 +252,11 @@ class StreamScores:
 
     def _advance(self, terms: tuple, extras: dict | None, final: bool) -> ScoredRows:
         spec = self.spec
-        self._extras.push(extras or {})
+        extras = extras or {}
+        if spec.reanchor is not None:  # the re-anchored score needs them once flagged
+            extras = {**extras, "_u": np.asarray(terms[1], np.float64),
+                      "_o": np.asarray(terms[2], bool)}
+        self._extras.push(extras)
         score, contrib, self._window = window_update(self._window, terms, spec.window,
                                                      spec.window_kind, spec.align, final)
         ext = self._extras.pop(len(score))
@@ -242,7 +264,8 @@ class StreamScores:
 
     def _threshold_rows(self, score: np.ndarray, contrib: np.ndarray, ext: dict) -> ScoredRows:
         if self.threshold is None:
-            self._held.append((score, contrib, ext))
+            if len(score):
+                self._held.append((score, contrib, ext))
             self._n_held += len(score)
             if self._n_held <= self.threshold_rows:
                 return empty_rows(self._out, self.n_channels, self.contributions)
@@ -267,6 +290,10 @@ class StreamScores:
         start = self._out
         if len(score) == 0:
             return empty_rows(start, self.n_channels, self.contributions)
+        if self.spec.reanchor is not None:
+            score, re_contrib = self._reanchored(ext.pop("_u"), ext.pop("_o"),
+                                                 self.contributions)
+            contrib = re_contrib if re_contrib is not None else contrib
         level = None
         if self.threshold.follows_stream:
             levels, self._carry = self.threshold.levels_update(score, self._carry)
@@ -282,3 +309,13 @@ class StreamScores:
                           contrib=contrib.astype(np.float32, copy=False)
                           if self.contributions else None,
                           level=level)
+
+    def _reanchored(self, whitened: np.ndarray, observed: np.ndarray, contributions: bool
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The re-anchored shift scores (n,) (and contributions (n, C)) of the next rows'
+        whitened innovations and observed masks (n, C), around the threshold in force."""
+        if self._reanchor is None:
+            self._reanchor = ReanchoredShift(self.n_channels, float(self.threshold.value),
+                                             self.spec.window, self.spec.reanchor)
+        score, contrib = self._reanchor.update(whitened[None], observed[None], contributions)
+        return score[0], None if contrib is None else contrib[0]

@@ -21,7 +21,7 @@ from tsssm.anomaly.events import event_metrics, nab_score, vus_pr
 from tsssm.anomaly.metrics import anomaly_metrics, forecast_metrics
 from tsssm.anomaly.scores import ScoreSpec, StepTerms, step_terms, window_scores
 from tsssm.anomaly.thresholds import Threshold
-from tsssm.errors import DataError
+from tsssm.errors import ConfigError, DataError
 from tsssm.models.base import Exog, Gaussian, call_forecast, call_one_step, uses_exog
 from tsssm.tasks.forecast_metrics import HorizonAccumulator
 
@@ -89,6 +89,39 @@ def window_prediction(mean: np.ndarray, var: np.ndarray, terms: StepTerms,
     one filter pass serves every window of the same score kind."""
     score, contrib = window_scores(terms, spec.window, spec.window_kind, spec.align)
     return StreamPrediction(mean, var, score, contrib)
+
+
+def flag_stream(model, values: np.ndarray, score_kind: ScoreSpec | str,
+                threshold_of: Callable[[np.ndarray], Threshold], chunk_size: int = 100_000,
+                progress: bool = False, desc: str = "scoring",
+                exog: ExogArrays | None = None) -> tuple[StreamPrediction, Threshold]:
+    """:func:`predict_stream`, then the threshold ``threshold_of(plain scores)`` (the bundle's,
+    or its rule refitted on the stream's first rows), then, with ``spec.reanchor``, the
+    re-anchored score around it (:func:`reanchored_prediction`): what ``tsssm score`` and the
+    API flag a whole stream with. Returns (prediction, threshold)."""
+    spec = as_spec(score_kind)
+    mean, var, terms = stream_terms(model, values, spec.kind, chunk_size, progress, desc, exog)
+    pred = window_prediction(mean, var, terms, spec)
+    threshold = threshold_of(pred.score)
+    if spec.reanchor is not None:
+        pred = reanchored_prediction(pred, terms, spec, threshold)
+    return pred, threshold
+
+
+def reanchored_prediction(pred: StreamPrediction, terms: StepTerms, spec: ScoreSpec,
+                          threshold: Threshold) -> StreamPrediction:
+    """``pred`` with the score and contributions of the re-anchored shift score
+    (``spec.reanchor``; tsssm.anomaly.reanchor) of the stream's step terms, around the
+    threshold that flags it (a fixed value: fitted on the plain score)."""
+    from tsssm.anomaly.reanchor import reanchored_shift_scores
+
+    if threshold.follows_stream:
+        raise ConfigError("task.window.reanchor needs a fixed threshold (quantile, max or "
+                          f"pot); {threshold.name} moves with the stream")
+    score, contrib = reanchored_shift_scores(np.asarray(terms.whitened),
+                                             np.asarray(terms.observed), float(threshold.value),
+                                             spec.window, spec.reanchor)
+    return StreamPrediction(pred.mean, pred.var, score, contrib)
 
 
 @torch.no_grad()
@@ -298,17 +331,30 @@ def evaluate(model, data, *, score_kind: ScoreSpec | str, context: int, horizon:
                                    for split in ("val", "test")) if forecaster else 0)
     bar = tqdm(total=units, desc=progress, disable=progress is None, unit="step",
                leave=False)
-    preds = []
+    spec = as_spec(score_kind)
+    reanchor = forecaster and spec.reanchor is not None
+    preds, step = [], []
     for p in data.parts:
-        preds.append(predict_stream(model, p.stream.values, score_kind, chunk_size,
-                                    exog=p.exog())
-                     if forecaster else predict_detector(model, p.stream.values))
+        if reanchor:  # the step terms are kept for the re-anchored score below
+            mean, var, terms = stream_terms(model, p.stream.values, spec.kind, chunk_size,
+                                            exog=p.exog())
+            preds.append(window_prediction(mean, var, terms, spec))
+            step.append(terms)
+        else:
+            preds.append(predict_stream(model, p.stream.values, spec, chunk_size,
+                                        exog=p.exog())
+                         if forecaster else predict_detector(model, p.stream.values))
         bar.update()
     if threshold is None:
         threshold, thresholds = fit_thresholds(data, preds, make_threshold, scope, fit_on,
                                                exclude_labelled)
     else:
         thresholds = [threshold] * len(preds)
+    if reanchor:
+        # the threshold is fitted on the plain score (above; no label read), where the
+        # reference has not moved; the stream is then scored around the moving reference
+        preds = [reanchored_prediction(pr, terms, spec, t)
+                 for pr, terms, t in zip(preds, step, thresholds)]
     flags = [t.flags(pr.score) for t, pr in zip(thresholds, preds)]
     metrics: dict[str, float] = {"train/threshold": threshold.value}
     by_lead: dict[str, np.ndarray] = {}
