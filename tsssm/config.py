@@ -706,10 +706,11 @@ def validate(cfg: DictConfig) -> None:
     _check(t.threshold.depth >= 1, "task.threshold.depth", "must be >= 1")
     _check(t.window.size >= 1, "task.window.size", "must be >= 1")
     ra = t.window.reanchor
-    _check(0 <= ra.alpha < 1, "task.window.reanchor.alpha", f"must lie in [0, 1), got {ra.alpha}")
-    _check(ra.gamma > 0, "task.window.reanchor.gamma", f"must be > 0, got {ra.gamma}")
-    _check(0 <= ra.rho < 1, "task.window.reanchor.rho", f"must lie in [0, 1), got {ra.rho}")
-    _check(ra.hold >= 1, "task.window.reanchor.hold", f"must be >= 1, got {ra.hold}")
+    from tsssm.anomaly.reanchor import ReanchorSpec  # its bounds, stated once
+
+    bad = ReanchorSpec(ra.alpha, ra.gamma, ra.rho, ra.hold).problem()
+    if bad is not None:
+        _check(False, f"task.window.reanchor.{bad[0]}", f"{bad[1]}, got {getattr(ra, bad[0])}")
     if ra.alpha > 0 or ra.rho > 0:
         _check(option_value(t.window.kind) == "shift" and option_value(t.window.align)
                == "trailing", "task.window.reanchor",

@@ -58,25 +58,40 @@ class ReanchorSpec(NamedTuple):
     rho: float = 0.0  # re-anchor when an alarm's score stays below rho x its peak (0: never)
     hold: int = 20  # ... for this many consecutive rows
 
+    def problem(self) -> tuple[str, str] | None:
+        """The first bad value as (field, what it must be), or None: the one statement of the
+        bounds, worded by each caller (:meth:`check`, the config schema's validate)."""
+        if not 0.0 <= self.alpha < 1.0:
+            return "alpha", "must lie in [0, 1)"
+        if not self.gamma > 0.0:
+            return "gamma", "must be > 0"
+        if not 0.0 <= self.rho < 1.0:
+            return "rho", "must lie in [0, 1)"
+        if int(self.hold) != self.hold or self.hold < 1:
+            return "hold", "must be a positive integer"
+        return None
+
     def check(self) -> ReanchorSpec:
         """Raises one ConfigError naming the key (task.window.reanchor.<key>) of a bad value."""
-        key = "task.window.reanchor"
-        if not 0.0 <= self.alpha < 1.0:
-            raise ConfigError(f"{key}.alpha (re-anchor alpha) must be in [0, 1); got "
-                              f"{self.alpha!r}")
-        if not self.gamma > 0.0:
-            raise ConfigError(f"{key}.gamma (re-anchor gamma) must be > 0; got {self.gamma!r}")
-        if not 0.0 <= self.rho < 1.0:
-            raise ConfigError(f"{key}.rho (re-anchor rho) must be in [0, 1); got {self.rho!r}")
-        if int(self.hold) != self.hold or self.hold < 1:
-            raise ConfigError(f"{key}.hold (re-anchor hold) must be a positive integer; got "
-                              f"{self.hold!r}")
+        found = self.problem()
+        if found is not None:
+            name, requirement = found
+            raise ConfigError(f"task.window.reanchor.{name} (re-anchor {name}) {requirement}; "
+                              f"got {getattr(self, name)!r}")
         return self
 
     @property
     def active(self) -> bool:
         """Whether the reference can move at all (alpha = rho = 0: the plain shift score)."""
         return self.alpha > 0.0 or self.rho > 0.0
+
+
+def require_fixed_threshold(threshold, whose: str = "") -> None:
+    """Refuse a threshold that moves with the stream (spot, dspot): the re-anchored score is
+    flagged around one fixed value, fitted on the plain score. ``whose``: e.g. "the bundle's "."""
+    if threshold.follows_stream:
+        raise ConfigError("task.window.reanchor needs a fixed threshold (quantile, max or "
+                          f"pot); {whose}{threshold.name} moves with the stream")
 
 
 def _per_row(x, n: int, name: str, dtype=np.float64) -> np.ndarray:

@@ -30,11 +30,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tsssm.anomaly.reanchor import ReanchoredShift
+from tsssm.anomaly.reanchor import ReanchoredShift, require_fixed_threshold
 from tsssm.anomaly.scores import ScoreSpec
 from tsssm.anomaly.streaming import RunningWindow, WindowState, window_start, window_update
 from tsssm.anomaly.thresholds import Threshold, threshold_from_dict
-from tsssm.errors import ConfigError
 
 log = logging.getLogger("tsssm")
 
@@ -128,9 +127,8 @@ class StreamScores:
         self.n_channels = n_channels
         self.threshold_rows = int(threshold_rows)
         self.contributions = contributions
-        if spec.reanchor is not None and threshold.follows_stream:
-            raise ConfigError("task.window.reanchor needs a fixed threshold (quantile, max or "
-                              f"pot); the bundle's {threshold.name} moves with the stream")
+        if spec.reanchor is not None:
+            require_fixed_threshold(threshold, "the bundle's ")
         self.reset()
 
     def reset(self, source: str = "the stream") -> None:

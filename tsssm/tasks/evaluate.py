@@ -21,7 +21,7 @@ from tsssm.anomaly.events import event_metrics, nab_score, vus_pr
 from tsssm.anomaly.metrics import anomaly_metrics, forecast_metrics
 from tsssm.anomaly.scores import ScoreSpec, StepTerms, step_terms, window_scores
 from tsssm.anomaly.thresholds import Threshold
-from tsssm.errors import ConfigError, DataError
+from tsssm.errors import DataError
 from tsssm.models.base import Exog, Gaussian, call_forecast, call_one_step, uses_exog
 from tsssm.tasks.forecast_metrics import HorizonAccumulator
 
@@ -113,11 +113,9 @@ def reanchored_prediction(pred: StreamPrediction, terms: StepTerms, spec: ScoreS
     """``pred`` with the score and contributions of the re-anchored shift score
     (``spec.reanchor``; tsssm.anomaly.reanchor) of the stream's step terms, around the
     threshold that flags it (a fixed value: fitted on the plain score)."""
-    from tsssm.anomaly.reanchor import reanchored_shift_scores
+    from tsssm.anomaly.reanchor import reanchored_shift_scores, require_fixed_threshold
 
-    if threshold.follows_stream:
-        raise ConfigError("task.window.reanchor needs a fixed threshold (quantile, max or "
-                          f"pot); {threshold.name} moves with the stream")
+    require_fixed_threshold(threshold)
     score, contrib = reanchored_shift_scores(np.asarray(terms.whitened),
                                              np.asarray(terms.observed), float(threshold.value),
                                              spec.window, spec.reanchor)
