@@ -100,7 +100,7 @@ def score_spec(cfg_task) -> ScoreSpec:
     reanchor = None
     if ra is not None:
         spec = ReanchorSpec(float(ra.alpha), float(ra.gamma), float(ra.rho), int(ra.hold))
-        reanchor = spec.check() if spec.active else None  # off: the plain shift score
+        reanchor = spec if spec.active else None  # off: the plain shift score; checked below
     return ScoreSpec(option_value(cfg_task.score), int(w.size), option_value(w.kind),
                      option_value(w.align), reanchor).check()
 

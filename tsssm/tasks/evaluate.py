@@ -333,15 +333,14 @@ def evaluate(model, data, *, score_kind: ScoreSpec | str, context: int, horizon:
     reanchor = forecaster and spec.reanchor is not None
     preds, step = [], []
     for p in data.parts:
-        if reanchor:  # the step terms are kept for the re-anchored score below
+        if forecaster:  # predict_stream, keeping the step terms for the re-anchored score below
             mean, var, terms = stream_terms(model, p.stream.values, spec.kind, chunk_size,
                                             exog=p.exog())
             preds.append(window_prediction(mean, var, terms, spec))
-            step.append(terms)
+            if reanchor:
+                step.append(terms)
         else:
-            preds.append(predict_stream(model, p.stream.values, spec, chunk_size,
-                                        exog=p.exog())
-                         if forecaster else predict_detector(model, p.stream.values))
+            preds.append(predict_detector(model, p.stream.values))
         bar.update()
     if threshold is None:
         threshold, thresholds = fit_thresholds(data, preds, make_threshold, scope, fit_on,
