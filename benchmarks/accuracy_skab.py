@@ -510,7 +510,6 @@ def grouped_choice(args, model: str, bundle_dir: str, command: str) -> list[dict
     choices["logo-wide"] = {g: offset + k for g, k in
                             choose_by_group(wide_counts, groups, MAX_FAR).items()}
     # the re-anchored shift score (tsssm.anomaly.reanchor) at the label-free risk, its five
-    # settings chosen leave-one-group-out by the [logo] and [logo-f1] rules
     # settings chosen leave-one-group-out by the [logo] and [logo-f1] rules: over the clean
     # APRIORI_* space ([reanchor-apriori*]) and, for continuity, over the old REANCHOR_* space
     # ([reanchor-logo*], not clean: that grid was fixed after an in-sample look), a subset of
