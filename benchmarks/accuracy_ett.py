@@ -88,6 +88,9 @@ def _metrics_record(m: dict[str, float], dataset: str, horizon: int) -> dict:
         "mse": get(f"test/{h}mse"), "mae": get(f"test/{h}mae"), "crps": get(f"test/{h}crps"),
         "coverage95": get(f"test/{h}coverage95"), "nll": get(f"test/{h}nll"),
         "val_mse": get(f"val/{h}mse"), "windows": get(f"test/{h}windows"),
+        # the fitted factor alone, without the adaptive band (task.adaptive_calibration)
+        **{f"{k}_static": m[f"test/{h}{k}_static"] for k in ("coverage95", "crps")
+           if f"test/{h}{k}_static" in m},
     }
 
 
@@ -219,6 +222,7 @@ def _ensemble_fields(tracker, run_id: str, metrics: dict[str, float], horizon: i
             "mse": m.get(f"test/h{horizon}_mse", math.nan),
             "mae": m.get(f"test/h{horizon}_mae", math.nan),
             "coverage95": m.get(f"test/h{horizon}_coverage95", math.nan),
+            "coverage95_static": m.get(f"test/h{horizon}_coverage95_static", math.nan),
             "val_mse": m.get(f"val/h{horizon}_mse", math.nan),
             **({"epochs": epochs} if epochs else {}),
             "weight_first": metrics.get(f"ensemble/weight_{name}_first", math.nan),
@@ -237,7 +241,9 @@ def _run_baseline(args, dataset: str, horizon: int, name: str) -> dict:
     from tsssm.baselines import build_baseline
     from tsssm.cli import compose
     from tsssm.data.datasets import build_dataset
+    from tsssm.tasks.adaptive_calibration import AdaptiveCalibration
     from tsssm.tasks.evaluate import horizon_metrics
+    from tsssm.tasks.forecast_metrics import HorizonAccumulator
 
     cfg = compose(["experiment=ett", *data_overrides(args, dataset), f"data.horizon={horizon}"])
     started = time.perf_counter()
@@ -246,10 +252,19 @@ def _run_baseline(args, dataset: str, horizon: int, name: str) -> dict:
     model = build_baseline(name, **kwargs)
     model.fit(torch.from_numpy(np.stack(data.split_arrays("train"))))  # (1, T_train, C)
     metrics = {}
+    # the task's adaptive band, as for the trained models: carried from val into test
+    rate = cfg.task.adaptive_calibration
+    adapters = [AdaptiveCalibration(horizon, rate) for _ in data.parts] if rate > 0 else None
     for split in ("val", "test"):
+        static = HorizonAccumulator(horizon) if adapters else None
         acc = horizon_metrics(model, [(p.stream.values, p.rows(split)) for p in data.parts],
-                              cfg.data.input_len, horizon, cfg.data.eval_stride)
+                              cfg.data.input_len, horizon, cfg.data.eval_stride,
+                              adaptive=adapters, static=static)
         metrics.update({f"{split}/h{horizon}_{k}": v for k, v in acc.result().items()})
+        if static is not None:
+            fixed = static.result()
+            metrics.update({f"{split}/h{horizon}_{k}_static": fixed[k]
+                            for k in ("crps", "coverage95")})
     fmt = getattr(args, "data_format", "csv")
     command = (f"python benchmarks/accuracy.py --suite ett --root {args.root} --datasets "
                f"{dataset} --horizons {horizon} --models {name}"

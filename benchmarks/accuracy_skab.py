@@ -79,10 +79,10 @@ REANCHOR_RHOS = (0.0, 0.05, 0.1, 0.2)
 REANCHOR_HOLDS = (10, 20)
 #: the CLEAN re-anchored space (records ``[reanchor-apriori]``, ``[reanchor-apriori-f1]``, the
 #: same leave-one-group-out rules with the same MAX_FAR budget), declared in code on 2026-12-02
-#: (commit 717f9be, 12:48 UTC) BEFORE any of its cells was run, from SKAB's sampling and physics alone (no test
-#: label looked at for it), and containing the old space in every axis (the old records are
-#: kept, labelled not clean). SKAB rows are 1 Hz; a fault lasts minutes (about 2-7 min) and a
-#: file's normal test rows before it several minutes:
+#: (commit 717f9be, 12:48 UTC) BEFORE any of its cells was run, from SKAB's sampling and
+#: physics alone (no test label looked at for it), and containing the old space in every axis
+#: (the old records are kept, labelled not clean). SKAB rows are 1 Hz; a fault lasts minutes
+#: (about 2-7 min) and a file's normal test rows before it several minutes:
 #: - windows 10 / 30 / 60 rows: 10 s (a valve's step is seen within seconds), half a minute,
 #:   one minute (NAB's 60 s window, shorter than every fault);
 #: - alpha 0 / 1e-3 / 3e-3 / 1e-2 / 3e-2: the reference's time constant none / ~17 min / ~6 min

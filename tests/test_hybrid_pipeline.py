@@ -46,17 +46,20 @@ def test_max_time_stops_training_and_still_evaluates(capsys, tracking_overrides,
     restores, calibrates and evaluates as after its last epoch (a FINISHED run with every test
     metric). With restore_best the starting weights (the hybrid at its fitted Kalman part) are
     validated before training and are a candidate: their score and the restored epoch are
-    logged."""
+    logged. The adaptive band (task.adaptive_calibration) logs the unadapted metrics beside."""
     code = main(["train", *tracking_overrides, "model=hybrid_residual", *TINY[1:],
                  "trainer.max_epochs=500", "trainer.max_time=0.5", "task.restore_best=true",
-                 "task.monitor=val/mse_horizon"])
+                 "task.monitor=val/mse_horizon", "task.adaptive_calibration=0.005"])
     assert code == 0, capsys.readouterr().err
     client, (run,) = finished_runs()
     epochs = client.get_metric_history(run.info.run_id, "train/epoch_seconds")
     assert 1 <= len(epochs) < 500
     for key in ("test/h8_mse", "test/h8_coverage95", "val/variance_scale_first",
-                "val/start_mse_horizon", "val/start_loss"):
+                "val/start_mse_horizon", "val/start_loss", "test/h8_coverage95_static",
+                "test/h8_crps_static"):
         assert run.data.metrics[key] == run.data.metrics[key], key
+    # the adaptive band moved (the unadapted figures are logged beside it)
+    assert run.data.metrics["test/h8_crps"] != run.data.metrics["test/h8_crps_static"]
     best = run.data.metrics["val/best_epoch"]
     assert best == int(best) and -1 <= best < len(epochs)
     if best == -1:  # the start was kept: its score is the best of every epoch's

@@ -497,6 +497,12 @@ class TaskConfig:
     #: per-lead-time variance factor fitted on validation windows after training: "coverage"
     #: (the ±1.96 sd band covers 95% there), "nll" (maximum likelihood) or "none"
     calibration: str = "coverage"
+    #: adaptive calibration of the horizon band in evaluation (tsssm.tasks.adaptive_calibration):
+    #: each lead time's variance factor moves causally with the misses of the forecasts
+    #: already resolved (adaptive conformal inference; the value is its step size gamma,
+    #: 0.005 in Gibbs & Candes 2021), carried from a stream's validation windows into its test
+    #: windows; the unadapted metrics are logged as {split}/h{H}_*_static. 0: off
+    adaptive_calibration: float = 0.0
     #: SKAB's change-point task: detection window (seconds; rows for integer time) to the right
     #: of each change point, for the NAB score
     nab_window: float = 60.0
@@ -705,6 +711,9 @@ def validate(cfg: DictConfig) -> None:
            f"must lie in (0, 1 - task.threshold.level) = (0, {1 - t.threshold.level:g})")
     _check(t.threshold.depth >= 1, "task.threshold.depth", "must be >= 1")
     _check(t.window.size >= 1, "task.window.size", "must be >= 1")
+    _check(0 <= t.adaptive_calibration < 1, "task.adaptive_calibration",
+           "must lie in [0, 1): the step size of the adaptive band (0.005 as in Gibbs & Candes "
+           f"2021; 0 turns it off), got {t.adaptive_calibration}")
     ra = t.window.reanchor
     from tsssm.anomaly.reanchor import ReanchorSpec  # its bounds, stated once
 

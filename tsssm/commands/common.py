@@ -110,6 +110,7 @@ def evaluation_options(cfg_task) -> dict:
     return dict(score_kind=score_spec(cfg_task), scope=cfg_task.threshold.scope,
                 fit_on=cfg_task.threshold.fit_on, nab_window=cfg_task.nab_window,
                 vus_max_buffer=cfg_task.vus_max_buffer,
+                adaptive_calibration=cfg_task.adaptive_calibration,
                 make_threshold=lambda s: fit_threshold(cfg_task, s))
 
 

@@ -23,6 +23,7 @@ from tsssm.anomaly.scores import ScoreSpec, StepTerms, step_terms, window_scores
 from tsssm.anomaly.thresholds import Threshold
 from tsssm.errors import DataError
 from tsssm.models.base import Exog, Gaussian, call_forecast, call_one_step, uses_exog
+from tsssm.tasks.adaptive_calibration import AdaptiveCalibration
 from tsssm.tasks.forecast_metrics import HorizonAccumulator
 
 log = logging.getLogger("tsssm")
@@ -202,17 +203,29 @@ def forecast_origins(model, values: np.ndarray, rows: tuple[int, int], context: 
 
 def horizon_metrics(model, parts_rows: list[tuple], context: int, horizon: int, stride: int,
                     future_inputs: str = "known",
-                    on_stream: Callable[[], object] | None = None) -> HorizonAccumulator:
+                    on_stream: Callable[[], object] | None = None,
+                    adaptive: list[AdaptiveCalibration] | None = None,
+                    static: HorizonAccumulator | None = None) -> HorizonAccumulator:
     """Horizon-forecast metrics pooled over the windows of several streams' rows.
     parts_rows: (values (T, C), rows) or (values, rows, exog arrays) per stream; ``on_stream``
-    is called after each stream (progress)."""
+    is called after each stream (progress). ``adaptive``: one AdaptiveCalibration per stream
+    (carried over from its earlier rows, e.g. validation before test): the metrics are those of
+    the adapted variances, and ``static`` (if given) accumulates the unadapted ones."""
     acc = HorizonAccumulator(horizon)
-    for values, rows, *exog in parts_rows:
+    for i, (values, rows, *exog) in enumerate(parts_rows):
         origins = forecast_origin_rows(rows, context, horizon, stride)
+        done = 0
         for pred, targets in iter_forecasts(model, values, origins, context, horizon,
                                             exog=exog[0] if exog else None,
                                             future_inputs=future_inputs):
-            acc.add(targets, pred.mean.numpy(), pred.var.numpy())
+            mean, var = pred.mean.numpy(), pred.var.numpy()
+            if adaptive is not None:
+                if static is not None:
+                    static.add(targets, mean, var)
+                batch = origins[done : done + len(targets)]
+                var = adaptive[i].adapt(batch, targets, mean, var)
+            done += len(targets)
+            acc.add(targets, mean, var)
         if on_stream is not None:
             on_stream()
     return acc
@@ -316,13 +329,16 @@ def evaluate(model, data, *, score_kind: ScoreSpec | str, context: int, horizon:
              threshold: Threshold | None = None, scope: str = "pooled", fit_on: str = "train",
              nab_window: float = 60.0, vus_max_buffer: int = 60,
              future_inputs: str = "known", exclude_labelled: bool = False,
-             progress: str | None = None) -> Evaluation:
+             adaptive_calibration: float = 0.0, progress: str | None = None) -> Evaluation:
     """Score every stream from its start, fit the threshold on the ``fit_on`` rows (unless one
     is given; pooled or per stream; ``exclude_labelled``: on those not labelled as anomalies),
     and compute forecast and detection metrics per split (pooled over streams; range metrics
     per stream). Models that use exogenous data get each stream's inputs and time steps.
-    ``progress``: show a bar with this description over the streams' scoring and horizon
-    forecasts."""
+    ``adaptive_calibration`` > 0: the horizon metrics' variances are adapted causally
+    (tsssm.tasks.adaptive_calibration, that rate), each stream's calibration carried from its
+    validation windows into its test windows; ``{split}/h{H}_{crps,nll,coverage95}_static``
+    are then the unadapted ones. ``progress``: show a bar with this description over the
+    streams' scoring and horizon forecasts."""
     forecaster = hasattr(model, "one_step")
     # one unit per stream scored, and per stream's horizon forecasts of the val and test rows
     units = len(data.parts) + (sum(p.rows(split)[1] > p.rows(split)[0] for p in data.parts
@@ -355,9 +371,12 @@ def evaluate(model, data, *, score_kind: ScoreSpec | str, context: int, horizon:
     flags = [t.flags(pr.score) for t, pr in zip(thresholds, preds)]
     metrics: dict[str, float] = {"train/threshold": threshold.value}
     by_lead: dict[str, np.ndarray] = {}
+    # one causal calibration per stream, run over its validation windows, then its test ones
+    adapters = ([AdaptiveCalibration(horizon, adaptive_calibration) for _ in data.parts]
+                if adaptive_calibration > 0 else None)
     for split in ("train", "val", "test"):
-        rows = [(p, pr, p.rows(split)) for p, pr in zip(data.parts, preds)
-                if p.rows(split)[1] > p.rows(split)[0]]
+        present = [i for i, p in enumerate(data.parts) if p.rows(split)[1] > p.rows(split)[0]]
+        rows = [(data.parts[i], preds[i], data.parts[i].rows(split)) for i in present]
         if not rows:
             continue
         if forecaster:
@@ -365,12 +384,19 @@ def evaluate(model, data, *, score_kind: ScoreSpec | str, context: int, horizon:
             means = np.concatenate([pr.mean[slice(*r)] for _, pr, r in rows])
             metrics.update({f"{split}/{k}": v for k, v in forecast_metrics(values, means).items()})
         if forecaster and split != "train":
+            static = HorizonAccumulator(horizon) if adapters else None
             acc = horizon_metrics(model, [(p.stream.values, r, p.exog()) for p, _, r in rows],
                                   context, horizon, eval_stride, future_inputs,
-                                  on_stream=bar.update)
+                                  on_stream=bar.update,
+                                  adaptive=[adapters[i] for i in present] if adapters
+                                  else None, static=static)
             if acc.windows:
                 prefix = f"{split}/h{horizon}_"
                 metrics.update({prefix + k: v for k, v in acc.result().items()})
+                if static is not None:
+                    fixed = static.result()
+                    metrics.update({f"{prefix}{k}_static": fixed[k]
+                                    for k in ("crps", "nll", "coverage95") if k in fixed})
                 by_lead.update({f"{prefix}{k}_by_lead": v for k, v in acc.by_lead().items()})
         labelled = [(i, p, r) for i, (p, pr) in enumerate(zip(data.parts, preds))
                     for r in [p.rows(split)] if r[1] > r[0] and p.stream.labels is not None]
