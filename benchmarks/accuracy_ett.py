@@ -326,6 +326,17 @@ def run(args) -> list[dict]:
     return records
 
 
+def _coverage_cell(r: dict) -> str:
+    """`` (95%)``: the record's band coverage; `` (95% \\| 98%)`` with the adaptive band (the
+    adapted coverage, then the fitted factor's alone); empty without a coverage."""
+    cov, static = r.get("coverage95"), r.get("coverage95_static")
+    if cov is None or cov != cov:
+        return ""
+    if static is None or static != static:
+        return f" ({cov:.0%})"
+    return f" ({cov:.0%} \\| {static:.0%})"
+
+
 def table(path: Path, only: list[dict] | None = None) -> str:
     """Markdown: per dataset, MSE / MAE per horizon and their average, one column per model,
     the published averages beside."""
@@ -340,7 +351,8 @@ def table(path: Path, only: list[dict] | None = None) -> str:
         models = sorted({r["model"] for r in rows}, key=lambda m: (m in BASELINES, m))
         horizons = sorted({r["horizon"] for r in rows})
         cell = {(r["model"], r["horizon"]): r for r in rows}
-        out.append(f"\n#### {dataset} (MSE / MAE, normalised; coverage of the 95% band)\n")
+        out.append(f"\n#### {dataset} (MSE / MAE, normalised; test coverage of the 95% band: "
+                   "adaptive, then the fitted factor alone)\n")
         published = PUBLISHED.get(dataset, {})
         out.append("| H | " + " | ".join(models) + " | " +
                    " | ".join(f"{k} (published)" for k in published) + " |")
@@ -349,10 +361,8 @@ def table(path: Path, only: list[dict] | None = None) -> str:
             cells = []
             for m in models:
                 r = cell.get((m, h))
-                cells.append("–" if r is None else
-                             f"{r['mse']:.3f} / {r['mae']:.3f} ({r['coverage95']:.0%})"
-                             if r.get("coverage95") == r.get("coverage95") else
-                             f"{r['mse']:.3f} / {r['mae']:.3f}")
+                cells.append("–" if r is None else f"{r['mse']:.3f} / {r['mae']:.3f}"
+                             + _coverage_cell(r))
             pub = [f"{v[HORIZONS.index(h)][0]:.3f} / {v[HORIZONS.index(h)][1]:.3f}"
                    if h in HORIZONS else "–" for v in published.values()]
             out.append(f"| {h} | " + " | ".join(cells + pub) + " |")
