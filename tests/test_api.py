@@ -166,6 +166,39 @@ def test_load_save_and_quantiles(trained, tmp_path):
     assert mapped.equals(model.score(frame))
 
 
+def test_forecast_with_the_adaptive_band(trained):
+    """forecast(adapt=N) replays the last N forecasts of the data through the adaptive band
+    (tsssm.tasks.adaptive_calibration) and scales the band by the factors it ends with: the
+    mean is the fitted forecast's, the std that times the square root of the factors a direct
+    replay gives."""
+    import torch
+
+    from tsssm.models.base import call_forecast
+    from tsssm.tasks.adaptive_calibration import AdaptiveCalibration
+
+    model, _, _, _ = trained
+    frame = _frame()
+    plain = model.forecast(frame, horizon=8)
+    adapted = model.forecast(frame, horizon=8, adapt=400)
+    ch = model.channels
+    np.testing.assert_array_equal(adapted.select(ch).to_numpy(), plain.select(ch).to_numpy())
+    ratio = (adapted.select([f"std:{c}" for c in ch]).to_numpy()
+             / plain.select([f"std:{c}" for c in ch]).to_numpy())  # (8, C)
+    # the replay, by hand: every origin of the last 400 whose 8 targets are in the frame
+    part = model._read(frame, None, None)
+    values, L, n = part.stream.values, model.input_len, len(part.stream)
+    origins = np.arange(max(L, n - 8 + 1 - 400), n - 8 + 1)
+    ctx = torch.stack([torch.from_numpy(values[o - L : o]).float() for o in origins])
+    with torch.no_grad():
+        pred = call_forecast(model.bundle.model, ctx, 8, None, None)
+    cal = AdaptiveCalibration(8, 0.005)
+    cal.adapt(origins, np.stack([values[o : o + 8] for o in origins]), pred.mean.numpy(),
+              pred.var.numpy())
+    factor = cal.factors_at(n)
+    assert not np.allclose(factor, 1.0)  # the band moved
+    np.testing.assert_allclose(ratio, np.sqrt(factor)[:, None].repeat(len(ch), 1), rtol=1e-5)
+
+
 def test_bad_arguments_are_one_line_errors(trained, tmp_path):
     model, _, _, tracking = trained
     cases = [
@@ -176,6 +209,9 @@ def test_bad_arguments_are_one_line_errors(trained, tmp_path):
         (lambda: tsssm.load(tmp_path / "missing"), ModelError, "no such bundle folder"),
         (lambda: model.forecast(_frame(), horizon=0), ConfigError, "horizon"),
         (lambda: model.forecast(_frame(), quantiles=[1.5]), ConfigError, "quantiles"),
+        (lambda: model.forecast(_frame(), adapt=-1), ConfigError, "adapt must be"),
+        (lambda: model.forecast(_frame(), adapt=5, adapt_rate=0), ConfigError, "adapt_rate"),
+        (lambda: model.forecast(_frame().head(20), adapt=5), DataError, "too few"),
         (lambda: model.score(_frame().drop("Pressure")), DataError,
          "the DataFrame: column 'Pressure' not found"),
         (lambda: model.score(tmp_path / "none.csv"), DataError, "none.csv"),

@@ -396,7 +396,8 @@ class Model:
 
     def forecast(self, data: DataLike, horizon: int | None = None, *,
                  quantiles: Sequence[float] | None = None, context: int | None = None,
-                 channels: Sequence[str] | None = None) -> pl.DataFrame:
+                 channels: Sequence[str] | None = None, adapt: int = 0,
+                 adapt_rate: float = 0.005) -> pl.DataFrame:
         """Forecast the ``horizon`` steps after the last row of ``data`` (default: the
         model's training horizon), in original units.
 
@@ -406,6 +407,12 @@ class Model:
         channel ``<channel>`` (the predictive mean) and ``std:<channel>``, or with
         ``quantiles=[0.05, 0.95]`` the Gaussian's quantiles ``q0.05:<channel>`` instead of the
         std. A model with inputs (``data.inputs``) holds the last input over the horizon.
+
+        ``adapt=N``: first forecast from each of the last N origins of ``data`` whose
+        forecast lies inside it, and let the band follow how those forecasts did (the
+        adaptive band of ``task.adaptive_calibration``, step ``adapt_rate``; see
+        tsssm.tasks.adaptive_calibration): the std columns then carry each lead time's
+        adapted factor, as ``tsssm train``'s adaptive test metrics do. 0: the fitted band.
         """
         import numpy as np
         import torch
@@ -420,7 +427,11 @@ class Model:
         context = self.input_len if context is None else context
         if not isinstance(context, int) or isinstance(context, bool) or context < 1:
             raise ConfigError(f"context must be a positive number of rows; got {context!r}")
+        if not isinstance(adapt, int) or isinstance(adapt, bool) or adapt < 0:
+            raise ConfigError(f"adapt must be a number of forecast origins >= 0; got {adapt!r}")
         part = self._read(data, channels, None)
+        factor = self._adapted_factor(part, context, horizon, adapt, adapt_rate) if adapt \
+            else None
         values = part.stream.values[-context:]  # (L, C)
         device = _device_of(self.bundle.model)
         ctx = torch.from_numpy(np.ascontiguousarray(values)).float().unsqueeze(0).to(device)
@@ -432,8 +443,37 @@ class Model:
         with torch.no_grad():
             pred = call_forecast(self.bundle.model, ctx, horizon, None, exog)
         mean = part.scaler.inverse_transform(pred.mean[0].float().cpu().numpy())  # (H, C)
-        std = part.scaler.inverse_std(np.sqrt(pred.var[0].float().cpu().numpy()))
+        var = pred.var[0].double().cpu().numpy()  # (H, C)
+        if factor is not None:
+            var = var * factor[:, None]
+        std = part.scaler.inverse_std(np.sqrt(var))
         return self._wide(_future_times(part.stream.time, horizon), mean, std, levels)
+
+    def _adapted_factor(self, part: Part, context: int, horizon: int, adapt: int,
+                        rate: float):
+        """(H,) the adaptive band's variance factor per lead after the forecasts from the last
+        ``adapt`` origins of ``part`` whose targets it holds (scaled units)."""
+        from tsssm.tasks.adaptive_calibration import AdaptiveCalibration
+        from tsssm.tasks.evaluate import forecast_origin_rows, iter_forecasts
+
+        n = len(part.stream)
+        origins = forecast_origin_rows((0, n), context, horizon, 1)[-adapt:]
+        if len(origins) == 0:
+            raise DataError(f"adapt={adapt}: the data has {n} rows, too few for one "
+                            f"{context}-row context and its {horizon}-row forecast; pass more "
+                            "rows or adapt=0")
+        try:
+            calibration = AdaptiveCalibration(horizon, rate)
+        except ValueError as err:
+            raise ConfigError(f"adapt_rate: {err}") from None
+        done = 0
+        exog = part.exog()
+        for pred, targets in iter_forecasts(self.bundle.model, part.stream.values, origins,
+                                            context, horizon, exog=exog):
+            calibration.adapt(origins[done : done + len(targets)], targets,
+                              pred.mean.numpy(), pred.var.numpy())
+            done += len(targets)
+        return calibration.factors_at(n)  # for the forecast from just after the last row
 
     def _predict(self, part: Part, chunk_size: int = 100_000):
         from tsssm.anomaly.scores import ScoreSpec

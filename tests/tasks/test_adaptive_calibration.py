@@ -162,3 +162,12 @@ def test_the_task_key_is_validated():
     validate(compose(["task=forecast", "task.adaptive_calibration=0.005"]))
     with pytest.raises(ConfigError, match="task.adaptive_calibration"):
         validate(compose(["task=forecast", "task.adaptive_calibration=-0.1"]))
+
+
+def test_factors_at_is_the_next_origins_factor():
+    """factors_at(o) gives exactly the factors adapt would give a forecast from o."""
+    origins, target, mean, var = _case(n=50, horizon=5, seed=6)
+    whole = AdaptiveCalibration(5, rate=0.05).adapt(origins, target, mean, var)
+    cal = AdaptiveCalibration(5, rate=0.05)
+    cal.adapt(origins[:40], target[:40], mean[:40], var[:40])
+    np.testing.assert_array_equal(cal.factors_at(int(origins[40]))[:, None] * var[40], whole[40])

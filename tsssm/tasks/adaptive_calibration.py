@@ -74,6 +74,14 @@ class AdaptiveCalibration:
         self._next = np.zeros(horizon, dtype=np.int64)
         self._last: int | None = None
 
+    def factors_at(self, origin: int) -> np.ndarray:
+        """(H,) the variance factors in force for a forecast from row ``origin`` (after every
+        origin fed so far), without issuing one: e.g. the next forecast of a live stream."""
+        if self._last is not None and origin <= self._last:
+            raise ValueError(f"forecast origins must increase: {origin} after {self._last}")
+        self._resolve(origin)
+        return np.exp(self.log_factor)
+
     def _resolve(self, origin: int) -> None:
         """Move the factors with every forecast lead whose target row is before ``origin``, in
         the order of their origins, each judged against the factor in force now."""
