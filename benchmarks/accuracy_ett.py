@@ -242,7 +242,7 @@ def _run_baseline(args, dataset: str, horizon: int, name: str) -> dict:
     from tsssm.cli import compose
     from tsssm.data.datasets import build_dataset
     from tsssm.tasks.adaptive_calibration import AdaptiveCalibration
-    from tsssm.tasks.evaluate import horizon_metrics
+    from tsssm.tasks.evaluate import horizon_metrics, static_metrics
     from tsssm.tasks.forecast_metrics import HorizonAccumulator
 
     cfg = compose(["experiment=ett", *data_overrides(args, dataset), f"data.horizon={horizon}"])
@@ -262,9 +262,7 @@ def _run_baseline(args, dataset: str, horizon: int, name: str) -> dict:
                               adaptive=adapters, static=static)
         metrics.update({f"{split}/h{horizon}_{k}": v for k, v in acc.result().items()})
         if static is not None:
-            fixed = static.result()
-            metrics.update({f"{split}/h{horizon}_{k}_static": fixed[k]
-                            for k in ("crps", "coverage95")})
+            metrics.update(static_metrics(static, f"{split}/h{horizon}_"))
     fmt = getattr(args, "data_format", "csv")
     command = (f"python benchmarks/accuracy.py --suite ett --root {args.root} --datasets "
                f"{dataset} --horizons {horizon} --models {name}"

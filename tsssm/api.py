@@ -454,7 +454,7 @@ class Model:
         """(H,) the adaptive band's variance factor per lead after the forecasts from the last
         ``adapt`` origins of ``part`` whose targets it holds (scaled units)."""
         from tsssm.tasks.adaptive_calibration import AdaptiveCalibration
-        from tsssm.tasks.evaluate import forecast_origin_rows, iter_forecasts
+        from tsssm.tasks.evaluate import forecast_origin_rows, horizon_metrics
 
         n = len(part.stream)
         origins = forecast_origin_rows((0, n), context, horizon, 1)[-adapt:]
@@ -466,13 +466,10 @@ class Model:
             calibration = AdaptiveCalibration(horizon, rate)
         except ValueError as err:
             raise ConfigError(f"adapt_rate: {err}") from None
-        done = 0
-        exog = part.exog()
-        for pred, targets in iter_forecasts(self.bundle.model, part.stream.values, origins,
-                                            context, horizon, exog=exog):
-            calibration.adapt(origins[done : done + len(targets)], targets,
-                              pred.mean.numpy(), pred.var.numpy())
-            done += len(targets)
+        # the evaluation's own loop over those origins, run for the calibration it moves
+        horizon_metrics(self.bundle.model, [(part.stream.values, (int(origins[0]), n),
+                                             part.exog())], context, horizon, 1,
+                        adaptive=[calibration])
         return calibration.factors_at(n)  # for the forecast from just after the last row
 
     def _predict(self, part: Part, chunk_size: int = 100_000):

@@ -499,9 +499,10 @@ class TaskConfig:
     calibration: str = "coverage"
     #: adaptive calibration of the horizon band in evaluation (tsssm.tasks.adaptive_calibration):
     #: each lead time's variance factor moves causally with the misses of the forecasts
-    #: already resolved (adaptive conformal inference; the value is its step size gamma,
-    #: 0.005 in Gibbs & Candes 2021), carried from a stream's validation windows into its test
-    #: windows; the unadapted metrics are logged as {split}/h{H}_*_static. 0: off
+    #: already resolved (online quantile tracking; the value is its step size gamma in the
+    #: units of adaptive conformal inference, 0.005 in Gibbs & Candes 2021), carried from a
+    #: stream's validation windows into its test windows; the unadapted metrics are logged as
+    #: {split}/h{H}_*_static. 0: off
     adaptive_calibration: float = 0.0
     #: SKAB's change-point task: detection window (seconds; rows for integer time) to the right
     #: of each change point, for the NAB score

@@ -77,14 +77,14 @@ class AdaptiveCalibration:
     def factors_at(self, origin: int) -> np.ndarray:
         """(H,) the variance factors in force for a forecast from row ``origin`` (after every
         origin fed so far), without issuing one: e.g. the next forecast of a live stream."""
-        if self._last is not None and origin <= self._last:
-            raise ValueError(f"forecast origins must increase: {origin} after {self._last}")
         self._resolve(origin)
         return np.exp(self.log_factor)
 
     def _resolve(self, origin: int) -> None:
         """Move the factors with every forecast lead whose target row is before ``origin``, in
         the order of their origins, each judged against the factor in force now."""
+        if self._last is not None and origin <= self._last:
+            raise ValueError(f"forecast origins must increase: {origin} after {self._last}")
         # lead h of the forecast from o' is resolved at ``origin`` when o' + h - 1 < origin
         ready = np.searchsorted(self._origins, origin - self._leads, side="right")  # (H,)
         while True:
@@ -114,8 +114,6 @@ class AdaptiveCalibration:
             z2 = err * err / var  # (N, H, C); NaN where the target is missing
         out = np.empty_like(var)
         for i, origin in enumerate(np.asarray(origins, dtype=np.int64).tolist()):
-            if self._last is not None and origin <= self._last:
-                raise ValueError(f"forecast origins must increase: {origin} after {self._last}")
             self._resolve(origin)
             out[i] = var[i] * np.exp(self.log_factor)[:, None]
             self._push(origin, z2[i])

@@ -231,6 +231,13 @@ def horizon_metrics(model, parts_rows: list[tuple], context: int, horizon: int, 
     return acc
 
 
+def static_metrics(static: HorizonAccumulator, prefix: str) -> dict[str, float]:
+    """``{prefix}{crps,nll,coverage95}_static``: the probabilistic metrics of the unadapted
+    variances that :func:`horizon_metrics` accumulated beside the adaptive band's."""
+    fixed = static.result()
+    return {f"{prefix}{k}_static": fixed[k] for k in ("crps", "nll", "coverage95") if k in fixed}
+
+
 def detection_metrics(labels: np.ndarray, scores: np.ndarray, flags: np.ndarray) -> dict:
     return anomaly_metrics(labels.astype(int), flags.astype(bool), scores)
 
@@ -394,9 +401,7 @@ def evaluate(model, data, *, score_kind: ScoreSpec | str, context: int, horizon:
                 prefix = f"{split}/h{horizon}_"
                 metrics.update({prefix + k: v for k, v in acc.result().items()})
                 if static is not None:
-                    fixed = static.result()
-                    metrics.update({f"{prefix}{k}_static": fixed[k]
-                                    for k in ("crps", "nll", "coverage95") if k in fixed})
+                    metrics.update(static_metrics(static, prefix))
                 by_lead.update({f"{prefix}{k}_by_lead": v for k, v in acc.by_lead().items()})
         labelled = [(i, p, r) for i, (p, pr) in enumerate(zip(data.parts, preds))
                     for r in [p.rows(split)] if r[1] > r[0] and p.stream.labels is not None]
