@@ -235,7 +235,7 @@ def child(argv: list[str]) -> None:
         print(json.dumps({**record, "peak_rss_mb": high_water_mb(), "tree_rss_mb": 0.0}))
         return
     elif kind in ("score", "host"):
-        path, bundle, device, batch, contributions = rest
+        path, bundle, device, batch, contributions, *threads = rest
         import numpy as np
 
         from tsssm.bundle import load_bundle
@@ -254,7 +254,8 @@ def child(argv: list[str]) -> None:
         out = Path(path).with_name(Path(path).stem + f".scores-{os.getpid()}.parquet")
         started, cpu = time.perf_counter(), time.process_time()
         result = score_file(path, scorer, spec, out, batch_rows=int(batch), progress=False,
-                            contributions=contributions == "1")
+                            contributions=contributions == "1",
+                            read_threads=int(threads[0]) if threads else None)
         seconds = time.perf_counter() - started
         rows = result.rows
         out.unlink()
@@ -509,6 +510,9 @@ def main() -> None:
                    help="seconds one measurement may take; past it, it is left out")
     p.add_argument("--gen-device", default="cpu",
                    help="where the input's random numbers are drawn (cuda: fast, for 10^8 rows)")
+    p.add_argument("--read-threads", nargs="+", default=["auto"],
+                   help="threads converting the read batches in the long-stream runs "
+                   "(StreamReader's threads; auto: by the cores); several: one run each")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/tsssm-scoring-bench"))
     p.add_argument("--keep-data", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scoring.json")
@@ -539,18 +543,25 @@ def main() -> None:
                     name, _, contrib = score.partition("+")
                     bundle = run_child(["bundle", model, str(args.workdir), args.device,
                                         name])["path"]
-                    what = f"{model}, {score} score"
                     flag = "1" if contrib else "0"
-                    measured({"device": args.device, "what": what},
-                             [["score", str(path), str(bundle), args.device, str(batch), flag]]
-                             * args.repeats, records)
-                    if args.stages is None or (args.stages and model not in args.stages):
+                    staged = args.stages is not None and (not args.stages
+                                                          or model in args.stages)
+                    for threads in args.read_threads:
+                        what = f"{model}, {score} score" + (
+                            "" if args.read_threads == ["auto"] else f", {threads} read threads")
+                        extra = [] if threads == "auto" else [threads]
+                        measured({"device": args.device, "what": what},
+                                 [["score", str(path), str(bundle), args.device, str(batch),
+                                   flag, *extra]] * args.repeats, records)
+                        if staged:  # the same run with the model taken out (the host's bound)
+                            measured({"device": args.device, "what": f"{what}: host bound "
+                                      "(identity model)"}, [["host", str(path), str(bundle),
+                                                             args.device, str(batch), flag,
+                                                             *extra]], records)
+                    if not staged:
                         continue
-                    # the same run with the model taken out (the host's bound), and the model
-                    # alone on the device (with the scores: the device's bound)
-                    measured({"device": args.device, "what": f"{what}: host bound (identity "
-                              "model)"}, [["host", str(path), str(bundle), args.device,
-                                           str(batch), flag]], records)
+                    # the model alone on the device (with the scores: the device's bound)
+                    what = f"{model}, {score} score"
                     measured({"device": args.device, "what": f"{what}: device bound (model + "
                               "scores, no I/O)"}, [["model", str(bundle), args.device,
                                                     str(min(rows, 16 * batch)), str(batch),
@@ -588,9 +599,11 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         previous = json.loads(args.out.read_text()) if args.out.exists() else []
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        from records import commit
+
         args.out.write_text(json.dumps(previous + [
             {**r, "date": stamp, "batch_rows": batch, "machine": machine(),
-             "command": " ".join(sys.argv)} for r in records], indent=1))
+             "commit": commit(), "command": " ".join(sys.argv)} for r in records], indent=1))
 
 
 def machine() -> str:

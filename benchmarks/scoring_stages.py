@@ -39,10 +39,11 @@ def stand_in(values: np.ndarray) -> np.ndarray:
     return np.abs(values[:, 0] - values[:, 0].mean()).astype(np.float32)
 
 
-def run(stage: str, path: Path, spec: ReadSpec, batch: int, out: Path) -> int:
+def run(stage: str, path: Path, spec: ReadSpec, batch: int, out: Path,
+        threads: int | None = None) -> int:
     if stage == "raw":
         return sum(b.num_rows for b in pq.ParquetFile(path).iter_batches(batch_size=batch))
-    reader = StreamReader(path, spec, batch_rows=batch)
+    reader = StreamReader(path, spec, batch_rows=batch, threads=threads)
     if stage == "reader":
         return sum(len(b.time) for b in reader)
     if stage == "scale":
@@ -81,6 +82,8 @@ def main() -> None:
     p.add_argument("path", type=Path)
     p.add_argument("--batch-rows", type=int, default=1 << 20)
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    p.add_argument("--threads", type=int, default=None,
+                   help="StreamReader threads converting batches (default: by the cores)")
     args = p.parse_args()
     schema = pq.ParquetFile(args.path).schema_arrow
     channels = tuple(f.name for f in schema if f.name != "ts")
@@ -92,7 +95,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
             started, cpu = time.perf_counter(), time.process_time()
-            n = run(stage, args.path, spec, args.batch_rows, Path(tmp) / "scores.parquet")
+            n = run(stage, args.path, spec, args.batch_rows, Path(tmp) / "scores.parquet",
+                    args.threads)
             wall, used = time.perf_counter() - started, time.process_time() - cpu
             print(f"| {stage} | {n:.0e} | {wall:.2f} | {used:.2f} | {n / wall:,.0f} | "
                   f"{n / used:,.0f} |", flush=True)

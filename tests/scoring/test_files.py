@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from tsssm.commands.score import load_file
 from tsssm.data.io import ReadSpec
 from tsssm.errors import DataError
-from tsssm.scoring.files import score_file
+from tsssm.scoring.files import LONGEST_INTERVALS, score_file
 from tsssm.scoring.scorer import Scorer
 from tsssm.tasks.evaluate import predict_stream
 
@@ -128,6 +128,10 @@ def test_default_anomaly_task_streams_with_intervals(tmp_path, family, batch_row
                                rtol=1e-5)
     assert "refitted on this stream's first 400" in result.threshold_note
     assert result.longest[0]["rows"] == want_iv["rows"].max()
+    # the longest intervals kept for printing: longest first, the earlier one first at a tie
+    top = want_iv.sort(["rows", "start"], descending=[True, False]).head(LONGEST_INTERVALS)
+    assert [(r["rows"], r["start"]) for r in result.longest] == list(zip(top["rows"],
+                                                                         top["start"]))
 
 
 def test_a_corrupt_row_halfway_fails_and_leaves_no_file(tmp_path):

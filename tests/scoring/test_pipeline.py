@@ -10,7 +10,7 @@ import pytest
 
 from tsssm.errors import DataError
 from tsssm.scoring.files import score_file
-from tsssm.scoring.pipeline import OrderedWorker, prefetch
+from tsssm.scoring.pipeline import OrderedWorker, ordered_map, prefetch
 from tsssm.scoring.scorer import Scorer
 
 from .conftest import ANOMALY, make_bundle
@@ -36,6 +36,47 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops():
     before = threading.active_count()
     it = prefetch(iter(range(10**9)), depth=2)
     assert next(it) == 0
+    it.close()
+    assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("workers", [0, 1, 4])
+def test_ordered_map_keeps_order_and_raises_the_first_error_in_turn(workers):
+    import random
+    import time
+
+    def slow_square(i: int) -> int:
+        time.sleep(random.random() * 1e-3)  # later items often finish first
+        return i * i
+
+    assert list(ordered_map(slow_square, iter(range(200)), workers)) == [i * i for i in
+                                                                          range(200)]
+
+    def fails_at_3_and_5(i: int) -> int:
+        if i in (3, 5):
+            time.sleep(0.01 if i == 3 else 0.0)  # 5 fails first in time, 3 first in order
+            raise DataError(f"row {i} is bad")
+        return i
+
+    got = []
+    with pytest.raises(DataError, match="row 3 is bad"):
+        for item in ordered_map(fails_at_3_and_5, iter(range(10)), workers):
+            got.append(item)
+    assert got == [0, 1, 2]
+
+
+def test_ordered_map_takes_a_bounded_number_ahead_and_stops_with_the_consumer():
+    taken = []
+
+    def items():
+        for i in range(10**9):
+            taken.append(i)
+            yield i
+
+    before = threading.active_count()
+    it = ordered_map(lambda i: i, items(), workers=3)
+    assert next(it) == 0
+    assert len(taken) <= 3 + 1 + 1  # the workers' items, the one yielded, and the next
     it.close()
     assert threading.active_count() == before
 

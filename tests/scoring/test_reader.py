@@ -1,6 +1,6 @@
 """StreamReader: batches of a file equal the whole file read by tsssm.data (prepare_stream), for
 any batch size, and every bad row fails with read_stream's own message (the row's number in the
-whole file)."""
+whole file), with the batches converted on one thread or several."""
 
 from __future__ import annotations
 
@@ -66,11 +66,14 @@ def read_all(reader: StreamReader):
 @pytest.mark.parametrize("gaps,fill", [("keep", "none"), ("mask", "none"), ("fill", "none"),
                                        ("mask", "forward"), ("keep", "zero")])
 @pytest.mark.parametrize("batch_rows", [1, 7, 101, 10_000])
-def test_batches_equal_the_whole_file(tmp_path, suffix, gaps, fill, batch_rows):
+@pytest.mark.parametrize("threads", [0, 3])
+def test_batches_equal_the_whole_file(tmp_path, suffix, gaps, fill, batch_rows, threads):
     path = write(table(datetime=suffix == ".csv"), tmp_path, suffix)
     c = cfg(gaps=gaps, fill=fill)
     whole, _ = prepare_stream(path, c)
-    reader = StreamReader(path, spec_of(c), gaps=gaps, fill=fill, batch_rows=batch_rows)
+    reader = StreamReader(path, spec_of(c), gaps=gaps, fill=fill, batch_rows=batch_rows,
+                          threads=threads)
+    assert reader.threads == threads
     assert reader.channels == whole.channels and reader.has_labels
     time, values, labels = read_all(reader)
     np.testing.assert_array_equal(time, whole.time)
@@ -114,14 +117,15 @@ def bad_rows(kind: str) -> str:
 @pytest.mark.parametrize("kind", ["text", "inf", "duplicate", "unsorted", "empty-time", "label",
                                   "time-text"])
 @pytest.mark.parametrize("batch_rows", [64, 699, 700])
-def test_a_bad_row_fails_with_its_number_in_the_file(tmp_path, kind, batch_rows):
+@pytest.mark.parametrize("threads", [0, 3])
+def test_a_bad_row_fails_with_its_number_in_the_file(tmp_path, kind, batch_rows, threads):
     path = tmp_path / "bad.csv"
     path.write_text(bad_rows(kind))
     spec = ReadSpec(time_column="ts", label_column="label")
     with pytest.raises(DataError) as whole:
         read_stream(path, spec)
     with pytest.raises(DataError) as batched:
-        list(StreamReader(path, spec, batch_rows=batch_rows))
+        list(StreamReader(path, spec, batch_rows=batch_rows, threads=threads))
     message = str(batched.value)
     assert str(path) in message and "\n" not in message
     if kind == "time-text" and batch_rows < 700:  # read as the file's first rows were
@@ -175,7 +179,8 @@ def _spec_from_args(args, d) -> tuple[ReadSpec, str]:
 
 
 @pytest.mark.parametrize("case", list(_catalogue_cases()), ids=lambda c: c.id)
-def test_the_catalogue_reads_alike_whole_and_in_batches(tmp_path, case):
+@pytest.mark.parametrize("threads", [0, 3])
+def test_the_catalogue_reads_alike_whole_and_in_batches(tmp_path, case, threads):
     for name, content in case.files:
         data = content(tmp_path) if callable(content) else content
         (tmp_path / name).write_bytes(data if isinstance(data, bytes) else data.encode())
@@ -186,7 +191,7 @@ def test_the_catalogue_reads_alike_whole_and_in_batches(tmp_path, case):
         whole = err
     for batch_rows in (7, 64):
         try:
-            reader = StreamReader(path, spec, batch_rows=batch_rows)
+            reader = StreamReader(path, spec, batch_rows=batch_rows, threads=threads)
             batches = list(reader)
         except DataError as err:
             assert isinstance(whole, DataError), f"only the batched read failed: {err}"
@@ -203,7 +208,8 @@ def test_the_catalogue_reads_alike_whole_and_in_batches(tmp_path, case):
 
 @pytest.mark.parametrize("how", ["first", "last", "mean"])
 @pytest.mark.parametrize("batch_rows", [1, 2, 5, 6, 1000])
-def test_duplicates_merged_across_batch_borders(tmp_path, how, batch_rows):
+@pytest.mark.parametrize("threads", [0, 3])
+def test_duplicates_merged_across_batch_borders(tmp_path, how, batch_rows, threads):
     # time stamps 0,1,1,2,2,2,3,4,4,...: groups of equal stamps straddle every batch size
     ticks = np.repeat(np.arange(40), np.tile([1, 2, 3], 14)[:40])
     rng = np.random.default_rng(0)
@@ -215,7 +221,8 @@ def test_duplicates_merged_across_batch_borders(tmp_path, how, batch_rows):
     frame.write_csv(path)
     spec = ReadSpec(time_column="ts", label_column="label", duplicates=how)
     whole = read_stream(path, spec)
-    time, values, labels = read_all(StreamReader(path, spec, batch_rows=batch_rows))
+    time, values, labels = read_all(StreamReader(path, spec, batch_rows=batch_rows,
+                                                 threads=threads))
     np.testing.assert_array_equal(time, whole.time)
     np.testing.assert_array_equal(values, whole.values)
     np.testing.assert_array_equal(labels, whole.labels)

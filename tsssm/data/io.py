@@ -324,15 +324,23 @@ class ParquetIntegrity:
 
     def update(self, frame: pl.DataFrame, first_row: int = 0) -> None:
         """Rows ``first_row ..`` of the file (0-based), any columns of it."""
+        self.merge(self.partial(frame, first_row))
+
+    def partial(self, frame: pl.DataFrame, first_row: int = 0) -> list[tuple]:
+        """What these rows hold against the footer, without judging it yet: one entry
+        (group, column index, name, nulls, min, max, group complete) per row group slice and
+        column. Reads nothing of this object's running state, so batches can be measured on
+        several threads; :meth:`merge` them in the file's order."""
         try:
-            self._update(frame, first_row)
+            return self._partial(frame, first_row)
         except DataError:
             raise
         except Exception as err:  # the footer itself is damaged (undecodable names, statistics)
             raise DataError(f"{self.path} is corrupt: its metadata cannot be decoded "
                             f"({type(err).__name__}); restore the file from its source") from err
 
-    def _update(self, frame: pl.DataFrame, first_row: int) -> None:
+    def _partial(self, frame: pl.DataFrame, first_row: int) -> list[tuple]:
+        out = []
         stop = first_row + frame.height
         g = max(int(np.searchsorted(self.starts, first_row, side="right")) - 1, 0)
         while g < self.meta.num_row_groups and self.starts[g] < stop:
@@ -344,19 +352,33 @@ class ParquetIntegrity:
                 if chunk.statistics is None or name not in frame.columns:
                     continue
                 col = frame.get_column(name).slice(a - first_row, b - a)
-                acc = self.seen.setdefault((g, name), [0, None, None])
-                acc[0] += col.null_count()
+                lo = hi = None
                 if chunk.statistics.has_min_max and col.dtype.is_numeric():
                     vals = col.drop_nulls()
                     if col.dtype.is_float():
                         vals = vals.drop_nans()
                     if vals.len():
                         lo, hi = vals.min(), vals.max()
-                        acc[1] = lo if acc[1] is None else min(acc[1], lo)
-                        acc[2] = hi if acc[2] is None else max(acc[2], hi)
-                # a part of a group can already break its record; all of it must match it
-                self._check(g, j, name, acc, complete=b == self.starts[g + 1])
+                out.append((g, j, name, col.null_count(), lo, hi, b == self.starts[g + 1]))
             g += 1
+        return out
+
+    def merge(self, partial: list[tuple]) -> None:
+        """Add one batch's :meth:`partial` (batches in the file's order) and judge it."""
+        try:
+            for g, j, name, nulls, lo, hi, complete in partial:
+                acc = self.seen.setdefault((g, name), [0, None, None])
+                acc[0] += nulls
+                if lo is not None:
+                    acc[1] = lo if acc[1] is None else min(acc[1], lo)
+                    acc[2] = hi if acc[2] is None else max(acc[2], hi)
+                # a part of a group can already break its record; all of it must match it
+                self._check(g, j, name, acc, complete=complete)
+        except DataError:
+            raise
+        except Exception as err:  # statistics that cannot be compared
+            raise DataError(f"{self.path} is corrupt: its metadata cannot be decoded "
+                            f"({type(err).__name__}); restore the file from its source") from err
 
     def _check(self, g: int, j: int, name: str, acc: list, complete: bool) -> None:
         stats = self.meta.row_group(g).column(j).statistics

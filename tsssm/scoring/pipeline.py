@@ -129,3 +129,33 @@ class OrderedWorker:
         self._stop.set()
         self._thread.join()
         self._error = None
+
+
+def ordered_map(fn: Callable[[T], Any], items: Iterator[T], workers: int,
+                name: str = "ordered-map") -> Iterator[Any]:
+    """``fn(item)`` for each item, computed on ``workers`` threads, yielded in the items' order.
+
+    At most ``workers + 1`` items are taken from ``items`` ahead of the consumer (bounded memory).
+    An error in ``fn`` is raised here when its item's turn comes, after every earlier item's
+    result: the same first error as a loop in one thread. ``workers <= 0``: that loop itself.
+    Pending calls are cancelled when the consumer stops early (the generator is closed)."""
+    if workers <= 0:
+        for item in items:
+            yield fn(item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)

@@ -40,6 +40,7 @@ from tsssm.data.io import (
     unreadable,
 )
 from tsssm.errors import ConfigError, DataError
+from tsssm.scoring.pipeline import ordered_map
 
 log = logging.getLogger("tsssm")
 
@@ -47,6 +48,16 @@ log = logging.getLogger("tsssm")
 BATCH_ROWS = 65_536
 #: distinct time steps counted for the gap report before giving up on it (irregular stamps)
 MAX_STEP_VALUES = 100_000
+
+
+def conversion_threads() -> int:
+    """How many threads convert batches by default: none on a machine of up to 4 cores (the
+    scoring and the writer need them; measured on 2 cores, the reading is not the bound there),
+    else a quarter of the cores, at most 4 (a GPU run's host: the reading is its bound)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 0 if (cores or 1) <= 4 else min(4, (cores or 1) // 4)
 
 
 @dataclass
@@ -111,12 +122,14 @@ class StreamReader:
     gaps: "keep", "mask" or "fill" and gap_factor (data.gaps / data.gap_factor); fill: "none",
     "forward" or "zero" (data.fill). ``total_rows``: the file's row count where the format
     records it (Parquet), else an estimate from its size (CSV), for progress; ``gap_report`` and
-    ``rows_read`` are complete once the iteration ends.
+    ``rows_read`` are complete once the iteration ends. ``threads``: threads that convert and
+    check the batches after the first (None: :func:`conversion_threads`; 0: the reading thread
+    alone); the rows and the errors are the same whatever the count.
     """
 
     def __init__(self, path: str | Path, spec: ReadSpec, *, gaps: str = "keep",
                  gap_factor: float = 3.0, fill: str = "none", batch_rows: int = BATCH_ROWS,
-                 name: str | None = None) -> None:
+                 name: str | None = None, threads: int | None = None) -> None:
         if gaps not in ("keep", "mask", "fill") or fill not in ("none", "forward", "zero"):
             raise ConfigError(f"data.gaps={gaps!r} / data.fill={fill!r} are not known modes")
         self.path = check_file(path)
@@ -124,6 +137,8 @@ class StreamReader:
         self.gaps, self.gap_factor, self.fill = gaps, gap_factor, fill
         self.batch_rows = batch_rows
         self.name = name or self.path.stem
+        #: threads converting and checking batches beside the one reading them (0: none)
+        self.threads = conversion_threads() if threads is None else max(int(threads), 0)
         self._lazy, columns = scan_table(self.path, spec)
         if not is_parquet(self.path):  # a file that is not text at all fails as read whole
             with read_errors(self.path):
@@ -267,12 +282,13 @@ class StreamReader:
         held_from = 0
         previous: np.ndarray | None = None  # time of the last row handed out
         merging = spec.duplicates != "error"
-        for frame in self._frames(columns):
+        for part, rows, frame_rows in self._converted(columns, channels, integrity, state):
             if integrity is not None:  # a damaged page first, before its values are judged
-                integrity.update(frame, first_row)
-            rows = convert_rows(frame, path, spec, channels, first_row, state)
+                integrity.merge(part)
+            if isinstance(rows, DataError):
+                raise rows
             start = first_row
-            first_row += frame.height
+            first_row += frame_rows
             if held is not None:
                 rows = _concat(held, rows)
                 start = held_from
@@ -293,6 +309,43 @@ class StreamReader:
         if integrity is not None:
             integrity.finish(first_row)
         self.rows_read = first_row
+
+    def _converted(self, columns: list[str], channels: list[str],
+                   integrity: ParquetIntegrity | None, state: TimeState) -> Iterator[tuple]:
+        """(footer partial, Rows or the DataError converting them raised, frame rows) of each
+        frame in file order. The first frame is converted here (it fixes how the time column
+        reads: ``state``); the rest on ``self.threads`` threads (numpy, polars and pyarrow
+        release the GIL in their bulk work), each with a copy of that state. A conversion's
+        DataError is returned, not raised, so the caller judges the frame's footer check
+        first, as one thread does."""
+        spec, path = self.spec, self.path
+        first = [0]  # 0-based file row of the next frame
+
+        def numbered() -> Iterator[tuple[pl.DataFrame, int]]:
+            for frame in self._frames(columns):
+                yield frame, first[0]
+                first[0] += frame.height
+
+        def convert(item: tuple[pl.DataFrame, int], time_state: TimeState | None = None
+                    ) -> tuple:
+            frame, row = item
+            part = integrity.partial(frame, row) if integrity is not None else None
+            try:
+                rows = convert_rows(frame, path, spec, channels, row,
+                                    time_state or TimeState(state.kind, state.first_text))
+            except DataError as err:
+                rows = err
+            return part, rows, frame.height
+
+        frames = numbered()
+        head = next(frames, None)
+        if head is None:
+            return
+        converted = convert(head, state)
+        yield converted
+        if isinstance(converted[1], DataError):
+            return
+        yield from ordered_map(convert, frames, self.threads, name="convert-rows")
 
     def _median_step(self) -> tuple[StepCounts, int]:
         """First pass over the time column: the steps' counts and the number of rows."""
