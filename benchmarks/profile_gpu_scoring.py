@@ -58,6 +58,23 @@ def main() -> None:
     print("| stage (per call) | ms | rows/s |\n|---|---:|---:|")
     timed("Scorer.update_many (host scale + copy + model + scores + back)",
           lambda i: scorer.update_many(rows[i % 2]))
+    queue: list = []
+
+    def queued(i):  # score_file's order: the next call queued before the last is collected
+        queue.append(scorer.submit(rows[i % 2]))
+        if len(queue) > 1:
+            queue.pop(0).result()
+    timed("Scorer.submit ahead, then collect (score_file's queue of one)", queued)
+    while queue:
+        queue.pop(0).result()
+    torch.cuda.synchronize()
+    a = time.perf_counter()
+    for i in range(args.calls):
+        queue.append(scorer.submit(rows[i % 2]))
+    submit_ms = (time.perf_counter() - a) / args.calls * 1e3
+    while queue:
+        queue.pop(0).result()
+    print(f"| host time of Scorer.submit (copy in + enqueue, no wait) | {submit_ms:.2f} | |")
     scorer.reset()
     scorer.update_many(rows[0])
     timed("host: scale into the pinned buffer + async copy",

@@ -250,7 +250,7 @@ def gaussian_nll(y: Tensor, pred: Gaussian, reduction: str = "mean") -> Tensor:
     return nll.sum() / count
 
 
-def _check_finite(score: Tensor) -> None:
+def check_finite(score: Tensor) -> None:
     if not bool(torch.isfinite(score).all()):
         bad = int((~torch.isfinite(score)).sum())
         raise NumericalError(
@@ -276,12 +276,14 @@ def _inverse_sqrt(S: Tensor) -> Tensor:
     return (V * lam.rsqrt().unsqueeze(-2)) @ V.mT
 
 
-def step_terms(y: Tensor, pred: Gaussian, kind: str = "nis") -> StepTerms:
+def step_terms(y: Tensor, pred: Gaussian, kind: str = "nis", check: bool = True) -> StepTerms:
     """Per-channel contributions and whitened innovations of every step (see the module doc).
 
     y: (B, T, C) with NaN for missing; pred: one-step Gaussian for ``y``. The step score is
     ``contrib.sum(-1)`` (= ``anomaly_scores(y, pred, kind)`` where a channel is observed).
-    Raises NumericalError on non-finite results.
+    Raises NumericalError on non-finite results. ``check=False``: the caller checks instead
+    (the check waits for a GPU; a non-finite term makes its step's score, and every window
+    score that sums it, non-finite, so checking those is enough: tsssm.scoring.scorer).
     """
     if kind not in SCORE_KINDS:
         raise ConfigError(f"anomaly score kind must be one of {SCORE_KINDS}; got {kind!r}")
@@ -305,20 +307,23 @@ def step_terms(y: Tensor, pred: Gaussian, kind: str = "nis") -> StepTerms:
         whitened = torch.where(observed, whitened, zero)
         n_obs = observed.sum(dim=-1, keepdim=True).clamp_min(1)  # (B, T, 1)
         contrib = per_entry / n_obs
-        _check_finite(contrib)
-        _check_finite(whitened)
+        if check:
+            check_finite(contrib)
+            check_finite(whitened)
     return StepTerms(contrib, whitened, observed)
 
 
-def anomaly_scores(y: Tensor, pred: Gaussian, kind: str = "nis", fill: float = 0.0) -> Tensor:
+def anomaly_scores(y: Tensor, pred: Gaussian, kind: str = "nis", fill: float = 0.0,
+                   check: bool = True) -> Tensor:
     """Per-timestep anomaly score (B, T) from the one-step predictive distribution.
 
     y: (B, T, C) observations, NaN = missing. pred: one-step Gaussian (B, T, C) for ``y``.
     kind: "nis", "mahalanobis" or "nll" (module docstring); each is averaged over the observed
     channels. Steps with no observed channel get ``fill``.
-    Raises NumericalError if the model produced a non-finite score (NaN never leaves here).
+    Raises NumericalError if the model produced a non-finite score (NaN never leaves here);
+    ``check=False``: the caller checks the scores (as :func:`step_terms`).
     """
-    terms = step_terms(y, pred, kind)
+    terms = step_terms(y, pred, kind, check)
     score = terms.contrib.sum(dim=-1)
     any_obs = terms.observed.any(dim=-1)
     return torch.where(any_obs, score, torch.full_like(score, fill))

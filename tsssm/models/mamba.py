@@ -124,6 +124,14 @@ def time_scaled_delta(delta: Tensor, bias: Tensor, time_scale: Tensor) -> Tensor
     return torch.nn.functional.softplus(raw) * time_scale.float()[:, None, :]
 
 
+def _project(linear: nn.Linear, x: Tensor) -> Tensor:
+    """``linear`` applied along the channel axis of a channels-first x (B, D_in, L):
+    (B, D_out, L), contiguous (``linear(x.transpose(1, 2)).transpose(1, 2)`` without the
+    transposed copy)."""
+    out = linear.weight @ x
+    return out if linear.bias is None else out + linear.bias[:, None]
+
+
 def _inverse_softplus(x: Tensor) -> Tensor:
     """y such that softplus(y) = x, for x > 0 (stable for small x)."""
     return x + torch.log(-torch.expm1(-x))
@@ -183,7 +191,10 @@ class MambaBlock(nn.Module):
         batch, length, _ = x.shape
         if state is None:
             state = self.zero_state(batch, x.device, x.dtype)
-        xz = self.in_proj(x).transpose(1, 2)  # (B, 2*d_inner, L)
+        # Channels-first throughout (B, D, L), each projection one GEMM that writes that layout:
+        # the conv, the scan and the elementwise ops then read contiguous rows along time, not
+        # a transposed view (on a long GPU sequence the transposed reads cost more than the scan).
+        xz = _project(self.in_proj, x.transpose(1, 2))  # (B, 2*d_inner, L)
         u, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
 
         # Causal depthwise conv: the carried inputs are the left context.
@@ -191,11 +202,9 @@ class MambaBlock(nn.Module):
         new_conv = u_ext[:, :, u_ext.shape[2] - (self.d_conv - 1) :]
         u = silu(self.conv1d(u_ext))  # (B, d_inner, L)
 
-        x_dbl = self.x_proj(u.transpose(1, 2))  # (B, L, dt_rank + 2N)
-        dt, b, c = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L)
-        b = b.transpose(1, 2)  # (B, N, L)
-        c = c.transpose(1, 2)  # (B, N, L)
+        x_dbl = _project(self.x_proj, u)  # (B, dt_rank + 2N, L)
+        dt, b, c = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = self.dt_proj.weight @ dt  # (B, d_inner, L); its bias goes to the scan
         bias, softplus_inside = self.dt_proj.bias.float(), True
         if time_scale is not None:  # Δ over the real step, formed before the scan
             delta, bias, softplus_inside = time_scaled_delta(delta, bias, time_scale), None, False

@@ -259,15 +259,17 @@ class MambaForecaster(nn.Module):
 
     def one_step(
         self, y: Tensor, state: MambaForecasterState | None = None, *,
-        exog: Exog | None = None,
+        exog: Exog | None = None, validate: bool = True,
     ) -> tuple[Gaussian, MambaForecasterState]:
         """Predictive distribution of y[:, t] given y[:, :t] (and ``state``) for every t.
 
         y: (B, T, C), NaN = missing; exog: the inputs u (B, T, K) and time steps dt (B, T) of
         these rows (see the module docstring). Returns (Gaussian (B, T, C), state after the
-        last step).
+        last step). ``validate=False`` skips the check for ±inf in y, which on a GPU waits for
+        it: for a caller that checks what comes out (an inf makes its row's score non-finite:
+        tsssm.scoring.scorer).
         """
-        y = self._check_series(y, "y")
+        y = self._check_series(y, "y", validate)
         state = self._check_state(state, y)
         u, ratio = self._exog(y, exog, "one_step")
         u = None if u is None else u[:, : y.shape[1]]
@@ -518,7 +520,7 @@ class MambaForecaster(nn.Module):
             return stat
         return stat.transpose(1, 2).reshape(-1, 1, 1)
 
-    def _check_series(self, y: Tensor, name: str) -> Tensor:
+    def _check_series(self, y: Tensor, name: str, validate: bool = True) -> Tensor:
         """Validate a (B, T, C) series and cast it to the model's dtype (float64 data is fine)."""
         if not isinstance(y, Tensor) or y.ndim != 3 or y.shape[-1] != self.n_channels:
             shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
@@ -527,7 +529,7 @@ class MambaForecaster(nn.Module):
             )
         if not y.is_floating_point():
             raise DataError(f"{name} must be floating point (NaN marks missing), got {y.dtype}")
-        if torch.isinf(y).any():
+        if validate and torch.isinf(y).any():
             raise DataError(
                 f"{name} contains ±inf; mark missing observations with NaN and clip or drop "
                 "infinite sensor readings before scaling"

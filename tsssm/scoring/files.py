@@ -372,18 +372,32 @@ def score_file(path: str | Path, scorer: Scorer, spec: ReadSpec, output: str | P
     # scorer as it goes, so a stream drawn is scored in this thread alone
     worker = OrderedWorker(name="scores-sink") if pipelined and figure is None else None
     batches = prefetch(iter(reader), name="batch-reader") if worker is not None else reader
+    # on a GPU the next batch is queued before the last one's scores are collected, so the
+    # device works while this thread prepares one batch and collects the other
+    ahead = 1 if worker is not None and scorer.defers else 0
+    queued: deque = deque()
+
+    def collect() -> None:
+        out = queued.popleft().result()
+        if worker is None:
+            emit(out)
+        else:
+            worker.submit(emit, out)
+
     try:
         for batch in batches:
-            out = scorer.update_many(batch.values)
-            if worker is None:
+            queued.append(scorer.submit(batch.values))
+            if worker is None:  # the batch's rows before the scores that cover them
                 sink.add(batch)
-                emit(out)
-            else:  # in order: the batch's rows, then the scores that came out
+            else:
                 worker.submit(sink.add, batch)
-                worker.submit(emit, out)
+            while len(queued) > ahead:
+                collect()
             bar.update(len(batch.time))
             if on_batch is not None:
                 on_batch(len(batch.time))
+        while queued:
+            collect()
         if worker is None:
             emit(scorer.finish())
         else:

@@ -27,13 +27,22 @@ scores, which are held until then, as per-stream scaling holds its rows).
     scorer = Scorer.load("tsssm_runs/models/<run id>")   # or an MLflow run id
     score, flag = scorer.update([0.1, 2.3, 4.5])        # one sample, the model's channel order
     batch = scorer.update_many(rows)                     # (n, C) rows -> ScoredRows
+
+On a CUDA device :meth:`Scorer.submit` queues a batch's work on the GPU (copy in, scaling, model,
+scores, copy back) and returns at once; its ``result()`` waits. A caller that submits batch k + 1
+before it collects batch k (``tsssm.scoring.files.score_file``) keeps the GPU busy while the host
+prepares the next batch and writes the last one. The finiteness checks are then made on the
+scores that come back (a non-finite input or model output makes its row's score non-finite),
+with the same messages, naming the row.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +56,7 @@ from tsssm.anomaly.scores import (
     ScoreSpec,
     StepTerms,
     anomaly_scores,
+    check_finite,
     step_terms,
 )
 from tsssm.bundle import Bundle
@@ -68,6 +78,30 @@ NUMPY_ROWS_PER_CALL = 4096
 _HALF_LOG_2PI = np.float32(0.5 * math.log(2.0 * math.pi))
 #: a small array's sum without ndarray.sum's Python wrapper (the live path's checks)
 _SUM = np.add.reduce
+
+
+class PendingRows:
+    """The scores of rows given to :meth:`Scorer.submit`: ``result()`` returns them (the
+    ScoredRows that :meth:`Scorer.update_many` would have), waiting for the device if needed.
+    Results are made in submission order: collecting a later one first collects the earlier."""
+
+    __slots__ = ("_scorer", "_rows", "pieces", "event")
+
+    def __init__(self, scorer: Scorer | None = None, rows: ScoredRows | None = None) -> None:
+        self._scorer, self._rows = scorer, rows
+        #: per model call: (raw rows (n, C) pinned, score (n,) pinned, contrib (n, C) pinned or
+        #: None, stream row of the first raw row, its row through the model)
+        self.pieces: list[tuple] = []
+        self.event: torch.cuda.Event | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._rows is not None
+
+    def result(self) -> ScoredRows:
+        if self._rows is None:
+            self._scorer._collect(self)
+        return self._rows
 
 
 def numpy_scores(y: np.ndarray, mean: np.ndarray, var: np.ndarray, kind: str) -> np.ndarray:
@@ -184,6 +218,11 @@ class Scorer:
         self._device_window_on = (self.device.type != "cpu") if device_window is None \
             else bool(device_window)
         self._pinned: torch.Tensor | None = None  # host staging rows for the device (pinned)
+        # the model's own input checks wait for the GPU; the queued path checks the scores
+        self._one_step_kwargs = {"validate": False} if \
+            "validate" in inspect.signature(self.model.one_step).parameters else {}
+        self._scaler_on_device: tuple | None = None  # (scaler, mean (C,), std (C,)) there
+        self._pending: deque[PendingRows] = deque()
         self.reset()
 
     def _numpy_engine(self, engine: str):
@@ -226,6 +265,7 @@ class Scorer:
         """Start a new stream (``source``: what messages call it, e.g. its file): the model's
         prior state, no rows seen."""
         self.source = source
+        self._pending = deque()  # a new stream: what was queued for the last one is dropped
         self._state: Any = None
         if self._kalman is not None:
             self._kalman.reset()
@@ -265,6 +305,7 @@ class Scorer:
 
     @contributions.setter
     def contributions(self, on: bool) -> None:
+        self._drain()
         self.post.contributions = bool(on)
         self._fast = self._fast_path()
 
@@ -274,6 +315,7 @@ class Scorer:
 
     @moments.setter
     def moments(self, on: bool) -> None:
+        self._drain()
         self._moments = bool(on)
         self._fast = self._fast_path()
 
@@ -297,6 +339,7 @@ class Scorer:
         None = missing). Returns (score, flag), or None while the scorer is calibrating (the held
         rows' scores then come out of :meth:`update_many` or :meth:`finish`)."""
         row = self._row(sample)
+        self._drain()
         if self.spec.window > 1 and self.spec.align == "centered":
             raise ModelError(
                 f"the {self.bundle.model_name} model scores centered {self.spec.window}-row "
@@ -383,30 +426,149 @@ class Scorer:
         the stream. Returns the scores of every row that became ready: normally exactly these
         rows; while calibrating none, then the held rows together with these (with a centered
         window, the rows up to ``window // 2`` before the last)."""
+        return self.submit(rows).result()
+
+    @property
+    def defers(self) -> bool:
+        """Whether :meth:`submit` can queue work and return before it is done (a torch model
+        on a CUDA device): then a caller gains by submitting the next rows before collecting."""
+        return self.device.type == "cuda" and self._kalman is None
+
+    def submit(self, rows: np.ndarray | Sequence[Sequence[float]]) -> PendingRows:
+        """:meth:`update_many` in two halves: the rows' work is started now (on a CUDA device
+        queued there; the rows are copied, the caller may reuse its buffer), and the returned
+        PendingRows' ``result()`` gives what update_many returns. Results come in submission
+        order; a bad row raises from ``submit`` or from ``result``, with the same message."""
         values = np.asarray(rows, dtype=np.float32)
         if values.ndim != 2 or values.shape[1] != len(self.channels):
             raise DataError(f"rows must be (n, {len(self.channels)}) for the channels "
                             f"{self.channels}; got shape {values.shape}")
-        if np.isinf(values).any():
-            row, col = np.argwhere(np.isinf(values))[0]
-            raise DataError(f"row {self._rows_in + row + 1}, channel '{self.channels[col]}' is "
-                            "infinite; send NaN for a missing reading")
+        first = self._rows_in
+        # on the device path the scores tell (_collect)
+        if (self.scaler is None or not self._deferrable()) and np.isinf(values).any():
+            self._infinite(values, first)
         self._rows_in += len(values)
         if self.scaler is None:
             self._held.append(values.copy())  # the caller may reuse its buffer
             self._n_held += len(values)
             if self._n_held <= self.calibration_rows:
-                return self._empty()
+                return PendingRows(rows=self._empty())
             held = np.concatenate(self._held)
             self._held, self._n_held = [], 0
             self.scaler = StandardScaler.fit([held[: self.calibration_rows]], self.channels)
-            values = held
-        return self._score(values)
+            values, first = held, self._rows_in - len(held)
+        if self._deferrable():
+            return self._submit_device(values, first)
+        self._drain()
+        return PendingRows(rows=self._score(values))
+
+    def _infinite(self, values: np.ndarray, first: int) -> None:
+        row, col = np.argwhere(np.isinf(values))[0]
+        raise DataError(f"row {first + row + 1}, channel '{self.channels[col]}' is "
+                        "infinite; send NaN for a missing reading")
+
+    def _deferrable(self) -> bool:
+        """Whether this stream's rows take the queued device path (:meth:`_submit_device`):
+        a torch model on a CUDA device, one-step scores or a device window, a float32 scaler
+        (scaled there with the host's arithmetic), no moments kept for figures."""
+        scaler = self.scaler
+        return (self.defers and not self.moments and scaler is not None
+                and scaler.mean.dtype == np.float32 and scaler.std.dtype == np.float32
+                and (self._fast or bool(self._device_window())))
+
+    def _submit_device(self, values: np.ndarray, first: int) -> PendingRows:
+        """Queue raw rows (n, C) on the GPU: pinned copy in, scaling, the model, the scores (and
+        window sums) and the copy back, in calls of GPU_ROWS_PER_CALL rows; nothing waits."""
+        pending = PendingRows(self)
+        scaler = self.scaler
+        if self._scaler_on_device is None or self._scaler_on_device[0] is not scaler:
+            self._scaler_on_device = (scaler, torch.from_numpy(scaler.mean).to(self.device),
+                                      torch.from_numpy(scaler.std).to(self.device))
+        _, mean, std = self._scaler_on_device
+        window = None if self._fast else self._device_window()
+        pin = self.device.type == "cuda"  # elsewhere (tests) the same steps, done at once
+        for a in range(0, len(values), GPU_ROWS_PER_CALL):
+            raw = values[a : a + GPU_ROWS_PER_CALL]
+            # pinned blocks come from torch's caching host allocator, which keeps a block
+            # until the copies queued on it are done
+            host = torch.empty(raw.shape, dtype=torch.float32, pin_memory=pin)
+            np.copyto(host.numpy(), raw)
+            t = host.to(self.device, non_blocking=pin)
+            t = ((t - mean) / std).unsqueeze(0)  # (1, n, C): StandardScaler.transform's ops
+            with torch.no_grad():
+                pred, self._state = self.model.one_step(t, self._state, **self._one_step_kwargs)
+                if window is None:
+                    pred = Gaussian(pred.mean.float(), pred.var.float())
+                    score = anomaly_scores(t, pred, kind=self.score_kind, check=False)[0]
+                    contrib = None
+                else:
+                    st = step_terms(t, pred, self.spec.kind, check=False)  # each (1, n, C)
+                    score, contrib = window.update(StepTerms(st.contrib[0], st.whitened[0],
+                                                             st.observed[0]))
+                    contrib = contrib.float() if self.contributions else None
+            pending.pieces.append((host, _to_host(score, pin), _to_host(contrib, pin),
+                                   first + a, self._rows_model))
+            self._rows_model += len(raw)
+        if pin:
+            pending.event = torch.cuda.Event()
+            pending.event.record()
+        self._pending.append(pending)
+        return pending
+
+    def _collect(self, target: PendingRows) -> None:
+        """Finish queued batches, oldest first, up to ``target`` (in order: thresholds and
+        windows carry state from batch to batch)."""
+        while not target.done:
+            if not self._pending:
+                raise ModelError("these rows were queued for an earlier stream (the scorer "
+                                 "was reset since); submit them again")
+            pending = self._pending.popleft()
+            try:
+                if pending.event is not None:
+                    pending.event.synchronize()
+                pending._rows = self._finish(pending)
+            except BaseException:
+                self._pending.clear()  # the stream cannot go on: its state is past the error
+                raise
+
+    def _finish(self, pending: PendingRows) -> ScoredRows:
+        start = self._rows_out
+        parts = []
+        for host, score, contrib, first, first_model in pending.pieces:
+            score = score.numpy()
+            if not np.isfinite(score).all():
+                self._not_finite_rows(host.numpy(), score, first, first_model)
+            if self._fast:
+                out = ScoredRows(self._rows_out, score, score > self._threshold_value)
+            else:
+                out = self.post.push_scores(score, None if contrib is None else contrib.numpy())
+            self._rows_out += len(out)
+            parts.append(out)
+        return concat_rows(parts, start, len(self.channels), self.contributions)
+
+    def _not_finite_rows(self, raw: np.ndarray, score: np.ndarray, first: int,
+                         first_model: int) -> None:
+        """Why queued rows' scores are not finite, raised as the synchronous checks would: an
+        infinite reading, one that overflows once scaled, or else the model's numbers."""
+        if np.isinf(raw).any():
+            self._infinite(raw, first)
+        with np.errstate(over="ignore"):
+            scaled = self.scaler.transform(raw)
+        if np.isinf(scaled).any():
+            self._overflow(raw, scaled, first_model)
+        check_finite(torch.from_numpy(score))
+
+    def _drain(self) -> None:
+        """Collect every queued batch (each keeps its result for its PendingRows)."""
+        if self._pending:
+            self._collect(self._pending[-1])
 
     def finish(self) -> ScoredRows:
         """End of the stream: score rows still held for calibration (the stream was not longer
         than the calibration rows: they are scaled by the training scaler, as batch scoring
-        does, with a warning). Afterwards the scorer can take a new stream (``reset``)."""
+        does, with a warning). Afterwards the scorer can take a new stream (``reset``). Rows
+        submitted and not yet collected are finished first (their PendingRows hold them)."""
+        self._drain()
         parts = []
         if self.scaler is None and self._held:
             held = np.concatenate(self._held)
@@ -649,3 +811,14 @@ def _few_torch_threads(rows: int):
     from tsssm.kalman.ssm import step_loop_threads
 
     return step_loop_threads() if rows < FEW_ROWS else nullcontext()
+
+
+def _to_host(t: torch.Tensor | None, pin: bool) -> torch.Tensor | None:
+    """A device tensor's copy in host memory: with ``pin``, pinned and queued (no wait)."""
+    if t is None:
+        return None
+    if not pin:
+        return t.cpu()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host

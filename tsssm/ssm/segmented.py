@@ -56,16 +56,33 @@ def segmented_scan(
     _, own = selective_scan(us, dts, A, bs, cs, initial_state=None, return_final_state=True,
                             backend=backend)  # (b*S, d, N): each segment from zero
     sdt = torch.float64 if u.dtype == torch.float64 else torch.float32  # the state's dtype
-    own = own.to(sdt).view(b, S, d, N)
-    total = dts.view(b, S, d, segment).double().sum(-1)  # (b, S, d): Σ Δ over each segment
-    decay = torch.exp(total[..., None] * A.double()).to(sdt)  # (b, S, d, N)
-    h = torch.zeros(b, d, N, dtype=sdt, device=u.device) if initial_state is None \
-        else initial_state.to(sdt)
-    entering = torch.empty(b, S, d, N, dtype=sdt, device=u.device)
-    for s in range(S):
-        entering[:, s] = h
-        h = decay[:, s] * h + own[:, s]
+    # Σ Δ over each segment (b, S, d), accumulated in float64 without a float64 copy of Δ
+    total = dts.view(b, S, d, segment).sum(-1, dtype=torch.float64)
+    decay = torch.exp(total[..., None] * A.double())  # (b, S, d, N)
+    h0 = None if initial_state is None else initial_state.double()
+    entering = _entering_states(decay, own.double().view(b, S, d, N), h0).to(sdt)
     out, final = selective_scan(us, dts, A, bs, cs, D=D, z=zs, initial_state=entering.view(
         b * S, d, N), return_final_state=True, backend=backend)
     out = out.view(b, S, d, segment).permute(0, 2, 1, 3).reshape(b, d, S * segment)[..., :L]
     return out, final.view(b, S, d, N)[:, -1]
+
+
+def _entering_states(decay: Tensor, own: Tensor, h0: Tensor | None) -> Tensor:
+    """The state entering every segment (b, S, d, N) of ``h_{s+1} = decay_s h_s + own_s`` from
+    h_0 = ``h0`` (b, d, N) (None: zeros), as a log-depth scan (Hillis-Steele: ceil(log2 S)
+    rounds of a few whole-tensor ops instead of 3 S tiny launches, which on a GPU cost more
+    host time than the two scans' device time). decay, own (b, S, d, N), float64 here."""
+    S = decay.shape[1]
+    reach, acc = decay, own  # after the rounds: products of decays, states from zero
+    k = 1
+    while k < S:
+        acc = torch.cat([acc[:, :k], reach[:, k:] * acc[:, :-k] + acc[:, k:]], 1)
+        reach = torch.cat([reach[:, :k], reach[:, k:] * reach[:, :-k]], 1)
+        k *= 2
+    # acc[:, s] / reach[:, s]: the state after segment s from zero / the decay up to it
+    if h0 is not None:
+        acc = acc + reach * h0[:, None]
+        first = h0[:, None]
+    else:
+        first = torch.zeros_like(acc[:, :1])
+    return torch.cat([first, acc[:, :-1]], 1)
