@@ -157,14 +157,14 @@ def test_score_file_on_the_gpu_queued_equals_the_cpu(tmp_path, score):
     raw = stream(5000, nan_frac=0.02, gap=(3000, 3040), seed=6)
     raw[2500:2600, 0] += 12.0
     raw[4321, 1] = np.inf
-    path = tmp_path / "s.parquet"
-    pl.DataFrame({"ts": np.arange(len(raw)) * 10, "a": raw[:, 0], "b": raw[:, 1],
-                  "c": raw[:, 2]}).write_parquet(path)
-    spec = ReadSpec(time_column="ts", channels=("a", "b", "c"))
+    scorer = Scorer(bundle, device="cuda")
+    first, second = scorer.submit(raw[:4000]), scorer.submit(raw[4000:])
+    first.result()
     with pytest.raises(DataError, match="row 4322, channel 'b' is infinite"):
-        score_file(path, Scorer(bundle, device="cuda"), spec, tmp_path / "x.parquet",
-                   batch_rows=512, progress=False)
+        second.result()  # (a file's reader finds it first, with the file's own message)
     raw[4321, 1] = 0.0
+    path = tmp_path / "s.parquet"
+    spec = ReadSpec(time_column="ts", channels=("a", "b", "c"))
     pl.DataFrame({"ts": np.arange(len(raw)) * 10, "a": raw[:, 0], "b": raw[:, 1],
                   "c": raw[:, 2]}).write_parquet(path)
     frames = []

@@ -124,12 +124,17 @@ def time_scaled_delta(delta: Tensor, bias: Tensor, time_scale: Tensor) -> Tensor
     return torch.nn.functional.softplus(raw) * time_scale.float()[:, None, :]
 
 
-def _project(linear: nn.Linear, x: Tensor) -> Tensor:
-    """``linear`` applied along the channel axis of a channels-first x (B, D_in, L):
-    (B, D_out, L), contiguous (``linear(x.transpose(1, 2)).transpose(1, 2)`` without the
-    transposed copy)."""
-    out = linear.weight @ x
-    return out if linear.bias is None else out + linear.bias[:, None]
+def _project(weight: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    """A linear map (weight (D_out, D_in), bias (D_out,)) along the channel axis of a
+    channels-first x (B, D_in, L): (B, D_out, L). One sequence (a long stream scored): one
+    matrix product that writes that layout contiguous, whatever x's strides (a transposed x is
+    a transposed operand, not a copy). A batch (training windows): ``linear`` over time-major
+    rows, returned as a view (a broadcast matmul would copy x first)."""
+    if x.shape[0] != 1:
+        return torch.nn.functional.linear(x.transpose(1, 2), weight, bias).transpose(1, 2)
+    if bias is None:
+        return (weight @ x[0]).unsqueeze(0)
+    return torch.addmm(bias[:, None], weight, x[0]).unsqueeze(0)
 
 
 def _inverse_softplus(x: Tensor) -> Tensor:
@@ -191,10 +196,12 @@ class MambaBlock(nn.Module):
         batch, length, _ = x.shape
         if state is None:
             state = self.zero_state(batch, x.device, x.dtype)
-        # Channels-first throughout (B, D, L), each projection one GEMM that writes that layout:
-        # the conv, the scan and the elementwise ops then read contiguous rows along time, not
-        # a transposed view (on a long GPU sequence the transposed reads cost more than the scan).
-        xz = _project(self.in_proj, x.transpose(1, 2))  # (B, 2*d_inner, L)
+        # Channels-first (B, D, L); for one long sequence each projection is one GEMM that writes
+        # that layout, so the conv, the scan and the elementwise ops read contiguous rows along
+        # time, not a transposed view (on a long GPU sequence those reads cost more than the
+        # scan: tsssm.scoring's profile).
+        xz = _project(self.in_proj.weight, x.transpose(1, 2), self.in_proj.bias)
+        # xz: (B, 2*d_inner, L)
         u, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
 
         # Causal depthwise conv: the carried inputs are the left context.
@@ -202,9 +209,9 @@ class MambaBlock(nn.Module):
         new_conv = u_ext[:, :, u_ext.shape[2] - (self.d_conv - 1) :]
         u = silu(self.conv1d(u_ext))  # (B, d_inner, L)
 
-        x_dbl = _project(self.x_proj, u)  # (B, dt_rank + 2N, L)
+        x_dbl = _project(self.x_proj.weight, u)  # (B, dt_rank + 2N, L)
         dt, b, c = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = self.dt_proj.weight @ dt  # (B, d_inner, L); its bias goes to the scan
+        delta = _project(self.dt_proj.weight, dt)  # (B, d_inner, L); the bias: in the scan
         bias, softplus_inside = self.dt_proj.bias.float(), True
         if time_scale is not None:  # Δ over the real step, formed before the scan
             delta, bias, softplus_inside = time_scaled_delta(delta, bias, time_scale), None, False
