@@ -112,12 +112,13 @@ def reference_intervals(flags, score, contrib, channels):
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("with_contrib", [True, False])
-def test_streamed_intervals_equal_the_whole_stream(seed, with_contrib):
+@pytest.mark.parametrize("n_runs", [3, 25, 120])  # few flagged rows (gathered), most (in place)
+def test_streamed_intervals_equal_the_whole_stream(seed, with_contrib, n_runs):
     rng = np.random.default_rng(seed)
     rows, C = 600, 3
     channels = ["x", "y", "z"]
     flags = np.zeros(rows, bool)
-    for start in rng.integers(0, rows, 25):
+    for start in rng.integers(0, rows, n_runs):
         flags[start : start + rng.integers(1, 40)] = True
     flags[:3] = seed % 2 == 0  # a run at the start, and one at the end
     flags[-5:] = True

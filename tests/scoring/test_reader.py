@@ -241,3 +241,67 @@ def test_sort_reads_the_file_whole(tmp_path):
     np.testing.assert_array_equal(time, want.time)
     np.testing.assert_array_equal(values, want.values)
     assert len(want.time) > len(whole.time)  # the gaps were filled with rows
+
+
+def _grouped_parquet(frame: pl.DataFrame, path, group_rows: int):
+    import pyarrow.parquet as pq
+
+    pq.write_table(frame.to_arrow(), path, row_group_size=group_rows, compression="none")
+    return path
+
+
+@pytest.mark.parametrize("group_rows", [13, 37, 400])
+@pytest.mark.parametrize("batch_rows", [1, 10, 50, 10_000])
+@pytest.mark.parametrize("threads", [0, 3])
+def test_row_groups_read_several_at_once_equal_the_whole_file(tmp_path, group_rows, batch_rows,
+                                                              threads):
+    """Row groups of up to GROUP_READ_BATCHES batches are decoded whole on the reader's threads,
+    in runs of about a batch; longer ones (and one-group files) page by page: the same rows."""
+    from tsssm.scoring.reader import GROUP_READ_BATCHES
+
+    path = _grouped_parquet(table(), tmp_path / "g.parquet", group_rows)
+    c = cfg(gaps="mask", fill="forward")
+    whole, _ = prepare_stream(path, c)
+    reader = StreamReader(path, spec_of(c), gaps="mask", fill="forward", batch_rows=batch_rows,
+                          threads=threads)
+    runs = reader._group_reads()
+    assert (runs is not None) == (group_rows < 400 and group_rows <= GROUP_READ_BATCHES
+                                  * batch_rows)
+    if runs is not None:  # consecutive groups, each run about a batch long
+        assert [g for run in runs for g in run] == list(range(-(-400 // group_rows)))
+        assert all(group_rows * (len(run) - 1) < batch_rows for run in runs)
+    time, values, labels = read_all(reader)
+    np.testing.assert_array_equal(time, whole.time)
+    np.testing.assert_array_equal(values, whole.values)
+    np.testing.assert_array_equal(labels, whole.labels)
+    assert reader.rows_read == 400 and reader.gap_report.rows_inserted == 4 + 39
+
+
+@pytest.mark.parametrize("kind", ["duplicate", "unsorted", "corrupt"])
+def test_row_groups_read_at_once_fail_as_the_whole_file(tmp_path, kind):
+    """A defect in a later row group read on a worker thread fails with the one-thread
+    message (the row's number in the file, or the damaged column)."""
+    frame = pl.DataFrame({"ts": np.arange(1, 1001), "a": np.arange(1000) * 0.5,
+                          "label": np.zeros(1000, np.int64)})
+    if kind == "duplicate":
+        frame = frame.with_columns(pl.when(pl.col("ts") == 700).then(699)
+                                   .otherwise(pl.col("ts")).alias("ts"))
+    elif kind == "unsorted":
+        frame = frame.with_columns(pl.when(pl.col("ts") == 700).then(5)
+                                   .otherwise(pl.col("ts")).alias("ts"))
+    path = _grouped_parquet(frame, tmp_path / "g.parquet", 100)
+    if kind == "corrupt":  # a value of group 7 beyond the range its footer records
+        raw = bytearray(path.read_bytes())
+        at = bytes(raw).find(np.float64(700 * 0.5).tobytes())
+        raw[at + 7] = 0x7F
+        path.write_bytes(bytes(raw))
+    spec = ReadSpec(time_column="ts", label_column="label")
+    with pytest.raises(DataError) as one:
+        list(StreamReader(path, spec, batch_rows=64, threads=0))
+    with pytest.raises(DataError) as several:
+        reader = StreamReader(path, spec, batch_rows=64, threads=3)
+        assert reader._group_reads() is not None
+        list(reader)
+    assert str(several.value) == str(one.value)
+    assert ("is corrupt" in str(one.value) and "column 'a'" in str(one.value)
+            if kind == "corrupt" else "700" in str(one.value))

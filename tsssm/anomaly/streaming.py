@@ -248,6 +248,60 @@ def _no_intervals(time: np.ndarray, contrib: np.ndarray | None) -> Intervals:
                      None if contrib is None else np.zeros((0, np.shape(contrib)[1])))
 
 
+def _run_edges(flags: np.ndarray, is_open: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Where runs of True begin in flags (n,) (a run open before the batch does not begin in
+    it) and one past where each ends (n: it reaches the batch's end; 0: the open run ended
+    just before the batch): the +1 and -1 steps of ``[is_open, *flags, False]``."""
+    n = len(flags)
+    if n < 2:
+        edges = np.diff(np.concatenate([[is_open], flags, [False]]).astype(np.int8))
+        return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    step = np.diff(flags.view(np.int8))  # (n - 1,) in {-1, 0, 1}
+    starts = np.flatnonzero(step == 1) + 1
+    stops = np.flatnonzero(step == -1) + 1
+    if flags[0] and not is_open:
+        starts = np.concatenate([[0], starts])
+    if is_open and not flags[0]:
+        stops = np.concatenate([[0], stops])
+    if flags[-1]:
+        stops = np.concatenate([stops, [n]])
+    return starts, stops
+
+
+#: below this fraction of flagged rows the segments are reduced over the flagged rows gathered
+#: (a few), above it where they lie (no gather of most of the batch)
+SPARSE_FLAGS = 0.1
+
+
+def _segment_reductions(flags: np.ndarray, score: np.ndarray, contrib: np.ndarray | None,
+                        first: np.ndarray, stop: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The peak score (float64) and the contributions' sums (float64, each summed in row order
+    in float64) of rows first[k] .. stop[k] - 1 of the disjoint, increasing segments k, which
+    together are the flagged rows."""
+    n = len(score)
+    if int((stop - first).sum()) < SPARSE_FLAGS * n:
+        rows = np.flatnonzero(flags)
+        at = np.searchsorted(rows, first)  # where each segment starts among them
+        peaks = np.maximum.reduceat(score[rows].astype(np.float64), at)
+        sums = None if contrib is None else np.add.reduceat(
+            np.asarray(contrib)[rows].astype(np.float64), at, axis=0)
+        return peaks, sums
+    # one reduceat over the batch: the gaps between the segments are reduced too, and dropped
+    bounds = np.empty(2 * len(first), np.int64)
+    bounds[0::2], bounds[1::2] = first, stop
+    if bounds[-1] == n:  # reduceat takes indices below n; the last segment runs to the end
+        bounds = bounds[:-1]
+    peaks = np.maximum.reduceat(score, bounds)[0::2].astype(np.float64)
+    sums = None
+    if contrib is not None:  # channel by channel: a column is contiguous in a (C, n) layout
+        contrib = np.asarray(contrib)
+        sums = np.empty((len(first), contrib.shape[1]))
+        for j in range(contrib.shape[1]):
+            sums[:, j] = np.add.reduceat(contrib[:, j], bounds, dtype=np.float64)[0::2]
+    return peaks, sums
+
+
 def intervals_start() -> IntervalState:
     return IntervalState(0, -1, None, None, -np.inf, None)
 
@@ -270,9 +324,7 @@ def intervals_update(state: IntervalState, flags: np.ndarray, score: np.ndarray,
     if n == 0 and not final:
         return _no_intervals(time, contrib), state
     is_open = state.start >= 0
-    edges = np.diff(np.concatenate([[is_open], flags, [False]]).astype(np.int8))
-    starts = np.flatnonzero(edges == 1)  # runs that begin in this batch
-    stops = np.flatnonzero(edges == -1)  # one past each run's last row (n: reaches the end)
+    starts, stops = _run_edges(flags, is_open)
     # segment k of the flagged rows of this batch: rows first[k] .. stops[k] - 1
     first = np.concatenate([[0], starts]) if is_open else starts
     if is_open and (n == 0 or not flags[0]):  # the open run ended before this batch
@@ -281,12 +333,8 @@ def intervals_update(state: IntervalState, flags: np.ndarray, score: np.ndarray,
     else:
         seg_first, seg_stops = first, stops
         ended_before = False
-    if len(seg_first):  # reduce over the flagged rows only (a few of the batch)
-        rows = np.flatnonzero(flags)
-        at = np.searchsorted(rows, seg_first)  # where each segment starts among them
-        peaks = np.maximum.reduceat(score[rows].astype(np.float64), at)
-        sums = None if contrib is None else np.add.reduceat(
-            np.asarray(contrib)[rows].astype(np.float64), at, axis=0)
+    if len(seg_first):  # each segment reduced where it lies (no gather of the flagged rows)
+        peaks, sums = _segment_reductions(flags, score, contrib, seg_first, seg_stops)
     row0 = state.rows
     time_dtype = np.asarray(time).dtype if n else np.asarray(state.last_time).dtype
     begin = row0 + seg_first.astype(np.int64)

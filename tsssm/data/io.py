@@ -408,6 +408,25 @@ def _check_parquet_integrity(path: Path, frame: pl.DataFrame) -> None:
     check.update(frame)
 
 
+def time_ordinal(time: np.ndarray) -> np.ndarray:
+    """A time column (int64 or datetime64) as int64, without a copy where it already is one."""
+    if time.dtype.kind in "iM" and time.dtype.itemsize == 8:  # datetime64: counts of its unit
+        return time.view(np.int64)
+    return time.astype("int64")
+
+
+def _strictly_increasing(time: np.ndarray, previous: np.ndarray | None) -> bool:
+    """Whether every time stamp is after the one before it (and after ``previous[-1]``)."""
+    if len(time) == 0:
+        return True
+    if previous is not None and len(previous) and previous.dtype != time.dtype:
+        return False  # mixed types or units: the general path compares them
+    ordinal = time_ordinal(time)
+    if previous is not None and len(previous) and not time_ordinal(previous[-1:])[0] < ordinal[0]:
+        return False
+    return len(ordinal) < 2 or bool((ordinal[1:] > ordinal[:-1]).all())
+
+
 def order_rows(path: Path, spec: ReadSpec, rows: Rows, first_row: int = 0,
                previous: np.ndarray | None = None) -> Rows:
     """Refuse unsorted rows and duplicate timestamps, or (data.sort / data.duplicates) sort
@@ -415,6 +434,8 @@ def order_rows(path: Path, spec: ReadSpec, rows: Rows, first_row: int = 0,
     of the file; ``previous`` the time of the row before them (a batch's predecessor: the file is
     then checked across the batches' borders too; sorting needs the whole file)."""
     time, values = rows.time, rows.values
+    if _strictly_increasing(time, previous):  # the usual case: one pass, nothing to change
+        return rows
     # the label columns travel with their rows when rows are sorted or merged: (n, k)
     present = [m for m in (rows.labels, rows.changepoints) if m is not None]
     labels = np.stack(present, axis=1) if present else None

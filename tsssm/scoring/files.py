@@ -46,8 +46,10 @@ FIGURE_MAX_ROWS = 200_000
 #: Parquet encodings of the scores columns: the stream name as a dictionary (one entry), time
 #: delta-encoded (monotone), the rest plain; dictionary-encoding float scores costs ~4x the time
 #: for nothing. No stored Arrow schema, so readers see ``stream`` as a plain string column.
+#: Min/max statistics for ``time`` only (a reader's time-range filter uses them); those of the
+#: other columns cost a third of their encoding and prune nothing.
 WRITE_OPTIONS = {"use_dictionary": ["stream"], "column_encoding": {"time": "DELTA_BINARY_PACKED"},
-                 "store_schema": False}
+                 "store_schema": False, "write_statistics": ["time"]}
 #: columns compressed (snappy); the float columns (score, threshold, contributions) are written
 #: uncompressed: snappy finds nothing in them (measured 36.1 against 36.2 bytes a row with 8
 #: contribution columns) and costs a third of the writer's time
@@ -146,7 +148,10 @@ def scores_table(name: str, time: np.ndarray, rows: ScoredRows,
     if channels is not None and rows.contrib is not None:
         for j, channel in enumerate(channels):
             columns[f"contrib:{channel}"] = pa.array(rows.contrib[:, j])
-    return pa.table(columns)
+    # no column holds nulls (a missing score is NaN): required columns are written without
+    # definition levels, which measured 2x faster to encode than nullable ones
+    schema = pa.schema([pa.field(k, v.type, nullable=False) for k, v in columns.items()])
+    return pa.Table.from_arrays(list(columns.values()), schema=schema)
 
 
 def _arrow_time(time: np.ndarray) -> pa.Array:

@@ -505,7 +505,9 @@ class Scorer:
                     st = step_terms(t, pred, self.spec.kind, check=False)  # each (1, n, C)
                     score, contrib = window.update(StepTerms(st.contrib[0], st.whitened[0],
                                                              st.observed[0]))
-                    contrib = contrib.float() if self.contributions else None
+                    # channel-major (C, n) on the way back: each contrib:<channel> column of
+                    # the scores Parquet is then a contiguous array (no strided copy a column)
+                    contrib = contrib.float().T.contiguous() if self.contributions else None
             pending.pieces.append((host, _to_host(score, pin), _to_host(contrib, pin),
                                    first + a, self._rows_model))
             self._rows_model += len(raw)
@@ -541,7 +543,7 @@ class Scorer:
             if self._fast:
                 out = ScoredRows(self._rows_out, score, score > self._threshold_value)
             else:
-                out = self.post.push_scores(score, None if contrib is None else contrib.numpy())
+                out = self.post.push_scores(score, None if contrib is None else contrib.numpy().T)
             self._rows_out += len(out)
             parts.append(out)
         return concat_rows(parts, start, len(self.channels), self.contributions)
