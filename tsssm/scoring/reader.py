@@ -159,18 +159,24 @@ class StreamReader:
         self.has_labels = spec.label_column is not None and spec.label_column in columns
         self._columns = [spec.time_column, *self.channels] + (
             [spec.label_column] if self.has_labels else [])
+        #: Parquet: the rows of each row group, from the footer (None: CSV, or a damaged footer)
+        self._group_rows: list[int] | None = None
         self.total_rows = self._count_rows()
         self.rows_read = 0
         self.gap_report: GapReport | None = None
         self._whole = None  # data.sort=true: the file, read whole once
 
     def _count_rows(self) -> int | None:
-        """Exact for Parquet (its footer), estimated for CSV from the first 64 KiB."""
+        """Exact for Parquet (its footer; the row groups' sizes kept too), estimated for CSV
+        from the first 64 KiB."""
         if is_parquet(self.path):
             try:
                 import pyarrow.parquet as pq
 
-                return int(pq.ParquetFile(self.path).metadata.num_rows)
+                meta = pq.ParquetFile(self.path).metadata
+                self._group_rows = [meta.row_group(g).num_rows
+                                    for g in range(meta.num_row_groups)]
+                return int(meta.num_rows)
             except Exception:  # a damaged footer is reported when the rows are read
                 return None
         with open(self.path, "rb") as f:
@@ -226,16 +232,10 @@ class StreamReader:
     def _group_reads(self) -> list[list[int]] | None:
         """The file's row groups in runs of about ``batch_rows`` rows, each run read whole by one
         thread of several (:meth:`_parquet_groups`); None where a row group is too long to hold
-        (more than GROUP_READ_BATCHES batches: read page by page) or the footer cannot be read
+        (more than GROUP_READ_BATCHES batches: read page by page) or the footer could not be read
         (the page reader reports it)."""
-        import pyarrow.parquet as pq
-
-        try:
-            meta = pq.ParquetFile(self.path).metadata
-            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-        except Exception:
-            return None
-        if len(sizes) < 2 or max(sizes) > GROUP_READ_BATCHES * self.batch_rows:
+        sizes = self._group_rows
+        if sizes is None or len(sizes) < 2 or max(sizes) > GROUP_READ_BATCHES * self.batch_rows:
             return None
         runs: list[list[int]] = [[]]
         rows = 0
