@@ -106,6 +106,13 @@ MAX_FAR = 0.1355
 #: what the benchmark adds to `tsssm train` per model (visible in each record's command); a
 #: model's SKAB settings belong in its config, these are only what differs
 MODEL_OVERRIDES: dict[str, list[str]] = {}
+#: the VAR orders ``var_kalman[val-order]`` chooses from, by the pooled one-step joint Gaussian
+#: NLL of the validation rows (rows 320-399 of every file, held out from the fit; no label read).
+#: Declared 2026-12-04 before any order but 1 was run on SKAB: lags of 1-3 s at SKAB's 1 Hz,
+#: the orders a VAR of a pump's slow loops is usually fitted with. The chosen order then goes
+#: through the unchanged protocol (its plain record and every ``grouped_choice`` record, named
+#: ``var_kalman_p<order>[...]``); each order's plain record is kept with its validation NLL.
+VAL_ORDERS = (1, 2, 3)
 #: --small: three files and a short training (a smoke run, never a benchmark figure)
 SMALL_FILES = "[data/valve1/0.csv,data/valve2/0.csv,data/other/9.csv]"
 SMALL = [f"data.files={SMALL_FILES}", "trainer.max_epochs=1", "trainer.limit_train_batches=0.2"]
@@ -174,7 +181,7 @@ def _store_uri(args, job_dir: Path) -> str:
     return f"sqlite:///{job_dir.resolve()}/mlflow.db"
 
 
-def train_command(args, model: str, job_dir: Path) -> list[str]:
+def train_command(args, model: str, job_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     overrides = [
         "data=skab", f"data.root={Path(args.root).resolve()}", f"model={model}", "task=anomaly",
         f"trainer={args.accelerator}", "seed=0", f"tracking.uri={_store_uri(args, job_dir)}",
@@ -184,18 +191,21 @@ def train_command(args, model: str, job_dir: Path) -> list[str]:
         # shared or 2-core machine a second thread costs 3.6x the CPU-seconds (mamba on SKAB:
         # 445 against 124 CPU-s, same figures; RESULTS.md)
         *(["trainer.threads=1"] if args.accelerator == "cpu" else []),
-        *MODEL_OVERRIDES.get(model, []), *(SMALL if args.small else []), *args.set,
+        *MODEL_OVERRIDES.get(model, []), *extra, *(SMALL if args.small else []), *args.set,
     ]
     return ["tsssm", "train", *overrides]
 
 
-def _run_trained(args, model: str) -> dict:
+def _run_trained(args, model: str, extra: tuple[str, ...] = (), name: str | None = None) -> dict:
+    """Train ``model`` (a config name) with the ``extra`` overrides through `tsssm train`; the
+    record is named ``name`` (default: the config name)."""
     from tsssm.tracking import Tracker
 
+    name = name or model
     logs = Path(args.logs) if args.logs else Path(tempfile.gettempdir()) / "tsssm-accuracy"
-    job_dir = logs / f"skab-{model}"
+    job_dir = logs / f"skab-{name}"
     job_dir.mkdir(parents=True, exist_ok=True)
-    command = train_command(args, model, job_dir)
+    command = train_command(args, model, job_dir, extra)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     started = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -213,9 +223,9 @@ def _run_trained(args, model: str) -> dict:
     tracker = Tracker(_store_uri(args, job_dir), "tsssm")
     run_id = tracker.latest_run("train")
     metrics = tracker.run_metrics(run_id)
-    print(f"  skab {model}: {tail[-3] if len(tail) >= 3 else tail}", flush=True)
+    print(f"  skab {name}: {tail[-3] if len(tail) >= 3 else tail}", flush=True)
     task = comparator_config(args).task  # the task the command ran (same overrides)
-    return {**_record(metrics), "model": model, "train_s": round(elapsed, 1),
+    return {**_record(metrics), "model": name, "train_s": round(elapsed, 1),
             "train_cpu_s": round(cpu, 1), "command": " ".join(command),
             "window": int(task.window.size), "risk": float(task.threshold.risk),
             "bundle": str(job_dir / "models" / run_id)}
@@ -271,7 +281,7 @@ def run(args) -> list[dict]:
             r = records[-1]
             print(f"  skab {name}: f1 {r['f1']:.3f} far {r['far']:.3f} mar {r['mar']:.3f} "
                   f"auc_pr {r['auc_pr']:.3f} nab {r['nab_standard']:.1f}", flush=True)
-    jobs = [m for m in models if m not in COMPARATORS]
+    jobs = [m for m in models if m not in COMPARATORS and m != ORDER_CHOICE]
     failures = []
     with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {pool.submit(_run_trained, args, m): m for m in jobs}
@@ -286,10 +296,75 @@ def run(args) -> list[dict]:
             except RuntimeError as err:
                 failures.append(str(err))
                 print(f"  FAILED {futures[fut]}: {err}", flush=True)
+    if ORDER_CHOICE in models:
+        try:
+            records += [{**r, **common} for r in order_choice(args)]
+        except RuntimeError as err:
+            failures.append(str(err))
+            print(f"  FAILED {ORDER_CHOICE}: {err}", flush=True)
     merge_records(args.out, records, KEY)
     for line in failures:
         print(f"failed: {line}", file=sys.stderr)
     return records
+
+
+#: the --models entry that trains var_kalman at every VAL_ORDERS order and keeps the one with the
+#: lowest validation NLL (order_choice)
+ORDER_CHOICE = "var_kalman[val-order]"
+
+
+def validation_nll(args, bundle_dir: str) -> tuple[float, int]:
+    """Mean one-step joint Gaussian NLL per observed entry (nats) of a trained bundle over the
+    validation rows of every stream, and how many rows that is. Reads no label: the validation
+    rows are the ones the threshold is fitted on, held out from the model's fit."""
+    from tsssm.bundle import load_bundle
+    from tsssm.data.datasets import build_dataset
+    from tsssm.tasks.evaluate import stream_terms
+
+    cfg = comparator_config(args)
+    bundle = load_bundle(bundle_dir)
+    data = build_dataset(cfg.data).load(
+        scaler=None if bundle.per_stream_scaling else bundle.scaler,
+        input_scaler=None if bundle.per_stream_scaling else bundle.input_scaler)
+    total, entries, rows = 0.0, 0, 0
+    for part in data.parts:
+        start, stop = part.rows("val")
+        if stop <= start:
+            continue
+        _, _, terms = stream_terms(bundle.model, part.stream.values, "nll", cfg.score.chunk_size,
+                                   exog=part.exog())
+        contrib = terms.contrib[start:stop]  # (rows, C): each row sums to its mean entry NLL
+        n_obs = terms.observed[start:stop].sum(axis=1)  # (rows,)
+        total += float((contrib.sum(axis=1) * n_obs).sum())
+        entries += int(n_obs.sum())
+        rows += stop - start
+    if entries == 0:
+        raise RuntimeError("validation_nll: no stream has validation rows (data.val_rows)")
+    return total / entries, rows
+
+
+def order_choice(args) -> list[dict]:
+    """``var_kalman[val-order]``: var_kalman trained at each of VAL_ORDERS (``var_kalman_p<k>``
+    records, each with its validation NLL), the order with the lowest validation NLL kept (a
+    copy of its record named ``var_kalman[val-order]`` holding every order's NLL) and taken
+    through ``grouped_choice`` as ``var_kalman_p<k>[...]``. No test row or label enters the
+    choice of the order."""
+    out, bundles = [], {}
+    for order in VAL_ORDERS:
+        rec = _run_trained(args, "var_kalman", (f"model.net.order={order}",),
+                           name=f"var_kalman_p{order}")
+        bundles[order] = rec.pop("bundle")
+        rec["val_nll"], rec["val_rows"] = validation_nll(args, bundles[order])
+        print(f"  skab {rec['model']}: validation NLL {rec['val_nll']:.5f} "
+              f"({rec['val_rows']} rows)", flush=True)
+        out.append(rec)
+    best = min(out, key=lambda r: r["val_nll"])
+    order = VAL_ORDERS[out.index(best)]
+    out.append({**best, "model": ORDER_CHOICE, "chosen_order": order,
+                "val_nll_by_order": {str(k): r["val_nll"] for k, r in zip(VAL_ORDERS, out)}})
+    if not args.small:
+        out += grouped_choice(args, best["model"], bundles[order], best["command"])
+    return out
 
 
 def _group(part) -> str:

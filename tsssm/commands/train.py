@@ -44,6 +44,7 @@ from tsssm.tasks.callbacks import (
     InnerIterations,
     InterruptWatch,
     RngState,
+    StopWhenConverged,
     Throughput,
     TrackerCallback,
 )
@@ -139,6 +140,7 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
         Throughput(tracker),
         RngState(),
         InnerIterations(),
+        StopWhenConverged(),
         watch,
     ]
     has_val = dm.has_val()
