@@ -349,3 +349,29 @@ def test_gpu_steady_state_path(dtype):
         torch.testing.assert_close(res[name].double(), getattr(ref, name), rtol=tol, atol=tol,
                                    msg=name)
     torch.testing.assert_close(res["loglik"].double(), ref.loglik, rtol=tol, atol=tol)
+
+
+def test_structure_memo_launches_without_a_read_and_catches_in_place_changes(interpret,
+                                                                             monkeypatch):
+    """A model seen before launches on its remembered structure (no host read before the
+    kernel); a structure changed in place behind the memo's back (through .data, which no
+    version counter sees) is caught by the check after the kernel and filtered again."""
+    from tsssm.kalman import fused_triton as ft
+
+    gen = torch.Generator().manual_seed(5)
+    ssm = local_linear_trend()  # F = [[1, 1], [0, 1]]: codes 1 and 0, compiled in
+    y = random_y(gen, (3, 12, 1))
+    reads = []
+    real = ft._structure_of
+    monkeypatch.setattr(ft, "_structure_of", lambda *a: reads.append(1) or real(*a))
+    first = poisoned_run(ssm, y)
+    assert len(reads) == 1
+    again = poisoned_run(ssm, y)
+    assert len(reads) == 1  # the memo's structure, verified after the kernel
+    torch.testing.assert_close(again.loglik, first.loglik, rtol=0, atol=0)
+    ssm.F.data[0, 1] = 0.5  # the structure's +1 entry is now a general value
+    res = poisoned_run(ssm, y)
+    assert len(reads) == 2  # caught, read, filtered again
+    compare(res, kalman_filter(ssm, y), rtol=1e-10, atol=1e-10)
+    poisoned_run(ssm, y)
+    assert len(reads) == 2  # and remembered

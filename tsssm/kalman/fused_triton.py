@@ -51,6 +51,7 @@ import functools
 import linecache
 import math
 import os
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -701,19 +702,71 @@ def _codes_tensor(M: torch.Tensor) -> torch.Tensor:
     return codes
 
 
-def _structure(F: torch.Tensor, H: torch.Tensor, Q: torch.Tensor) -> dict:
-    """F_code, H_code and Q_nz of the kernel spec with one read of the device (three reads
-    cost ~3 syncs a call, a visible share of a 1-2 ms filter)."""
-    n, p = F.shape[-1], H.shape[-2]
+def _structure_codes(F: torch.Tensor, H: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """The entry codes of F and H and the nonzero pattern of Q, flat in one int64 tensor on
+    their device (no host sync; ``_structure_of`` reads it)."""
+    n = F.shape[-1]
     qnz = (Q != 0).reshape(-1, n, n).any(dim=0).to(torch.int64)
-    flat = torch.cat([_codes_tensor(F).reshape(-1), _codes_tensor(H).reshape(-1),
-                      qnz.reshape(-1)]).tolist()
+    return torch.cat([_codes_tensor(F).reshape(-1), _codes_tensor(H).reshape(-1),
+                      qnz.reshape(-1)])
+
+
+def _structure_of(codes: torch.Tensor, n: int, p: int) -> dict:
+    """F_code, H_code and Q_nz of the kernel spec from ``_structure_codes`` (one host sync)."""
+    flat = codes.tolist()
     Fc, Hc, Qn = flat[:n * n], flat[n * n:n * n + p * n], flat[n * n + p * n:]
     return dict(
         F_code=tuple(tuple(int(v) for v in Fc[i * n:(i + 1) * n]) for i in range(n)),
         H_code=tuple(tuple(int(v) for v in Hc[k * n:(k + 1) * n]) for k in range(p)),
         Q_nz=tuple(tuple(bool(v) for v in Qn[i * n:(i + 1) * n]) for i in range(n)),
     )
+
+
+def _structure(F: torch.Tensor, H: torch.Tensor, Q: torch.Tensor) -> dict:
+    """F_code, H_code and Q_nz of the kernel spec with one read of the device (three reads
+    cost ~3 syncs a call, a visible share of a 1-2 ms filter)."""
+    return _structure_of(_structure_codes(F, H, Q), F.shape[-1], H.shape[-2])
+
+
+class StructureMemo:
+    """The structure (``_structure``) last read for a model's F, H, Q, by the identity of those
+    tensor objects, so that a filter call can launch without first waiting for the device to
+    report it (on the H200's host that read was ~0.7 of a 2 ms call's ~1 ms host share).
+
+    A hit is a guess, never trusted: ``fused_kalman_filter`` recomputes the codes on the device
+    beside the kernel and compares them with the remembered ones in the same device read as its
+    log-likelihood check; if they differ (the values were changed in place, or a tensor took a
+    freed one's identity) it reads the structure and filters again. So the memo can make a call
+    faster, never its result different. Entries hold weak references and at most ``size`` are
+    kept."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self._entries: dict[tuple[int, int, int], tuple] = {}
+
+    def get(self, F: torch.Tensor, H: torch.Tensor, Q: torch.Tensor
+            ) -> tuple[dict, torch.Tensor] | None:
+        key = (id(F), id(H), id(Q))
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        refs, structure, codes = entry
+        if any(r() is not t for r, t in zip(refs, (F, H, Q))):
+            del self._entries[key]
+            return None
+        return structure, codes
+
+    def put(self, F: torch.Tensor, H: torch.Tensor, Q: torch.Tensor, structure: dict,
+            codes: torch.Tensor) -> None:
+        self._entries.pop((id(F), id(H), id(Q)), None)
+        while len(self._entries) >= self.size:
+            del self._entries[next(iter(self._entries))]  # the oldest
+        self._entries[(id(F), id(H), id(Q))] = (
+            tuple(weakref.ref(t) for t in (F, H, Q)), structure, codes)
+
+
+#: the launcher's memo of model structures (see StructureMemo: verified at every call)
+STRUCTURES = StructureMemo()
 
 
 def _entry_codes(M: torch.Tensor) -> tuple[tuple[int, ...], ...]:
@@ -766,15 +819,16 @@ def fused_filter_arrays(
     joseph: bool = True,
     num_warps: int = 1,
     chunk_mult: int = 1,
-    prefetch: int = 1,
+    prefetch: int | None = None,
     vectorize: bool | None = None,
     fast_log: bool = True,
     steady_state: bool = True,
     y_layout: str = "auto",
-    rotate: bool = False,
-    ll_chunk: bool = False,
+    rotate: bool | None = None,
+    ll_chunk: bool | None = None,
     series_per_thread: int = 1,
     out_layout: str = "time",
+    structure: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Launch the fused filter on flat arrays (the launcher behind ``fused_kalman_filter``).
 
@@ -789,6 +843,12 @@ def fused_filter_arrays(
     ``.contiguous()`` copies them series-major).
     ``num_warps`` (32 series per warp), ``chunk_mult`` (steps unrolled per loop iteration, in
     units of 16 bytes of y) and ``prefetch`` (chunks of y loaded ahead) are tuning knobs.
+    ``prefetch``, ``rotate`` and ``ll_chunk`` left at None take the measured best for the
+    launch: with 16-byte reads of series-major y, 4 chunks ahead, rotated, per-chunk sums (H200,
+    2026-12-04, 10^4 x 10^4 local linear trend, float32: kernel 1.12 ms = 1.96x the memory floor
+    against 1.20 ms for 1 chunk ahead; benchmarks/RESULTS.md); otherwise 1, False, False.
+    ``structure``: F_code, H_code and Q_nz if the caller knows them (``fused_kalman_filter``
+    passes its memo's guess and checks it); None reads them from the matrices (one host sync).
     ``vectorize``: 16-byte accesses over chunks of 4 (float32) or 2 (float64) steps; None picks
     them for small models (``n * n * p <= 16``) when T allows. Large models take one step per
     iteration with element-wise accesses, because compile time grows steeply with the size of
@@ -843,6 +903,10 @@ def fused_filter_arrays(
         y_arg = y.detach().transpose(0, 1).contiguous()  # (T, S, p); no copy for such a view
     else:
         y_arg = y.detach().contiguous()
+    tuned = vectorize  # the 16-byte reads the defaults below were measured with
+    prefetch = (4 if tuned else 1) if prefetch is None else prefetch
+    rotate = tuned if rotate is None else rotate
+    ll_chunk = tuned if ll_chunk is None else ll_chunk
     spec = KernelSpec(
         n=n,
         p=p,
@@ -850,7 +914,7 @@ def fused_filter_arrays(
         batched=tuple(batched),
         has_c="c" in flat,
         has_d="d" in flat,
-        **_structure(flat["F"], flat["H"], flat["Q"]),
+        **(structure if structure is not None else _structure(flat["F"], flat["H"], flat["Q"])),
         outputs=tuple(outputs),
         joseph=joseph,
         vectorize=vectorize,
@@ -998,13 +1062,13 @@ def fused_kalman_filter(
     joseph: bool = True,
     num_warps: int = 1,
     chunk_mult: int = 1,
-    prefetch: int = 1,
+    prefetch: int | None = None,
     vectorize: bool | None = None,
     fast_log: bool = True,
     steady_state: bool = True,
     y_layout: str = "auto",
-    rotate: bool = False,
-    ll_chunk: bool = False,
+    rotate: bool | None = None,
+    ll_chunk: bool | None = None,
     series_per_thread: int = 1,
     out_layout: str = "time",
 ):
@@ -1087,15 +1151,44 @@ def fused_kalman_filter(
         for o in ("predicted_mean", "predicted_cov"):
             if o not in kernel_outputs:
                 kernel_outputs.append(o)
-        res = FusedFilterFn.apply(
-            (tuple(kernel_outputs), kw), y_flat, *[params.get(k) for k in _GRAD_PARAMS]
-        )
-        out = {"loglik": res[0], **dict(zip(kernel_outputs, res[1:]))}
+
+    def run(structure: dict) -> dict:
+        options = {**kw, "structure": structure}
+        if differentiable:
+            res = FusedFilterFn.apply((tuple(kernel_outputs), options), y_flat,
+                                      *[params.get(k) for k in _GRAD_PARAMS])
+            return {"loglik": res[0], **dict(zip(kernel_outputs, res[1:]))}
+        return fused_filter_arrays(y_flat, params, outputs=tuple(kernel_outputs), **options)
+
+    # The kernel is compiled for the structure of F, H, Q. A model seen before launches on its
+    # remembered structure without waiting for the device; the codes computed now are compared
+    # with it in the same device read as the log-likelihood check, and a difference (values
+    # changed in place) means the structure is read and the filter run again (StructureMemo).
+    codes = _structure_codes(params["F"], params["H"], params["Q"])
+    memo = STRUCTURES.get(ssm.F, ssm.H, ssm.Q)
+    if memo is not None and memo[1].shape != codes.shape:
+        memo = None
+    if memo is None:
+        structure = _structure_of(codes, n, p)
+        STRUCTURES.put(ssm.F, ssm.H, ssm.Q, structure, codes)
+        changed = None
     else:
-        out = fused_filter_arrays(y_flat, params, outputs=tuple(kernel_outputs), **kw)
+        structure, remembered = memo
+        changed = (codes != remembered).any()
+    out = run(structure)
+    bad = ~torch.isfinite(out["loglik"])
+    if changed is None:
+        any_bad = bool(bad.any())
+    else:  # one device read for both
+        any_bad, differs = (bool(v) for v in torch.stack([bad.any(), changed]).tolist())
+        if differs:
+            structure = _structure_of(codes, n, p)
+            STRUCTURES.put(ssm.F, ssm.H, ssm.Q, structure, codes)
+            out = run(structure)
+            bad = ~torch.isfinite(out["loglik"])
+            any_bad = bool(bad.any())
     loglik = out["loglik"]
-    bad = ~torch.isfinite(loglik)
-    if bool(bad.any()):
+    if any_bad:
         series = bad.nonzero()[:5, 0].tolist()
         has_inf = bool(torch.isinf(y_flat[series]).any())
         raise NumericalError(
