@@ -844,7 +844,8 @@ def fused_filter_arrays(
     ``num_warps`` (32 series per warp), ``chunk_mult`` (steps unrolled per loop iteration, in
     units of 16 bytes of y) and ``prefetch`` (chunks of y loaded ahead) are tuning knobs.
     ``prefetch``, ``rotate`` and ``ll_chunk`` left at None take the measured best for the
-    launch: with 16-byte reads of series-major y, 4 chunks ahead, rotated, per-chunk sums (H200,
+    launch: with 16-byte reads of series-major y and n * n * p <= 4, 4 chunks ahead, rotated,
+    per-chunk sums (H200,
     2026-12-04, 10^4 x 10^4 local linear trend, float32: kernel 1.12 ms = 1.96x the memory floor
     against 1.20 ms for 1 chunk ahead; benchmarks/RESULTS.md); otherwise 1, False, False.
     ``structure``: F_code, H_code and Q_nz if the caller knows them (``fused_kalman_filter``
@@ -903,7 +904,10 @@ def fused_filter_arrays(
         y_arg = y.detach().transpose(0, 1).contiguous()  # (T, S, p); no copy for such a view
     else:
         y_arg = y.detach().contiguous()
-    tuned = vectorize  # the 16-byte reads the defaults below were measured with
+    # the launch the defaults below were measured with: 16-byte reads, a model of at most 4
+    # matrix entries (local linear trend); larger models keep the shorter loop body, whose
+    # compile time grows steeply with its size (see vectorize)
+    tuned = vectorize and n * n * p <= 4
     prefetch = (4 if tuned else 1) if prefetch is None else prefetch
     rotate = tuned if rotate is None else rotate
     ll_chunk = tuned if ll_chunk is None else ll_chunk
@@ -1164,18 +1168,21 @@ def fused_kalman_filter(
     # remembered structure without waiting for the device; the codes computed now are compared
     # with it in the same device read as the log-likelihood check, and a difference (values
     # changed in place) means the structure is read and the filter run again (StructureMemo).
-    codes = _structure_codes(params["F"], params["H"], params["Q"])
+    # The check's ops are queued after the kernel, so that the host issues them (~0.7 ms on the
+    # H200's host) while the kernel runs instead of before it.
     memo = STRUCTURES.get(ssm.F, ssm.H, ssm.Q)
-    if memo is not None and memo[1].shape != codes.shape:
-        memo = None
     if memo is None:
+        codes = _structure_codes(params["F"], params["H"], params["Q"])
         structure = _structure_of(codes, n, p)
         STRUCTURES.put(ssm.F, ssm.H, ssm.Q, structure, codes)
+        out = run(structure)
         changed = None
     else:
         structure, remembered = memo
-        changed = (codes != remembered).any()
-    out = run(structure)
+        out = run(structure)
+        codes = _structure_codes(params["F"], params["H"], params["Q"])
+        changed = ((codes != remembered).any() if codes.shape == remembered.shape
+                   else torch.ones((), dtype=torch.bool, device=codes.device))
     bad = ~torch.isfinite(out["loglik"])
     if changed is None:
         any_bad = bool(bad.any())
