@@ -205,3 +205,34 @@ def test_skab_apriori_reanchor_space_contains_the_old_one():
     assert len(apriori) == len(set(apriori)) == 351
     old = [apriori.index(c) for c in s.reanchor_settings()]
     assert len(old) == 98 and old == sorted(old)  # the old order is kept: ties break alike
+
+
+def test_skab_injected_faults_stay_in_the_training_rows_declared():
+    """inject_fault: one fault of the declared length inside the evaluation rows, ending by
+    INJECT_END, on 1-3 channels, the other rows and channels untouched, missing entries kept."""
+    import accuracy_skab as s
+    import numpy as np
+
+    base = np.random.default_rng(1).standard_normal((1150, 8))
+    base[100:110, 2] = np.nan
+    shapes = set()
+    for seed in range(60):
+        out, fault = s.inject_fault(base, np.random.default_rng(seed))
+        rows = np.flatnonzero(fault)
+        assert s.INJECT_DURATION[0] <= len(rows) <= s.INJECT_DURATION[1]
+        assert rows[0] >= s.INJECT_ROWS[0] and rows[-1] < s.INJECT_END
+        assert np.array_equal(rows, np.arange(rows[0], rows[-1] + 1))  # one run
+        moved = np.nonzero(np.nan_to_num(out - base, nan=0.0))
+        assert set(moved[0]) <= set(rows)
+        touched = set(moved[1])
+        assert 1 <= len(touched) <= s.INJECT_CHANNELS[1]
+        assert np.array_equal(np.isnan(out), np.isnan(base))
+        diff = (out - base)[rows][:, sorted(touched)]
+        if np.allclose(diff, diff[0]):
+            shapes.add("step")
+        elif np.all(np.abs(diff[-1]) > np.abs(diff[0])) and np.allclose(
+                diff / diff[-1], np.arange(1, len(rows) + 1)[:, None] / len(rows)):
+            shapes.add("ramp")
+        else:
+            shapes.add("noise")
+    assert shapes == set(s.INJECT_SHAPES)
