@@ -167,3 +167,17 @@ def test_wrong_separator_on_copied_sample(capsys, tmp_path, tracking_overrides):
     code, _, err = run_cli(capsys, "train", *tracking_overrides, f"data.root={root}",
                            "data.separator=','")
     assert code == 2 and """set 'data.separator=";"'""" in error_line(err)
+
+
+def test_a_batch_limit_that_leaves_no_batch_is_a_config_error(capsys, tracking_overrides,
+                                                              mlflow_db, experiment):
+    """A whole-stream model has one training batch an epoch: a fraction of it is nothing to
+    train on. One line naming the key (not Lightning's internal error), the run FAILED."""
+    code, _, err = run_cli(capsys, "train", *tracking_overrides, "model=var_kalman",
+                           "task=anomaly", "trainer.max_epochs=1",
+                           "trainer.limit_train_batches=0.2")
+    assert code == 2
+    line = error_line(err)
+    assert "trainer.limit_train_batches=0.2 leaves no training batch" in line
+    assert "internal error" not in err
+    assert [r.info.status for r in _runs(mlflow_db, experiment)] == ["FAILED"]

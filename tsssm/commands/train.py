@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import polars as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from tsssm import checkpoints
@@ -184,6 +185,16 @@ def fit_model(cfg: DictConfig, data: PreparedData, tracker: Tracker,
         if watch.interrupted:  # Lightning's sys.exit(1) for Ctrl-C / SIGTERM
             raise KeyboardInterrupt from None
         raise
+    except MisconfigurationException as err:
+        # e.g. trainer.limit_train_batches=0.2 of a model trained on whole streams (one batch
+        # an epoch): Lightning's own words, as a configuration error instead of an internal one
+        if "limit_train_batches" in str(err):
+            raise ConfigError(
+                f"trainer.limit_train_batches={cfg.trainer.limit_train_batches} leaves no "
+                "training batch (a model trained on whole streams has one batch an epoch); "
+                "give a fraction that keeps at least one batch, a count, or leave it unset"
+            ) from None
+        raise ConfigError(f"trainer: {str(err).splitlines()[0]}") from None
     except RuntimeError as err:
         if resume is not None and "state_dict" in str(err):
             raise ModelError(f"trainer.resume: {resume.path} does not fit this model "
