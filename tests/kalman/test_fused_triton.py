@@ -380,3 +380,21 @@ def test_structure_memo_launches_without_a_read_and_catches_in_place_changes(int
     compare(res, kalman_filter(ssm, y), rtol=1e-10, atol=1e-10)
     poisoned_run(ssm, y)
     assert len(reads) == 2  # and remembered
+
+
+def test_structure_memo_keeps_the_newest_and_never_a_dead_tensors():
+    from tsssm.kalman.fused_triton import StructureMemo
+
+    memo = StructureMemo(size=2)
+    mats = [tuple(torch.eye(2) for _ in range(3)) for _ in range(3)]
+    for k, (F, H, Q) in enumerate(mats):
+        memo.put(F, H, Q, {"k": k}, torch.tensor([k]))
+    assert memo.get(*mats[0]) is None  # evicted: the oldest of three with room for two
+    assert memo.get(*mats[1])[0] == {"k": 1} and memo.get(*mats[2])[0] == {"k": 2}
+    F, H, Q = mats[2]
+    assert memo.get(torch.eye(2), H, Q) is None  # another tensor object: no guess
+    del mats, F
+    import gc
+
+    gc.collect()
+    assert all(memo.get(torch.eye(2), torch.eye(2), torch.eye(2)) is None for _ in range(2))

@@ -51,6 +51,7 @@ import functools
 import linecache
 import math
 import os
+import threading
 import weakref
 from collections.abc import Callable
 
@@ -743,26 +744,30 @@ class StructureMemo:
     def __init__(self, size: int = 16) -> None:
         self.size = size
         self._entries: dict[tuple[int, int, int], tuple] = {}
+        self._lock = threading.Lock()  # scoring may filter from several threads
 
     def get(self, F: torch.Tensor, H: torch.Tensor, Q: torch.Tensor
             ) -> tuple[dict, torch.Tensor] | None:
         key = (id(F), id(H), id(Q))
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        refs, structure, codes = entry
-        if any(r() is not t for r, t in zip(refs, (F, H, Q))):
-            del self._entries[key]
-            return None
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            refs, structure, codes = entry
+            if any(r() is not t for r, t in zip(refs, (F, H, Q))):
+                self._entries.pop(key, None)
+                return None
         return structure, codes
 
     def put(self, F: torch.Tensor, H: torch.Tensor, Q: torch.Tensor, structure: dict,
             codes: torch.Tensor) -> None:
-        self._entries.pop((id(F), id(H), id(Q)), None)
-        while len(self._entries) >= self.size:
-            del self._entries[next(iter(self._entries))]  # the oldest
-        self._entries[(id(F), id(H), id(Q))] = (
-            tuple(weakref.ref(t) for t in (F, H, Q)), structure, codes)
+        key = (id(F), id(H), id(Q))
+        refs = tuple(weakref.ref(t) for t in (F, H, Q))
+        with self._lock:
+            self._entries.pop(key, None)
+            while len(self._entries) >= self.size:
+                self._entries.pop(next(iter(self._entries)))  # the oldest
+            self._entries[key] = (refs, structure, codes)
 
 
 #: the launcher's memo of model structures (see StructureMemo: verified at every call)
