@@ -180,28 +180,28 @@ class StopWhenConverged(L.Callback):
     def __init__(self, rtol: float = 1e-10) -> None:
         self.rtol = rtol
         self.first: float | None = None  # the objective at the step's first evaluation
-        self.last: float | None = None  # ... and at its latest
+        self.best: float | None = None  # ... and the lowest of its evaluations
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch,
                              batch_idx: int) -> None:
-        self.first = self.last = None
+        self.first = self.best = None
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            loss) -> None:
-        value = float(loss.detach())
-        if self.first is None:
-            self.first = value
-        self.last = value
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import torch
 
         optimizers = trainer.optimizers
-        if (not optimizers or not isinstance(optimizers[0], torch.optim.LBFGS)
-                or self.first is None or trainer.num_training_batches != 1):
-            return
-        # L-BFGS keeps the best point it evaluated, so first - best is the step's progress
-        best = min(self.first, self.last)
-        if self.first - best <= self.rtol * max(1.0, abs(self.first)):
-            trainer.should_stop = True
+        if not optimizers or not isinstance(optimizers[0], torch.optim.LBFGS):
+            return  # reading the loss waits for the device: only where it is used
+        value = float(loss.detach())
+        if self.first is None:
+            self.first = self.best = value
+        self.best = min(self.best, value)
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.first is None or trainer.num_training_batches != 1:
+            return  # not L-BFGS, or not one step an epoch over whole streams
+        # the lowest evaluation, not the last: the line search's last trial point need not be
+        # the one it accepts, so the last value could hide a step's progress
+        if self.first - self.best <= self.rtol * max(1.0, abs(self.first)):
+            trainer.should_stop = True
