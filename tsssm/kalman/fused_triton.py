@@ -850,9 +850,9 @@ def fused_filter_arrays(
     units of 16 bytes of y) and ``prefetch`` (chunks of y loaded ahead) are tuning knobs.
     ``prefetch``, ``rotate`` and ``ll_chunk`` left at None take the measured best for the
     launch: with 16-byte reads of series-major y and n * n * p <= 4, 4 chunks ahead, rotated,
-    per-chunk sums (H200,
-    2026-12-04, 10^4 x 10^4 local linear trend, float32: kernel 1.12 ms = 1.96x the memory floor
-    against 1.20 ms for 1 chunk ahead; benchmarks/RESULTS.md); otherwise 1, False, False.
+    per-chunk sums (H200, 2026-12-04, 10^4 x 10^4 local linear trend, float32: kernel 1.10 ms
+    = 1.94x the memory floor against 1.19 ms for 1 chunk ahead; benchmarks/RESULTS.md);
+    otherwise 1, False, False.
     ``structure``: F_code, H_code and Q_nz if the caller knows them (``fused_kalman_filter``
     passes its memo's guess and checks it); None reads them from the matrices (one host sync).
     ``vectorize``: 16-byte accesses over chunks of 4 (float32) or 2 (float64) steps; None picks
@@ -1175,30 +1175,29 @@ def fused_kalman_filter(
     # changed in place) means the structure is read and the filter run again (StructureMemo).
     # The check's ops are queued after the kernel, so that the host issues them (~0.7 ms on the
     # H200's host) while the kernel runs instead of before it.
-    memo = STRUCTURES.get(ssm.F, ssm.H, ssm.Q)
-    if memo is None:
-        codes = _structure_codes(params["F"], params["H"], params["Q"])
+    def read_and_remember(codes: torch.Tensor) -> dict:  # one host sync
         structure = _structure_of(codes, n, p)
         STRUCTURES.put(ssm.F, ssm.H, ssm.Q, structure, codes)
-        out = run(structure)
-        changed = None
+        return structure
+
+    memo = STRUCTURES.get(ssm.F, ssm.H, ssm.Q)
+    differs = False
+    if memo is None:
+        out = run(read_and_remember(_structure_codes(params["F"], params["H"], params["Q"])))
+        bad = ~torch.isfinite(out["loglik"])
+        any_bad = bool(bad.any())
     else:
         structure, remembered = memo
         out = run(structure)
         codes = _structure_codes(params["F"], params["H"], params["Q"])
         changed = ((codes != remembered).any() if codes.shape == remembered.shape
                    else torch.ones((), dtype=torch.bool, device=codes.device))
-    bad = ~torch.isfinite(out["loglik"])
-    if changed is None:
-        any_bad = bool(bad.any())
-    else:  # one device read for both
+        bad = ~torch.isfinite(out["loglik"])
         any_bad, differs = (bool(v) for v in torch.stack([bad.any(), changed]).tolist())
-        if differs:
-            structure = _structure_of(codes, n, p)
-            STRUCTURES.put(ssm.F, ssm.H, ssm.Q, structure, codes)
-            out = run(structure)
-            bad = ~torch.isfinite(out["loglik"])
-            any_bad = bool(bad.any())
+    if differs:  # the structure changed behind the memo: filter again with the one read now
+        out = run(read_and_remember(codes))
+        bad = ~torch.isfinite(out["loglik"])
+        any_bad = bool(bad.any())
     loglik = out["loglik"]
     if any_bad:
         series = bad.nonzero()[:5, 0].tolist()
