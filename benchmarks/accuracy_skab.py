@@ -166,7 +166,7 @@ _FIELDS = {  # record field: metric key
     "nab_low_fn": "test/nab_low_fn", "nab_missed": "test/nab_missed", "nab_fp": "test/nab_fp",
     "event_recall": "test/event_recall", "event_precision": "test/event_precision",
     "event_f1": "test/event_f1", "delay_mean": "test/delay_mean",
-    "threshold": "train/threshold",
+    "threshold": "train/threshold", "val_nll": "val/nll_one_step",
     "far_before": "test/far_before", "far_after": "test/far_after",
     "far_convae_rows": "test/far_convae_rows",
 }
@@ -338,50 +338,21 @@ def run(args) -> list[dict]:
 ORDER_CHOICE = "var_kalman[val-order]"
 
 
-def validation_nll(args, bundle_dir: str) -> tuple[float, int]:
-    """Mean one-step joint Gaussian NLL per observed entry (nats) of a trained bundle over the
-    validation rows of every stream, and how many rows that is. Reads no label: the validation
-    rows are the ones the threshold is fitted on, held out from the model's fit."""
-    from tsssm.bundle import load_bundle
-    from tsssm.data.datasets import build_dataset
-    from tsssm.tasks.evaluate import stream_terms
-
-    cfg = comparator_config(args)
-    bundle = load_bundle(bundle_dir)
-    data = build_dataset(cfg.data).load(
-        scaler=None if bundle.per_stream_scaling else bundle.scaler,
-        input_scaler=None if bundle.per_stream_scaling else bundle.input_scaler)
-    total, entries, rows = 0.0, 0, 0
-    for part in data.parts:
-        start, stop = part.rows("val")
-        if stop <= start:
-            continue
-        _, _, terms = stream_terms(bundle.model, part.stream.values, "nll", cfg.score.chunk_size,
-                                   exog=part.exog())
-        contrib = terms.contrib[start:stop]  # (rows, C): each row sums to its mean entry NLL
-        n_obs = terms.observed[start:stop].sum(axis=1)  # (rows,)
-        total += float((contrib.sum(axis=1) * n_obs).sum())
-        entries += int(n_obs.sum())
-        rows += stop - start
-    if entries == 0:
-        raise RuntimeError("validation_nll: no stream has validation rows (data.val_rows)")
-    return total / entries, rows
-
-
 def order_choice(args) -> list[dict]:
     """``var_kalman[val-order]``: var_kalman trained at each of VAL_ORDERS (``var_kalman_p<k>``
-    records, each with its validation NLL), the order with the lowest validation NLL kept (a
-    copy of its record named ``var_kalman[val-order]`` holding every order's NLL) and taken
-    through ``grouped_choice`` as ``var_kalman_p<k>[...]``. No test row or label enters the
-    choice of the order."""
+    records, each with the validation NLL its training logged: ``val/nll_one_step``, the joint
+    one-step Gaussian NLL per observed entry of the validation rows), the order with the lowest
+    validation NLL kept (a copy of its record named ``var_kalman[val-order]`` holding every
+    order's NLL) and taken through ``grouped_choice`` as ``var_kalman_p<k>[...]``. No test row
+    or label enters the choice of the order."""
     out, bundles = [], {}
     for order in VAL_ORDERS:
         rec = _run_trained(args, "var_kalman", (f"model.net.order={order}",),
                            name=f"var_kalman_p{order}")
         bundles[order] = rec.pop("bundle")
-        rec["val_nll"], rec["val_rows"] = validation_nll(args, bundles[order])
-        print(f"  skab {rec['model']}: validation NLL {rec['val_nll']:.5f} "
-              f"({rec['val_rows']} rows)", flush=True)
+        if not math.isfinite(rec["val_nll"]):
+            raise RuntimeError(f"{rec['command']} logged no val/nll_one_step to choose on")
+        print(f"  skab {rec['model']}: validation NLL {rec['val_nll']:.5f}", flush=True)
         out.append(rec)
     best = min(out, key=lambda r: r["val_nll"])
     order = VAL_ORDERS[out.index(best)]
