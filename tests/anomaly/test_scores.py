@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +99,28 @@ def test_bad_kind_and_shape_errors():
     with pytest.raises(ModelError, match="channels"):
         anomaly_scores(y[..., :1], pred)
     assert math.isfinite(float(gaussian_nll(y, pred)))
+
+
+def test_covering_score_flags_a_row_only_when_every_window_holding_it_is_flagged():
+    from tsssm.anomaly.scores import covering_scores
+
+    rng = np.random.default_rng(3)
+    w = 4
+    for _ in range(20):
+        score = rng.exponential(size=(2, 37))
+        contrib = rng.dirichlet(np.ones(3), size=(2, 37)) * score[..., None]
+        cover, part = covering_scores(score, contrib, w)
+        thr = np.quantile(score, 0.3)
+        flags = score > thr
+        for b in range(2):
+            for t in range(37):
+                held_by = flags[b, t:min(t + w, 37)]  # the windows ending at t .. t + w - 1
+                assert (cover[b, t] > thr) == held_by.all()
+        np.testing.assert_allclose(part.sum(-1), cover, rtol=1e-12)
+    # hand-worked: an alarm of 6 rows keeps its onset, loses the w - 1 rows its window drags
+    # past the end; one shorter than the window vanishes
+    flags = np.array([0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0], dtype=float)
+    cover, none = covering_scores(flags, None, w)
+    assert none is None
+    np.testing.assert_array_equal(cover > 0.5, [0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(covering_scores(flags, None, 1)[0], flags)

@@ -365,6 +365,36 @@ def window_scores(terms: StepTerms | tuple, window: int, kind: str = "mean",
     return window_values(sums, kind, fill)
 
 
+def covering_scores(score: np.ndarray, contrib: np.ndarray | None, window: int
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The score of every row under the rule "a row is anomalous when every trailing window
+    that holds it is": ``cover[t] = min(score[t], ..., score[t + window - 1])`` (the windows
+    that end after the stream's last row do not exist: the minimum runs over those that do).
+
+    score (..., T) trailing window scores; contrib (..., T, C) their contributions or None.
+    Against the trailing score's own threshold, ``cover > threshold`` flags a row exactly
+    when all the windows that hold it are flagged: an alarm keeps its onset and loses the
+    ``window - 1`` rows its window drags past the end, and alarms shorter than a window
+    vanish. This is how SKAB's window detectors (its Conv-AE notebook) flag rows; it reads up
+    to ``window - 1`` rows after t, so it is for batch scoring. The contributions are those of
+    the window that gives the minimum (they sum to the covering score).
+    """
+    score = np.asarray(score, dtype=np.float64)
+    if window <= 1:
+        return score, contrib
+    T = score.shape[-1]
+    pad = np.full((*score.shape[:-1], window - 1), np.inf)
+    # (..., T, window): row t's view holds the windows ending at t .. t + window - 1
+    views = np.lib.stride_tricks.sliding_window_view(
+        np.concatenate([score, pad], axis=-1), window, axis=-1)
+    first = views.argmin(axis=-1)  # (..., T): offset of the window with the smallest score
+    end = np.minimum(np.arange(T) + first, T - 1)  # (..., T)
+    cover = np.take_along_axis(score, end, axis=-1)
+    if contrib is None:
+        return cover, None
+    return cover, np.take_along_axis(np.asarray(contrib), end[..., None], axis=-2)
+
+
 def window_inputs(contrib: np.ndarray, whitened: np.ndarray, observed: np.ndarray,
                   kind: str, out: np.ndarray | None = None) -> np.ndarray:
     """What a window of ``kind`` sums over its rows, (..., T, K) float64: for "mean" the step
