@@ -112,7 +112,8 @@ def scan_resources(kind: str, dtype: str, cfg: dict, n: int = 16, atomic: bool =
     n_pad = triton.next_power_of_2(n)
     common = dict(N=n, N_PAD=n_pad, BLOCK_D=cfg["BLOCK_D"], BLOCK_L=cfg["BLOCK_L"],
                   HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
-                  PREFETCH=bool(cfg.get("PREFETCH", 0)), BC_2D=bool(cfg.get("BC_2D", 0)))
+                  PREFETCH=bool(cfg.get("PREFETCH", 0)), BC_2D=bool(cfg.get("BC_2D", 0)),
+                  CARRY_IN_SCAN=bool(cfg.get("CARRY_IN_SCAN", 0)))
     if kind == "fwd":
         consts = dict(common, UNROLL=st._unroll(n, cfg["UNROLL"], 4), HAS_H0=True, SAVE=True)
         fn = st._scan_fwd_kernel
@@ -120,7 +121,8 @@ def scan_resources(kind: str, dtype: str, cfg: dict, n: int = 16, atomic: bool =
         consts = dict(common, UNROLL=st._unroll(n, cfg["UNROLL"], 2), HAS_DHLAST=False,
                       ATOMIC_BC=atomic, ATOMIC_SEM=sem, REVERSE_VIA_FLIP=False,
                       LOG2_BLOCK_L=cfg["BLOCK_L"].bit_length() - 1,
-                      STATE_PREFETCH=bool(cfg.get("STATE_PREFETCH", 0)))
+                      STATE_PREFETCH=bool(cfg.get("STATE_PREFETCH", 0)),
+                      ROW_ATOMICS=bool(cfg.get("ROW_ATOMICS", 0)))
         fn = st._scan_bwd_kernel
     k = compile_offline(fn, scan_kernel_types(dtype, kind), consts, cfg["num_warps"])
     res = resource_usage(k)

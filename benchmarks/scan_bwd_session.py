@@ -53,10 +53,70 @@ MAIN_BWD = {"BC_2D": 0, "STATE_PREFETCH": 0, "BLOCK_D": 4, "num_warps": 1, "UNRO
             "PREFETCH": 0}
 
 
-def train_variants() -> dict[str, dict]:
-    """name -> variant (training forward + backward), main's first. Every variant spells out
-    every key, and scan_variant clears the per-dtype overrides: the same shapes in both dtypes.
-    """
+#: Which variants a session sweeps: "kern2" (the session of 2026-12-01, against main's shapes
+#: of that day, the same in both dtypes) or "carry" (2026-12-04: the module's current defaults
+#: per dtype, with and without the carried state taken into the chunk scan, CARRY_IN_SCAN, and
+#: the backward's dB/dC atomics per channel row, ROW_ATOMICS).
+VARIANT_SETS = ("kern2", "carry")
+
+
+def defaults_variant(dt: str) -> dict:
+    """The module's launch shapes for dtype ``dt`` (per-dtype overrides applied), as a
+    variant, with this set's two switches spelled out (off)."""
+    from tsssm.ssm import scan_triton as st
+
+    dtype = getattr(torch, dt)
+    off = {"CARRY_IN_SCAN": 0}
+    return dict(fwd={**off, **st.launch_config("fwd", dtype)},
+                fwd_train={**off, **st.launch_config("fwd_train", dtype)},
+                bwd={**off, "ROW_ATOMICS": 0, **st.launch_config("bwd", dtype)},
+                atomic=st.BWD_ATOMIC_BC, sem=st.ATOMIC_SEM)
+
+
+def carry_train_variants(dt: str) -> dict[str, dict]:
+    """The "carry" set's training variants for dtype ``dt``, the module's defaults first."""
+    base = defaults_variant(dt)
+
+    def v(fwd_train=None, **bwd):
+        out = json.loads(json.dumps(base))
+        out["bwd"].update(bwd)
+        out["fwd_train"].update(fwd_train or {})
+        return out
+
+    carry = dict(CARRY_IN_SCAN=1)
+    return {
+        "main": v(),
+        "carry": v(carry, **carry),
+        "rowatomic": v(ROW_ATOMICS=1),
+        "carry+rowatomic": v(carry, ROW_ATOMICS=1, **carry),
+        "carry+rowatomic nosp": v(carry, ROW_ATOMICS=1, STATE_PREFETCH=0, **carry),
+        "carry+rowatomic bwd d8 w2": v(carry, ROW_ATOMICS=1, BLOCK_D=8, num_warps=2, **carry),
+        "carry+rowatomic bwd d2": v(carry, ROW_ATOMICS=1, BLOCK_D=2, **carry),
+    }
+
+
+def carry_fwd_variants(dt: str) -> dict[str, dict]:
+    """The "carry" set's inference-forward variants (the rest is the defaults')."""
+    base = defaults_variant(dt)
+
+    def v(**over):
+        out = json.loads(json.dumps(base))
+        out["fwd"].update(over)
+        return out
+
+    other_pf = 1 - int(base["fwd"].get("PREFETCH", 0))
+    return {"main": v(), "carry": v(CARRY_IN_SCAN=1),
+            "carry pf flipped": v(CARRY_IN_SCAN=1, PREFETCH=other_pf),
+            "carry d8 w2": v(CARRY_IN_SCAN=1, BLOCK_D=8, num_warps=2),
+            "carry d8 L128": v(CARRY_IN_SCAN=1, BLOCK_D=8, BLOCK_L=128)}
+
+
+def train_variants(dt: str = "bfloat16", which: str = "kern2") -> dict[str, dict]:
+    """name -> variant (training forward + backward), main's first. "kern2": every variant
+    spells out every key, and scan_variant clears the per-dtype overrides: the same shapes in
+    both dtypes. "carry": carry_train_variants(dt)."""
+    if which == "carry":
+        return carry_train_variants(dt)
     base = dict(fwd=dict(MAIN_FWD), fwd_train=dict(MAIN_FWD), bwd=dict(MAIN_BWD),
                 atomic=True, sem="relaxed")
 
@@ -84,8 +144,10 @@ def train_variants() -> dict[str, dict]:
     }
 
 
-def fwd_variants() -> dict[str, dict]:
+def fwd_variants(dt: str = "bfloat16", which: str = "kern2") -> dict[str, dict]:
     """name -> variant whose inference forward differs (the rest is main's)."""
+    if which == "carry":
+        return carry_fwd_variants(dt)
     base = train_variants()["main"]
 
     def v(**over):
@@ -106,11 +168,12 @@ def _names(variants: dict, dry: bool) -> list[str]:
     return list(variants)[:DRY_VARIANTS] if dry else list(variants)
 
 
-def tasks(dry: bool = False) -> list[dict]:
+def tasks(dry: bool = False, which: str = "kern2") -> list[dict]:
     out = []
     for dt in DTYPES:
-        out += [dict(kind="train", dtype=dt, name=n) for n in _names(train_variants(), dry)]
-        out += [dict(kind="fwd", dtype=dt, name=n) for n in _names(fwd_variants(), dry)
+        out += [dict(kind="train", dtype=dt, name=n)
+                for n in _names(train_variants(dt, which), dry)]
+        out += [dict(kind="fwd", dtype=dt, name=n) for n in _names(fwd_variants(dt, which), dry)
                 if n != "main"]
     return out
 
@@ -129,14 +192,16 @@ def poison_outputs() -> None:
     st._empty = nan_empty
 
 
-def run_worker(index: int, count: int, out: Path, dry: bool) -> None:
+def run_worker(index: int, count: int, out: Path, dry: bool, which: str = "kern2") -> None:
     poison_outputs()
     L, dim = (32, 16) if dry else (1024, 64)
     with (out / f"worker_{index}.jsonl").open("w") as f:
-        for i, task in enumerate(tasks(dry)):
+        for i, task in enumerate(tasks(dry, which)):
             if i % count != index:
                 continue
-            variants = train_variants() if task["kind"] == "train" else fwd_variants()
+            dt = task["dtype"]
+            variants = (train_variants(dt, which) if task["kind"] == "train"
+                        else fwd_variants(dt, which))
             t0 = time.time()
             try:
                 res = gs.verify_variant(variants[task["name"]], getattr(torch, task["dtype"]),
@@ -149,8 +214,8 @@ def run_worker(index: int, count: int, out: Path, dry: bool) -> None:
 
 
 class Session:
-    def __init__(self, out: Path, budget_s: float, dry: bool):
-        self.out, self.budget_s, self.dry = out, budget_s, dry
+    def __init__(self, out: Path, budget_s: float, dry: bool, which: str = "kern2"):
+        self.out, self.budget_s, self.dry, self.which = out, budget_s, dry, which
         self.t0 = time.time()
         self.results: dict = {"sections": {}}
         self.logf = (out / "log.txt").open("a")
@@ -214,8 +279,9 @@ def sec_sweep(s: Session, verified: dict) -> dict:
         dtype = getattr(torch, dt)
         inp, dout = inputs(s, L, dtype)
         train, fwd = {}, {}
-        for name in _names(train_variants(), s.dry):
-            v = train_variants()[name]
+        tv, fv = train_variants(dt, s.which), fwd_variants(dt, s.which)
+        for name in _names(tv, s.dry):
+            v = tv[name]
             rec = verified.get(f"train|{dt}|{name}")
             if not (rec and rec.get("ok")):
                 train[name] = {"skipped": "not verified", **(rec or {})}
@@ -227,8 +293,8 @@ def sec_sweep(s: Session, verified: dict) -> dict:
                 train[name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
             s.log(f"sweep {dt} train {name}: {train[name]}")
         with torch.no_grad():
-            for name in _names(fwd_variants(), s.dry):
-                v = fwd_variants()[name]
+            for name in _names(fv, s.dry):
+                v = fv[name]
                 rec = verified.get(f"fwd|{dt}|{name}")
                 if name != "main" and not (rec and rec.get("ok")):
                     fwd[name] = {"skipped": "not verified", **(rec or {})}
@@ -240,8 +306,8 @@ def sec_sweep(s: Session, verified: dict) -> dict:
         timed_f = {k: r["fwd_ms"] for k, r in fwd.items() if "fwd_ms" in r}
         best_t = min(timed_t, key=timed_t.get) if timed_t else "main"
         best_f = min(timed_f, key=timed_f.get) if timed_f else "main"
-        best = json.loads(json.dumps(train_variants()[best_t]))
-        best["fwd"] = fwd_variants()[best_f]["fwd"]
+        best = json.loads(json.dumps(tv[best_t]))
+        best["fwd"] = fv[best_f]["fwd"]
         res[dt] = {"L": L, "train": train, "fwd": fwd, "best_train": best_t, "best_fwd": best_f,
                    "best": best}
         del inp, dout
@@ -455,7 +521,7 @@ def start_workers(s: Session, count: int) -> list[subprocess.Popen]:
     procs = []
     for i in range(count):
         cmd = [sys.executable, str(Path(__file__)), "--worker", str(i), "--workers", str(count),
-               "--out", str(s.out)] + (["--dry-run"] if s.dry else [])
+               "--out", str(s.out), "--set", s.which] + (["--dry-run"] if s.dry else [])
         log = (s.out / f"worker_{i}.log").open("w")
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
     if not s.dry:
@@ -486,21 +552,25 @@ def main() -> None:
     p.add_argument("--worker", type=int, default=None)
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--set", dest="which", choices=VARIANT_SETS, default="kern2",
+                   help="which variants to sweep (see VARIANT_SETS)")
+    p.add_argument("--lengths", default="16384,1024,65536",
+                   help="the table's sequence lengths, the first also the sweep's")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.worker is not None:
-        run_worker(args.worker, args.workers, out, args.dry_run)
+        run_worker(args.worker, args.workers, out, args.dry_run, args.which)
         return
     if args.table_only:  # after a stopped run: the tables of what results.json holds
         write_tables(out, json.loads((out / "results.json").read_text()))
         return
-    s = Session(out, args.budget_s, args.dry_run)
+    s = Session(out, args.budget_s, args.dry_run, args.which)
     import triton
 
     s.results.update(started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                     torch=torch.__version__, triton=triton.__version__)
+                     torch=torch.__version__, triton=triton.__version__, variant_set=s.which)
     procs = start_workers(s, args.workers)
     s.results["copy_bandwidth_Bps"] = gs.copy_bandwidth()
     s.log(f"copy bandwidth {s.results['copy_bandwidth_Bps'] / 1e9:.0f} GB/s")
@@ -530,8 +600,9 @@ def main() -> None:
     step("sweep", sec_sweep, s, s.results["verified"])
     sweep = s.results["sections"]["sweep"]
     best = {dt: r["best"] for dt, r in sweep.items() if isinstance(r, dict) and "best" in r}
-    ours = {"tsssm main": train_variants()["main"], "tsssm best": best}
-    Ls = [32] if s.dry else [16384, 1024, 65536]
+    ours = {"tsssm main": {dt: train_variants(dt, s.which)["main"] for dt in DTYPES},
+            "tsssm best": best}
+    Ls = [32] if s.dry else [int(x) for x in args.lengths.split(",")]
     agree: dict = {}
     step("table", rows_for, s, ours, Ls, agree)
     build = Path(args.mamba_build) if args.mamba_build else None

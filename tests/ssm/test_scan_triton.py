@@ -117,6 +117,21 @@ INTERP_CASES = [
                  marks=pytest.mark.slow),
     (torch.float32, 3, 37, None, True, dict(unroll=(2, 2), bwd_block_d=1,
                                             extra=dict(BC_2D=1, STATE_PREFETCH=1))),
+    # dB/dC atomics per channel row (no sum over the block's channels first), with groups,
+    # masked channel rows (dim 6 in blocks of 4) and two states per iteration
+    (torch.float32, 6, 37, None, True, dict(extra=dict(BC_2D=1, STATE_PREFETCH=1,
+                                                       ROW_ATOMICS=1))),
+    (torch.float32, 8, 45, 2, True, dict(unroll=(2, 2), extra=dict(ROW_ATOMICS=1))),
+    (torch.bfloat16, 6, 37, None, True, dict(extra=dict(BC_2D=1, STATE_PREFETCH=1,
+                                                        ROW_ATOMICS=1))),
+    # the carried state taken into the chunk scan (forward and the backward's recompute), with
+    # and without an initial state, several chunks, 1/2/4 states per iteration
+    (torch.float32, 6, 37, None, True, dict(unroll=(4, 1), extra=dict(
+        BC_2D=1, STATE_PREFETCH=1, ROW_ATOMICS=1, CARRY_IN_SCAN=1))),
+    (torch.float32, 8, 45, 2, True, dict(with_h0=False, unroll=(2, 2), prefetch=(1, 1),
+                                         extra=dict(CARRY_IN_SCAN=1))),
+    (torch.bfloat16, 6, 37, None, True, dict(unroll=(1, 1), extra=dict(
+        BC_2D=1, STATE_PREFETCH=1, CARRY_IN_SCAN=1))),
 ]
 
 
@@ -212,6 +227,7 @@ def test_interpreted_backward_variants_agree(interpreted, poisoned):
                 dict(atomic_bc=False, reverse_via_flip=True),
                 dict(atomic_bc=True, config={"BLOCK_D": 2, "PREFETCH": 1}),
                 dict(atomic_bc="auto", config={"BLOCK_D": 2, "PREFETCH": 1}),
+                dict(atomic_bc=True, config={"BLOCK_D": 2, "PREFETCH": 0, "ROW_ATOMICS": 1}),
                 # the backward before 2026-12-01: B/C as vectors, no per-state prefetch
                 dict(atomic_bc=False, config={"BLOCK_D": 2, "PREFETCH": 0, "UNROLL": 2,
                                               "BC_2D": 0, "STATE_PREFETCH": 0})]

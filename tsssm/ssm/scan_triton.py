@@ -174,6 +174,7 @@ def _adjoint_combine(f_r, p_r, g_r, f_l, p_l, g_l):
 def _fwd_state(
     n, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t, offs_t, A_ptr, B_ptr, C_ptr, bc_row,
     N: tl.constexpr, L, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BC_2D: tl.constexpr,
+    CARRY_IN_SCAN: tl.constexpr,
 ):
     """State n over one chunk: scan from h[:, n], return (C_n ⊙ h (D, L), h with column n set to
     the chunk-end state). n ≥ N (padding of N_PAD) loads a = 1, x = 0, C = 0: a no-op.
@@ -195,8 +196,14 @@ def _fwd_state(
     h_n = _rowsum(tl.where(sel, h, 0.0))  # (BLOCK_D,)
     a = tl.exp2(dt * A_n[:, None])
     x = dtu * B_n
-    a_cum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_affine_combine)
-    hs = hs + a_cum * h_n[:, None]  # (BLOCK_D, BLOCK_L) states of this chunk
+    if CARRY_IN_SCAN:
+        # the chunk's first step takes the carried state in (x_0 + a_0 h): the scan then
+        # gives the states themselves and its running products of a go unused (not computed)
+        x = tl.where(offs_t[None, :] == 0, x + a * h_n[:, None], x)
+        _a_cum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_affine_combine)
+    else:
+        a_cum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_affine_combine)
+        hs = hs + a_cum * h_n[:, None]  # (BLOCK_D, BLOCK_L) states of this chunk
     h_end = _rowsum(tl.where(offs_t[None, :] == BLOCK_L - 1, hs, 0.0))
     return hs * C_n, tl.where(sel, h_end[:, None], h)
 
@@ -210,6 +217,7 @@ def _scan_fwd_kernel(
     UNROLL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, PREFETCH: tl.constexpr, BC_2D: tl.constexpr,
+    CARRY_IN_SCAN: tl.constexpr,
 ):
     # u, dt, z, out: (b, d, L); A: (d, N); B, C: (b, G, N, L); D, bias: (d,); h0, hlast: (b, d, N);
     # hsave: (b, n_chunks, d, N) state at the start of each chunk. All contiguous.
@@ -276,21 +284,22 @@ def _scan_fwd_kernel(
         y = tl.full((BLOCK_D, BLOCK_L), 0.0, dtype=tl.float32)
         for n0 in range(0, N_PAD, UNROLL):  # UNROLL independent states per iteration (ILP)
             y_n, h = _fwd_state(n0, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t, offs_t,
-                                A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_D, BLOCK_L, BC_2D)
+                                A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_D, BLOCK_L, BC_2D,
+                                CARRY_IN_SCAN)
             y += y_n
             if UNROLL >= 2:
                 y_n, h = _fwd_state(n0 + 1, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t,
                                     offs_t, A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_D, BLOCK_L,
-                                    BC_2D)
+                                    BC_2D, CARRY_IN_SCAN)
                 y += y_n
             if UNROLL >= 4:
                 y_n, h = _fwd_state(n0 + 2, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t,
                                     offs_t, A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_D, BLOCK_L,
-                                    BC_2D)
+                                    BC_2D, CARRY_IN_SCAN)
                 y += y_n
                 y_n, h = _fwd_state(n0 + 3, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t,
                                     offs_t, A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_D, BLOCK_L,
-                                    BC_2D)
+                                    BC_2D, CARRY_IN_SCAN)
                 y += y_n
         if HAS_D:  # u is loaded again (cache hit) rather than held in registers over the loop
             y += Dv[:, None] * tl.load(u_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -339,7 +348,7 @@ def _bwd_state(
     A_nat, B_raw, C_raw, h_n, dB_ptr, dC_ptr, dbc_row, N: tl.constexpr, L,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, LOG2_BLOCK_L: tl.constexpr,
     ATOMIC_BC: tl.constexpr, ATOMIC_SEM: tl.constexpr, REVERSE_VIA_FLIP: tl.constexpr,
-    BC_2D: tl.constexpr,
+    BC_2D: tl.constexpr, ROW_ATOMICS: tl.constexpr, CARRY_IN_SCAN: tl.constexpr,
 ):
     """State n over one chunk, from what :func:`_bwd_loads` read for it: recompute h from the
     saved chunk start, reverse-scan the adjoint g, write the dB, dC contributions; return the
@@ -357,8 +366,12 @@ def _bwd_state(
     # recompute the chunk's states from its saved start
     a = tl.exp2(dt * (A_nat * LOG2E)[:, None])
     x = dtu * B_n
-    a_cum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_affine_combine)
-    hs = hs + a_cum * h_n[:, None]
+    if CARRY_IN_SCAN:  # as in _fwd_state; x itself stays as it was (w below needs it)
+        x0 = tl.where(offs_t[None, :] == 0, x + a * h_n[:, None], x)
+        _a_cum, hs = tl.associative_scan((a, x0), axis=1, combine_fn=_affine_combine)
+    else:
+        a_cum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_affine_combine)
+        hs = hs + a_cum * h_n[:, None]
     # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, the chunk's end fed by p (= a_e g_e)
     cdy = dy * C_n
     if REVERSE_VIA_FLIP:
@@ -378,14 +391,22 @@ def _bwd_state(
     # a_t h_{t-1} = h_t - x_t: ∂loss/∂(Δ_t A_n) = g_t a_t h_{t-1}
     w = g * (hs - x)
     dA_n = _rowsum(w * dt)
-    dB_n = _colsum(g * dtu)  # (BLOCK_L,) summed over this block's channels
-    dC_n = _colsum(hs * dy)
-    if ATOMIC_BC:
+    if ATOMIC_BC and ROW_ATOMICS:
+        # every channel row adds its own (BLOCK_D, BLOCK_L) share: no cross-thread sum over
+        # the block's channels (its shuffles and the shared-memory layout change that feeds
+        # the (BLOCK_L,) atomics load the L1/TEX unit that bounds this kernel)
+        t2 = tl.full((BLOCK_D,), 0, dtype=tl.int32)[:, None] + t[None, :]
+        m2 = mask_d[:, None] & (mask_t & ok)[None, :]
+        tl.atomic_add(dB_ptr + dbc_row + n * L + t2, g * dtu, mask=m2, sem=ATOMIC_SEM)
+        tl.atomic_add(dC_ptr + dbc_row + n * L + t2, hs * dy, mask=m2, sem=ATOMIC_SEM)
+    elif ATOMIC_BC:
+        dB_n = _colsum(g * dtu)  # (BLOCK_L,) summed over this block's channels
+        dC_n = _colsum(hs * dy)
         tl.atomic_add(dB_ptr + dbc_row + n * L + t, dB_n, mask=mask_t & ok, sem=ATOMIC_SEM)
         tl.atomic_add(dC_ptr + dbc_row + n * L + t, dC_n, mask=mask_t & ok, sem=ATOMIC_SEM)
     else:
-        tl.store(dB_ptr + dbc_row + n * L + t, dB_n, mask=mask_t & ok)
-        tl.store(dC_ptr + dbc_row + n * L + t, dC_n, mask=mask_t & ok)
+        tl.store(dB_ptr + dbc_row + n * L + t, _colsum(g * dtu), mask=mask_t & ok)
+        tl.store(dC_ptr + dbc_row + n * L + t, _colsum(hs * dy), mask=mask_t & ok)
     p = tl.where(sel, p_start[:, None], p)
     dA_acc = tl.where(sel, dA_acc + dA_n[:, None], dA_acc)
     return hs * C_n, g * B_n, w * A_nat[:, None], p, dA_acc
@@ -401,7 +422,8 @@ def _scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHLAST: tl.constexpr,
     SOFTPLUS: tl.constexpr, ATOMIC_BC: tl.constexpr, ATOMIC_SEM: tl.constexpr,
     REVERSE_VIA_FLIP: tl.constexpr, LOG2_BLOCK_L: tl.constexpr, PREFETCH: tl.constexpr,
-    STATE_PREFETCH: tl.constexpr, BC_2D: tl.constexpr,
+    STATE_PREFETCH: tl.constexpr, BC_2D: tl.constexpr, ROW_ATOMICS: tl.constexpr,
+    CARRY_IN_SCAN: tl.constexpr,
 ):
     # Same tiling as the forward, chunks visited last to first. Outputs: du, ddt, dz (b, d, L) in
     # the inputs' dtype; dA (b, d, N), dD, dbias (b, d) per-batch partials; dB, dC either
@@ -519,7 +541,8 @@ def _scan_bwd_kernel(
             y_n, gB_n, ddt_n, p, dA_acc = _bwd_state(
                 n0, p, dA_acc, dt, dtu, dy, ones, offs_d, mask_d, offs_n, t, mask_t, offs_t,
                 A0, B0, C0, h0, dB_ptr, dC_ptr, dbc_row, N, L, BLOCK_D, BLOCK_L, LOG2_BLOCK_L,
-                ATOMIC_BC, ATOMIC_SEM, REVERSE_VIA_FLIP, BC_2D)
+                ATOMIC_BC, ATOMIC_SEM, REVERSE_VIA_FLIP, BC_2D, ROW_ATOMICS,
+                CARRY_IN_SCAN)
             y += y_n
             gB += gB_n
             ddt += ddt_n
@@ -527,7 +550,8 @@ def _scan_bwd_kernel(
                 y_n, gB_n, ddt_n, p, dA_acc = _bwd_state(
                     n0 + 1, p, dA_acc, dt, dtu, dy, ones, offs_d, mask_d, offs_n, t, mask_t,
                     offs_t, A1, B1, C1, h1, dB_ptr, dC_ptr, dbc_row, N, L, BLOCK_D, BLOCK_L,
-                    LOG2_BLOCK_L, ATOMIC_BC, ATOMIC_SEM, REVERSE_VIA_FLIP, BC_2D)
+                    LOG2_BLOCK_L, ATOMIC_BC, ATOMIC_SEM, REVERSE_VIA_FLIP, BC_2D, ROW_ATOMICS,
+                CARRY_IN_SCAN)
                 y += y_n
                 gB += gB_n
                 ddt += ddt_n
@@ -699,7 +723,8 @@ def scan_forward(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus),
         SAVE=hsave is not None, PREFETCH=bool(cfg.get("PREFETCH", 0)),
-        BC_2D=bool(cfg.get("BC_2D", 0)), num_warps=cfg["num_warps"],
+        BC_2D=bool(cfg.get("BC_2D", 0)), CARRY_IN_SCAN=bool(cfg.get("CARRY_IN_SCAN", 0)),
+        num_warps=cfg["num_warps"],
     )
     return out, hlast, hsave, block_l
 
@@ -784,7 +809,9 @@ def scan_backward(
         ATOMIC_BC=bool(atomic_bc), ATOMIC_SEM=atomic_sem,
         REVERSE_VIA_FLIP=bool(reverse_via_flip), LOG2_BLOCK_L=block_l.bit_length() - 1,
         PREFETCH=bool(cfg.get("PREFETCH", 0)), STATE_PREFETCH=bool(cfg.get("STATE_PREFETCH", 0)),
-        BC_2D=bool(cfg.get("BC_2D", 0)), num_warps=cfg["num_warps"],
+        BC_2D=bool(cfg.get("BC_2D", 0)), ROW_ATOMICS=bool(cfg.get("ROW_ATOMICS", 0)),
+        CARRY_IN_SCAN=bool(cfg.get("CARRY_IN_SCAN", 0)),
+        num_warps=cfg["num_warps"],
     )
     if atomic_bc:
         dB, dC = dB_buf, dC_buf
