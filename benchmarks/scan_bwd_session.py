@@ -57,7 +57,10 @@ MAIN_BWD = {"BC_2D": 0, "STATE_PREFETCH": 0, "BLOCK_D": 4, "num_warps": 1, "UNRO
 #: of that day, the same in both dtypes) or "carry" (2026-12-04: the module's current defaults
 #: per dtype, with and without the carried state taken into the chunk scan, CARRY_IN_SCAN, and
 #: the backward's dB/dC atomics per channel row, ROW_ATOMICS).
-VARIANT_SETS = ("kern2", "carry")
+#: "carry2" (2026-12-04, second call): the combinations the first "carry" call pointed to, and
+#: MAXNREG (ptxas held to 128 registers: float32's CARRY_IN_SCAN forward took 140 offline and
+#: ran 35% slower, as 3 programs per SM instead of 4).
+VARIANT_SETS = ("kern2", "carry", "carry2")
 
 
 def defaults_variant(dt: str) -> dict:
@@ -66,7 +69,7 @@ def defaults_variant(dt: str) -> dict:
     from tsssm.ssm import scan_triton as st
 
     dtype = getattr(torch, dt)
-    off = {"CARRY_IN_SCAN": 0}
+    off = {"CARRY_IN_SCAN": 0, "MAXNREG": 0}
     return dict(fwd={**off, **st.launch_config("fwd", dtype)},
                 fwd_train={**off, **st.launch_config("fwd_train", dtype)},
                 bwd={**off, "ROW_ATOMICS": 0, **st.launch_config("bwd", dtype)},
@@ -111,12 +114,49 @@ def carry_fwd_variants(dt: str) -> dict[str, dict]:
             "carry d8 L128": v(CARRY_IN_SCAN=1, BLOCK_D=8, BLOCK_L=128)}
 
 
+def carry2_train_variants(dt: str) -> dict[str, dict]:
+    """The "carry2" set's training variants for dtype ``dt``, the module's defaults first."""
+    base = defaults_variant(dt)
+
+    def v(fwd_train=None, **bwd):
+        out = json.loads(json.dumps(base))
+        out["bwd"].update(bwd)
+        out["fwd_train"].update(fwd_train or {})
+        return out
+
+    bwd = dict(CARRY_IN_SCAN=1, ROW_ATOMICS=1, BLOCK_D=2)
+    return {
+        "main": v(),
+        "bwd carry+rowatomic d2": v(None, **bwd),
+        "fwd carry, bwd carry+rowatomic d2": v(dict(CARRY_IN_SCAN=1), **bwd),
+        "fwd carry mr128, bwd carry+rowatomic d2": v(dict(CARRY_IN_SCAN=1, MAXNREG=128),
+                                                     **bwd),
+        "fwd mr128, bwd carry+rowatomic d2": v(dict(MAXNREG=128), **bwd),
+    }
+
+
+def carry2_fwd_variants(dt: str) -> dict[str, dict]:
+    """The "carry2" set's inference-forward variants (the rest is the defaults')."""
+    base = defaults_variant(dt)
+
+    def v(**over):
+        out = json.loads(json.dumps(base))
+        out["fwd"].update(over)
+        return out
+
+    return {"main": v(), "carry": v(CARRY_IN_SCAN=1),
+            "carry mr128": v(CARRY_IN_SCAN=1, MAXNREG=128), "mr128": v(MAXNREG=128),
+            "carry unroll2": v(CARRY_IN_SCAN=1, UNROLL=2)}
+
+
 def train_variants(dt: str = "bfloat16", which: str = "kern2") -> dict[str, dict]:
     """name -> variant (training forward + backward), main's first. "kern2": every variant
     spells out every key, and scan_variant clears the per-dtype overrides: the same shapes in
     both dtypes. "carry": carry_train_variants(dt)."""
     if which == "carry":
         return carry_train_variants(dt)
+    if which == "carry2":
+        return carry2_train_variants(dt)
     base = dict(fwd=dict(MAIN_FWD), fwd_train=dict(MAIN_FWD), bwd=dict(MAIN_BWD),
                 atomic=True, sem="relaxed")
 
@@ -148,6 +188,8 @@ def fwd_variants(dt: str = "bfloat16", which: str = "kern2") -> dict[str, dict]:
     """name -> variant whose inference forward differs (the rest is main's)."""
     if which == "carry":
         return carry_fwd_variants(dt)
+    if which == "carry2":
+        return carry2_fwd_variants(dt)
     base = train_variants()["main"]
 
     def v(**over):

@@ -38,13 +38,13 @@ def test_variants_spell_out_every_key_and_differ():
 def test_carry_set_starts_from_the_module_defaults_and_differs():
     from tsssm.ssm import scan_triton as st
 
-    for dt in sbs.DTYPES:
+    for dt, which in ((dt, w) for dt in sbs.DTYPES for w in ("carry", "carry2")):
         dtype = getattr(torch, dt)
-        for variants in (sbs.train_variants(dt, "carry"), sbs.fwd_variants(dt, "carry")):
+        for variants in (sbs.train_variants(dt, which), sbs.fwd_variants(dt, which)):
             main = variants["main"]
             for kind in ("fwd", "fwd_train", "bwd"):  # the defaults, the switches off
                 cfg = {k: v for k, v in main[kind].items()
-                       if k not in ("CARRY_IN_SCAN", "ROW_ATOMICS")}
+                       if k not in ("CARRY_IN_SCAN", "ROW_ATOMICS", "MAXNREG")}
                 assert cfg == st.launch_config(kind, dtype), (dt, kind)
             seen = set()
             for name, v in variants.items():
@@ -53,8 +53,9 @@ def test_carry_set_starts_from_the_module_defaults_and_differs():
                 assert key not in seen, f"{name} repeats another variant"
                 seen.add(key)
         assert sbs.train_variants(dt, "carry")["carry+rowatomic"]["bwd"]["ROW_ATOMICS"] == 1
-    keys = [sbs.task_key(t) for t in sbs.tasks(which="carry")]
-    assert len(keys) == len(set(keys))
+    for which in ("carry", "carry2"):
+        keys = [sbs.task_key(t) for t in sbs.tasks(which=which)]
+        assert len(keys) == len(set(keys))
 
 
 def test_every_implementation_gets_the_same_inputs_and_dout(tmp_path):

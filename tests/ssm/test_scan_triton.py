@@ -131,7 +131,7 @@ INTERP_CASES = [
     (torch.float32, 8, 45, 2, True, dict(with_h0=False, unroll=(2, 2), prefetch=(1, 1),
                                          extra=dict(CARRY_IN_SCAN=1))),
     (torch.bfloat16, 6, 37, None, True, dict(unroll=(1, 1), extra=dict(
-        BC_2D=1, STATE_PREFETCH=1, CARRY_IN_SCAN=1))),
+        BC_2D=1, STATE_PREFETCH=1, CARRY_IN_SCAN=1, MAXNREG=128))),
 ]
 
 

@@ -674,6 +674,16 @@ def _unroll(N: int, wanted: int, most: int) -> int:
     return unroll
 
 
+def _launch_options(cfg: dict) -> dict:
+    """Triton's launch options of a launch shape: num_warps, and MAXNREG (registers per thread
+    that ptxas may use; 0 or absent: its own choice) as maxnreg. A cap of 128 keeps a 4-warp
+    program at 4 per SM (65,536 registers) where ptxas would take a few more and drop to 3."""
+    opts = {"num_warps": cfg["num_warps"]}
+    if cfg.get("MAXNREG"):
+        opts["maxnreg"] = int(cfg["MAXNREG"])
+    return opts
+
+
 def _dummy(ref: Tensor) -> Tensor:
     return torch.empty(1, dtype=torch.float32, device=ref.device)
 
@@ -724,7 +734,7 @@ def scan_forward(
         HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus),
         SAVE=hsave is not None, PREFETCH=bool(cfg.get("PREFETCH", 0)),
         BC_2D=bool(cfg.get("BC_2D", 0)), CARRY_IN_SCAN=bool(cfg.get("CARRY_IN_SCAN", 0)),
-        num_warps=cfg["num_warps"],
+        **_launch_options(cfg),
     )
     return out, hlast, hsave, block_l
 
@@ -811,7 +821,7 @@ def scan_backward(
         PREFETCH=bool(cfg.get("PREFETCH", 0)), STATE_PREFETCH=bool(cfg.get("STATE_PREFETCH", 0)),
         BC_2D=bool(cfg.get("BC_2D", 0)), ROW_ATOMICS=bool(cfg.get("ROW_ATOMICS", 0)),
         CARRY_IN_SCAN=bool(cfg.get("CARRY_IN_SCAN", 0)),
-        num_warps=cfg["num_warps"],
+        **_launch_options(cfg),
     )
     if atomic_bc:
         dB, dC = dB_buf, dC_buf
