@@ -34,13 +34,20 @@ FWD_CONFIG = {"BLOCK_D": 16, "BLOCK_L": 64, "num_warps": 4, "UNROLL": 4, "PREFET
 #: The inference forward, as measured on an H200 at L 16k (benchmarks/scan_bwd_session.sh,
 #: 2026-12-01): float32 2-D B/C tiles without chunk prefetch, 3.26 vs 3.54 ms; bfloat16 2-D
 #: B/C tiles, 2.28 ms as before (the sweep's best; float16 was not timed and keeps the default).
+#: 2026-12-04 (H200, `scan_bwd_session.py --set carry` and `--set carry2`, L 16k): bfloat16 also
+#: takes the carried state into the chunk scan (CARRY_IN_SCAN), 2.01 / 1.97 ms against 2.28 /
+#: 2.26; float32 does not (4.41 / 4.30 ms against 3.26 / 3.19: it needs more than 128
+#: registers and drops to 3 programs per SM; held to 128, 3.44).
 FWD_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 1, "PREFETCH": 0},
-                                        "bfloat16": {"BC_2D": 1}}
+                                        "bfloat16": {"BC_2D": 1, "CARRY_IN_SCAN": 1}}
 #: Overrides of the forward's shape when it saves chunk states for a backward (training), whose
 #: BLOCK_L the backward inherits; per dtype in FWD_TRAIN_CONFIG_BY_DTYPE. Same session, with the
 #: backward below: no chunk prefetch (float32 B/C vectors, 3.13 ms against 4.55 with prefetch;
 #: bfloat16 2-D tiles, 2.64 ms), forward+backward 13.8 / 12.6 ms against 15.8 / 13.5 before.
-FWD_TRAIN_CONFIG: dict = {}
+#: 2026-12-04 (same sessions): CARRY_IN_SCAN with ptxas held to 128 registers (MAXNREG) in
+#: both dtypes; with the backward below, forward+backward 11.6 / 12.5 ms (bf16 / fp32) against
+#: 12.6 / 13.7 for the shapes before.
+FWD_TRAIN_CONFIG: dict = {"CARRY_IN_SCAN": 1, "MAXNREG": 128}
 FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 0, "PREFETCH": 0},
                                               "bfloat16": {"BC_2D": 1, "PREFETCH": 0}}
 #: The backward walks the chunks the forward saved, so it reuses the forward's BLOCK_L.
@@ -55,8 +62,17 @@ FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 0, "PREFETCH"
 #: Default since 2026-12-01 (H200 sweep of benchmarks/scan_bwd_session.sh at L 16k, backward
 #: alone): BC_2D + STATE_PREFETCH + one state per iteration, 10.0 ms bf16 / 10.6 ms fp32 against
 #: 10.8 / 11.2 for the kernel before (UNROLL 2, neither switch); mamba-ssm's 9.5 / 10.9.
-BWD_CONFIG = {"BLOCK_D": 4, "num_warps": 1, "UNROLL": 1, "PREFETCH": 0, "BC_2D": 1,
-              "STATE_PREFETCH": 1}
+#: CARRY_IN_SCAN (both kernels): the state carried into a chunk enters its scan through the
+#: first step (x_0 + a_0 h) instead of a fix-up after it (h_t + (Π a) h), so the scan's running
+#: products of a are never used and not computed (forward inner loop: 604 -> 511 SASS
+#: instructions per 4 states, bf16, compiled offline for sm_90). ROW_ATOMICS (backward): every
+#: channel row adds its own dB/dC share atomically, instead of a sum over the block's channels
+#: (shuffles) and a shared-memory layout change before fewer atomics: the kernel is bound by the
+#: L1/TEX unit that both of those load (ncu, 2026-12-04).
+#: Since 2026-12-04 (same sessions, backward alone at L 16k): both switches with 2 channels per
+#: program, 9.40 ms bf16 / 9.70 ms fp32 against 9.99 / 10.6; mamba-ssm's 9.44 / 10.8.
+BWD_CONFIG = {"BLOCK_D": 2, "num_warps": 1, "UNROLL": 1, "PREFETCH": 0, "BC_2D": 1,
+              "STATE_PREFETCH": 1, "CARRY_IN_SCAN": 1, "ROW_ATOMICS": 1}
 BWD_CONFIG_BY_DTYPE: dict[str, dict] = {}
 #: dB/dC across dim blocks: True = float32 atomic adds into (b, G, N, L) (memory O(b·N·L), like
 #: dB itself); False = per-block partial sums then one torch sum (deterministic, but
