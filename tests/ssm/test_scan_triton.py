@@ -132,6 +132,10 @@ INTERP_CASES = [
                                          extra=dict(CARRY_IN_SCAN=1))),
     (torch.bfloat16, 6, 37, None, True, dict(unroll=(1, 1), extra=dict(
         BC_2D=1, STATE_PREFETCH=1, CARRY_IN_SCAN=1, MAXNREG=128))),
+    # 8 and 16 states per forward iteration (static_range), N = 16 and N = 11 (pads to 16)
+    (torch.float32, 6, 37, None, True, dict(unroll=(8, 1), N=16, extra=dict(CARRY_IN_SCAN=1))),
+    (torch.bfloat16, 6, 21, None, True, dict(unroll=(16, 1), N=11, prefetch=(1, 0),
+                                             extra=dict(BC_2D=1, CARRY_IN_SCAN=1))),
 ]
 
 

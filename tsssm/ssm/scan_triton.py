@@ -299,21 +299,8 @@ def _scan_fwd_kernel(
         dtu = dt * u
         y = tl.full((BLOCK_D, BLOCK_L), 0.0, dtype=tl.float32)
         for n0 in range(0, N_PAD, UNROLL):  # UNROLL independent states per iteration (ILP)
-            y_n, h = _fwd_state(n0, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t, offs_t,
-                                A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_D, BLOCK_L, BC_2D,
-                                CARRY_IN_SCAN)
-            y += y_n
-            if UNROLL >= 2:
-                y_n, h = _fwd_state(n0 + 1, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t,
-                                    offs_t, A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_D, BLOCK_L,
-                                    BC_2D, CARRY_IN_SCAN)
-                y += y_n
-            if UNROLL >= 4:
-                y_n, h = _fwd_state(n0 + 2, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t,
-                                    offs_t, A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_D, BLOCK_L,
-                                    BC_2D, CARRY_IN_SCAN)
-                y += y_n
-                y_n, h = _fwd_state(n0 + 3, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t,
+            for k in tl.static_range(UNROLL):
+                y_n, h = _fwd_state(n0 + k, h, dt, dtu, offs_d, mask_d, offs_n, t, mask_t,
                                     offs_t, A_ptr, B_ptr, C_ptr, bc_row, N, L, BLOCK_D, BLOCK_L,
                                     BC_2D, CARRY_IN_SCAN)
                 y += y_n
@@ -682,8 +669,9 @@ def _empty_like(t: Tensor) -> Tensor:
 
 
 def _unroll(N: int, wanted: int, most: int) -> int:
-    """States per loop iteration: 1, 2 or 4 (≤ most, what the kernel's loop body spells out),
-    never more than N_PAD, which it then divides."""
+    """States per loop iteration: a power of two ≤ most (the forward unrolls any count with
+    static_range, up to 16; the backward's loop body spells out 1 or 2), never more than
+    N_PAD, which it then divides."""
     unroll = 1
     while unroll * 2 <= min(wanted, most, triton.next_power_of_2(N)):
         unroll *= 2
@@ -745,7 +733,7 @@ def scan_forward(
         out, hlast, hsave if hsave is not None else dummy,
         dim, L, n_chunks, dim // n_groups, n_groups,
         N=N, N_PAD=triton.next_power_of_2(N), BLOCK_D=block_d, BLOCK_L=block_l,
-        UNROLL=_unroll(N, cfg["UNROLL"], 4),
+        UNROLL=_unroll(N, cfg["UNROLL"], 16),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus),
         SAVE=hsave is not None, PREFETCH=bool(cfg.get("PREFETCH", 0)),
