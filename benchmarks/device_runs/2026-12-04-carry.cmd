@@ -179,3 +179,81 @@ if __name__ == "__main__":
             print(json.dumps({"dtype": dt, "L": L, "floor_ms": round(floor_ms, 4), "fwd_ms": row}), flush=True)
             del inp
             torch.cuda.empty_cache()
+
+# ===== .devdata/s5.sh (call 5)
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+date -u
+. benchmarks/mamba_build.sh
+mkdir -p $OUT/logs
+mamba_build_start $OUT/logs 10
+export PYTHONPATH=/tmp/mamba_ssm_build:$PYTHONPATH
+timeout 200 python3 .devdata/fwd_unroll.py $OUT/logs/mamba_build.rc
+mamba_build_stop $OUT/logs
+date -u
+
+# ===== .devdata/fwd_unroll.py (call 5)
+"""Inference-forward launch shapes of the scan: 8 or 16 states per iteration (static_range),
+verified then timed against the module default and
+mamba-ssm's forward in one run (device call 5, 2026-12-04: states per iteration)."""
+import sys, json, time, concurrent.futures as cf, os
+sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
+import torch
+import gpu_session as gs
+from tsssm.ssm import scan_triton as st
+
+def variant(dt, **over):
+    dtype = getattr(torch, dt)
+    fwd = {**st.launch_config("fwd", dtype), **over}
+    return dict(fwd=fwd, fwd_train=st.launch_config("fwd_train", dtype),
+                bwd=st.launch_config("bwd", dtype), atomic=True, sem="relaxed")
+
+SHAPES = {"bfloat16": {"default": {}, "unroll 8": dict(UNROLL=8), "unroll 16": dict(UNROLL=16),
+                       "unroll 8, d8 w2": dict(UNROLL=8, BLOCK_D=8, num_warps=2)},
+          "float32": {"default": {}, "unroll 8": dict(UNROLL=8), "unroll 16": dict(UNROLL=16),
+                      "carry unroll 8 mr128": dict(UNROLL=8, CARRY_IN_SCAN=1, MAXNREG=128)}}
+
+def poison():
+    st._empty = lambda *shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+def verify(args):
+    dt, name = args
+    poison()
+    return dt, name, gs.verify_variant(variant(dt, **SHAPES[dt][name]), getattr(torch, dt), False, 1024, 64)
+
+if __name__ == "__main__":
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    jobs = [(dt, n) for dt in SHAPES for n in SHAPES[dt]]
+    t0 = time.time()
+    with cf.ProcessPoolExecutor(8, mp_context=ctx) as ex:
+        ok = {(dt, n): r for dt, n, r in ex.map(verify, jobs)}
+    print(f"verified in {time.time()-t0:.0f} s:", {f"{k[0]} {k[1]}": (r["ok"], f"{r['worst_rel_err']:.1e}") for k, r in ok.items()}, flush=True)
+    # wait for the mamba-ssm build (background, same call)
+    import peers
+    for _ in range(150):
+        if os.path.exists(sys.argv[1]) or peers.mamba_ssm() is not None:
+            break
+        time.sleep(2)
+    have_mamba = peers.mamba_ssm() is not None
+    print("mamba-ssm importable:", have_mamba, flush=True)
+    bw = gs.copy_bandwidth()
+    for L in (16384, 65536):
+        for dt in SHAPES:
+            dtype = getattr(torch, dt)
+            inp = gs.scan_inputs(L, dtype, grad=False)
+            fl_f, _ = gs.floor_bytes(L, dtype)
+            row = {}
+            with torch.no_grad():
+                for n, over in SHAPES[dt].items():
+                    if not ok[(dt, n)]["ok"]:
+                        row[n] = "not verified"; continue
+                    with gs.scan_variant(variant(dt, **over)):
+                        row[n] = round(gs.bench_ms(gs.tsssm_call(inp)), 4)
+                if have_mamba:
+                    row["mamba-ssm"] = round(gs.bench_ms(gs.mamba_call(inp)), 4)
+            floor_ms = fl_f / bw * 1e3
+            print(json.dumps({"dtype": dt, "L": L, "floor_ms": round(floor_ms, 4), "fwd_ms": row}), flush=True)
+            del inp
+            torch.cuda.empty_cache()

@@ -36,10 +36,14 @@ FWD_CONFIG = {"BLOCK_D": 16, "BLOCK_L": 64, "num_warps": 4, "UNROLL": 4, "PREFET
 #: B/C tiles, 2.28 ms as before (the sweep's best; float16 was not timed and keeps the default).
 #: 2026-12-04 (H200, `scan_bwd_session.py --set carry` and `--set carry2`, L 16k): bfloat16 also
 #: takes the carried state into the chunk scan (CARRY_IN_SCAN), 2.01 / 1.97 ms against 2.28 /
-#: 2.26; float32 does not (4.41 / 4.30 ms against 3.26 / 3.19: it needs more than 128
-#: registers and drops to 3 programs per SM; held to 128, 3.44).
-FWD_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 1, "PREFETCH": 0},
-                                        "bfloat16": {"BC_2D": 1, "CARRY_IN_SCAN": 1}}
+#: 2.26. float32 with it alone is slower (4.41 / 4.30 ms against 3.26 / 3.19: more than 128
+#: registers, 3 programs per SM; held to 128, 3.44), but with 8 states per iteration and held
+#: to 128 registers it is faster: 2.98 ms against 3.27 at L 16k, 11.9 against 12.9 at 64k
+#: (device call 5, `benchmarks/device_runs/2026-12-04-carry.cmd`; bfloat16 with 8 states per
+#: iteration: 3.73 ms, with 16: 2.11).
+FWD_CONFIG_BY_DTYPE: dict[str, dict] = {
+    "float32": {"BC_2D": 1, "PREFETCH": 0, "CARRY_IN_SCAN": 1, "UNROLL": 8, "MAXNREG": 128},
+    "bfloat16": {"BC_2D": 1, "CARRY_IN_SCAN": 1}}
 #: Overrides of the forward's shape when it saves chunk states for a backward (training), whose
 #: BLOCK_L the backward inherits; per dtype in FWD_TRAIN_CONFIG_BY_DTYPE. Same session, with the
 #: backward below: no chunk prefetch (float32 B/C vectors, 3.13 ms against 4.55 with prefetch;
@@ -48,7 +52,9 @@ FWD_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 1, "PREFETCH": 0},
 #: both dtypes; with the backward below, forward+backward 11.6 / 12.5 ms (bf16 / fp32) against
 #: 12.6 / 13.7 for the shapes before.
 FWD_TRAIN_CONFIG: dict = {"CARRY_IN_SCAN": 1, "MAXNREG": 128}
-FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 0, "PREFETCH": 0},
+#: (float32's training forward keeps 4 states per iteration, what was timed, over the inference
+#: forward's 8.)
+FWD_TRAIN_CONFIG_BY_DTYPE: dict[str, dict] = {"float32": {"BC_2D": 0, "PREFETCH": 0, "UNROLL": 4},
                                               "bfloat16": {"BC_2D": 1, "PREFETCH": 0}}
 #: The backward walks the chunks the forward saved, so it reuses the forward's BLOCK_L.
 #: PREFETCH as in the forward (u, delta, dout, z of the chunk before), off by default: the
