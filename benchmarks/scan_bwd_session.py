@@ -86,38 +86,40 @@ def defaults_variant(dt: str) -> dict:
                 bwd={**off, "ROW_ATOMICS": 0, **BWD_BEFORE_CARRY}, atomic=True, sem="relaxed")
 
 
+def _before_carry(dt: str, fwd: dict | None = None, fwd_train: dict | None = None,
+                  bwd: dict | None = None) -> dict:
+    """defaults_variant(dt) with some keys of its fwd / fwd_train / bwd changed."""
+    out = json.loads(json.dumps(defaults_variant(dt)))
+    for kind, over in (("fwd", fwd), ("fwd_train", fwd_train), ("bwd", bwd)):
+        out[kind].update(over or {})
+    return out
+
+
 def carry_train_variants(dt: str) -> dict[str, dict]:
-    """The "carry" set's training variants for dtype ``dt``, the module's defaults first."""
-    base = defaults_variant(dt)
+    """The "carry" set's training variants for dtype ``dt``, the old defaults first."""
+    carry = dict(CARRY_IN_SCAN=1)
+    both = dict(carry, ROW_ATOMICS=1)
 
     def v(fwd_train=None, **bwd):
-        out = json.loads(json.dumps(base))
-        out["bwd"].update(bwd)
-        out["fwd_train"].update(fwd_train or {})
-        return out
+        return _before_carry(dt, fwd_train=fwd_train, bwd=bwd)
 
-    carry = dict(CARRY_IN_SCAN=1)
     return {
         "main": v(),
         "carry": v(carry, **carry),
         "rowatomic": v(ROW_ATOMICS=1),
-        "carry+rowatomic": v(carry, ROW_ATOMICS=1, **carry),
-        "carry+rowatomic nosp": v(carry, ROW_ATOMICS=1, STATE_PREFETCH=0, **carry),
-        "carry+rowatomic bwd d8 w2": v(carry, ROW_ATOMICS=1, BLOCK_D=8, num_warps=2, **carry),
-        "carry+rowatomic bwd d2": v(carry, ROW_ATOMICS=1, BLOCK_D=2, **carry),
+        "carry+rowatomic": v(carry, **both),
+        "carry+rowatomic nosp": v(carry, STATE_PREFETCH=0, **both),
+        "carry+rowatomic bwd d8 w2": v(carry, BLOCK_D=8, num_warps=2, **both),
+        "carry+rowatomic bwd d2": v(carry, BLOCK_D=2, **both),
     }
 
 
 def carry_fwd_variants(dt: str) -> dict[str, dict]:
-    """The "carry" set's inference-forward variants (the rest is the defaults')."""
-    base = defaults_variant(dt)
-
+    """The "carry" set's inference-forward variants (the rest is the old defaults')."""
     def v(**over):
-        out = json.loads(json.dumps(base))
-        out["fwd"].update(over)
-        return out
+        return _before_carry(dt, fwd=over)
 
-    other_pf = 1 - int(base["fwd"].get("PREFETCH", 0))
+    other_pf = 1 - int(DEFAULTS_BEFORE_CARRY[dt]["fwd"].get("PREFETCH", 0))
     return {"main": v(), "carry": v(CARRY_IN_SCAN=1),
             "carry pf flipped": v(CARRY_IN_SCAN=1, PREFETCH=other_pf),
             "carry d8 w2": v(CARRY_IN_SCAN=1, BLOCK_D=8, num_warps=2),
@@ -125,34 +127,25 @@ def carry_fwd_variants(dt: str) -> dict[str, dict]:
 
 
 def carry2_train_variants(dt: str) -> dict[str, dict]:
-    """The "carry2" set's training variants for dtype ``dt``, the module's defaults first."""
-    base = defaults_variant(dt)
-
-    def v(fwd_train=None, **bwd):
-        out = json.loads(json.dumps(base))
-        out["bwd"].update(bwd)
-        out["fwd_train"].update(fwd_train or {})
-        return out
-
+    """The "carry2" set's training variants for dtype ``dt``, the old defaults first."""
     bwd = dict(CARRY_IN_SCAN=1, ROW_ATOMICS=1, BLOCK_D=2)
+
+    def v(fwd_train=None, with_bwd=True):
+        return _before_carry(dt, fwd_train=fwd_train, bwd=bwd if with_bwd else None)
+
     return {
-        "main": v(),
-        "bwd carry+rowatomic d2": v(None, **bwd),
-        "fwd carry, bwd carry+rowatomic d2": v(dict(CARRY_IN_SCAN=1), **bwd),
-        "fwd carry mr128, bwd carry+rowatomic d2": v(dict(CARRY_IN_SCAN=1, MAXNREG=128),
-                                                     **bwd),
-        "fwd mr128, bwd carry+rowatomic d2": v(dict(MAXNREG=128), **bwd),
+        "main": v(with_bwd=False),
+        "bwd carry+rowatomic d2": v(),
+        "fwd carry, bwd carry+rowatomic d2": v(dict(CARRY_IN_SCAN=1)),
+        "fwd carry mr128, bwd carry+rowatomic d2": v(dict(CARRY_IN_SCAN=1, MAXNREG=128)),
+        "fwd mr128, bwd carry+rowatomic d2": v(dict(MAXNREG=128)),
     }
 
 
 def carry2_fwd_variants(dt: str) -> dict[str, dict]:
-    """The "carry2" set's inference-forward variants (the rest is the defaults')."""
-    base = defaults_variant(dt)
-
+    """The "carry2" set's inference-forward variants (the rest is the old defaults')."""
     def v(**over):
-        out = json.loads(json.dumps(base))
-        out["fwd"].update(over)
-        return out
+        return _before_carry(dt, fwd=over)
 
     return {"main": v(), "carry": v(CARRY_IN_SCAN=1),
             "carry mr128": v(CARRY_IN_SCAN=1, MAXNREG=128), "mr128": v(MAXNREG=128),
