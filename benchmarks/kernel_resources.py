@@ -35,9 +35,10 @@ REGS_PER_SM = 65536
 MAX_THREADS_PER_SM = 2048
 
 
-def compile_offline(fn, types: dict[str, str], consts: dict, num_warps: int, arch: int = 90):
-    """Compile jit function ``fn`` for sm_<arch> with the given argument types and constexpr
-    values; returns the Triton CompiledKernel (its ``asm`` holds ttir ... cubin)."""
+def compile_offline(fn, types: dict[str, str], consts: dict, options: dict, arch: int = 90):
+    """Compile jit function ``fn`` for sm_<arch> with the given argument types, constexpr
+    values and launch options (num_warps, maxnreg: what the launcher passes); returns the
+    Triton CompiledKernel (its ``asm`` holds ttir ... cubin)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -57,7 +58,7 @@ def compile_offline(fn, types: dict[str, str], consts: dict, num_warps: int, arc
             if types[name].startswith("*") or types[name] == "i32":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, cexp, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(options))
 
 
 def resource_usage(kernel) -> dict:
@@ -115,16 +116,18 @@ def scan_resources(kind: str, dtype: str, cfg: dict, n: int = 16, atomic: bool =
                   PREFETCH=bool(cfg.get("PREFETCH", 0)), BC_2D=bool(cfg.get("BC_2D", 0)),
                   CARRY_IN_SCAN=bool(cfg.get("CARRY_IN_SCAN", 0)))
     if kind == "fwd":
-        consts = dict(common, UNROLL=st._unroll(n, cfg["UNROLL"], 4), HAS_H0=True, SAVE=True)
+        consts = dict(common, UNROLL=st._unroll(n, cfg["UNROLL"], st.FWD_MAX_UNROLL),
+                      HAS_H0=True, SAVE=True)
         fn = st._scan_fwd_kernel
     else:
-        consts = dict(common, UNROLL=st._unroll(n, cfg["UNROLL"], 2), HAS_DHLAST=False,
+        consts = dict(common, UNROLL=st._unroll(n, cfg["UNROLL"], st.BWD_MAX_UNROLL),
+                      HAS_DHLAST=False,
                       ATOMIC_BC=atomic, ATOMIC_SEM=sem, REVERSE_VIA_FLIP=False,
                       LOG2_BLOCK_L=cfg["BLOCK_L"].bit_length() - 1,
                       STATE_PREFETCH=bool(cfg.get("STATE_PREFETCH", 0)),
                       ROW_ATOMICS=bool(cfg.get("ROW_ATOMICS", 0)))
         fn = st._scan_bwd_kernel
-    k = compile_offline(fn, scan_kernel_types(dtype, kind), consts, cfg["num_warps"])
+    k = compile_offline(fn, scan_kernel_types(dtype, kind), consts, st._launch_options(cfg))
     res = resource_usage(k)
     res["programs_per_sm"] = occupancy(res["regs"], cfg["num_warps"])
     res["warps_per_sm"] = res["programs_per_sm"] * cfg["num_warps"]

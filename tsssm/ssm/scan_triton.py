@@ -560,7 +560,7 @@ def _scan_bwd_kernel(
                     n0 + 1, p, dA_acc, dt, dtu, dy, ones, offs_d, mask_d, offs_n, t, mask_t,
                     offs_t, A1, B1, C1, h1, dB_ptr, dC_ptr, dbc_row, N, L, BLOCK_D, BLOCK_L,
                     LOG2_BLOCK_L, ATOMIC_BC, ATOMIC_SEM, REVERSE_VIA_FLIP, BC_2D, ROW_ATOMICS,
-                CARRY_IN_SCAN)
+                    CARRY_IN_SCAN)
                 y += y_n
                 gB += gB_n
                 ddt += ddt_n
@@ -674,10 +674,15 @@ def _empty_like(t: Tensor) -> Tensor:
     return _empty(*t.shape, dtype=t.dtype, device=t.device)
 
 
+#: The most states per loop iteration each kernel takes: the forward unrolls any power of two
+#: with static_range; the backward's loop body spells out one or two states.
+FWD_MAX_UNROLL = 16
+BWD_MAX_UNROLL = 2
+
+
 def _unroll(N: int, wanted: int, most: int) -> int:
-    """States per loop iteration: a power of two ≤ most (the forward unrolls any count with
-    static_range, up to 16; the backward's loop body spells out 1 or 2), never more than
-    N_PAD, which it then divides."""
+    """States per loop iteration: a power of two ≤ most (FWD_MAX_UNROLL / BWD_MAX_UNROLL),
+    never more than N_PAD, which it then divides."""
     unroll = 1
     while unroll * 2 <= min(wanted, most, triton.next_power_of_2(N)):
         unroll *= 2
@@ -739,7 +744,7 @@ def scan_forward(
         out, hlast, hsave if hsave is not None else dummy,
         dim, L, n_chunks, dim // n_groups, n_groups,
         N=N, N_PAD=triton.next_power_of_2(N), BLOCK_D=block_d, BLOCK_L=block_l,
-        UNROLL=_unroll(N, cfg["UNROLL"], 16),
+        UNROLL=_unroll(N, cfg["UNROLL"], FWD_MAX_UNROLL),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus),
         SAVE=hsave is not None, PREFETCH=bool(cfg.get("PREFETCH", 0)),
@@ -823,7 +828,7 @@ def scan_backward(
         dbias_part if dbias_part is not None else dummy, dh0,
         dim, L, n_chunks, dim // n_groups, n_groups, n_dblocks,
         N=N, N_PAD=triton.next_power_of_2(N), BLOCK_D=block_d, BLOCK_L=block_l,
-        UNROLL=_unroll(N, cfg["UNROLL"], 2),
+        UNROLL=_unroll(N, cfg["UNROLL"], BWD_MAX_UNROLL),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_DHLAST=dh_last is not None, SOFTPLUS=bool(delta_softplus),
         ATOMIC_BC=bool(atomic_bc), ATOMIC_SEM=atomic_sem,
