@@ -1180,24 +1180,26 @@ def fused_kalman_filter(
         STRUCTURES.put(ssm.F, ssm.H, ssm.Q, structure, codes)
         return structure
 
-    memo = STRUCTURES.get(ssm.F, ssm.H, ssm.Q)
-    differs = False
-    if memo is None:
-        out = run(read_and_remember(_structure_codes(params["F"], params["H"], params["Q"])))
+    def run_read(codes: torch.Tensor) -> tuple[dict, torch.Tensor, bool]:
+        """The filter on the structure read from ``codes``, its non-finite log-likelihoods
+        and whether there are any (two host syncs)."""
+        out = run(read_and_remember(codes))
         bad = ~torch.isfinite(out["loglik"])
-        any_bad = bool(bad.any())
+        return out, bad, bool(bad.any())
+
+    memo = STRUCTURES.get(ssm.F, ssm.H, ssm.Q)
+    if memo is None:
+        out, bad, any_bad = run_read(_structure_codes(params["F"], params["H"], params["Q"]))
     else:
         structure, remembered = memo
         out = run(structure)
-        codes = _structure_codes(params["F"], params["H"], params["Q"])
+        codes = _structure_codes(params["F"], params["H"], params["Q"])  # after the launch
         changed = ((codes != remembered).any() if codes.shape == remembered.shape
                    else torch.ones((), dtype=torch.bool, device=codes.device))
         bad = ~torch.isfinite(out["loglik"])
         any_bad, differs = (bool(v) for v in torch.stack([bad.any(), changed]).tolist())
-    if differs:  # the structure changed behind the memo: filter again with the one read now
-        out = run(read_and_remember(codes))
-        bad = ~torch.isfinite(out["loglik"])
-        any_bad = bool(bad.any())
+        if differs:  # the structure changed behind the memo: filter again with the one read now
+            out, bad, any_bad = run_read(codes)
     loglik = out["loglik"]
     if any_bad:
         series = bad.nonzero()[:5, 0].tolist()
