@@ -549,6 +549,10 @@ def injected_choice(bundle, data, cfg, terms: list, kind: str, risk: float,
             raise RuntimeError(f"injected_choice: {data.parts[i].stream.path}'s training rows "
                                f"{start}-{stop} do not hold the rows {lo}-{hi} faults go into")
     clean = window_thresholds(data, cfg, terms, kind, risk, [s[0] for s in settings])
+    keep = {}  # the rows counted of each file: INJECT_ROWS, training rows labelled faults left out
+    for i in tested:
+        rows, labels = np.arange(lo, hi), data.parts[i].stream.labels
+        keep[i] = rows if labels is None else rows[labels[rows] != 1]
     counts = np.zeros((len(settings), 4), dtype=np.int64)  # tp, fp, tn, fn (stream_counts)
     for replica in range(INJECT_REPLICAS):
         rng = np.random.default_rng(replica)
@@ -563,11 +567,7 @@ def injected_choice(bundle, data, cfg, terms: list, kind: str, risk: float,
         cells = reanchor_cells(data, cfg, changed, kind, risk, settings, thresholds=clean)
         for k, (_, _, flags) in enumerate(cells):
             for i in tested:
-                keep = np.arange(lo, hi)
-                labels = data.parts[i].stream.labels
-                if labels is not None:  # training rows labelled as faults: left out
-                    keep = keep[labels[keep] != 1]
-                counts[k] += stream_counts([faults[i][keep]], [flags[i][keep]])[0]
+                counts[k] += stream_counts([faults[i][keep[i]]], [flags[i][keep[i]]])[0]
     rates = [pooled_rates(c) for c in counts]  # (f1, far, mar) each
     ok = [k for k, (_, far, _) in enumerate(rates) if far <= MAX_FAR]
     best = max(ok or range(len(settings)), key=lambda k: (rates[k][0], -k))
