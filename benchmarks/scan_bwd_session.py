@@ -588,6 +588,18 @@ def collect_workers(out: Path) -> dict:
     return done
 
 
+def _lengths(text: str) -> list[int]:
+    """--lengths: positive integers separated by commas."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers like 16384,4096; got {text!r}")
+    return values
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True)
@@ -599,8 +611,8 @@ def main() -> None:
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--set", dest="which", choices=VARIANT_SETS, default="kern2",
                    help="which variants to sweep (see VARIANT_SETS)")
-    p.add_argument("--lengths", default="16384,1024,65536",
-                   help="the table's sequence lengths, the first also the sweep's")
+    p.add_argument("--lengths", default="16384,1024,65536", type=_lengths,
+                   help="the table's sequence lengths, comma-separated (the sweep runs at 16384)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -647,7 +659,7 @@ def main() -> None:
     best = {dt: r["best"] for dt, r in sweep.items() if isinstance(r, dict) and "best" in r}
     ours = {"tsssm main": {dt: train_variants(dt, s.which)["main"] for dt in DTYPES},
             "tsssm best": best}
-    Ls = [32] if s.dry else [int(x) for x in args.lengths.split(",")]
+    Ls = [32] if s.dry else args.lengths
     agree: dict = {}
     step("table", rows_for, s, ours, Ls, agree)
     build = Path(args.mamba_build) if args.mamba_build else None
